@@ -1,0 +1,33 @@
+# trustdb: the entry points a person or CI uses. `make help` lists them.
+PYTHON ?= python3
+KERNEL ?= 6.12
+
+.PHONY: help deps bpf demo test test-host test-lsm bench clean
+
+help:
+	@echo "make demo    set up a fresh machine and run the main job"
+	@echo "make test    set up and run the whole test suite (host + VM tiers)"
+	@echo "make bpf     build the BPF objects into build/bpf/"
+	@echo "make test-lsm KERNEL=6.1|6.12   run the BPF LSM tier in QEMU"
+	@echo "make bench   run the benchmarks under bench/"
+
+deps:
+	bash packaging/install-deps.sh
+
+bpf:
+	$(MAKE) -C bpf
+
+demo: deps bpf
+	bash packaging/demo.sh
+
+test: deps bpf
+	$(PYTHON) -m pytest -q tests
+
+test-lsm: deps bpf
+	$(PYTHON) -m pytest -q tests/vm -k "$(KERNEL)"
+
+bench: deps bpf
+	for b in bench/*.py; do $(PYTHON) $$b || exit 1; done
+
+clean:
+	$(MAKE) -C bpf clean

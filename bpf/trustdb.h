@@ -1,0 +1,62 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/* The only structs that cross the kernel boundary. Mirrored field by field in trustdb/abi.py;
+ * tests/engine/test_abi.py checks sizes and offsets against the BTF of the built objects.
+ * Fixed-width types, explicit padding, no kernel includes. */
+#ifndef __TRUSTDB_H
+#define __TRUSTDB_H
+
+#define TD_COMM_LEN 16
+#define TD_PATH_LEN 256
+
+/* Identity of one version of one inode. Any change to the file moves ctime, so a key stops
+ * matching the moment the file is touched. dev is the kernel encoding (major << 20 | minor). */
+struct td_inode_key {
+	__u64 dev;
+	__u64 ino;
+	__s64 ctime_sec;
+	__u32 ctime_nsec; /* without the multigrain flag bit (bit 31 on 6.13+) */
+	__u32 _pad;
+};
+
+/* Where a decision was taken. */
+enum td_hook {
+	TD_HOOK_EXEC = 1,
+	TD_HOOK_MMAP = 2,
+	TD_HOOK_MPROTECT = 3,
+	TD_HOOK_TAMPER = 4, /* a confined task tried to lift its confinement */
+};
+
+enum td_verdict {
+	TD_ALLOW = 0,
+	TD_DENY = 1, /* enforce: EPERM (lsm) or SIGKILL (tracepoint) */
+	TD_AUDIT_DENY = 2, /* audit mode: would have denied */
+};
+
+enum td_mode {
+	TD_MODE_ENFORCE = 0,
+	TD_MODE_AUDIT = 1,
+};
+
+enum td_backend {
+	TD_BACKEND_TRACEPOINT = 1,
+	TD_BACKEND_LSM = 2,
+};
+
+/* One decision, sent through the ring buffer to userspace. */
+struct td_event {
+	__u64 time_ns; /* bpf_ktime_get_boot_ns() */
+	__u32 pid;
+	__u32 tgid;
+	__u32 ppid;
+	__u32 uid;
+	struct td_inode_key file;
+	__u8 hook; /* enum td_hook */
+	__u8 verdict; /* enum td_verdict */
+	__u8 mode; /* enum td_mode */
+	__u8 backend; /* enum td_backend */
+	__u32 reason; /* hook-specific detail (e.g. which tamper attempt) */
+	char comm[TD_COMM_LEN];
+	char path[TD_PATH_LEN]; /* full path where the hook can give it, else the file name */
+};
+
+#endif /* __TRUSTDB_H */

@@ -1,0 +1,37 @@
+"""Shared fixtures. Tiers are pytest markers (see pyproject.toml): root, bpf, vm, slow.
+
+A test that needs root or BPF fails loudly when the machine cannot do what it checks; it may
+skip only where the capability is truly absent, and says so in its reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """A fresh, empty trust database directory for one test."""
+    p = tmp_path / "db"
+    p.mkdir()
+    return p
+
+
+@pytest.fixture
+def as_root() -> None:
+    """For tests that need root: CI and every session run as root, so this fails, not skips."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (CI runs as root)")
+
+
+@pytest.fixture
+def cli_env(db_path: Path) -> Iterator[dict[str, str]]:
+    """Environment for running the real `trustdb` command against the test database."""
+    env = dict(os.environ, TRUSTDB_DB=str(db_path))
+    yield env

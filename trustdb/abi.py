@@ -1,0 +1,73 @@
+"""ctypes mirror of bpf/trustdb.h: the structs that cross the kernel boundary.
+
+Keep field order, widths and padding identical to the header; tests/engine/test_abi.py checks
+every size and offset against the BTF of the built BPF objects.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+
+from trustdb.model import InodeKey
+
+TD_COMM_LEN = 16
+TD_PATH_LEN = 256
+
+
+class Hook(enum.IntEnum):
+    EXEC = 1
+    MMAP = 2
+    MPROTECT = 3
+    TAMPER = 4
+
+
+class Verdict(enum.IntEnum):
+    ALLOW = 0
+    DENY = 1
+    AUDIT_DENY = 2
+
+
+class Mode(enum.IntEnum):
+    ENFORCE = 0
+    AUDIT = 1
+
+
+class BackendId(enum.IntEnum):
+    TRACEPOINT = 1
+    LSM = 2
+
+
+class CInodeKey(ctypes.Structure):
+    _fields_ = [
+        ("dev", ctypes.c_uint64),
+        ("ino", ctypes.c_uint64),
+        ("ctime_sec", ctypes.c_int64),
+        ("ctime_nsec", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+    @classmethod
+    def from_key(cls, key: InodeKey) -> CInodeKey:
+        return cls(key.dev, key.ino, key.ctime_sec, key.ctime_nsec, 0)
+
+    def to_key(self) -> InodeKey:
+        return InodeKey(self.dev, self.ino, self.ctime_sec, self.ctime_nsec)
+
+
+class CEvent(ctypes.Structure):
+    _fields_ = [
+        ("time_ns", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("tgid", ctypes.c_uint32),
+        ("ppid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("file", CInodeKey),
+        ("hook", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("mode", ctypes.c_uint8),
+        ("backend", ctypes.c_uint8),
+        ("reason", ctypes.c_uint32),
+        ("comm", ctypes.c_char * TD_COMM_LEN),
+        ("path", ctypes.c_char * TD_PATH_LEN),
+    ]

@@ -1,0 +1,1 @@
+"""Kernel enforcement backends behind one interface (see interface.py)."""

@@ -1,0 +1,96 @@
+"""The values that flow through trustdb's pipeline.
+
+importers -> TrustEntry -> db -> mirror (InodeKey) -> BPF programs -> events (Decision)
+
+Everything here is a frozen dataclass: stages hand values to the next stage, never shared state.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+
+
+class FileKind(enum.IntEnum):
+    """What kind of executable content a file holds (stored as one byte in the database)."""
+
+    OTHER = 0
+    """A regular file with no sign of being executable (only recorded with --all-files)."""
+    ELF = 1
+    """An ELF object: executable, shared library or ld.so itself, whatever its mode bits."""
+    SCRIPT = 2
+    """Starts with `#!`: run through its interpreter."""
+    EXECUTABLE = 3
+    """Has an exec bit but is neither ELF nor `#!` (e.g. a binfmt_misc format)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InodeKey:
+    """The identity of one version of one inode, as the kernel's hooks see it.
+
+    Any change to the file (content, chmod, rename, link, utime, xattr) changes ctime, so a key
+    stops matching as soon as the file is touched. `dev` is the *kernel* encoding
+    (major << 20 | minor), which differs from `os.stat().st_dev`; use `from_stat`.
+    `ctime_nsec` never carries the multigrain flag bit (bit 31 on 6.13+), the BPF side masks it.
+    """
+
+    dev: int
+    ino: int
+    ctime_sec: int
+    ctime_nsec: int
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result) -> InodeKey:
+        kdev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
+        return cls(
+            dev=kdev,
+            ino=st.st_ino,
+            ctime_sec=st.st_ctime_ns // 1_000_000_000,
+            ctime_nsec=st.st_ctime_ns % 1_000_000_000,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FileDigests:
+    """What one read of a file produced."""
+
+    blake3: bytes
+    """BLAKE3-256 of the content (32 bytes): the identity trustdb trusts."""
+    size: int
+    kind: FileKind
+    sha256: bytes | None = None
+    """Only computed when a source needs it to verify against a package digest."""
+    md5: bytes | None = None
+    """Only computed for dpkg, whose md5sums files carry nothing stronger."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrustEntry:
+    """One trusted file: "content D, found at PATH, vouched for by ORIGIN"."""
+
+    path: str
+    """Absolute path where the content lives (or would live, for a package file not installed)."""
+    digest: bytes
+    """BLAKE3-256 of the content, 32 bytes."""
+    size: int
+    kind: FileKind
+    sha256: bytes | None = None
+    origin: str = ""
+    """Provenance inside the source: `bash-5.2.15-2+b7.amd64`, `requests==2.32.3`, or ''."""
+    inode: InodeKey | None = None
+    """Identity of the on-disk file that was hashed, when one was; lets the database cache the
+    verification so that the next import or mirror does not re-read an unchanged file."""
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedEntry:
+    """A file a source names but that could not be trusted; reported, never recorded."""
+
+    path: str
+    reason: str
+    """One line a user can act on: `digest mismatch (tampered or locally modified)`, ..."""
+    origin: str = ""
+    fatal: bool = False
+    """True when the skip should make the command exit non-zero (unreadable, vanished,
+    mismatched); False for benign skips (FIFO, socket, documentation)."""
