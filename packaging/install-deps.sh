@@ -16,4 +16,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# The 6.12 kernel for the VM tier comes from bookworm-backports (its own script: adds the suite).
+bash "$here/install-vm-kernels.sh"
+
 python3 -m pip install -q --disable-pip-version-check -e "$top[test]"
