@@ -1,0 +1,319 @@
+"""The mirror against real files on ext4 (the tmp dir), tmpfs and an overlayfs mount it makes.
+
+The database is parametrized: the real LMDB `TrustDB` and, beside it, `FakeTrustDB` (a dict-backed
+stand-in that says so). The kernel map is `ListSink`, a fake KeySink that records every batch;
+the BPF tests fill the real map through the same interface.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from trustdb.db import PathRecord, TrustDB
+from trustdb.hashing import hash_file
+from trustdb.mirror import (
+    OVERLAYFS_SUPER_MAGIC,
+    REASON_NOT_REGULAR,
+    REASON_UNTRUSTED,
+    REASON_VANISHED,
+    UNKEYABLE_FS,
+    Mirror,
+    coarse_now_ns,
+    ctime_settled_at,
+    fs_magic,
+    kernel_has_multigrain,
+)
+from trustdb.model import FileDigests, InodeKey, TrustEntry
+
+
+@dataclass
+class ListSink:
+    """Fake KeySink: a set plus the list of every batch it was given."""
+
+    present: set[InodeKey] = field(default_factory=set)
+    add_batches: list[list[InodeKey]] = field(default_factory=list)
+    remove_batches: list[list[InodeKey]] = field(default_factory=list)
+
+    def add(self, keys: Sequence[InodeKey]) -> None:
+        self.add_batches.append(list(keys))
+        self.present.update(keys)
+
+    def remove(self, keys: Sequence[InodeKey]) -> None:
+        self.remove_batches.append(list(keys))
+        self.present.difference_update(keys)
+
+
+class _FakeCache:
+    def __init__(self, store: dict[tuple[InodeKey, int], FileDigests]) -> None:
+        self._store = store
+
+    def lookup(
+        self, key: InodeKey, size: int, *, want_sha256: bool = False, want_md5: bool = False
+    ) -> FileDigests | None:
+        return self._store.get((key, size))
+
+
+class FakeTrustDB:
+    """Fake of trustdb.db.TrustDB: just the calls the mirror makes, in dicts."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, bytes] = {}
+        self.verifications: dict[tuple[InodeKey, int], FileDigests] = {}
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def iter_paths(self, label: str | None = None) -> Iterator[PathRecord]:
+        for path in sorted(self.records):
+            yield PathRecord(path, "test", self.records[path], "", 0.0)
+
+    def is_trusted(self, digest: bytes) -> bool:
+        return digest in self.records.values()
+
+    def digest_cache(self) -> _FakeCache:
+        return _FakeCache(self.verifications)
+
+    def record_verification(self, key: InodeKey, digests: FileDigests) -> None:
+        self.verifications[(key, digests.size)] = digests
+
+
+class Trust:
+    """What a test does to the database, for either implementation."""
+
+    def __init__(self, db: FakeTrustDB | TrustDB) -> None:
+        self.db = db
+
+    def trust(self, *paths: Path) -> None:
+        entries = []
+        for p in paths:
+            h = hash_file(str(p))
+            entries.append(TrustEntry(str(p), h.digests.blake3, h.digests.size, h.digests.kind))
+        if isinstance(self.db, FakeTrustDB):
+            self.db.records.update((e.path, e.digest) for e in entries)
+            self.db._generation += 1
+        else:
+            self.db.add_entries("manual", "manual", entries)
+
+    def untrust(self, *paths: Path) -> None:
+        if isinstance(self.db, FakeTrustDB):
+            for p in paths:
+                del self.db.records[str(p)]
+            self.db._generation += 1
+        else:
+            self.db.remove_paths([str(p) for p in paths])
+
+
+@pytest.fixture(params=["lmdb", "fake"])
+def trust(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Trust]:
+    if request.param == "fake":
+        yield Trust(FakeTrustDB())
+        return
+    try:
+        db = TrustDB.open(db_path, write=True)
+    except NotImplementedError:
+        pytest.xfail("trustdb.db.TrustDB is not implemented yet (trust-database issue)")
+    with db:
+        yield Trust(db)
+
+
+def write(path: Path, data: bytes, mode: int = 0o755) -> Path:
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+def key_of(path: Path) -> InodeKey:
+    return InodeKey.from_stat(os.stat(path))
+
+
+def test_inserts_trusted_files_and_reports_the_rest(trust: Trust, tmp_path: Path) -> None:
+    a = write(tmp_path / "a", b"\x7fELF trusted a")
+    b = write(tmp_path / "b", b"#!/bin/sh\necho b\n")
+    gone = write(tmp_path / "gone", b"soon gone")
+    fifo = tmp_path / "fifo"
+    trust.trust(a, b, gone)
+    os.unlink(gone)
+    os.mkfifo(fifo)
+    sink = ListSink()
+    stats = Mirror(trust.db, sink).sync()
+    assert sink.present == {key_of(a), key_of(b)}
+    assert (stats.paths, stats.inserted, stats.hashed, stats.mirrored) == (3, 2, 2, 2)
+    assert {(s.path, s.reason) for s in stats.skipped} == {(str(gone), REASON_VANISHED)}
+    if isinstance(trust.db, FakeTrustDB):  # a FIFO cannot be hashed, so only the fake records one
+        trust.db.records[str(fifo)] = b"\0" * 32
+        stats = Mirror(trust.db, ListSink()).sync()
+        assert (str(fifo), REASON_NOT_REGULAR) in {(s.path, s.reason) for s in stats.skipped}
+
+
+def test_modified_after_trust_is_not_inserted(trust: Trust, tmp_path: Path) -> None:
+    f = write(tmp_path / "tool", b"\x7fELF original")
+    trust.trust(f)
+    f.write_bytes(b"\x7fELF tampered")
+    sink = ListSink()
+    stats = Mirror(trust.db, sink).sync()
+    assert sink.present == set()
+    assert [(s.path, s.reason) for s in stats.skipped] == [(str(f), REASON_UNTRUSTED)]
+
+
+def test_modified_after_mirror_loses_its_key(trust: Trust, tmp_path: Path) -> None:
+    f = write(tmp_path / "tool", b"\x7fELF original")
+    trust.trust(f)
+    sink = ListSink()
+    mirror = Mirror(trust.db, sink)
+    mirror.sync()
+    old = key_of(f)
+    assert sink.present == {old}
+    f.write_bytes(b"\x7fELF tampered")
+    stats = mirror.sync()
+    assert sink.present == set() and stats.removed == 1
+    assert sink.remove_batches == [[old]]
+
+
+def test_chmod_of_trusted_file_is_rehashed_and_inserted(trust: Trust, tmp_path: Path) -> None:
+    f = write(tmp_path / "tool", b"\x7fELF chmod me")
+    trust.trust(f)
+    sink = ListSink()
+    mirror = Mirror(trust.db, sink)
+    mirror.sync()
+    before_key, before_hashes = key_of(f), mirror.hash_count
+    f.chmod(0o700)  # moves ctime: the kernel now misses, content is unchanged
+    after_key = key_of(f)
+    assert after_key != before_key
+    assert mirror.verify_file(str(f)) == after_key
+    assert mirror.hash_count == before_hashes + 1
+    assert after_key in sink.present
+    # The first-seen key survives a sync (content still trusted), the old one does not.
+    mirror.sync()
+    assert sink.present == {after_key}
+
+
+def test_copy_of_trusted_binary_by_fd(trust: Trust, tmp_path: Path) -> None:
+    f = write(tmp_path / "tool", b"\x7fELF copy me")
+    trust.trust(f)
+    copy = tmp_path / "copy"
+    shutil.copy(f, copy)
+    sink = ListSink()
+    mirror = Mirror(trust.db, sink)
+    fd = os.open(copy, os.O_RDONLY)
+    try:
+        os.read(fd, 3)  # the position is not where the mirror starts reading
+        assert mirror.verify_file(fd) == key_of(copy)
+    finally:
+        os.close(fd)
+    assert sink.present == {key_of(copy)}
+    other = write(tmp_path / "other", b"\x7fELF never trusted")
+    assert mirror.verify_file(str(other)) is None
+    assert mirror.verify_file(str(tmp_path / "missing")) is None
+    # Untrusting the content removes first-seen keys too.
+    trust.untrust(f)
+    mirror.sync()
+    assert sink.present == set()
+
+
+def test_cache_hit_does_not_read_again(trust: Trust, tmp_path: Path) -> None:
+    files = [write(tmp_path / f"f{i}", b"\x7fELF %d" % i) for i in range(20)]
+    trust.trust(*files)
+    first = Mirror(trust.db, ListSink())
+    cold = first.sync()
+    assert (cold.hashed, first.hash_count) == (20, 20)
+    # A restart: a new mirror over the same database reads nothing.
+    second = Mirror(trust.db, ListSink())
+    warm = second.sync()
+    assert (warm.cached, warm.hashed, second.hash_count, warm.inserted) == (20, 0, 0, 20)
+
+
+def test_batches_and_refresh(trust: Trust, tmp_path: Path) -> None:
+    files = [write(tmp_path / f"f{i}", b"\x7fELF %d" % i) for i in range(5)]
+    trust.trust(*files)
+    sink = ListSink()
+    mirror = Mirror(trust.db, sink, batch_size=2)
+    mirror.sync()
+    assert [len(b) for b in sink.add_batches] == [2, 2, 1]
+    assert mirror.refresh() is None  # generation unchanged: nothing to do
+    trust.untrust(files[0])
+    stats = mirror.refresh()
+    assert stats is not None and (stats.removed, stats.inserted) == (1, 0)
+    assert sink.present == {key_of(f) for f in files[1:]}
+    extra = write(tmp_path / "extra", b"\x7fELF extra")
+    trust.trust(extra)
+    stats = mirror.refresh()
+    assert stats is not None and (stats.inserted, stats.removed, stats.cached) == (1, 0, 4)
+
+
+def test_coarse_ctime_defers_until_the_tick_passed(trust: Trust, tmp_path: Path) -> None:
+    f = write(tmp_path / "fresh", b"\x7fELF fresh")
+    trust.trust(f)
+    os.utime(f)  # ctime = now: inside the current coarse tick
+    sink = ListSink()
+    stats = Mirror(trust.db, sink, multigrain=False).sync()
+    assert stats.deferred == 1 and sink.present == {key_of(f)}
+    # Verified only once the coarse clock was past the ctime: any later write moves the key.
+    assert coarse_now_ns() >= ctime_settled_at(os.stat(f))
+    # With multigrain ctime (6.13+ on ext4/tmpfs) nothing needs to wait.
+    os.utime(f)
+    stats = Mirror(trust.db, ListSink(), multigrain=True).sync()
+    assert stats.deferred == 0 and stats.inserted == 1
+
+
+def test_ctime_rules() -> None:
+    assert kernel_has_multigrain("6.18.44-fc-v595") and kernel_has_multigrain("6.13.0")
+    assert not kernel_has_multigrain("6.12.95+deb12-amd64")
+    assert not kernel_has_multigrain("6.1.0-35-amd64")
+    whole = os.stat_result((0o100644, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5 * 10**9))
+    assert ctime_settled_at(whole) == 6 * 10**9  # 1-second filesystem: the whole second
+
+
+@pytest.fixture
+def mounted(tmp_path: Path, as_root: None) -> Iterator[list[Path]]:
+    """Mount points a test made; unmounted whatever happens."""
+    points: list[Path] = []
+    yield points
+    for p in reversed(points):
+        subprocess.run(["umount", "-l", str(p)], check=False)
+
+
+@pytest.mark.root
+def test_tmpfs_keys_match_stat(trust: Trust, tmp_path: Path, mounted: list[Path]) -> None:
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(mnt)], check=True)
+    mounted.append(mnt)
+    f = write(mnt / "tool", b"\x7fELF on tmpfs")
+    trust.trust(f)
+    sink = ListSink()
+    stats = Mirror(trust.db, sink).sync()
+    assert stats.inserted == 1 and sink.present == {key_of(f)}
+
+
+@pytest.mark.root
+def test_overlayfs_is_reported_not_mis_keyed(
+    trust: Trust, tmp_path: Path, mounted: list[Path]
+) -> None:
+    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    write(lower / "tool", b"\x7fELF in a lower layer")
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)], check=True)
+    mounted.append(merged)
+    tool = merged / "tool"
+    assert fs_magic(str(tool)) == OVERLAYFS_SUPER_MAGIC
+    trust.trust(tool)
+    sink = ListSink()
+    mirror = Mirror(trust.db, sink)
+    stats = mirror.sync()
+    assert sink.present == set() and stats.inserted == 0
+    assert [(s.path, s.reason) for s in stats.skipped] == [
+        (str(tool), UNKEYABLE_FS[OVERLAYFS_SUPER_MAGIC])
+    ]
+    assert "overlayfs" in stats.skipped[0].reason
+    assert mirror.verify_file(str(tool)) is None and sink.present == set()

@@ -1,0 +1,500 @@
+"""The mirror: trust database -> kernel map of trusted inode keys (pipeline stage 3).
+
+The database trusts *contents* (BLAKE3 digests); the kernel can only afford to look up *inodes*.
+The mirror bridges the two: for every recorded path it proves that the inode now at that path
+holds trusted content, and inserts that inode's `InodeKey` into a `KeySink` (the backend's map).
+
+For one path (`Mirror.sync`):
+  1. stat() the path (symlinks followed: the kernel sees the target); regular files only.
+  2. Refuse filesystems whose stat() identity is not the inode the kernel hooks see (below).
+  3. Coarse ctime: defer the file until the clock has left its ctime tick (below).
+  4. Digest: the database's verification cache when (InodeKey, size) is cached, else hash the
+     file (`hash_file` compares fstat before and after the read), then stat the path again and
+     require the same inode, ctime, mtime and size as the fd that was read.
+  5. Insert the key (batched) if that digest is trusted by any source (content, not path), and
+     record the verification so a restart does not read an unchanged file again.
+
+Decisions made here, each for a reason from /work/shared/KERNEL-NOTES.md:
+- overlayfs (and btrfs) are **skipped with a reported reason, not resolved**: overlayfs stat()
+  reports a per-layer device while exec sees the overlay inode and mmap the real one, and btrfs
+  stat() reports a per-subvolume device that is not `i_sb->s_dev`. A key built from stat() there
+  would never match what the hook sees, so the file is reported, never silently mis-keyed.
+- coarse ctime (kernels < 6.13, or a filesystem without multigrain timestamps): a write in the
+  same clock tick as our read keeps the old ctime, so the old key would still match modified
+  content. A file is verified only once CLOCK_REALTIME_COARSE (the clock the kernel stamps ctime
+  from) is past its ctime (past its whole second when the filesystem only keeps seconds); any
+  later write then moves ctime. Files younger than that are deferred, and `sync` waits out the
+  tick and verifies them afterwards.
+- a key includes ctime, so chmod, link or rename of a trusted file makes the kernel miss: the
+  first-seen path (`verify_file`, called by the fanotify pre-warm hook before the kernel decides)
+  re-hashes and inserts the new key when the content is still trusted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import stat as statmod
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from trustdb.backends.interface import KeySink
+from trustdb.hashing import HashedFile, HashingError, _hash_fd, hash_file
+from trustdb.model import FileDigests, InodeKey
+
+# --- filesystem identity --------------------------------------------------------------------
+
+OVERLAYFS_SUPER_MAGIC = 0x794C7630
+BTRFS_SUPER_MAGIC = 0x9123683E
+EXT4_SUPER_MAGIC = 0xEF53
+XFS_SUPER_MAGIC = 0x58465342
+TMPFS_MAGIC = 0x01021994
+
+UNKEYABLE_FS: dict[int, str] = {
+    OVERLAYFS_SUPER_MAGIC: "on overlayfs: stat() identity differs from the kernel's; not mirrored",
+    BTRFS_SUPER_MAGIC: "on btrfs: stat() reports the subvolume's device, not the kernel's; "
+    "not mirrored",
+}
+"""Filesystems where `InodeKey.from_stat` is not the key the BPF hooks compute."""
+
+MULTIGRAIN_FS = frozenset({EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, BTRFS_SUPER_MAGIC, TMPFS_MAGIC})
+"""Filesystems converted to multigrain timestamps in Linux 6.13: after anyone stat()s a file,
+its next change gets a fresh fine-grained ctime, so the coarse-ctime hole does not exist."""
+
+MULTIGRAIN_KERNEL = (6, 13)
+
+CLOCK_REALTIME_COARSE = 5
+"""Linux clock id (Python 3.11 has no constant): current_time() stamps ctime from this clock."""
+
+MAX_CTIME_WAIT_NS = 1_100_000_000
+"""Longest wait for a file's ctime tick to pass (a filesystem with 1 s timestamps)."""
+
+REASON_VANISHED = "vanished (no such file)"
+REASON_NOT_REGULAR = "not a regular file"
+REASON_UNTRUSTED = "content not trusted (changed since it was trusted?)"
+REASON_CHANGED = "changed while being mirrored"
+REASON_UNSETTLED = "modified again and again within its ctime tick; retried on the next sync"
+
+
+class _StatFs(ctypes.Structure):
+    # Only f_type is read; the rest is room for the kernel's struct statfs (120 bytes on LP64).
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 160)]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_StatFs)]
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_StatFs)]
+
+
+def fs_magic(target: str | int) -> int:
+    """f_type of the filesystem holding a path or an open fd (statfs(2); os.statvfs lacks it)."""
+    buf = _StatFs()
+    if isinstance(target, int):
+        rc = _libc.fstatfs(target, ctypes.byref(buf))
+    else:
+        rc = _libc.statfs(os.fsencode(target), ctypes.byref(buf))
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return buf.f_type & 0xFFFFFFFF
+
+
+def kernel_has_multigrain(release: str | None = None) -> bool:
+    """True on kernels >= 6.13 (multigrain ctime on ext4, xfs, btrfs, tmpfs)."""
+    parts = (release or platform.release()).split(".")
+    try:
+        version = (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0))
+    except (IndexError, ValueError):
+        return False
+    return version >= MULTIGRAIN_KERNEL
+
+
+def coarse_now_ns() -> int:
+    return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+
+
+def ctime_settled_at(st: os.stat_result) -> int:
+    """The coarse clock value after which a write to this file is sure to move its ctime.
+
+    A ctime with zero nanoseconds is taken to come from a filesystem that keeps whole seconds,
+    so the whole second must pass; otherwise the clock must merely be past the ctime."""
+    if st.st_ctime_ns % 1_000_000_000 == 0:
+        return st.st_ctime_ns + 1_000_000_000
+    return st.st_ctime_ns + 1
+
+
+# --- values --------------------------------------------------------------------------------
+
+
+class MirrorSource(Protocol):
+    """What the mirror reads from the trust database (`trustdb.db.TrustDB` provides it)."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def iter_paths(self, label: str | None = None) -> Iterator[_PathRecordLike]: ...
+
+    def is_trusted(self, digest: bytes) -> bool: ...
+
+    def digest_cache(self) -> _DigestCacheLike: ...
+
+    def record_verification(self, key: InodeKey, digests: FileDigests) -> None: ...
+
+
+class _PathRecordLike(Protocol):
+    @property
+    def path(self) -> str: ...
+
+
+class _DigestCacheLike(Protocol):
+    def lookup(self, key: InodeKey, size: int) -> FileDigests | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedPath:
+    """A recorded path the mirror did not insert, and why (a value, not an exception)."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorStats:
+    """What one `Mirror.sync` did."""
+
+    generation: int
+    """Database generation that was mirrored."""
+    paths: int
+    """Distinct recorded paths walked."""
+    inserted: int
+    """Keys added to the kernel map by this sync."""
+    removed: int
+    """Keys taken out (content no longer trusted, or the file changed)."""
+    mirrored: int
+    """Keys in the kernel map after the sync (paths plus first-seen files)."""
+    cached: int
+    """Paths whose digest came from the verification cache (no read)."""
+    hashed: int
+    """Paths that were read and hashed."""
+    deferred: int
+    """Paths that had to wait for their ctime tick to pass."""
+    skipped: tuple[SkippedPath, ...]
+    elapsed: float
+    """Seconds, wall clock."""
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped paths counted by reason (for a one-line summary)."""
+        counts: dict[str, int] = {}
+        for s in self.skipped:
+            counts[s.reason] = counts.get(s.reason, 0) + 1
+        return counts
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    key: InodeKey
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Deferred:
+    until_ns: int
+
+
+@dataclass
+class _Walk:
+    """Counters and results of one sync walk (mutable scratch, not handed out)."""
+
+    wanted: dict[InodeKey, bytes] = field(default_factory=dict)
+    skipped: list[SkippedPath] = field(default_factory=list)
+    verifications: list[tuple[InodeKey, FileDigests]] = field(default_factory=list)
+    pending: list[InodeKey] = field(default_factory=list)
+    inserted: int = 0
+    cached: int = 0
+    hashed: int = 0
+
+
+# --- the mirror ----------------------------------------------------------------------------
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (
+        a.st_dev == b.st_dev
+        and a.st_ino == b.st_ino
+        and a.st_ctime_ns == b.st_ctime_ns
+        and a.st_mtime_ns == b.st_mtime_ns
+        and a.st_size == b.st_size
+    )
+
+
+class Mirror:
+    """Keeps a `KeySink` equal to "inodes whose current content the database trusts".
+
+    Thread-safe for one `sync` running while the fanotify thread calls `verify_file`.
+    """
+
+    def __init__(
+        self,
+        db: MirrorSource,
+        sink: KeySink,
+        *,
+        batch_size: int = 4096,
+        multigrain: bool | None = None,
+        max_first_seen_wait_ns: int = 20_000_000,
+    ) -> None:
+        """`multigrain`: force (True/False) whether ctime is fine-grained; None detects it from
+        the kernel release and each file's filesystem. `max_first_seen_wait_ns`: how long
+        `verify_file` may wait for a fresh file's ctime tick before giving up (it holds up an
+        exec)."""
+        self._db = db
+        self._sink = sink
+        self._batch = batch_size
+        self._multigrain_kernel = kernel_has_multigrain() if multigrain is None else multigrain
+        self._detect_fs = multigrain is None
+        self._first_seen_wait = max_first_seen_wait_ns
+        self._lock = threading.Lock()
+        self._keys: dict[InodeKey, bytes] = {}
+        """Every key in the sink, with the digest it was trusted for."""
+        self._first_seen: dict[InodeKey, bytes] = {}
+        """Keys inserted by `verify_file` (copies, chmod'ed files): kept while still trusted."""
+        self._generation: int | None = None
+        self.hash_count = 0
+        """Files read and hashed over this mirror's life (tests and benchmarks use it)."""
+
+    @property
+    def keys(self) -> frozenset[InodeKey]:
+        with self._lock:
+            return frozenset(self._keys)
+
+    # --- full and incremental sync ---
+
+    def refresh(self) -> MirrorStats | None:
+        """Re-mirror if the database generation moved since the last sync; None otherwise."""
+        if self._generation is not None and self._db.generation == self._generation:
+            return None
+        return self.sync()
+
+    def sync(self) -> MirrorStats:
+        """Walk every recorded path and make the sink match: add new keys, remove stale ones.
+
+        Keys already in the sink are not inserted again; unchanged files hit the verification
+        cache, so a sync after a small database change costs a stat per path."""
+        started = time.monotonic()
+        generation = self._db.generation
+        cache = self._db.digest_cache()
+        walk = _Walk()
+        deferred: dict[str, int] = {}
+        paths = 0
+        last = None
+        for record in self._db.iter_paths():
+            if record.path == last:  # one path, several sources
+                continue
+            last = record.path
+            paths += 1
+            self._walk_one(record.path, cache, walk, deferred)
+        deferred_total = len(deferred)
+        self._retry_deferred(deferred, cache, walk)
+        self._flush(walk)
+        removed = self._drop_stale(walk.wanted)
+        self._record(walk.verifications)
+        self._generation = generation
+        return MirrorStats(
+            generation=generation,
+            paths=paths,
+            inserted=walk.inserted,
+            removed=removed,
+            mirrored=len(self._keys),
+            cached=walk.cached,
+            hashed=walk.hashed,
+            deferred=deferred_total,
+            skipped=tuple(walk.skipped),
+            elapsed=time.monotonic() - started,
+        )
+
+    def _walk_one(
+        self, path: str, cache: _DigestCacheLike, walk: _Walk, deferred: dict[str, int]
+    ) -> None:
+        outcome = self._verify_path(path, cache, walk)
+        if isinstance(outcome, _Deferred):
+            deferred[path] = outcome.until_ns
+        elif isinstance(outcome, _Verified):
+            walk.wanted[outcome.key] = outcome.digest
+            walk.pending.append(outcome.key)
+            if len(walk.pending) >= self._batch:
+                self._flush(walk)
+        else:
+            walk.skipped.append(SkippedPath(path, outcome))
+
+    def _retry_deferred(
+        self, deferred: dict[str, int], cache: _DigestCacheLike, walk: _Walk
+    ) -> None:
+        """Wait out the ctime tick of files that were too fresh, then verify them again.
+        A file written again meanwhile is deferred again, at most three rounds."""
+        for _round in range(3):
+            if not deferred:
+                return
+            wait = max(deferred.values()) - coarse_now_ns()
+            if wait > 0:
+                time.sleep(min(wait, MAX_CTIME_WAIT_NS) / 1e9)
+            again: dict[str, int] = {}
+            for path in sorted(deferred):
+                self._walk_one(path, cache, walk, again)
+            deferred = again
+        walk.skipped.extend(SkippedPath(p, REASON_UNSETTLED) for p in sorted(deferred))
+
+    def _verify_path(
+        self, path: str, cache: _DigestCacheLike, walk: _Walk
+    ) -> _Verified | _Deferred | str:
+        """One recorded path -> its trusted key, a deferral, or the reason it is skipped."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return REASON_VANISHED
+        except OSError as e:
+            return f"cannot stat: {e.strerror}"
+        if not statmod.S_ISREG(st.st_mode):
+            return REASON_NOT_REGULAR
+        try:
+            magic = fs_magic(path)
+        except OSError as e:
+            return f"cannot statfs: {e.strerror}"
+        if magic in UNKEYABLE_FS:
+            return UNKEYABLE_FS[magic]
+        if not self._settled(st, magic):
+            return _Deferred(ctime_settled_at(st))
+        key = InodeKey.from_stat(st)
+        cached = cache.lookup(key, st.st_size)
+        if cached is not None:
+            walk.cached += 1
+            if not self._db.is_trusted(cached.blake3):
+                return REASON_UNTRUSTED
+            return _Verified(key, cached.blake3)
+        try:
+            hashed = hash_file(path)
+            after = os.stat(path)
+        except HashingError as e:
+            return str(e)
+        except OSError:
+            return REASON_CHANGED
+        walk.hashed += 1
+        self.hash_count += 1
+        # The fd that was read, and the path before and after, must all be one unchanged inode.
+        if not (_same_file(st, hashed.stat) and _same_file(hashed.stat, after)):
+            return REASON_CHANGED
+        walk.verifications.append((key, hashed.digests))
+        if not self._db.is_trusted(hashed.digests.blake3):
+            return REASON_UNTRUSTED
+        return _Verified(key, hashed.digests.blake3)
+
+    def _settled(self, st: os.stat_result, magic: int) -> bool:
+        """Is a write from now on sure to change this file's ctime (and so its key)?"""
+        if self._multigrain_kernel and (not self._detect_fs or magic in MULTIGRAIN_FS):
+            return True
+        return coarse_now_ns() >= ctime_settled_at(st)
+
+    def _flush(self, walk: _Walk) -> None:
+        """Insert the pending keys the sink does not hold yet, as one batch."""
+        with self._lock:
+            new = [k for k in dict.fromkeys(walk.pending) if k not in self._keys]
+            if new:
+                self._sink.add(new)
+                for k in new:
+                    self._keys[k] = walk.wanted[k]
+        walk.inserted += len(new)
+        walk.pending.clear()
+
+    def _drop_stale(self, wanted: dict[InodeKey, bytes]) -> int:
+        """Remove keys neither walked nor first-seen-and-still-trusted; returns how many."""
+        with self._lock:
+            self._first_seen = {k: d for k, d in self._first_seen.items() if self._db.is_trusted(d)}
+            stale = [k for k in self._keys if k not in wanted and k not in self._first_seen]
+            for start in range(0, len(stale), self._batch):
+                self._sink.remove(stale[start : start + self._batch])
+            for k in stale:
+                del self._keys[k]
+        return len(stale)
+
+    def _record(self, verifications: Sequence[tuple[InodeKey, FileDigests]]) -> None:
+        """Cache what was hashed. TODO(db): one transaction for all once the DB offers a batch
+        variant; record_verification is one transaction per call."""
+        for key, digests in verifications:
+            self._db.record_verification(key, digests)
+
+    # --- first-seen files (fanotify pre-warm) ---
+
+    def verify_file(self, target: str | int) -> InodeKey | None:
+        """Key of a file the kernel has no key for, inserted into the sink if its content is
+        trusted; None if not trusted or not keyable.
+
+        `target` is a path or an open fd. From a fanotify permission handler pass the event fd:
+        opening the path again would raise a new permission event that waits on this very
+        handler. An fd is read from offset 0 (its file position is consumed).
+        """
+        try:
+            st = os.fstat(target) if isinstance(target, int) else os.stat(target)
+            if not statmod.S_ISREG(st.st_mode):
+                return None
+            magic = fs_magic(target)
+        except OSError:
+            return None
+        if magic in UNKEYABLE_FS:
+            return None
+        if not self._settled(st, magic):
+            wait = ctime_settled_at(st) - coarse_now_ns()
+            if wait > self._first_seen_wait:
+                return None
+            time.sleep(max(wait, 0) / 1e9)
+        key = InodeKey.from_stat(st)
+        digests = self._digest_of(target, st, key)
+        if digests is None or not self._db.is_trusted(digests.blake3):
+            return None
+        with self._lock:
+            self._first_seen[key] = digests.blake3
+            if key not in self._keys:
+                self._sink.add([key])
+                self._keys[key] = digests.blake3
+        return key
+
+    def _digest_of(
+        self, target: str | int, st: os.stat_result, key: InodeKey
+    ) -> FileDigests | None:
+        cached = self._db.digest_cache().lookup(key, st.st_size)
+        if cached is not None:
+            return cached
+        try:
+            hashed = self._hash_target(target)
+        except (HashingError, OSError):
+            return None
+        self.hash_count += 1
+        if not _same_file(st, hashed.stat):
+            return None
+        self._db.record_verification(key, hashed.digests)
+        return hashed.digests
+
+    @staticmethod
+    def _hash_target(target: str | int) -> HashedFile:
+        if isinstance(target, str):
+            hashed = hash_file(target)
+            if not _same_file(hashed.stat, os.stat(target)):
+                raise HashingError("changed while being hashed")
+            return hashed
+        os.lseek(target, 0, os.SEEK_SET)
+        return _hash_fd(target, want_sha256=False, want_md5=False)
+
+
+__all__ = [
+    "UNKEYABLE_FS",
+    "Mirror",
+    "MirrorSource",
+    "MirrorStats",
+    "SkippedPath",
+    "coarse_now_ns",
+    "ctime_settled_at",
+    "fs_magic",
+    "kernel_has_multigrain",
+]
