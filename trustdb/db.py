@@ -1,18 +1,108 @@
 """The trust database: stores and looks up, decides nothing (Santa's SNTRuleTable).
 
-CONTRACT (implemented by the trust-database issue; other stages code against these names).
-The schema is documented in ONE place: the SCHEMA docstring below, kept next to the code.
+SCHEMA (version 1). This docstring is the one place the on-disk format is described.
+
+One LMDB environment in a directory (default /var/lib/trustdb; `--db` / `TRUSTDB_DB`), holding
+`data.mdb` and `lock.mdb`, plus `writer.lock` (see "Writers" below). Integers in keys are
+big-endian so that keys sort numerically; integers in values are little-endian. Paths are raw
+bytes (`os.fsencode`, so names that are not UTF-8 survive).
+
+    meta        b"schema"      -> u32      schema version; a newer one is refused (SchemaError)
+                b"generation"  -> u64      +1 on every commit that changes what is trusted
+                b"next_sid"    -> u32      next source id to hand out
+    sources     label (utf-8)  -> <u32 sid, u64 entries, f64 updated> + kind (utf-8)
+    source_ids  sid (u32 BE)   -> label (utf-8)
+    entries     PK + 0x00 + sid (u32 BE)
+                               -> digest[32] + <f64 trusted_at, u16 len(path)> + path + origin
+                One (path, source) fact: "source SID vouches for content DIGEST at PATH".
+                PK ("path key") is the path itself when it is at most 400 bytes, else its first
+                360 bytes + 0xFF + BLAKE3(path)[:16] (LMDB keys are limited to 511 bytes). So
+                entries sort by path, and the full path is always in the value.
+    by_digest   digest[32]     -> entry key      (DUPSORT) who vouches for this content
+    by_source   sid (u32 BE)   -> entry key      (DUPSORT) what a source vouches for
+    content     digest[32]     -> <u64 size, u8 kind, u8 flags, 6 pad, f64 first, f64 last>
+                                  [+ sha256[32] if flags & 1]
+                Present exactly while at least one entry names the digest: removing the last
+                entry of a digest removes its content record in the same transaction.
+    verified    <dev u64, ino u64, ctime_sec i64, ctime_nsec u32, size u64> (BE)
+                               -> blake3[32] + <u8 kind, u8 flags, f64 hashed_at>
+                                  [+ sha256[32] if flags & 1] [+ md5[16] if flags & 2]
+                A cache of earlier reads of on-disk files (`InodeKey` + size), so an unchanged
+                file is not read again. At most one record per (dev, ino): a newer one replaces
+                older ones. Not trust: a cached file is trusted only through `content`.
+
+Transactions. Every write method is exactly one LMDB write transaction: all or nothing, also
+under `kill -9` (LMDB never overwrites the last committed state). Readers never block and
+never wait for writers (MVCC). The map grows by doubling when a transaction fills it; the
+whole transaction is then retried from the (recorded) input.
+
+Writers. LMDB serialises writers by blocking the second one until the first commits, which
+for a long import means an unexplained hang. A writer therefore first takes a non-blocking
+`flock` on `writer.lock` (which records its pid and command) and fails with BusyError naming
+the holder, after waiting at most `busy_timeout` seconds (default 0: fail at once). The lock
+is held for one write method call. `record_verification` is only a cache write: when the lock
+is busy it skips the write instead of failing.
+
+Generation. Bumped only by commits that change trust (entries, content, sources): a write
+that changes nothing is aborted and leaves the generation as it was, and verification-cache
+writes never bump it (the mirror caches as it goes and must not wake itself up).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import errno
+import fcntl
+import os
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self, TypeVar
 
-from trustdb.model import FileDigests, InodeKey, SkippedEntry, TrustEntry
+import blake3
+import lmdb
+
+from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, TrustEntry
 
 DEFAULT_DB = Path("/var/lib/trustdb")
+SCHEMA_VERSION = 1
+
+INITIAL_MAP_SIZE = 64 << 20
+"""Starting map size. On Linux the file only takes the pages it uses; the map is address space."""
+
+FRESH_CTIME_SECONDS = 0.05
+"""A file whose ctime is this close to the hash time is not cached: on coarse-ctime kernels a
+write in the same clock tick would keep the ctime, so the cache could outlive the content."""
+
+_MAX_DIRECT_PATH_KEY = 400
+_LONG_PATH_PREFIX = 360
+
+_U32 = struct.Struct(">I")
+_U64LE = struct.Struct("<Q")
+_SOURCE = struct.Struct("<IQd")
+_ENTRY = struct.Struct("<dH")
+_CONTENT = struct.Struct("<QBB6xdd")
+_VERIFIED_KEY = struct.Struct(">QQqIQ")
+_VERIFIED = struct.Struct("<BBd")
+_FLAG_SHA256 = 1
+_FLAG_MD5 = 2
+
+_DB_NAMES = (
+    "meta",
+    "sources",
+    "source_ids",
+    "entries",
+    "by_digest",
+    "by_source",
+    "content",
+    "verified",
+)
+_DUPSORT = frozenset({"by_digest", "by_source"})
+
+R = TypeVar("R")
 
 
 class DatabaseError(Exception):
@@ -64,6 +154,256 @@ class PathRecord:
     trusted_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class ContentRecord:
+    """One trusted content (a row of `content`)."""
+
+    digest: bytes
+    size: int
+    kind: FileKind
+    first_trusted: float
+    last_trusted: float
+    sha256: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseStatus:
+    """What `trustdb status` shows."""
+
+    path: str
+    schema: int
+    generation: int
+    entries: int
+    contents: int
+    sources: int
+    cached_verifications: int
+    size_on_disk: int
+    """Bytes allocated to data.mdb and lock.mdb."""
+    map_size: int
+
+
+def path_key(path: str) -> bytes:
+    """The sortable LMDB key part for a path (see SCHEMA: PK)."""
+    raw = os.fsencode(path)
+    if len(raw) <= _MAX_DIRECT_PATH_KEY:
+        return raw
+    return raw[:_LONG_PATH_PREFIX] + b"\xff" + blake3.blake3(raw).digest()[:16]
+
+
+def _entry_key(path: str, sid: int) -> bytes:
+    return path_key(path) + b"\0" + _U32.pack(sid)
+
+
+def _decode_entry(value: bytes) -> tuple[bytes, float, str, str]:
+    """-> digest, trusted_at, path, origin."""
+    trusted_at, plen = _ENTRY.unpack_from(value, 32)
+    start = 32 + _ENTRY.size
+    path = os.fsdecode(value[start : start + plen])
+    origin = value[start + plen :].decode("utf-8", "replace")
+    return value[:32], trusted_at, path, origin
+
+
+def _encode_entry(digest: bytes, trusted_at: float, path: str, origin: str) -> bytes:
+    raw = os.fsencode(path)
+    return digest + _ENTRY.pack(trusted_at, len(raw)) + raw + origin.encode()
+
+
+def _verified_key(key: InodeKey, size: int) -> bytes:
+    return _VERIFIED_KEY.pack(key.dev, key.ino, key.ctime_sec, key.ctime_nsec, size)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _translate(e: lmdb.Error, where: Path) -> DatabaseError:
+    """Turn an LMDB failure into the stage's error type (one line)."""
+    text = _one_line(e)
+    if "No space left" in text or getattr(e, "errno", None) == errno.ENOSPC:
+        return DiskFullError(f"disk full writing {where}; nothing was changed")
+    return DatabaseError(f"database {where}: {text}")
+
+
+class _Replayable:
+    """Iterate a stream once while recording it, so a retried transaction sees the same items."""
+
+    def __init__(self, items: Iterable[TrustEntry | SkippedEntry]) -> None:
+        self._source: Iterator[TrustEntry | SkippedEntry] | None = iter(items)
+        self._seen: list[tuple[TrustEntry | SkippedEntry, float]] = []
+
+    def __iter__(self) -> Iterator[tuple[TrustEntry | SkippedEntry, float]]:
+        """Yield (item, time it was received): the receive time bounds the hash time."""
+        yield from self._seen
+        if self._source is None:
+            return
+        for item in self._source:
+            pair = (item, time.time())
+            self._seen.append(pair)
+            yield pair
+        self._source = None
+
+
+class _Txn:
+    """The write operations of one transaction (all the bookkeeping of SCHEMA lives here)."""
+
+    def __init__(self, db: TrustDB, txn: lmdb.Transaction[bytes]) -> None:
+        self.db = db
+        self.txn = txn
+        self.now = time.time()
+        self.changed = False
+        self._digest_cursor = txn.cursor(db=db._dbs["by_digest"])
+
+    def _d(self, name: str) -> lmdb._Database:
+        return self.db._dbs[name]
+
+    # --- sources ---
+    def source_id(self, label: str, kind: str, *, create: bool) -> int | None:
+        raw = self.txn.get(label.encode(), db=self._d("sources"))
+        if raw is not None:
+            return int(_SOURCE.unpack_from(raw)[0])
+        if not create:
+            return None
+        next_raw = self.txn.get(b"next_sid", db=self._d("meta"))
+        sid = _U32.unpack(next_raw)[0] if next_raw else 1
+        self.txn.put(b"next_sid", _U32.pack(sid + 1), db=self._d("meta"))
+        self.txn.put(_U32.pack(sid), label.encode(), db=self._d("source_ids"))
+        self.txn.put(
+            label.encode(), _SOURCE.pack(sid, 0, self.now) + kind.encode(), db=self._d("sources")
+        )
+        self.changed = True
+        return sid
+
+    def adjust_source(
+        self, label: str, kind: str | None, delta: int, *, drop_if_empty: bool = False
+    ) -> None:
+        raw = self.txn.get(label.encode(), db=self._d("sources"))
+        if raw is None:
+            return
+        sid, count, _updated = _SOURCE.unpack_from(raw)
+        old_kind = raw[_SOURCE.size :].decode()
+        count += delta
+        if count <= 0 and drop_if_empty:
+            self.drop_source(label, sid)
+            return
+        value = _SOURCE.pack(sid, max(count, 0), self.now) + (kind or old_kind).encode()
+        if value != raw:
+            self.txn.put(label.encode(), value, db=self._d("sources"))
+
+    def drop_source(self, label: str, sid: int) -> None:
+        self.txn.delete(label.encode(), db=self._d("sources"))
+        self.txn.delete(_U32.pack(sid), db=self._d("source_ids"))
+        self.changed = True
+
+    # --- entries and content ---
+    def put_entry(self, sid: int, entry: TrustEntry) -> tuple[bool, bool]:
+        """Record one fact. -> (written, new): written if the fact changed, new if it is new."""
+        ek = _entry_key(entry.path, sid)
+        entries = self._d("entries")
+        old = self.txn.get(ek, db=entries)
+        if old is not None:
+            old_digest, _at, _path, old_origin = _decode_entry(old)
+            if old_digest == entry.digest and old_origin == entry.origin:
+                return False, False
+            if old_digest != entry.digest:
+                self.unlink_digest(old_digest, ek)
+        else:
+            self.txn.put(_U32.pack(sid), ek, db=self._d("by_source"))
+        self.txn.put(
+            ek, _encode_entry(entry.digest, self.now, entry.path, entry.origin), db=entries
+        )
+        if old is None or old[:32] != entry.digest:
+            self.txn.put(entry.digest, ek, db=self._d("by_digest"))
+            self.touch_content(entry)
+        self.changed = True
+        return True, old is None
+
+    def touch_content(self, entry: TrustEntry) -> None:
+        content = self._d("content")
+        raw = self.txn.get(entry.digest, db=content)
+        first = self.now
+        sha256 = entry.sha256
+        if raw is not None:
+            first = _CONTENT.unpack_from(raw)[3]
+            if sha256 is None and len(raw) > _CONTENT.size:
+                sha256 = raw[_CONTENT.size :]
+        flags = _FLAG_SHA256 if sha256 else 0
+        value = _CONTENT.pack(entry.size, int(entry.kind), flags, first, self.now)
+        self.txn.put(entry.digest, value + (sha256 or b""), db=content)
+
+    def unlink_digest(self, digest: bytes, ek: bytes) -> None:
+        """Forget that entry `ek` names `digest`; drop the content if nobody else does."""
+        self.txn.delete(digest, ek, db=self._d("by_digest"))
+        if not self._digest_cursor.set_key(digest):
+            self.txn.delete(digest, db=self._d("content"))
+
+    def delete_entry(self, ek: bytes, sid: int) -> bool:
+        raw = self.txn.pop(ek, db=self._d("entries"))
+        if raw is None:
+            return False
+        self.unlink_digest(raw[:32], ek)
+        self.txn.delete(_U32.pack(sid), ek, db=self._d("by_source"))
+        self.changed = True
+        return True
+
+    def source_entry_keys(self, sid: int) -> list[bytes]:
+        cur = self.txn.cursor(db=self._d("by_source"))
+        if not cur.set_key(_U32.pack(sid)):
+            return []
+        return list(cur.iternext_dup(keys=False, values=True))
+
+    # --- verification cache ---
+    def cache(self, key: InodeKey, digests: FileDigests, hashed_at: float) -> None:
+        ctime = key.ctime_sec + key.ctime_nsec / 1e9
+        if hashed_at - ctime < FRESH_CTIME_SECONDS:
+            return  # see FRESH_CTIME_SECONDS
+        verified = self._d("verified")
+        vk = _verified_key(key, digests.size)
+        old = self.txn.get(vk, db=verified)
+        if old is not None:
+            digests = _merge_digests(_decode_verified(old, digests.size), digests)
+        else:
+            self._drop_other_versions(vk)
+        flags = (_FLAG_SHA256 if digests.sha256 else 0) | (_FLAG_MD5 if digests.md5 else 0)
+        value = (
+            digests.blake3
+            + _VERIFIED.pack(int(digests.kind), flags, hashed_at)
+            + (digests.sha256 or b"")
+            + (digests.md5 or b"")
+        )
+        if value != old:
+            self.txn.put(vk, value, db=verified)
+
+    def _drop_other_versions(self, vk: bytes) -> None:
+        """Keep at most one cached version per inode (see SCHEMA: verified)."""
+        prefix = vk[:16]
+        cur = self.txn.cursor(db=self._d("verified"))
+        if not cur.set_range(prefix):
+            return
+        while cur.key().startswith(prefix):
+            if not cur.delete():
+                break
+
+
+def _decode_verified(value: bytes, size: int) -> FileDigests:
+    kind, flags, _hashed_at = _VERIFIED.unpack_from(value, 32)
+    rest = value[32 + _VERIFIED.size :]
+    sha256 = rest[:32] if flags & _FLAG_SHA256 else None
+    md5 = rest[32 if sha256 else 0 :][:16] if flags & _FLAG_MD5 else None
+    return FileDigests(blake3=value[:32], size=size, kind=FileKind(kind), sha256=sha256, md5=md5)
+
+
+def _merge_digests(old: FileDigests, new: FileDigests) -> FileDigests:
+    if old.blake3 != new.blake3:
+        return new
+    return FileDigests(
+        blake3=new.blake3,
+        size=new.size,
+        kind=new.kind,
+        sha256=new.sha256 or old.sha256,
+        md5=new.md5 or old.md5,
+    )
+
+
 class TrustDB:
     """One LMDB environment.
 
@@ -71,14 +411,68 @@ class TrustDB:
     Readers never block on a writer; every write method is exactly one transaction.
     """
 
+    def __init__(
+        self,
+        path: Path,
+        env: lmdb.Environment,
+        dbs: dict[str, lmdb._Database],
+        *,
+        write: bool,
+        busy_timeout: float,
+    ) -> None:
+        self.path = path
+        self._env = env
+        self._dbs = dbs
+        self._write = write
+        self._busy_timeout = busy_timeout
+        self.last_skipped: list[SkippedEntry] = []
+        """SkippedEntry values met by the last write call, for the caller to report."""
+
     @classmethod
-    def open(cls, path: Path, *, write: bool = False) -> TrustDB:
-        raise NotImplementedError
+    def open(
+        cls,
+        path: Path,
+        *,
+        write: bool = False,
+        busy_timeout: float = 0.0,
+        map_size: int | None = None,
+    ) -> TrustDB:
+        """Open (with write=True: create) the database in directory `path`.
+
+        Raises SchemaError for a database of a newer schema, DatabaseError when there is no
+        database to read or it cannot be opened."""
+        path = Path(path)
+        if not write and not (path / "data.mdb").exists():
+            raise DatabaseError(f"no trust database at {path} (create one with `trustdb trust`)")
+        try:
+            if write:
+                path.mkdir(mode=0o755, parents=True, exist_ok=True)
+            env = lmdb.open(
+                str(path),
+                map_size=map_size or _map_size_for(path),
+                max_dbs=len(_DB_NAMES),
+                readonly=not write,
+                subdir=True,
+                max_readers=256,
+                create=write,
+            )
+        except lmdb.Error as e:
+            raise _translate(e, path) from e
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFullError(f"disk full creating {path}") from e
+            raise DatabaseError(f"cannot open {path}: {e.strerror}") from e
+        try:
+            dbs = _open_dbs(env, path, write=write)
+        except BaseException:
+            env.close()
+            raise
+        return cls(path, env, dbs, write=write, busy_timeout=busy_timeout)
 
     def close(self) -> None:
-        raise NotImplementedError
+        self._env.close()
 
-    def __enter__(self) -> TrustDB:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -92,51 +486,385 @@ class TrustDB:
         passed through to `last_skipped` for reporting). Content no longer trusted by any source
         disappears in the same transaction. Writes nothing (same generation) if nothing changed.
         Caches each entry's `inode` verification (see `digest_cache`)."""
-        raise NotImplementedError
+        return self._put_entries(label, kind, items, replace=True)
 
-    def add_entries(self, label: str, kind: str, entries: Iterable[TrustEntry]) -> WriteStats:
-        """Add or update entries of a source without removing others (`trustdb trust`)."""
-        raise NotImplementedError
+    def add_entries(
+        self, label: str, kind: str, entries: Iterable[TrustEntry | SkippedEntry]
+    ) -> WriteStats:
+        """Add or update entries of a source without removing others (`trustdb trust`).
+        Like replace_source, SkippedEntry values go to `last_skipped`."""
+        return self._put_entries(label, kind, entries, replace=False)
 
-    def remove_paths(self, paths: Iterable[str], label: str | None = None) -> WriteStats:
-        raise NotImplementedError
+    def _put_entries(
+        self, label: str, kind: str, items: Iterable[TrustEntry | SkippedEntry], *, replace: bool
+    ) -> WriteStats:
+        stream = _Replayable(items)
+
+        def body(t: _Txn) -> tuple[int, int, int]:
+            self.last_skipped = []
+            sid = t.source_id(label, kind, create=True)
+            assert sid is not None
+            old_keys = set(t.source_entry_keys(sid)) if replace else set()
+            added = unchanged = new = 0
+            for item, received in stream:
+                if isinstance(item, SkippedEntry):
+                    self.last_skipped.append(item)
+                    continue
+                written, is_new = t.put_entry(sid, item)
+                added += written
+                unchanged += not written
+                new += is_new
+                old_keys.discard(_entry_key(item.path, sid))
+                if item.inode is not None:
+                    t.cache(item.inode, _entry_digests(item), received)
+            for ek in sorted(old_keys):
+                t.delete_entry(ek, sid)
+            if t.changed:
+                t.adjust_source(label, kind, new - len(old_keys))
+            return added, len(old_keys), unchanged
+
+        (added, removed, unchanged), gen = self._run_write(body)
+        return WriteStats(added=added, removed=removed, unchanged=unchanged, generation=gen)
+
+    def remove_paths(
+        self, paths: Iterable[str], label: str | None = None, *, recursive: bool = False
+    ) -> WriteStats:
+        """Untrust paths (of one source, or of all). With recursive, a path also removes
+        everything recorded below it (`trustdb untrust DIR`). Empty sources are dropped."""
+        wanted = list(paths)
+
+        def body(t: _Txn) -> tuple[int, int, int]:
+            only = t.source_id(label, "", create=False) if label is not None else None
+            if label is not None and only is None:
+                return 0, 0, 0
+            per_source: dict[int, int] = {}
+            for path in wanted:
+                for ek in self._matching_keys(t.txn, path, recursive=recursive):
+                    sid = _U32.unpack(ek[-4:])[0]
+                    if (only is None or sid == only) and t.delete_entry(ek, sid):
+                        per_source[sid] = per_source.get(sid, 0) + 1
+            for sid, count in per_source.items():
+                src = t.txn.get(_U32.pack(sid), db=self._dbs["source_ids"])
+                if src is not None:
+                    t.adjust_source(src.decode(), None, -count, drop_if_empty=True)
+            return 0, sum(per_source.values()), 0
+
+        (_a, removed, _u), gen = self._run_write(body)
+        return WriteStats(added=0, removed=removed, unchanged=0, generation=gen)
+
+    def _matching_keys(
+        self, txn: lmdb.Transaction[bytes], path: str, *, recursive: bool
+    ) -> list[bytes]:
+        exact = path_key(path) + b"\0"
+        keys = [k for k, _v in self._scan(txn, exact) if len(k) == len(exact) + 4]
+        if recursive:
+            below = os.fsencode(path.rstrip("/") + "/")
+            for k, v in self._scan(txn, below[:_LONG_PATH_PREFIX]):
+                if os.fsencode(_decode_entry(v)[2]).startswith(below):
+                    keys.append(k)
+        return keys
+
+    def _scan(self, txn: lmdb.Transaction[bytes], prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        cur = txn.cursor(db=self._dbs["entries"])
+        if not cur.set_range(prefix):
+            return
+        for k, v in cur:
+            if not k.startswith(prefix):
+                return
+            yield k, v
 
     def remove_source(self, label: str) -> WriteStats:
-        raise NotImplementedError
+        def body(t: _Txn) -> int:
+            sid = t.source_id(label, "", create=False)
+            if sid is None:
+                raise DatabaseError(f"no source named {label!r}")
+            keys = t.source_entry_keys(sid)
+            for ek in keys:
+                t.delete_entry(ek, sid)
+            t.drop_source(label, sid)
+            return len(keys)
+
+        removed, gen = self._run_write(body)
+        return WriteStats(added=0, removed=removed, unchanged=0, generation=gen)
 
     def record_verification(self, key: InodeKey, digests: FileDigests) -> None:
-        """Cache the verification of one on-disk file (used by the mirror)."""
-        raise NotImplementedError
+        """Cache the verification of one on-disk file (used by the mirror).
+
+        The caller just hashed the file: a ctime this close to now is not cached (see
+        FRESH_CTIME_SECONDS). Skipped silently when another writer holds the database."""
+        self.record_verifications([(key, digests)])
+
+    def record_verifications(self, items: Iterable[tuple[InodeKey, FileDigests]]) -> None:
+        """Many `record_verification`s in one transaction."""
+        batch = list(items)
+        now = time.time()
+
+        def body(t: _Txn) -> None:
+            for key, digests in batch:
+                t.cache(key, digests, now)
+
+        try:
+            self._run_write(body, bump=False)
+        except BusyError:
+            pass  # a cache write is never worth failing for
+
+    def _run_write(self, body: Callable[[_Txn], R], *, bump: bool = True) -> tuple[R, int]:
+        """Run `body` in one write transaction under the writer lock; retry it on a full map.
+        -> (body's result, generation after)."""
+        if not self._write:
+            raise DatabaseError(f"database {self.path} was opened read-only")
+        with self._writer_lock():
+            while True:
+                try:
+                    return self._attempt(body, bump=bump)
+                except lmdb.MapFullError:
+                    self._grow()
+                except lmdb.Error as e:
+                    raise _translate(e, self.path) from e
+
+    def _attempt(self, body: Callable[[_Txn], R], *, bump: bool) -> tuple[R, int]:
+        txn = self._env.begin(write=True)
+        try:
+            t = _Txn(self, txn)
+            result = body(t)
+            gen = _read_generation(txn, self._dbs["meta"])
+            if t.changed and bump:
+                gen += 1
+                txn.put(b"generation", _U64LE.pack(gen), db=self._dbs["meta"])
+            txn.commit()
+            return result, gen
+        except BaseException:
+            txn.abort()
+            raise
+
+    def _grow(self) -> None:
+        size = self._env.info()["map_size"] * 2
+        self._env.set_mapsize(size)
+
+    @contextmanager
+    def _writer_lock(self) -> Iterator[None]:
+        lock_path = self.path / "writer.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise DatabaseError(f"cannot open {lock_path}: {e.strerror}") from e
+        try:
+            deadline = time.monotonic() + self._busy_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                        raise BusyError(
+                            f"another writer holds {self.path} ({holder or 'unknown'}); "
+                            "try again when it has finished"
+                        ) from None
+                    time.sleep(0.05)
+            os.ftruncate(fd, 0)
+            cmd = " ".join(os.path.basename(a) for a in sys.argv[:3])
+            os.pwrite(fd, f"pid {os.getpid()}: {cmd}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     # --- reads ---
+    @contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction[bytes]]:
+        try:
+            txn = self._env.begin()
+        except lmdb.MapResizedError:
+            # Another process grew the map: adopt its size and start again.
+            self._env.set_mapsize(0)
+            txn = self._env.begin()
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
     @property
     def generation(self) -> int:
-        raise NotImplementedError
+        with self._read() as txn:
+            return _read_generation(txn, self._dbs["meta"])
 
     def is_trusted(self, digest: bytes) -> bool:
-        raise NotImplementedError
+        with self._read() as txn:
+            return txn.get(digest, db=self._dbs["content"]) is not None
+
+    def content(self, digest: bytes) -> ContentRecord | None:
+        """The content record of a digest, if any source trusts it."""
+        with self._read() as txn:
+            raw = txn.get(digest, db=self._dbs["content"])
+        if raw is None:
+            return None
+        size, kind, flags, first, last = _CONTENT.unpack_from(raw)
+        sha256 = raw[_CONTENT.size :] if flags & _FLAG_SHA256 else None
+        return ContentRecord(
+            digest=digest,
+            size=size,
+            kind=FileKind(kind),
+            first_trusted=first,
+            last_trusted=last,
+            sha256=sha256,
+        )
 
     def trusted_by(self, digest: bytes) -> list[PathRecord]:
         """Every (source, path) that vouches for this content."""
-        raise NotImplementedError
+        with self._read() as txn:
+            cur = txn.cursor(db=self._dbs["by_digest"])
+            if not cur.set_key(digest):
+                return []
+            keys = list(cur.iternext_dup(keys=False, values=True))
+            return [self._record(txn, k) for k in keys]
 
     def records_for_path(self, path: str) -> list[PathRecord]:
-        raise NotImplementedError
+        with self._read() as txn:
+            return [
+                self._record(txn, k, v)
+                for k in self._matching_keys(txn, path, recursive=False)
+                for v in [txn.get(k, db=self._dbs["entries"])]
+            ]
 
     def iter_paths(self, label: str | None = None) -> Iterator[PathRecord]:
         """Every recorded (path, source) fact, sorted by path (the mirror walks this)."""
-        raise NotImplementedError
+        with self._read() as txn:
+            if label is None:
+                for k, v in txn.cursor(db=self._dbs["entries"]):
+                    yield self._record(txn, k, v)
+                return
+            raw = txn.get(label.encode(), db=self._dbs["sources"])
+            if raw is None:
+                return
+            cur = txn.cursor(db=self._dbs["by_source"])
+            if not cur.set_key(_U32.pack(_SOURCE.unpack_from(raw)[0])):
+                return
+            for k in cur.iternext_dup(keys=False, values=True):
+                yield self._record(txn, k)
+
+    def _record(
+        self, txn: lmdb.Transaction[bytes], key: bytes, value: bytes | None = None
+    ) -> PathRecord:
+        if value is None:
+            value = txn.get(key, db=self._dbs["entries"])
+            if value is None:
+                raise DatabaseError(f"database {self.path} is inconsistent (dangling index)")
+        digest, trusted_at, path, origin = _decode_entry(value)
+        return PathRecord(
+            path=path,
+            label=self._label(txn, key[-4:]),
+            digest=digest,
+            origin=origin,
+            trusted_at=trusted_at,
+        )
+
+    def _label(self, txn: lmdb.Transaction[bytes], sid: bytes) -> str:
+        raw = txn.get(sid, db=self._dbs["source_ids"])
+        return raw.decode() if raw is not None else f"#{_U32.unpack(sid)[0]}"
 
     def sources(self) -> list[SourceRecord]:
-        raise NotImplementedError
+        with self._read() as txn:
+            out = []
+            for k, v in txn.cursor(db=self._dbs["sources"]):
+                _sid, count, updated = _SOURCE.unpack_from(v)
+                out.append(
+                    SourceRecord(
+                        label=k.decode(),
+                        kind=v[_SOURCE.size :].decode(),
+                        entries=count,
+                        updated=updated,
+                    )
+                )
+            return out
 
-    def digest_cache(self) -> "DigestCacheView":
+    def status(self) -> DatabaseStatus:
+        with self._read() as txn:
+            counts = {name: txn.stat(self._dbs[name])["entries"] for name in _DB_NAMES}
+            schema = _U32.unpack(txn.get(b"schema", db=self._dbs["meta"]) or b"\0\0\0\0")[0]
+            gen = _read_generation(txn, self._dbs["meta"])
+        on_disk = 0
+        for name in ("data.mdb", "lock.mdb"):
+            try:
+                on_disk += os.stat(self.path / name).st_blocks * 512
+            except FileNotFoundError:
+                pass
+        return DatabaseStatus(
+            path=str(self.path),
+            schema=schema,
+            generation=gen,
+            entries=counts["entries"],
+            contents=counts["content"],
+            sources=counts["sources"],
+            cached_verifications=counts["verified"],
+            size_on_disk=on_disk,
+            map_size=self._env.info()["map_size"],
+        )
+
+    def digest_cache(self) -> DigestCacheView:
         """A read-only `importers.interface.DigestCache` over cached verifications."""
-        raise NotImplementedError
+        return DigestCacheView(self)
 
 
 class DigestCacheView:
+    """Looks up cached verifications (each lookup is one short read transaction, so it also
+    works while the same process holds a write transaction, as an importer does)."""
+
+    def __init__(self, db: TrustDB) -> None:
+        self._db = db
+
     def lookup(
         self, key: InodeKey, size: int, *, want_sha256: bool = False, want_md5: bool = False
     ) -> FileDigests | None:
-        raise NotImplementedError
+        with self._db._read() as txn:
+            raw = txn.get(_verified_key(key, size), db=self._db._dbs["verified"])
+        if raw is None:
+            return None
+        digests = _decode_verified(raw, size)
+        if (want_sha256 and digests.sha256 is None) or (want_md5 and digests.md5 is None):
+            return None
+        return digests
+
+
+def _entry_digests(entry: TrustEntry) -> FileDigests:
+    return FileDigests(blake3=entry.digest, size=entry.size, kind=entry.kind, sha256=entry.sha256)
+
+
+def _read_generation(txn: lmdb.Transaction[bytes], meta: lmdb._Database) -> int:
+    raw = txn.get(b"generation", db=meta)
+    return int(_U64LE.unpack(raw)[0]) if raw else 0
+
+
+def _map_size_for(path: Path) -> int:
+    """Start with room to double: never below what the file already holds."""
+    try:
+        used = os.stat(path / "data.mdb").st_size
+    except FileNotFoundError:
+        used = 0
+    return max(INITIAL_MAP_SIZE, 2 * used)
+
+
+def _open_dbs(env: lmdb.Environment, path: Path, *, write: bool) -> dict[str, lmdb._Database]:
+    """Open the named databases, creating them on a write open; check the schema version."""
+    try:
+        with env.begin(write=write) as txn:
+            meta = env.open_db(b"meta", txn=txn, create=write)
+            raw = txn.get(b"schema", db=meta)
+            if raw is None and write:
+                txn.put(b"schema", _U32.pack(SCHEMA_VERSION), db=meta)
+            elif raw is None:
+                raise DatabaseError(f"{path} is not a trust database (no schema version)")
+            elif _U32.unpack(raw)[0] > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"database {path} has schema {_U32.unpack(raw)[0]}, newer than this trustdb "
+                    f"understands ({SCHEMA_VERSION}); upgrade trustdb"
+                )
+            dbs = {"meta": meta}
+            for name in _DB_NAMES[1:]:
+                dbs[name] = env.open_db(
+                    name.encode(), txn=txn, create=write, dupsort=name in _DUPSORT
+                )
+    except lmdb.NotFoundError as e:
+        raise SchemaError(f"database {path} lacks tables of schema {SCHEMA_VERSION}") from e
+    except lmdb.Error as e:
+        raise _translate(e, path) from e
+    return dbs
