@@ -26,6 +26,15 @@ enum td_hook {
 	TD_HOOK_TAMPER = 4, /* a confined task tried to lift its confinement */
 };
 
+/* Why a decision was taken (td_event.reason). */
+enum td_reason {
+	TD_REASON_TRUSTED = 0, /* the inode key is in trusted_inodes */
+	TD_REASON_UNTRUSTED = 1, /* the inode key is not in trusted_inodes */
+	TD_REASON_SCAN_BUSY = 2, /* the mappings could not be inspected (mmap lock busy): fail closed */
+	TD_REASON_CGROUP_ESCAPE = 3, /* a confined task moved a task out of the scope cgroup */
+	TD_REASON_SIGNAL_SUPERVISOR = 4, /* a confined task signalled the supervisor */
+};
+
 enum td_verdict {
 	TD_ALLOW = 0,
 	TD_DENY = 1, /* enforce: EPERM (lsm) or SIGKILL (tracepoint) */
@@ -42,6 +51,24 @@ enum td_backend {
 	TD_BACKEND_LSM = 2,
 };
 
+/* Value of the `confined` task storage map. Userspace writes it by pidfd to confine a task;
+ * the BPF side copies it to every child at fork, so it follows the task wherever it moves. */
+struct td_task {
+	__u8 confined;
+	__u8 _pad[7];
+};
+
+/* Configuration, a `const volatile` global (`td_cfg`) set in .rodata before load. */
+struct td_config {
+	__u64 scope_cgroup_id; /* cgroup v2 id of the scope; 0 = the whole system */
+	__u32 scope_cgroup_level; /* depth of that cgroup below the cgroup2 root */
+	__u32 supervisor_tgid; /* confined tasks may not signal this process */
+	__u8 mode; /* enum td_mode */
+	__u8 backend; /* enum td_backend, copied into every event */
+	__u8 log_allows; /* also send TD_ALLOW events (noisy; for debugging) */
+	__u8 _pad[5];
+};
+
 /* One decision, sent through the ring buffer to userspace. */
 struct td_event {
 	__u64 time_ns; /* bpf_ktime_get_boot_ns() */
@@ -54,7 +81,7 @@ struct td_event {
 	__u8 verdict; /* enum td_verdict */
 	__u8 mode; /* enum td_mode */
 	__u8 backend; /* enum td_backend */
-	__u32 reason; /* hook-specific detail (e.g. which tamper attempt) */
+	__u32 reason; /* enum td_reason */
 	char comm[TD_COMM_LEN];
 	char path[TD_PATH_LEN]; /* full path where the hook can give it, else the file name */
 };

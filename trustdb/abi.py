@@ -22,6 +22,14 @@ class Hook(enum.IntEnum):
     TAMPER = 4
 
 
+class Reason(enum.IntEnum):
+    TRUSTED = 0
+    UNTRUSTED = 1
+    SCAN_BUSY = 2
+    CGROUP_ESCAPE = 3
+    SIGNAL_SUPERVISOR = 4
+
+
 class Verdict(enum.IntEnum):
     ALLOW = 0
     DENY = 1
@@ -53,6 +61,29 @@ class CInodeKey(ctypes.Structure):
 
     def to_key(self) -> InodeKey:
         return InodeKey(self.dev, self.ino, self.ctime_sec, self.ctime_nsec)
+
+
+class CTask(ctypes.Structure):
+    """Value of the `confined` task storage map."""
+
+    _fields_ = [
+        ("confined", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 7),
+    ]
+
+
+class CConfig(ctypes.Structure):
+    """`const volatile struct td_config td_cfg`, set in .rodata before load."""
+
+    _fields_ = [
+        ("scope_cgroup_id", ctypes.c_uint64),
+        ("scope_cgroup_level", ctypes.c_uint32),
+        ("supervisor_tgid", ctypes.c_uint32),
+        ("mode", ctypes.c_uint8),
+        ("backend", ctypes.c_uint8),
+        ("log_allows", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 5),
+    ]
 
 
 class CEvent(ctypes.Structure):

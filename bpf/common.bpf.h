@@ -1,0 +1,194 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/* What every trustdb BPF object shares: the maps userspace talks to, the configuration, and
+ * the helpers that read an inode key (CO-RE across 6.1 .. 6.18), decide, and log a decision.
+ * Include it once per .bpf.c, after nothing else. */
+#ifndef __TRUSTDB_COMMON_BPF_H
+#define __TRUSTDB_COMMON_BPF_H
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "trustdb.h"
+
+#define TD_SIGKILL 9
+#define TD_VM_EXEC 0x4UL
+/* Bit 31 of i_ctime_nsec is I_CTIME_QUERIED on 6.13+ (multigrain ctime); nsec itself < 2^30. */
+#define TD_CTIME_NSEC_MASK 0x7fffffffU
+
+/* Trusted inode keys, filled by the userspace mirror. max_entries is set before load. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 20);
+	__type(key, struct td_inode_key);
+	__type(value, __u8);
+} trusted_inodes SEC(".maps");
+
+/* Decisions for userspace (struct td_event records). Size set before load. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} events SEC(".maps");
+
+/* Confined tasks. Keyed by task; userspace writes it through a pidfd. */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct td_task);
+} confined SEC(".maps");
+
+const volatile struct td_config td_cfg = {};
+
+/* ---- inode keys ------------------------------------------------------------------------- */
+
+/* Local flavours of struct inode: CO-RE picks the one the running kernel has. */
+struct inode___v611 { /* 6.11+: split fields */
+	time64_t i_ctime_sec;
+	u32 i_ctime_nsec;
+} __attribute__((preserve_access_index));
+
+struct inode___v66 { /* 6.6 .. 6.10 */
+	struct timespec64 __i_ctime;
+} __attribute__((preserve_access_index));
+
+struct inode___v61 { /* up to 6.5 */
+	struct timespec64 i_ctime;
+} __attribute__((preserve_access_index));
+
+static __always_inline void td_inode_key(struct inode *inode, struct td_inode_key *key)
+{
+	__u64 sec = 0;
+	__u32 nsec = 0;
+
+	key->dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	key->ino = BPF_CORE_READ(inode, i_ino);
+	if (bpf_core_field_exists(struct inode___v611, i_ctime_sec)) {
+		struct inode___v611 *i = (void *)inode;
+		sec = BPF_CORE_READ(i, i_ctime_sec);
+		nsec = BPF_CORE_READ(i, i_ctime_nsec);
+	} else if (bpf_core_field_exists(struct inode___v66, __i_ctime)) {
+		struct inode___v66 *i = (void *)inode;
+		sec = BPF_CORE_READ(i, __i_ctime.tv_sec);
+		nsec = BPF_CORE_READ(i, __i_ctime.tv_nsec);
+	} else {
+		struct inode___v61 *i = (void *)inode;
+		sec = BPF_CORE_READ(i, i_ctime.tv_sec);
+		nsec = BPF_CORE_READ(i, i_ctime.tv_nsec);
+	}
+	key->ctime_sec = sec;
+	key->ctime_nsec = nsec & TD_CTIME_NSEC_MASK;
+	key->_pad = 0;
+}
+
+static __always_inline void td_file_key(struct file *file, struct td_inode_key *key)
+{
+	td_inode_key(BPF_CORE_READ(file, f_inode), key);
+}
+
+static __always_inline bool td_is_trusted(const struct td_inode_key *key)
+{
+	return bpf_map_lookup_elem(&trusted_inodes, key) != NULL;
+}
+
+/* ---- scope ------------------------------------------------------------------------------ */
+
+/* Is cgroup `cg` the scope cgroup or below it? */
+static __always_inline bool td_cgroup_in_scope(struct cgroup *cg)
+{
+	__u32 level = td_cfg.scope_cgroup_level;
+	struct cgroup *anc = NULL;
+
+	if (!cg || BPF_CORE_READ(cg, level) < (int)level || level > 255)
+		return false;
+	bpf_core_read(&anc, sizeof(anc), &cg->ancestors[level]);
+	return anc && BPF_CORE_READ(anc, kn, id) == td_cfg.scope_cgroup_id;
+}
+
+static __always_inline struct td_task *td_task_mark(struct task_struct *task, bool create)
+{
+	return bpf_task_storage_get(&confined, task, 0,
+				    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+
+/* Is `task` confined? A marked task always is (the mark survives cgroup moves and
+ * `unshare -C`); an unmarked task in the scope cgroup is, and gets the mark from now on. */
+static __always_inline bool td_task_confined(struct task_struct *task)
+{
+	struct td_task *t;
+
+	if (td_cfg.scope_cgroup_id == 0)
+		return true; /* system-wide service mode */
+	t = td_task_mark(task, false);
+	if (t && t->confined)
+		return true;
+	if (!td_cgroup_in_scope(BPF_CORE_READ(task, cgroups, dfl_cgrp)))
+		return false;
+	t = td_task_mark(task, true);
+	if (t)
+		t->confined = 1;
+	return true;
+}
+
+/* ---- decisions -------------------------------------------------------------------------- */
+
+static __always_inline void td_emit(struct task_struct *task, __u8 hook, __u8 verdict,
+				    __u32 reason, const struct td_inode_key *key, struct file *file)
+{
+	struct td_event *e;
+	const unsigned char *name;
+
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e)
+		return;
+	e->time_ns = bpf_ktime_get_boot_ns();
+	e->pid = BPF_CORE_READ(task, pid);
+	e->tgid = BPF_CORE_READ(task, tgid);
+	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	e->uid = BPF_CORE_READ(task, cred, uid.val);
+	if (key)
+		e->file = *key;
+	else
+		__builtin_memset(&e->file, 0, sizeof(e->file));
+	e->hook = hook;
+	e->verdict = verdict;
+	e->mode = td_cfg.mode;
+	e->backend = td_cfg.backend;
+	e->reason = reason;
+	BPF_CORE_READ_STR_INTO(&e->comm, task, comm);
+	e->path[0] = 0;
+	if (file) {
+		name = BPF_CORE_READ(file, f_path.dentry, d_name.name);
+		bpf_probe_read_kernel_str(e->path, sizeof(e->path), name);
+	}
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* Deny what the current task is doing: SIGKILL in enforce mode (delivered before the task
+ * returns to user space, so no instruction of the denied code runs), a log line in audit. */
+static __always_inline __u8 td_deny(struct task_struct *task, __u8 hook, __u32 reason,
+				    const struct td_inode_key *key, struct file *file)
+{
+	__u8 verdict = td_cfg.mode == TD_MODE_AUDIT ? TD_AUDIT_DENY : TD_DENY;
+
+	if (verdict == TD_DENY)
+		bpf_send_signal(TD_SIGKILL);
+	td_emit(task, hook, verdict, reason, key, file);
+	return verdict;
+}
+
+/* Decide on one file the current task executes or maps executable. */
+static __always_inline __u8 td_check_file(struct task_struct *task, __u8 hook, struct file *file)
+{
+	struct td_inode_key key;
+
+	td_file_key(file, &key);
+	if (td_is_trusted(&key)) {
+		if (td_cfg.log_allows)
+			td_emit(task, hook, TD_ALLOW, TD_REASON_TRUSTED, &key, file);
+		return TD_ALLOW;
+	}
+	return td_deny(task, hook, TD_REASON_UNTRUSTED, &key, file);
+}
+
+#endif /* __TRUSTDB_COMMON_BPF_H */

@@ -1,0 +1,441 @@
+"""The one ctypes module over libbpf (Debian's libbpf.so.1, 1.1.x).
+
+Every call into libbpf goes through here; backends never touch ctypes. The usual life of an
+object, each step one method (libbpf-bootstrap's order):
+
+    with BpfObject(path) as obj:                 # bpf_object__open_file
+        obj.set_rodata("td_cfg", bytes(cfg))     # const volatile globals, before load
+        obj.set_max_entries("trusted_inodes", n) # map sizes, before load
+        obj.load()                               # verifier runs here; log in the exception
+        obj.attach_all()                         # links are kept by the object
+        m = obj.map("trusted_inodes"); m.update(key, value)
+        rb = RingBuffer(obj.map("events").fd, on_record); rb.poll(100)
+    # close() destroys links and the object: nothing stays attached (no pins are made)
+
+Errors are `LibbpfError` (an OSError carrying errno) with libbpf's last log lines, which include
+the verifier's complaint when a load fails.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["LibbpfError", "BpfObject", "BpfMap", "RingBuffer", "BPF_ANY", "BPF_NOEXIST", "BPF_EXIST"]
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+_BTF_KIND_VAR = 14
+_BTF_KIND_DATASEC = 15
+
+
+class LibbpfError(OSError):
+    """A libbpf call failed. `errno` is set; `log` holds libbpf's recent messages."""
+
+    def __init__(self, err: int, what: str, log: str = "") -> None:
+        msg = f"{what}: {os.strerror(err)}"
+        if log:
+            msg += "\n" + log
+        super().__init__(err, msg)
+        self.log = log
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+# ---- the library and its log --------------------------------------------------------------
+
+_lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+
+# libbpf_print_fn_t: int (*)(enum libbpf_print_level, const char *fmt, va_list ap). On x86_64
+# a va_list argument is a pointer, so vsnprintf can format it here.
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_log_lines: deque[str] = deque(maxlen=60)
+_log_lock = threading.Lock()
+
+
+def _on_print(level: int, fmt: bytes, ap: int) -> int:
+    buf = ctypes.create_string_buffer(1024)
+    _libc.vsnprintf(buf, len(buf), fmt, ap)
+    with _log_lock:
+        for line in buf.value.decode(errors="replace").splitlines():
+            _log_lines.append(line)
+    return 0
+
+
+_print_cb = _PRINT_FN(_on_print)  # kept referenced for the life of the process
+_lib.libbpf_set_print.argtypes = [_PRINT_FN]
+_lib.libbpf_set_print.restype = ctypes.c_void_p
+_lib.libbpf_set_print(_print_cb)
+
+
+def _take_log() -> str:
+    with _log_lock:
+        lines = list(_log_lines)
+        _log_lines.clear()
+    # The verifier dump can be long; its last lines say what went wrong.
+    return "\n".join(lines[-25:])
+
+
+def _clear_log() -> None:
+    with _log_lock:
+        _log_lines.clear()
+
+
+def _check(ret: int, what: str) -> int:
+    """libbpf 1.x int APIs return -errno."""
+    if ret < 0:
+        raise LibbpfError(-ret, what, _take_log())
+    return ret
+
+
+def _check_ptr(ptr: int | None, what: str) -> int:
+    """libbpf 1.x pointer APIs return NULL and set errno."""
+    if not ptr:
+        err = ctypes.get_errno() or errno_mod.EINVAL
+        raise LibbpfError(err, what, _take_log())
+    return ptr
+
+
+def _fn(name: str, restype: type | None, *argtypes: type) -> None:
+    f = getattr(_lib, name)
+    f.restype = restype
+    f.argtypes = list(argtypes)
+
+
+_p = ctypes.c_void_p
+_fn("bpf_object__open_file", _p, ctypes.c_char_p, _p)
+_fn("bpf_object__load", ctypes.c_int, _p)
+_fn("bpf_object__close", None, _p)
+_fn("bpf_object__btf", _p, _p)
+_fn("bpf_object__find_map_by_name", _p, _p, ctypes.c_char_p)
+_fn("bpf_object__find_program_by_name", _p, _p, ctypes.c_char_p)
+_fn("bpf_object__next_program", _p, _p, _p)
+_fn("bpf_object__next_map", _p, _p, _p)
+_fn("bpf_program__name", ctypes.c_char_p, _p)
+_fn("bpf_program__attach", _p, _p)
+_fn("bpf_program__set_autoload", ctypes.c_int, _p, ctypes.c_bool)
+_fn("bpf_program__fd", ctypes.c_int, _p)
+_fn("bpf_link__destroy", ctypes.c_int, _p)
+_fn("bpf_map__name", ctypes.c_char_p, _p)
+_fn("bpf_map__fd", ctypes.c_int, _p)
+_fn("bpf_map__set_max_entries", ctypes.c_int, _p, ctypes.c_uint32)
+_fn("bpf_map__max_entries", ctypes.c_uint32, _p)
+_fn("bpf_map__key_size", ctypes.c_uint32, _p)
+_fn("bpf_map__value_size", ctypes.c_uint32, _p)
+_fn("bpf_map__initial_value", _p, _p, ctypes.POINTER(ctypes.c_size_t))
+_fn("btf__find_by_name_kind", ctypes.c_int, _p, ctypes.c_char_p, ctypes.c_uint32)
+_fn("btf__type_by_id", _p, _p, ctypes.c_uint32)
+_fn("btf__name_by_offset", ctypes.c_char_p, _p, ctypes.c_uint32)
+_fn("bpf_map_update_elem", ctypes.c_int, ctypes.c_int, _p, _p, ctypes.c_uint64)
+_fn("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _p, _p)
+_fn("bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, _p)
+_fn("bpf_map_get_next_key", ctypes.c_int, ctypes.c_int, _p, _p)
+_fn("bpf_map_update_batch", ctypes.c_int, ctypes.c_int, _p, _p, ctypes.POINTER(ctypes.c_uint32), _p)
+_fn("bpf_map_delete_batch", ctypes.c_int, ctypes.c_int, _p, ctypes.POINTER(ctypes.c_uint32), _p)
+_RB_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, _p, _p, ctypes.c_size_t)
+_fn("ring_buffer__new", _p, ctypes.c_int, _RB_SAMPLE_FN, _p, _p)
+_fn("ring_buffer__poll", ctypes.c_int, _p, ctypes.c_int)
+_fn("ring_buffer__consume", ctypes.c_int, _p)
+_fn("ring_buffer__epoll_fd", ctypes.c_int, _p)
+_fn("ring_buffer__free", None, _p)
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size", ctypes.c_uint32)]
+
+
+class _BtfVarSecinfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("offset", ctypes.c_uint32), ("size", ctypes.c_uint32)]
+
+
+class _BatchOpts(ctypes.Structure):
+    """struct bpf_map_batch_opts (libbpf 1.1)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+# ---- maps ---------------------------------------------------------------------------------
+
+
+class BpfMap:
+    """A map of a loaded object, used by fd. Keys and values are bytes of the exact size."""
+
+    def __init__(self, fd: int, name: str, key_size: int, value_size: int) -> None:
+        self.fd = fd
+        self.name = name
+        self.key_size = key_size
+        self.value_size = value_size
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        _check(_lib.bpf_map_update_elem(self.fd, key, value, flags), f"update {self.name}")
+
+    def lookup(self, key: bytes) -> bytes | None:
+        out = ctypes.create_string_buffer(self.value_size)
+        ret = _lib.bpf_map_lookup_elem(self.fd, key, out)
+        if ret == -errno_mod.ENOENT:
+            return None
+        _check(ret, f"lookup {self.name}")
+        return out.raw
+
+    def delete(self, key: bytes) -> bool:
+        """Remove `key`; False if it was not there."""
+        ret = _lib.bpf_map_delete_elem(self.fd, key)
+        if ret == -errno_mod.ENOENT:
+            return False
+        _check(ret, f"delete {self.name}")
+        return True
+
+    def keys(self) -> list[bytes]:
+        out: list[bytes] = []
+        prev: bytes | None = None
+        nxt = ctypes.create_string_buffer(self.key_size)
+        while _lib.bpf_map_get_next_key(self.fd, prev, nxt) == 0:
+            prev = nxt.raw
+            out.append(prev)
+        return out
+
+    def update_batch(self, keys: Sequence[bytes], values: Sequence[bytes], flags: int = BPF_ANY) -> None:
+        """One bpf() call for many elements (about 2x faster than one by one)."""
+        if len(keys) != len(values):
+            raise ValueError("keys and values differ in length")
+        if not keys:
+            return
+        kbuf = b"".join(keys)
+        vbuf = b"".join(values)
+        if len(kbuf) != self.key_size * len(keys) or len(vbuf) != self.value_size * len(values):
+            raise ValueError(f"{self.name}: key/value sizes do not match the map")
+        count = ctypes.c_uint32(len(keys))
+        opts = _BatchOpts(ctypes.sizeof(_BatchOpts), flags, 0)
+        _check(
+            _lib.bpf_map_update_batch(self.fd, kbuf, vbuf, ctypes.byref(count), ctypes.byref(opts)),
+            f"update_batch {self.name} ({count.value}/{len(keys)} done)",
+        )
+
+    def delete_batch(self, keys: Sequence[bytes]) -> None:
+        """Delete many keys in one call. Stops at a missing key with ENOENT, as the kernel does;
+        callers that tolerate missing keys use delete() per key instead."""
+        if not keys:
+            return
+        count = ctypes.c_uint32(len(keys))
+        opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+        _check(
+            _lib.bpf_map_delete_batch(self.fd, b"".join(keys), ctypes.byref(count), ctypes.byref(opts)),
+            f"delete_batch {self.name} ({count.value}/{len(keys)} done)",
+        )
+
+
+# ---- objects ------------------------------------------------------------------------------
+
+
+class BpfObject:
+    """One BPF object file: open, configure, load, attach, close. A context manager."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._links: list[int] = []
+        _clear_log()
+        ctypes.set_errno(0)
+        self._obj: int | None = _check_ptr(
+            _lib.bpf_object__open_file(os.fsencode(self.path), None), f"open {self.path}"
+        )
+        self.loaded = False
+
+    # -- before load
+
+    def _map_ptr(self, name: str) -> int:
+        ptr = _lib.bpf_object__find_map_by_name(self._handle, name.encode())
+        if not ptr:
+            raise LibbpfError(errno_mod.ENOENT, f"{self.path.name}: no map named {name!r}")
+        return int(ptr)
+
+    @property
+    def _handle(self) -> int:
+        if self._obj is None:
+            raise LibbpfError(errno_mod.EBADF, f"{self.path.name}: object is closed")
+        return self._obj
+
+    def set_max_entries(self, map_name: str, n: int) -> None:
+        _check(_lib.bpf_map__set_max_entries(self._map_ptr(map_name), n), f"set_max_entries {map_name}")
+
+    def set_rodata(self, var: str, data: bytes) -> None:
+        """Set a `const volatile` global (in .rodata) before load; `data` is its exact bytes."""
+        if self.loaded:
+            raise LibbpfError(errno_mod.EBUSY, f"set_rodata {var}: object already loaded")
+        offset, size = self._var_location(".rodata", var)
+        if len(data) != size:
+            raise ValueError(f"{var} is {size} bytes, got {len(data)}")
+        total = ctypes.c_size_t(0)
+        mem = _check_ptr(
+            _lib.bpf_map__initial_value(self._map_ptr(".rodata"), ctypes.byref(total)),
+            "initial_value .rodata",
+        )
+        ctypes.memmove(mem + offset, data, size)
+
+    def _var_location(self, section: str, var: str) -> tuple[int, int]:
+        """Offset and size of global `var` in `section`, from the object's BTF DATASEC."""
+        btf = _check_ptr(_lib.bpf_object__btf(self._handle), "object BTF")
+        sec_id = _lib.btf__find_by_name_kind(btf, section.encode(), _BTF_KIND_DATASEC)
+        _check(sec_id, f"BTF datasec {section}")
+        sec = _BtfType.from_address(_lib.btf__type_by_id(btf, sec_id))
+        vlen = sec.info & 0xFFFF
+        infos = (_BtfVarSecinfo * vlen).from_address(
+            ctypes.addressof(sec) + ctypes.sizeof(_BtfType)
+        )
+        for info in infos:
+            t = _BtfType.from_address(_lib.btf__type_by_id(btf, info.type))
+            if (t.info >> 24) & 0x1F != _BTF_KIND_VAR:
+                continue
+            if _lib.btf__name_by_offset(btf, t.name_off) == var.encode():
+                return info.offset, info.size
+        raise LibbpfError(errno_mod.ENOENT, f"{self.path.name}: no global {var!r} in {section}")
+
+    def set_autoload(self, prog_name: str, autoload: bool) -> None:
+        """Leave a program out of the load (e.g. a hook this kernel lacks)."""
+        _check(_lib.bpf_program__set_autoload(self._prog_ptr(prog_name), autoload), f"autoload {prog_name}")
+
+    # -- load and attach
+
+    def load(self) -> None:
+        _clear_log()
+        _check(_lib.bpf_object__load(self._handle), f"load {self.path.name}")
+        self.loaded = True
+
+    def _prog_ptr(self, name: str) -> int:
+        ptr = _lib.bpf_object__find_program_by_name(self._handle, name.encode())
+        if not ptr:
+            raise LibbpfError(errno_mod.ENOENT, f"{self.path.name}: no program named {name!r}")
+        return int(ptr)
+
+    def program_names(self) -> list[str]:
+        names: list[str] = []
+        prog = _lib.bpf_object__next_program(self._handle, None)
+        while prog:
+            names.append(_lib.bpf_program__name(prog).decode())
+            prog = _lib.bpf_object__next_program(self._handle, prog)
+        return names
+
+    def attach(self, prog_name: str) -> None:
+        """Attach one program at the point its SEC() names; the link lives until close()."""
+        ctypes.set_errno(0)
+        link = _check_ptr(_lib.bpf_program__attach(self._prog_ptr(prog_name)), f"attach {prog_name}")
+        self._links.append(link)
+
+    def attach_all(self, names: Sequence[str] | None = None) -> None:
+        """Attach `names` (default: every program), all or nothing."""
+        try:
+            for name in names if names is not None else self.program_names():
+                self.attach(name)
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Destroy every link (idempotent). The programs stay loaded until close()."""
+        while self._links:
+            _lib.bpf_link__destroy(self._links.pop())
+
+    def map(self, name: str) -> BpfMap:
+        ptr = self._map_ptr(name)
+        fd = _lib.bpf_map__fd(ptr)
+        _check(fd, f"map fd {name}")
+        return BpfMap(fd, name, _lib.bpf_map__key_size(ptr), _lib.bpf_map__value_size(ptr))
+
+    def close(self) -> None:
+        """Detach and free everything (idempotent)."""
+        self.detach()
+        if self._obj is not None:
+            _lib.bpf_object__close(self._obj)
+            self._obj = None
+
+    def __enter__(self) -> BpfObject:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the kernel frees fds anyway
+            pass
+
+
+# ---- ring buffers -------------------------------------------------------------------------
+
+
+class RingBuffer:
+    """Reads records from a BPF_MAP_TYPE_RINGBUF map fd; `on_record(bytes)` gets each one.
+
+    Not thread-safe: poll from one thread. An exception in `on_record` stops the current poll
+    and is re-raised from poll()/consume().
+    """
+
+    def __init__(self, map_fd: int, on_record: Callable[[bytes], None]) -> None:
+        self._on_record = on_record
+        self._error: BaseException | None = None
+        self._cb = _RB_SAMPLE_FN(self._sample)  # must outlive the ring_buffer
+        ctypes.set_errno(0)
+        self._rb: int | None = _check_ptr(
+            _lib.ring_buffer__new(map_fd, self._cb, None, None), "ring_buffer__new"
+        )
+
+    def _sample(self, ctx: int | None, data: int, size: int) -> int:
+        try:
+            self._on_record(ctypes.string_at(data, size))
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller of poll()
+            self._error = e
+            return -1
+        return 0
+
+    def _rethrow(self, ret: int, what: str) -> int:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        if ret == -errno_mod.EINTR:
+            return 0
+        return _check(ret, what)
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to timeout_ms for records; returns how many were handled."""
+        return self._rethrow(_lib.ring_buffer__poll(self._handle, timeout_ms), "ring_buffer__poll")
+
+    def consume(self) -> int:
+        """Handle every record available now, without waiting."""
+        return self._rethrow(_lib.ring_buffer__consume(self._handle), "ring_buffer__consume")
+
+    @property
+    def epoll_fd(self) -> int:
+        """For select()/asyncio: readable when records are waiting."""
+        return int(_lib.ring_buffer__epoll_fd(self._handle))
+
+    @property
+    def _handle(self) -> int:
+        if self._rb is None:
+            raise LibbpfError(errno_mod.EBADF, "ring buffer is closed")
+        return self._rb
+
+    def close(self) -> None:
+        if self._rb is not None:
+            _lib.ring_buffer__free(self._rb)
+            self._rb = None
+
+    def __enter__(self) -> RingBuffer:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
