@@ -1,0 +1,228 @@
+"""Installed Debian packages, from dpkg's own database (fapolicyd's deb-backend, read in Python).
+
+What is read, under `--admindir` (default `ROOT/var/lib/dpkg`):
+- `status`, parsed with python-debian: which packages are installed, their version and
+  architecture, and the MD5 of each conffile (`Conffiles:`).
+- `info/PKG[:ARCH].md5sums`: the MD5 dpkg recorded for each file the package shipped.
+- `info/PKG[:ARCH].list`: every path the package owns; a regular file listed here with no MD5
+  is reported as unverifiable.
+- `diversions`: a file diverted by another package lives at its diverted name.
+
+dpkg keeps nothing stronger than MD5, so MD5 only ties the file on disk to the package; what is
+recorded is the BLAKE3 (and SHA-256) of the same bytes, read once. What is recorded: executable
+content (ELF, `#!`, exec bit), the same rule as `trustdb trust`; `all_files=True` records every
+verified file. Mismatches are reported and not trusted; the rest of the import proceeds.
+
+Refused as a whole (`DebImporterError`, nothing written): a missing or unparsable `status` file,
+an unreadable `info/` directory. Per package (reported, the rest proceeds): a missing or
+unreadable md5sums file, a malformed md5sums line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from debian import deb822
+
+from importers.interface import DigestCache, ImporterError, SourceInfo
+from importers.ondisk import FileClaim, OnDiskImporter, PackageClaims, ProgressFn
+from trustdb.model import SkippedEntry, TrustEntry
+
+DEFAULT_ADMINDIR = "var/lib/dpkg"
+
+FILE_STATES = frozenset(
+    {"installed", "unpacked", "half-configured", "triggers-awaited", "triggers-pending"}
+)
+"""dpkg states in which a package's files are fully unpacked on disk (and its md5sums exist)."""
+
+
+class DebImporterError(ImporterError):
+    """The dpkg database as a whole cannot be read: the import is refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class DebPackage:
+    name: str
+    version: str
+    architecture: str
+    conffiles: dict[str, bytes]
+    """Conffile path -> MD5, for conffiles still shipped (not `obsolete`)."""
+
+    @property
+    def origin(self) -> str:
+        return f"{self.name}_{self.version}_{self.architecture}"
+
+
+class DebImporter(OnDiskImporter):
+    """Every installed package of one dpkg database, verified on disk."""
+
+    name = "deb"
+
+    def __init__(
+        self,
+        *,
+        root: str = "/",
+        admindir: str | None = None,
+        all_files: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        super().__init__(root=root, all_files=all_files, progress=progress)
+        default_admin = os.path.join(self.root.path, DEFAULT_ADMINDIR)
+        self.admindir = os.path.abspath(admindir) if admindir else default_admin
+        self._custom_admindir = self.admindir != default_admin
+
+    def source(self) -> SourceInfo:
+        label = f"deb:{self.root.path}"
+        if self._custom_admindir:
+            label += f"@{self.admindir}"
+        return SourceInfo(label=label, kind=self.name)
+
+    def collect(self, cache: DigestCache) -> Iterator[TrustEntry | SkippedEntry]:
+        packages = read_status(os.path.join(self.admindir, "status"))
+        diversions = read_diversions(os.path.join(self.admindir, "diversions"))
+        info = os.path.join(self.admindir, "info")
+        if not os.path.isdir(info):
+            raise DebImporterError(f"dpkg database incomplete: {info} is not a directory")
+        claims = (package_claims(pkg, info, diversions) for pkg in packages)
+        yield from self.verify(claims, len(packages), cache)
+
+
+def read_status(path: str) -> list[DebPackage]:
+    """Installed packages from dpkg's status file. Refuses a file it cannot fully trust."""
+    try:
+        with open(path, "rb") as f:
+            paragraphs = list(
+                deb822.Deb822.iter_paragraphs(
+                    f, fields=["Package", "Status", "Version", "Architecture", "Conffiles"]
+                )
+            )
+    except FileNotFoundError as e:
+        raise DebImporterError(f"no dpkg database: {path} does not exist") from e
+    except OSError as e:
+        raise DebImporterError(f"cannot read {path}: {e.strerror}") from e
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DebImporterError(f"broken dpkg status file {path}: {e}") from e
+    packages = []
+    for n, para in enumerate(paragraphs, 1):
+        name = para.get("Package")
+        status = para.get("Status", "").split()
+        if not name or len(status) != 3:
+            what = f"package {name}" if name else f"paragraph {n}"
+            raise DebImporterError(
+                f"broken dpkg status file {path}: {what} has no valid Package/Status field"
+            )
+        if status[2] not in FILE_STATES:
+            continue
+        version = para.get("Version")
+        if not version:
+            raise DebImporterError(f"broken dpkg status file {path}: {name} has no Version")
+        packages.append(
+            DebPackage(
+                name=name,
+                version=version,
+                architecture=para.get("Architecture", "all"),
+                conffiles=_conffiles(para.get("Conffiles", "")),
+            )
+        )
+    return packages
+
+
+def _conffiles(field: str) -> dict[str, bytes]:
+    result = {}
+    for line in field.splitlines():
+        parts = line.split()
+        # " /etc/foo <md5> [obsolete|remove-on-upgrade]"; `newconffile` until first configured.
+        if len(parts) < 2 or "obsolete" in parts[2:] or len(parts[1]) != 32:
+            continue
+        try:
+            result[parts[0]] = bytes.fromhex(parts[1])
+        except ValueError:
+            continue
+    return result
+
+
+def read_diversions(path: str) -> dict[str, tuple[str, str]]:
+    """Diverted path -> (where it lives now, diverting package; `:` means a local diversion)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise DebImporterError(f"cannot read {path}: {e.strerror}") from e
+    if len(lines) % 3:
+        raise DebImporterError(f"broken dpkg diversions file {path}: not in triples of lines")
+    return {lines[i]: (lines[i + 1], lines[i + 2]) for i in range(0, len(lines), 3)}
+
+
+def _info_file(info: str, pkg: DebPackage, suffix: str) -> str | None:
+    # Multi-Arch: same packages keep `PKG:ARCH.*`, all others `PKG.*`.
+    for name in (f"{pkg.name}:{pkg.architecture}", pkg.name):
+        path = os.path.join(info, f"{name}.{suffix}")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return f.read().splitlines()
+
+
+def package_claims(
+    pkg: DebPackage, info: str, diversions: dict[str, tuple[str, str]]
+) -> PackageClaims:
+    """Every file the package claims, with its MD5 where dpkg recorded one."""
+    skipped: list[SkippedEntry] = []
+    digests: dict[str, bytes] = {}
+    md5sums = _info_file(info, pkg, "md5sums")
+    if md5sums is None:
+        skipped.append(
+            SkippedEntry(
+                os.path.join(info, f"{pkg.name}.md5sums"),
+                "package has no md5sums file: its files are unverifiable",
+                pkg.origin,
+            )
+        )
+    else:
+        try:
+            lines = _read_lines(md5sums)
+        except OSError as e:
+            lines = []
+            skipped.append(
+                SkippedEntry(md5sums, f"unreadable: {e.strerror}", pkg.origin, fatal=True)
+            )
+        for n, line in enumerate(lines, 1):
+            md5, sep, rel = line.partition("  ")
+            try:
+                digest = bytes.fromhex(md5)
+            except ValueError:
+                digest = b""
+            if not sep or len(digest) != 16 or not rel:
+                skipped.append(
+                    SkippedEntry(f"{md5sums}:{n}", "malformed md5sums line", pkg.origin, True)
+                )
+                continue
+            digests["/" + (rel.removeprefix("./")).lstrip("/")] = digest
+    digests.update(pkg.conffiles)
+    claims = [FileClaim(_where(p, pkg, diversions), "md5", d) for p, d in digests.items()]
+    listed = _info_file(info, pkg, "list")
+    if listed is not None:
+        try:
+            paths = _read_lines(listed)
+        except OSError:
+            paths = []  # the md5sums claims still stand; .list only adds unverifiable ones
+        for path in paths:
+            if path not in digests and path not in ("/", "/."):
+                claims.append(FileClaim(_where(path, pkg, diversions), None, None))
+    return PackageClaims(pkg.origin, tuple(claims), tuple(skipped))
+
+
+def _where(path: str, pkg: DebPackage, diversions: dict[str, tuple[str, str]]) -> str:
+    """Where the package's copy of path lives: its diverted name if another package diverts it."""
+    diverted = diversions.get(path)
+    if diverted is not None and diverted[1] != pkg.name:
+        return diverted[0]
+    return path
