@@ -16,7 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,6 +63,10 @@ class DictDB:
     def record_verification(self, key: InodeKey, digests: FileDigests) -> None:
         self._cache[(key, digests.size)] = digests
 
+    def record_verifications(self, items: Iterable[tuple[InodeKey, FileDigests]]) -> None:
+        for key, digests in items:
+            self.record_verification(key, digests)
+
 
 def make_files(root: Path, n: int) -> list[TrustEntry]:
     sources = sorted(p for p in Path("/usr/bin").iterdir() if p.is_file() and not p.is_symlink())
@@ -106,7 +110,7 @@ def main() -> None:
             entries = make_files(root, args.files)
             total_bytes = sum(e.size for e in entries)
             db, kind = open_db(root, entries)
-            time.sleep(0.01)  # let the coarse ctime tick of the new files pass
+            time.sleep(0.1)  # past the ctime window in which the database will not cache
             c = timed_sync(db)
             w = timed_sync(db)
             assert c.hashed == args.files and w.cached == args.files and w.hashed == 0, (c, w)

@@ -39,11 +39,12 @@ import platform
 import stat as statmod
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from trustdb.backends.interface import KeySink
+from trustdb.db import DatabaseError
 from trustdb.hashing import HashedFile, HashingError, _hash_fd, hash_file
 from trustdb.model import FileDigests, InodeKey
 
@@ -118,6 +119,18 @@ def coarse_now_ns() -> int:
     return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
 
 
+COARSE_TICK_NS = int(time.clock_getres(CLOCK_REALTIME_COARSE) * 1e9)
+"""How far the coarse clock may lag the real one (a jiffy: 4 ms at HZ=250)."""
+
+
+def wait_for_coarse_clock(until_ns: int) -> None:
+    """Sleep until CLOCK_REALTIME_COARSE reads at least `until_ns`. The coarse clock lags real
+    time by up to a tick, so sleeping the bare difference can end before it moves."""
+    wait = until_ns - coarse_now_ns()
+    if wait > 0:
+        time.sleep((min(wait, MAX_CTIME_WAIT_NS) + COARSE_TICK_NS) / 1e9)
+
+
 def ctime_settled_at(st: os.stat_result) -> int:
     """The coarse clock value after which a write to this file is sure to move its ctime.
 
@@ -144,6 +157,8 @@ class MirrorSource(Protocol):
     def digest_cache(self) -> _DigestCacheLike: ...
 
     def record_verification(self, key: InodeKey, digests: FileDigests) -> None: ...
+
+    def record_verifications(self, items: Iterable[tuple[InodeKey, FileDigests]]) -> None: ...
 
 
 class _PathRecordLike(Protocol):
@@ -338,9 +353,7 @@ class Mirror:
         for _round in range(3):
             if not deferred:
                 return
-            wait = max(deferred.values()) - coarse_now_ns()
-            if wait > 0:
-                time.sleep(min(wait, MAX_CTIME_WAIT_NS) / 1e9)
+            wait_for_coarse_clock(max(deferred.values()))
             again: dict[str, int] = {}
             for path in sorted(deferred):
                 self._walk_one(path, cache, walk, again)
@@ -420,10 +433,14 @@ class Mirror:
         return len(stale)
 
     def _record(self, verifications: Sequence[tuple[InodeKey, FileDigests]]) -> None:
-        """Cache what was hashed. TODO(db): one transaction for all once the DB offers a batch
-        variant; record_verification is one transaction per call."""
-        for key, digests in verifications:
-            self._db.record_verification(key, digests)
+        """Cache what was hashed, in one transaction. Best effort: a read-only database or a
+        busy writer only costs a re-read on the next start."""
+        if not verifications:
+            return
+        try:
+            self._db.record_verifications(verifications)
+        except DatabaseError:
+            pass
 
     # --- first-seen files (fanotify pre-warm) ---
 
@@ -445,10 +462,9 @@ class Mirror:
         if magic in UNKEYABLE_FS:
             return None
         if not self._settled(st, magic):
-            wait = ctime_settled_at(st) - coarse_now_ns()
-            if wait > self._first_seen_wait:
+            if ctime_settled_at(st) - coarse_now_ns() > self._first_seen_wait:
                 return None
-            time.sleep(max(wait, 0) / 1e9)
+            wait_for_coarse_clock(ctime_settled_at(st))
         key = InodeKey.from_stat(st)
         digests = self._digest_of(target, st, key)
         if digests is None or not self._db.is_trusted(digests.blake3):
@@ -473,7 +489,7 @@ class Mirror:
         self.hash_count += 1
         if not _same_file(st, hashed.stat):
             return None
-        self._db.record_verification(key, hashed.digests)
+        self._record([(key, hashed.digests)])
         return hashed.digests
 
     @staticmethod

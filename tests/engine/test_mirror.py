@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from trustdb.db import PathRecord, TrustDB
+from trustdb.db import FRESH_CTIME_SECONDS, PathRecord, TrustDB
 from trustdb.hashing import hash_file
 from trustdb.mirror import (
     OVERLAYFS_SUPER_MAGIC,
@@ -85,6 +86,10 @@ class FakeTrustDB:
     def record_verification(self, key: InodeKey, digests: FileDigests) -> None:
         self.verifications[(key, digests.size)] = digests
 
+    def record_verifications(self, items: Iterable[tuple[InodeKey, FileDigests]]) -> None:
+        for key, digests in items:
+            self.record_verification(key, digests)
+
 
 class Trust:
     """What a test does to the database, for either implementation."""
@@ -129,6 +134,12 @@ def write(path: Path, data: bytes, mode: int = 0o755) -> Path:
     path.write_bytes(data)
     path.chmod(mode)
     return path
+
+
+def settle() -> None:
+    """Let files written just now age past the window in which the database refuses to cache
+    a verification (a same-tick write could keep their ctime)."""
+    time.sleep(FRESH_CTIME_SECONDS + 0.01)
 
 
 def key_of(path: Path) -> InodeKey:
@@ -222,6 +233,7 @@ def test_copy_of_trusted_binary_by_fd(trust: Trust, tmp_path: Path) -> None:
 def test_cache_hit_does_not_read_again(trust: Trust, tmp_path: Path) -> None:
     files = [write(tmp_path / f"f{i}", b"\x7fELF %d" % i) for i in range(20)]
     trust.trust(*files)
+    settle()
     first = Mirror(trust.db, ListSink())
     cold = first.sync()
     assert (cold.hashed, first.hash_count) == (20, 20)
@@ -234,6 +246,7 @@ def test_cache_hit_does_not_read_again(trust: Trust, tmp_path: Path) -> None:
 def test_batches_and_refresh(trust: Trust, tmp_path: Path) -> None:
     files = [write(tmp_path / f"f{i}", b"\x7fELF %d" % i) for i in range(5)]
     trust.trust(*files)
+    settle()
     sink = ListSink()
     mirror = Mirror(trust.db, sink, batch_size=2)
     mirror.sync()
