@@ -33,6 +33,19 @@ enum td_reason {
 	TD_REASON_SCAN_BUSY = 2, /* the mappings could not be inspected (mmap lock busy): fail closed */
 	TD_REASON_CGROUP_ESCAPE = 3, /* a confined task moved a task out of the scope cgroup */
 	TD_REASON_SIGNAL_SUPERVISOR = 4, /* a confined task signalled the supervisor */
+	TD_REASON_BPF = 5, /* a confined task called bpf() (lsm) */
+	TD_REASON_PTRACE = 6, /* a confined task ptraced an unconfined one (lsm) */
+	TD_REASON_DB_WRITE = 7, /* a confined task wrote, moved or mounted over the trust DB (lsm) */
+	TD_REASON_RAW_DEVICE = 8, /* a confined task opened a block device for writing (lsm) */
+	TD_REASON_SYSCTL = 9, /* a confined task opened /proc/sys for writing (lsm) */
+	TD_REASON_KERNEL_LOAD = 10, /* a confined task loaded a module, kexec image or policy (lsm) */
+};
+
+/* Value bits of the lsm backend's `protected_inodes` map (key: td_inode_key, ctime zero). */
+enum td_protect {
+	TD_PROTECT_CONTENT = 1, /* no open for writing, no truncate (the LMDB data file) */
+	TD_PROTECT_NAME = 2, /* no unlink, rename or mount over it (the DB files and directories) */
+	TD_PROTECT_ENTRIES = 4, /* no unlink or rename of entries in it (the DB directory) */
 };
 
 enum td_verdict {

@@ -28,6 +28,20 @@ class Reason(enum.IntEnum):
     SCAN_BUSY = 2
     CGROUP_ESCAPE = 3
     SIGNAL_SUPERVISOR = 4
+    BPF = 5
+    PTRACE = 6
+    DB_WRITE = 7
+    RAW_DEVICE = 8
+    SYSCTL = 9
+    KERNEL_LOAD = 10
+
+
+class Protect(enum.IntFlag):
+    """Value bits of the lsm backend's `protected_inodes` map."""
+
+    CONTENT = 1
+    NAME = 2
+    ENTRIES = 4
 
 
 class Verdict(enum.IntEnum):
