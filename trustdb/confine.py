@@ -432,7 +432,7 @@ def _child(executable: str, argv: list[str], env: dict[str, str], cgroup: RunCgr
         _unshare(CLONE_NEWNS)
         apply_mount_plan(plan)
         os.write(status, b"R")
-    except BaseException as e:  # report any failure to the supervisor, then die
+    except BaseException as e:  # noqa: BLE001 - report any failure to the supervisor, then die
         _report_and_exit(status, f"E{_one_line(e)}")
     # The gate: EOF (the supervisor died or gave up) means never exec anything.
     if os.read(go, 1) != b"G":
@@ -446,7 +446,7 @@ def _child(executable: str, argv: list[str], env: dict[str, str], cgroup: RunCgr
             os.closerange(lo + 1, hi)
         seccomp.install(filter_prog)
         os.execve(executable, argv, env)
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - the supervisor shows it; the child must die
         _report_and_exit(status, f"{argv[0]}: {_one_line(e)}")
 
 

@@ -1,3 +1,123 @@
-"""CLI verbs (placeholder: filled in by its issue)."""
+"""Engine verbs: `run` (confine one command), `daemon` (system-wide service), `backends`.
 
-from trustdb.cli import app  # noqa: F401
+Each verb parses its options and calls one function of trustdb.supervisor; the stage errors
+become one line and exit code 1 (common.fatal). `run` exits with CMD's status.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trustdb.abi import Mode
+from trustdb.cli import app
+from trustdb.cli.common import DEFAULT_DB_PATH, DbOption, JsonOption, fatal
+from trustdb.supervisor import RunOptions, SupervisorError
+
+BackendOption = Annotated[
+    str | None,
+    typer.Option(
+        "--backend",
+        help="Enforcement backend (see `trustdb backends`); default: the strongest this kernel "
+        "accepts.",
+        show_default=False,
+    ),
+]
+
+
+@app.command(
+    context_settings={"allow_interspersed_args": False},
+    no_args_is_help=True,
+)
+def run(
+    command: Annotated[
+        list[str],
+        typer.Argument(metavar="-- CMD [ARGS]...", help="The command to run confined."),
+    ],
+    audit: Annotated[
+        bool, typer.Option("--audit", help="Log and report what would be denied; deny nothing.")
+    ] = False,
+    backend: BackendOption = None,
+    read_only: Annotated[
+        list[Path] | None,
+        typer.Option("--read-only", help="Another path the command may read but not change."),
+    ] = None,
+    db: DbOption = DEFAULT_DB_PATH,
+) -> None:
+    """Run CMD in a fresh cgroup, confined to the trust database; exit with CMD's status.
+
+    The confined tree cannot switch enforcement off, even as root: it runs in its own PID and
+    mount namespaces (the supervisor is invisible, the database and /sys/fs/bpf are covered),
+    under a seccomp filter (no bpf(), mount, ptrace, module loading, new namespaces), and the
+    BPF mark follows every descendant wherever it moves. If trustdb dies, the tree dies.
+    """
+    from trustdb import supervisor
+
+    options = RunOptions(
+        argv=command,
+        db=db,
+        mode=Mode.AUDIT if audit else Mode.ENFORCE,
+        backend=backend,
+        read_only=[str(p) for p in read_only or ()],
+    )
+    try:
+        status = supervisor.run(options)
+    except SupervisorError as e:
+        fatal(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(code=130) from None
+    raise typer.Exit(code=status)
+
+
+@app.command()
+def daemon(
+    mode: Annotated[
+        str, typer.Option("--mode", help="enforce: deny untrusted code; audit: only log it.")
+    ] = "enforce",
+    backend: BackendOption = None,
+    db: DbOption = DEFAULT_DB_PATH,
+) -> None:
+    """Enforce system-wide until stopped (what packaging/trustdb.service runs).
+
+    Only ever started by a person or by the service unit: nothing else in trustdb enforces
+    outside a cgroup it created.
+    """
+    from trustdb import supervisor
+
+    if mode not in ("enforce", "audit"):
+        fatal(f"--mode must be enforce or audit, not {mode!r}")
+    try:
+        status = supervisor.daemon(
+            db=db, mode=Mode.ENFORCE if mode == "enforce" else Mode.AUDIT, backend=backend
+        )
+    except SupervisorError as e:
+        fatal(str(e))
+    raise typer.Exit(code=status)
+
+
+@app.command()
+def backends(as_json: JsonOption = False) -> None:
+    """List the enforcement backends, strongest first, with what this kernel says of each."""
+    import json
+
+    from trustdb import supervisor
+
+    rows = supervisor.probe_backends()
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+        return
+    for r in rows:
+        mark = "*" if r.selected else " "
+        state = "ok" if r.ok else "unavailable"
+        typer.echo(f"{mark} {r.name:<11} {state:<12} {r.reason}")
+    if not any(r.selected for r in rows):
+        fatal("no backend works on this kernel")
+
+
+def status_lines() -> list[str]:
+    """For `trustdb status`: the engines running now (daemon, runs) and their backend."""
+    from trustdb import supervisor
+
+    return supervisor.status_lines()
