@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import stat as statmod
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import blake3
@@ -17,13 +20,27 @@ import blake3
 from trustdb.model import FileDigests, FileKind, InodeKey
 
 CHUNK = 1 << 20
-"""Read size. blake3 releases the GIL for inputs this large, so threads hash in parallel."""
+"""Read size for large files. blake3 releases the GIL for inputs this large, so threads hash in
+parallel."""
+
+SMALL_FILE = 1 << 20
+"""Files up to this size are read with one read() of exactly their size (+1 to see growth)."""
+
+HUGE_FILE = 64 << 20
+"""Files this large are also hashed with blake3's own threads."""
+
+BATCH = 64
+"""Files per thread-pool task in hash_many."""
 
 ELF_MAGIC = b"\x7fELF"
 
 
 class HashingError(Exception):
     """A file could not be hashed; the message is one line naming the reason (not the path)."""
+
+
+class NotExecutable(HashingError):
+    """With executable_only: the file holds no executable content, so it was not read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +72,13 @@ def hash_file(
     want_sha256: bool = False,
     want_md5: bool = False,
     dir_fd: int | None = None,
+    executable_only: bool = False,
 ) -> HashedFile:
-    """Hash a regular file in one pass. Raises HashingError for anything that is not one."""
+    """Hash a regular file in one pass. Raises HashingError for anything that is not one.
+
+    With executable_only, a file without an exec bit is classified from its first 4 bytes and,
+    if it is neither ELF nor `#!`, not read further (NotExecutable): `trustdb trust` skips
+    most of /usr/share this way."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
@@ -69,33 +91,26 @@ def hash_file(
     except OSError as e:
         raise HashingError(f"cannot open: {e.strerror}") from e
     try:
-        return _hash_fd(fd, want_sha256=want_sha256, want_md5=want_md5)
+        return _hash_fd(
+            fd, want_sha256=want_sha256, want_md5=want_md5, executable_only=executable_only
+        )
     finally:
         os.close(fd)
 
 
-def _hash_fd(fd: int, *, want_sha256: bool, want_md5: bool) -> HashedFile:
+def _hash_fd(
+    fd: int, *, want_sha256: bool, want_md5: bool, executable_only: bool = False
+) -> HashedFile:
     before = os.fstat(fd)
     if not statmod.S_ISREG(before.st_mode):
         raise HashingError("not a regular file")
-    b3 = blake3.blake3(max_threads=1)
-    sha = hashlib.sha256() if want_sha256 else None
-    md5 = hashlib.md5(usedforsecurity=False) if want_md5 else None
-    head = b""
-    size = 0
     try:
-        while True:
-            chunk = os.read(fd, CHUNK)
-            if not chunk:
-                break
-            if not head:
-                head = chunk[:4]
-            size += len(chunk)
-            b3.update(chunk)
-            if sha is not None:
-                sha.update(chunk)
-            if md5 is not None:
-                md5.update(chunk)
+        if executable_only and classify(os.pread(fd, 4, 0), before.st_mode) == FileKind.OTHER:
+            raise NotExecutable("not executable content")
+        if before.st_size <= SMALL_FILE:
+            digests, size = _hash_small(fd, before, want_sha256=want_sha256, want_md5=want_md5)
+        else:
+            digests, size = _hash_large(fd, before, want_sha256=want_sha256, want_md5=want_md5)
     except OSError as e:
         raise HashingError(f"read error: {e.strerror}") from e
     after = os.fstat(fd)
@@ -106,14 +121,119 @@ def _hash_fd(fd: int, *, want_sha256: bool, want_md5: bool) -> HashedFile:
         or after.st_mtime_ns != before.st_mtime_ns
     ):
         raise HashingError("changed while being hashed")
+    return HashedFile(digests=digests, stat=before)
+
+
+def _hash_small(
+    fd: int, st: os.stat_result, *, want_sha256: bool, want_md5: bool
+) -> tuple[FileDigests, int]:
+    """One read() of size+1 bytes: a short or long result means the file changed. Sized reads
+    matter: a fixed 1 MiB read would allocate (and mmap/munmap) a 1 MiB buffer per file."""
+    data = os.read(fd, st.st_size + 1)
+    digests = FileDigests(
+        blake3=blake3.blake3(data).digest(),
+        size=len(data),
+        kind=classify(data[:4], st.st_mode),
+        sha256=hashlib.sha256(data).digest() if want_sha256 else None,
+        md5=hashlib.md5(data, usedforsecurity=False).digest() if want_md5 else None,
+    )
+    return digests, len(data)
+
+
+def _hash_large(
+    fd: int, st: os.stat_result, *, want_sha256: bool, want_md5: bool
+) -> tuple[FileDigests, int]:
+    """Chunked reads into one reused buffer; every hasher releases the GIL on chunks this big.
+    A very large file also lets blake3 use its own threads (it still reads the file once)."""
+    b3 = blake3.blake3(max_threads=blake3.blake3.AUTO if st.st_size >= HUGE_FILE else 1)
+    sha = hashlib.sha256() if want_sha256 else None
+    md5 = hashlib.md5(usedforsecurity=False) if want_md5 else None
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    head = b""
+    size = 0
+    while True:
+        n = os.readv(fd, [buf])
+        if not n:
+            break
+        chunk = view[:n]
+        if not head:
+            head = bytes(chunk[:4])
+        size += n
+        b3.update(chunk)
+        if sha is not None:
+            sha.update(chunk)
+        if md5 is not None:
+            md5.update(chunk)
     digests = FileDigests(
         blake3=b3.digest(),
         size=size,
-        kind=classify(head, before.st_mode),
+        kind=classify(head, st.st_mode),
         sha256=sha.digest() if sha is not None else None,
         md5=md5.digest() if md5 is not None else None,
     )
-    return HashedFile(digests=digests, stat=before)
+    return digests, size
+
+
+HashResult = tuple[str, HashedFile | HashingError]
+"""(path, what hashing it gave): a HashingError is a value here, one per failed file."""
+
+
+def hash_many(
+    paths: Iterable[str],
+    *,
+    workers: int | None = None,
+    batch: int = BATCH,
+    follow_symlinks: bool = False,
+    want_sha256: bool = False,
+    want_md5: bool = False,
+    executable_only: bool = False,
+) -> Iterator[HashResult]:
+    """Hash many files in parallel, yielding results in the order of `paths`.
+
+    Threads, not processes: open/read/fstat and blake3 on large buffers release the GIL, and
+    measured on /usr (bench/hash.py) batched threads match a process pool without forking a
+    process that may hold an LMDB transaction. Files go to threads in batches, because one
+    future per small file costs more than hashing it. `paths` is consumed lazily (a walk can
+    feed it), with a bounded number of batches in flight.
+    """
+    n = workers or max(2, os.cpu_count() or 2)
+
+    def run(chunk: list[str]) -> list[HashResult]:
+        out: list[HashResult] = []
+        for p in chunk:
+            try:
+                hashed = hash_file(
+                    p,
+                    follow_symlinks=follow_symlinks,
+                    want_sha256=want_sha256,
+                    want_md5=want_md5,
+                    executable_only=executable_only,
+                )
+                out.append((p, hashed))
+            except HashingError as e:
+                out.append((p, e))
+        return out
+
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="hash") as pool:
+        pending: deque[Future[list[HashResult]]] = deque()
+        for chunk in _batches(paths, batch):
+            pending.append(pool.submit(run, chunk))
+            while len(pending) >= 4 * n:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def hash_bytes(data: bytes) -> bytes:
