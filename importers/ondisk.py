@@ -245,6 +245,7 @@ def verify_claim(
         sha256=digests.sha256,
         origin=origin,
         inode=key,
+        md5=digests.md5 if want_md5 else None,
     )
     return _Outcome(entry, hashed, cached)
 

@@ -1,3 +1,257 @@
-"""CLI verbs (placeholder: filled in by its issue)."""
+"""`trustdb import rpm|deb|python`: run one importer per source, each in one transaction.
 
-from trustdb.cli import app  # noqa: F401
+Thin on purpose: build the importer, hand `importer.collect(db.digest_cache())` to
+`TrustDB.replace_source`, then report. Exit codes:
+  0  imported, every file the source names was verified (or benignly skipped)
+  1  refused: nothing was written for the source named in the error
+  3  imported, but some files failed verification (mismatch, unreadable): they are listed and
+     were not trusted
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from importers import (
+    DebImporter,
+    Importer,
+    ImporterError,
+    ImportStats,
+    PythonImporter,
+    RpmDbImporter,
+    RpmFileImporter,
+)
+from importers.ondisk import OnDiskImporter
+from trustdb.cli import app
+from trustdb.cli.common import DEFAULT_DB_PATH, DbOption, JsonOption, fatal
+from trustdb.db import DatabaseError, TrustDB, WriteStats
+from trustdb.model import SkippedEntry, TrustEntry
+
+EXIT_REFUSED = 1
+EXIT_UNVERIFIED = 3
+
+import_app = typer.Typer(
+    name="import",
+    help="Trust the files a package manager installed, verified against its own digests.",
+    no_args_is_help=True,
+)
+app.add_typer(import_app, name="import")
+
+RootOption = Annotated[
+    Path, typer.Option("--root", help="Root directory the package database describes.")
+]
+AllFilesOption = Annotated[
+    bool,
+    typer.Option(
+        "--all-files",
+        help="Record every verified file, not only executable content (ELF, #!, exec bit).",
+    ),
+]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What importing one source did, for the summary."""
+
+    label: str
+    kind: str
+    stats: ImportStats | None = None
+    write: WriteStats | None = None
+    skipped: list[SkippedEntry] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@import_app.command("deb")
+def import_deb(
+    root: RootOption = Path("/"),
+    admindir: Annotated[
+        Path | None,
+        typer.Option("--admindir", help="dpkg database directory [default: ROOT/var/lib/dpkg]."),
+    ] = None,
+    all_files: AllFilesOption = False,
+    db: DbOption = DEFAULT_DB_PATH,
+    json_out: JsonOption = False,
+) -> None:
+    """Installed Debian packages (dpkg status, md5sums): verify each file's MD5 on disk, then
+    record its BLAKE3 and SHA-256. Mismatches are listed and not trusted."""
+    admin = str(admindir) if admindir else None
+    _run([DebImporter(root=str(root), admindir=admin, all_files=all_files)], db, json_out)
+
+
+@import_app.command("rpm")
+def import_rpm(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Package files to import; without any, the installed rpmdb."),
+    ] = None,
+    root: RootOption = Path("/"),
+    dbpath: Annotated[
+        str | None,
+        typer.Option("--dbpath", help="rpmdb directory inside ROOT [default: found there]."),
+    ] = None,
+    all_files: AllFilesOption = False,
+    db: DbOption = DEFAULT_DB_PATH,
+    json_out: JsonOption = False,
+) -> None:
+    """RPM packages: .rpm files (each member checked against its header digest; one source
+    `rpmfile:NAME.ARCH` per package), or the installed rpmdb.sqlite of ROOT (each file verified
+    on disk)."""
+    importers: list[Importer]
+    if files:
+        importers = [RpmFileImporter(path=str(f), all_files=all_files) for f in files]
+    else:
+        importers = [RpmDbImporter(root=str(root), dbpath=dbpath, all_files=all_files)]
+    _run(importers, db, json_out)
+
+
+@import_app.command("python")
+def import_python(
+    paths: Annotated[list[Path], typer.Argument(help="Venvs, prefixes or site-packages dirs.")],
+    all_files: AllFilesOption = False,
+    db: DbOption = DEFAULT_DB_PATH,
+    json_out: JsonOption = False,
+) -> None:
+    """Python environments: verify every file against its distribution's RECORD (SHA-256),
+    record it as `name==version`. One source `python:PATH` per path."""
+    _run([PythonImporter(path=str(p), all_files=all_files) for p in paths], db, json_out)
+
+
+def _run(importers: list[Importer], db_path: Path, json_out: bool) -> None:
+    """Import each source in its own transaction; a refused source does not stop the others."""
+    try:
+        db = TrustDB.open(db_path, write=True)
+    except DatabaseError as e:
+        fatal(str(e))
+    show = not json_out and sys.stderr.isatty()
+    outcomes: list[Outcome] = []
+    with db:
+        for importer in importers:
+            outcome = _import_one(db, importer, show)
+            outcomes.append(outcome)
+            if outcome.error is not None and len(importers) == 1:
+                fatal(outcome.error)
+            if not json_out:
+                _print_outcome(outcome)
+    if json_out:
+        print(json.dumps({"sources": [_json(o) for o in outcomes]}, indent=2))
+    if any(o.error is not None for o in outcomes):
+        for o in outcomes:
+            if o.error is not None:
+                print(f"trustdb: error: {o.error}", file=sys.stderr)
+        raise typer.Exit(EXIT_REFUSED)
+    if any(s.fatal for o in outcomes for s in o.skipped):
+        raise typer.Exit(EXIT_UNVERIFIED)
+
+
+def _import_one(db: TrustDB, importer: Importer, show: bool) -> Outcome:
+    start = time.monotonic()
+    try:
+        src = importer.source()
+    except ImporterError as e:
+        return Outcome(label="?", kind=importer.name, error=str(e))
+    outcome = Outcome(label=src.label, kind=src.kind, stats=getattr(importer, "stats", None))
+    try:
+        with _progress(importer, src.label, show):
+            items = importer.collect(db.digest_cache())
+            outcome.write = db.replace_source(src.label, src.kind, _tee(items, outcome.skipped))
+    except (ImporterError, DatabaseError) as e:
+        outcome.error = str(e)
+        outcome.write = None
+    outcome.seconds = time.monotonic() - start
+    return outcome
+
+
+def _tee(
+    items: Iterable[TrustEntry | SkippedEntry], skipped: list[SkippedEntry]
+) -> Iterator[TrustEntry | SkippedEntry]:
+    for item in items:
+        if isinstance(item, SkippedEntry):
+            skipped.append(item)
+        yield item
+
+
+class _progress:
+    """A rich progress bar on a terminal, fed by the importer's per-package callback."""
+
+    def __init__(self, importer: Importer, label: str, show: bool) -> None:
+        self.importer = importer if isinstance(importer, OnDiskImporter) else None
+        self.label = label
+        self.bar: Progress | None = None
+        if show and isinstance(importer, OnDiskImporter):
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("packages  {task.fields[detail]}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+
+    def __enter__(self) -> None:
+        if self.bar is None or self.importer is None:
+            return
+        bar = self.bar
+        task = bar.add_task(self.label, total=None, detail="")
+        stats = self.importer.stats
+
+        def update(done: int, total: int) -> None:
+            detail = f"{stats.files} files, {stats.bytes_hashed / 1e6:.0f} MB hashed"
+            bar.update(task, completed=done, total=total, detail=detail)
+
+        self.importer.progress = update
+        bar.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _print_outcome(o: Outcome) -> None:
+    if o.error is not None:
+        return  # printed once, at the end, with the exit code it causes
+    for s in o.skipped:
+        mark = "FAILED " if s.fatal else "skipped"
+        origin = f" [{s.origin}]" if s.origin else ""
+        print(f"  {mark} {s.path}{origin}: {s.reason}")
+    st, w = o.stats, o.write
+    parts = [f"{o.label}:"]
+    if st is not None:
+        parts.append(
+            f"{st.packages} packages, {st.files} files: {st.recorded} trusted, "
+            f"{st.not_executable} not executable, {st.skipped} skipped ({st.fatal} failed); "
+            f"{st.bytes_hashed / 1e6:.1f} MB hashed, {st.cache_hits} unchanged files not re-read;"
+        )
+    if w is not None:
+        parts.append(
+            f"db: {w.added} added, {w.removed} removed, {w.unchanged} unchanged, "
+            f"generation {w.generation};"
+        )
+    parts.append(f"{o.seconds:.1f} s")
+    print(" ".join(parts))
+
+
+def _json(o: Outcome) -> dict[str, Any]:
+    return {
+        "label": o.label,
+        "kind": o.kind,
+        "error": o.error,
+        "seconds": round(o.seconds, 3),
+        "stats": asdict(o.stats) if o.stats is not None else None,
+        "write": asdict(o.write) if o.write is not None else None,
+        "skipped": [
+            {"path": s.path, "origin": s.origin, "reason": s.reason, "fatal": s.fatal}
+            for s in o.skipped
+        ],
+    }
