@@ -826,7 +826,9 @@ class DigestCacheView:
 
 
 def _entry_digests(entry: TrustEntry) -> FileDigests:
-    return FileDigests(blake3=entry.digest, size=entry.size, kind=entry.kind, sha256=entry.sha256)
+    return FileDigests(
+        blake3=entry.digest, size=entry.size, kind=entry.kind, sha256=entry.sha256, md5=entry.md5
+    )
 
 
 def _read_generation(txn: lmdb.Transaction[bytes], meta: lmdb._Database) -> int:

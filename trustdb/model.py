@@ -81,6 +81,9 @@ class TrustEntry:
     inode: InodeKey | None = None
     """Identity of the on-disk file that was hashed, when one was; lets the database cache the
     verification so that the next import or mirror does not re-read an unchanged file."""
+    md5: bytes | None = None
+    """MD5 of the content, set only by the deb importer (dpkg records nothing stronger), so the
+    database's verification cache can answer `want_md5` and a re-import reads nothing again."""
 
 
 @dataclass(frozen=True, slots=True)
