@@ -45,7 +45,7 @@ from typing import Protocol
 
 from trustdb.backends.interface import KeySink
 from trustdb.db import DatabaseError
-from trustdb.hashing import HashedFile, HashingError, _hash_fd, hash_file
+from trustdb.hashing import HashedFile, HashingError, _hash_fd, hash_file, hash_many
 from trustdb.model import FileDigests, InodeKey
 
 # --- filesystem identity --------------------------------------------------------------------
@@ -221,6 +221,15 @@ class _Deferred:
     until_ns: int
 
 
+@dataclass(frozen=True, slots=True)
+class _ToHash:
+    stat: os.stat_result
+
+
+_Outcome = _Verified | _Deferred | _ToHash | str
+"""What examining one path gave: a key, a wait, a read to do, or the reason it is skipped."""
+
+
 @dataclass
 class _Walk:
     """Counters and results of one sync walk (mutable scratch, not handed out)."""
@@ -229,6 +238,11 @@ class _Walk:
     skipped: list[SkippedPath] = field(default_factory=list)
     verifications: list[tuple[InodeKey, FileDigests]] = field(default_factory=list)
     pending: list[InodeKey] = field(default_factory=list)
+    """Verified keys not yet handed to the sink (flushed every `batch_size`)."""
+    to_hash: dict[str, os.stat_result] = field(default_factory=dict)
+    """Paths to read, with their stat from before the read."""
+    deferred: dict[str, int] = field(default_factory=dict)
+    """Paths waiting for the coarse clock to pass this value."""
     inserted: int = 0
     cached: int = 0
     hashed: int = 0
@@ -303,7 +317,6 @@ class Mirror:
         generation = self._db.generation
         cache = self._db.digest_cache()
         walk = _Walk()
-        deferred: dict[str, int] = {}
         paths = 0
         last = None
         for record in self._db.iter_paths():
@@ -311,9 +324,10 @@ class Mirror:
                 continue
             last = record.path
             paths += 1
-            self._walk_one(record.path, cache, walk, deferred)
-        deferred_total = len(deferred)
-        self._retry_deferred(deferred, cache, walk)
+            self._take(record.path, self._examine(record.path, cache, walk), walk)
+        self._hash_queued(walk)
+        deferred_total = len(walk.deferred)
+        self._retry_deferred(cache, walk)
         self._flush(walk)
         removed = self._drop_stale(walk.wanted)
         self._record(walk.verifications)
@@ -331,12 +345,12 @@ class Mirror:
             elapsed=time.monotonic() - started,
         )
 
-    def _walk_one(
-        self, path: str, cache: _DigestCacheLike, walk: _Walk, deferred: dict[str, int]
-    ) -> None:
-        outcome = self._verify_path(path, cache, walk)
-        if isinstance(outcome, _Deferred):
-            deferred[path] = outcome.until_ns
+    def _take(self, path: str, outcome: _Outcome, walk: _Walk) -> None:
+        """File one path's outcome: queue it for hashing or for later, insert it, or skip it."""
+        if isinstance(outcome, _ToHash):
+            walk.to_hash[path] = outcome.stat
+        elif isinstance(outcome, _Deferred):
+            walk.deferred[path] = outcome.until_ns
         elif isinstance(outcome, _Verified):
             walk.wanted[outcome.key] = outcome.digest
             walk.pending.append(outcome.key)
@@ -345,25 +359,22 @@ class Mirror:
         else:
             walk.skipped.append(SkippedPath(path, outcome))
 
-    def _retry_deferred(
-        self, deferred: dict[str, int], cache: _DigestCacheLike, walk: _Walk
-    ) -> None:
+    def _retry_deferred(self, cache: _DigestCacheLike, walk: _Walk) -> None:
         """Wait out the ctime tick of files that were too fresh, then verify them again.
         A file written again meanwhile is deferred again, at most three rounds."""
         for _round in range(3):
-            if not deferred:
+            if not walk.deferred:
                 return
-            wait_for_coarse_clock(max(deferred.values()))
-            again: dict[str, int] = {}
-            for path in sorted(deferred):
-                self._walk_one(path, cache, walk, again)
-            deferred = again
-        walk.skipped.extend(SkippedPath(p, REASON_UNSETTLED) for p in sorted(deferred))
+            wait_for_coarse_clock(max(walk.deferred.values()))
+            retry, walk.deferred = walk.deferred, {}
+            for path in sorted(retry):
+                self._take(path, self._examine(path, cache, walk), walk)
+            self._hash_queued(walk)
+        walk.skipped.extend(SkippedPath(p, REASON_UNSETTLED) for p in sorted(walk.deferred))
+        walk.deferred.clear()
 
-    def _verify_path(
-        self, path: str, cache: _DigestCacheLike, walk: _Walk
-    ) -> _Verified | _Deferred | str:
-        """One recorded path -> its trusted key, a deferral, or the reason it is skipped."""
+    def _examine(self, path: str, cache: _DigestCacheLike, walk: _Walk) -> _Outcome:
+        """Everything short of reading the file: stat, filesystem, ctime tick, cache."""
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -382,27 +393,39 @@ class Mirror:
             return _Deferred(ctime_settled_at(st))
         key = InodeKey.from_stat(st)
         cached = cache.lookup(key, st.st_size)
-        if cached is not None:
-            walk.cached += 1
-            if not self._db.is_trusted(cached.blake3):
-                return REASON_UNTRUSTED
-            return _Verified(key, cached.blake3)
-        try:
-            hashed = hash_file(path)
-            after = os.stat(path)
-        except HashingError as e:
-            return str(e)
-        except OSError:
-            return REASON_CHANGED
+        if cached is None:
+            return _ToHash(st)
+        walk.cached += 1
+        if not self._db.is_trusted(cached.blake3):
+            return REASON_UNTRUSTED
+        return _Verified(key, cached.blake3)
+
+    def _hash_queued(self, walk: _Walk) -> None:
+        """Hash the queued files on a thread pool (blake3 and read release the GIL)."""
+        queued, walk.to_hash = walk.to_hash, {}
+        for path, result in hash_many(list(queued), follow_symlinks=True):
+            self._take(path, self._check_hashed(path, queued[path], result, walk), walk)
+
+    def _check_hashed(
+        self, path: str, st: os.stat_result, result: HashedFile | HashingError, walk: _Walk
+    ) -> _Verified | str:
+        if isinstance(result, HashingError):
+            return str(result)
         walk.hashed += 1
         self.hash_count += 1
-        # The fd that was read, and the path before and after, must all be one unchanged inode.
-        if not (_same_file(st, hashed.stat) and _same_file(hashed.stat, after)):
+        try:
+            after = os.stat(path)
+        except OSError:
             return REASON_CHANGED
-        walk.verifications.append((key, hashed.digests))
-        if not self._db.is_trusted(hashed.digests.blake3):
+        # The path's first stat, the fd that was read and the path afterwards: one unchanged
+        # inode (hash_file has already compared the fd's stat before and after the read).
+        if not (_same_file(st, result.stat) and _same_file(result.stat, after)):
+            return REASON_CHANGED
+        key = InodeKey.from_stat(st)
+        walk.verifications.append((key, result.digests))
+        if not self._db.is_trusted(result.digests.blake3):
             return REASON_UNTRUSTED
-        return _Verified(key, hashed.digests.blake3)
+        return _Verified(key, result.digests.blake3)
 
     def _settled(self, st: os.stat_result, magic: int) -> bool:
         """Is a write from now on sure to change this file's ctime (and so its key)?"""
