@@ -846,27 +846,27 @@ def _map_size_for(path: Path) -> int:
 
 
 def _open_dbs(env: lmdb.Environment, path: Path, *, write: bool) -> dict[str, lmdb._Database]:
-    """Open the named databases, creating them on a write open; check the schema version."""
+    """Check the schema version first, then open the named databases (creating them on a
+    write open). Without a txn argument, py-lmdb opens each handle in its own committed txn,
+    which is what a read-only environment needs for the handle to stay valid."""
     try:
+        meta = env.open_db(b"meta", create=write)
         with env.begin(write=write) as txn:
-            meta = env.open_db(b"meta", txn=txn, create=write)
             raw = txn.get(b"schema", db=meta)
             if raw is None and write:
                 txn.put(b"schema", _U32.pack(SCHEMA_VERSION), db=meta)
-            elif raw is None:
-                raise DatabaseError(f"{path} is not a trust database (no schema version)")
-            elif _U32.unpack(raw)[0] > SCHEMA_VERSION:
-                raise SchemaError(
-                    f"database {path} has schema {_U32.unpack(raw)[0]}, newer than this trustdb "
-                    f"understands ({SCHEMA_VERSION}); upgrade trustdb"
-                )
-            dbs = {"meta": meta}
-            for name in _DB_NAMES[1:]:
-                dbs[name] = env.open_db(
-                    name.encode(), txn=txn, create=write, dupsort=name in _DUPSORT
-                )
+        if raw is None and not write:
+            raise DatabaseError(f"{path} is not a trust database (no schema version)")
+        if raw is not None and _U32.unpack(raw)[0] > SCHEMA_VERSION:
+            raise SchemaError(
+                f"database {path} has schema {_U32.unpack(raw)[0]}, newer than this trustdb "
+                f"understands ({SCHEMA_VERSION}); upgrade trustdb"
+            )
+        dbs = {"meta": meta}
+        for name in _DB_NAMES[1:]:
+            dbs[name] = env.open_db(name.encode(), create=write, dupsort=name in _DUPSORT)
     except lmdb.NotFoundError as e:
-        raise SchemaError(f"database {path} lacks tables of schema {SCHEMA_VERSION}") from e
+        raise DatabaseError(f"{path} is not a trust database (tables missing)") from e
     except lmdb.Error as e:
         raise _translate(e, path) from e
     return dbs

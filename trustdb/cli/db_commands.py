@@ -1,3 +1,354 @@
-"""CLI verbs (placeholder: filled in by its issue)."""
+"""Database verbs: trust, untrust, check, list, sources, status, verify.
 
-from trustdb.cli import app  # noqa: F401
+Each verb parses its options, calls into walk/db/why, prints, and turns DatabaseError (and
+HashingError) into one line via common.fatal. Exit codes: 0 success; 1 a problem (a file not
+recorded, not trusted, changed or missing; or an error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+
+from trustdb.cli import app
+from trustdb.cli.common import DEFAULT_DB_PATH, DbOption, JsonOption, fatal
+from trustdb.db import DatabaseError, TrustDB
+from trustdb.hashing import HashingError
+from trustdb.walk import ScanProgress, scan
+from trustdb.why import Verdict, check_paths, verify
+
+STATUS_EXTRAS: list[Callable[[], dict[str, str]]] = []
+"""HOOK for other stages: functions returning extra `trustdb status` lines (name -> value).
+The engine registers one that names the running backend: `STATUS_EXTRAS.append(fn)`.
+A hook that raises is shown as `<name>: unavailable (<error>)`, never fails the verb."""
+
+PathsArg = Annotated[list[str], typer.Argument(help="Files or directories.", show_default=False)]
+SourceOption = Annotated[
+    str | None, typer.Option("--source", "-s", help="Source label.", show_default=False)
+]
+AllFilesOption = Annotated[
+    bool, typer.Option("--all-files", help="Every regular file, not only executable content.")
+]
+
+
+def default_source(paths: list[str]) -> tuple[str, str]:
+    """(label, kind) when --source is not given: `dir:<realpath>` for one directory (so
+    re-trusting a build directory updates one source), `manual` for anything else."""
+    if len(paths) == 1 and os.path.isdir(paths[0]):
+        return f"dir:{os.path.realpath(paths[0])}", "dir"
+    return "manual", "manual"
+
+
+def source_kind(label: str) -> str:
+    """`dir:/x` -> `dir`; a label without a prefix is a `manual` source."""
+    return label.split(":", 1)[0] if ":" in label else "manual"
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _problem(path: str, reason: str) -> None:
+    print(f"trustdb: {path}: {reason}", file=sys.stderr)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[ScanProgress], None] | None]:
+    """A rich progress line on stderr (files, bytes, rate), only on a terminal."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("walking")
+        start = last = time.monotonic()
+
+        def update(p: ScanProgress) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= 0.1:  # rich redraws are costly; 10 per second is plenty
+                last = now
+                rate = p.bytes / max(now - start, 1e-6)
+                bar.update(
+                    task,
+                    description=f"{p.files} files, {p.recorded} recorded, "
+                    f"{human_size(p.bytes)} ({human_size(rate)}/s)",
+                )
+
+        yield update
+
+
+@app.command()
+def trust(
+    paths: PathsArg,
+    source: SourceOption = None,
+    all_files: AllFilesOption = False,
+    json_output: JsonOption = False,
+    db: DbOption = DEFAULT_DB_PATH,
+) -> None:
+    """Hash files and directories (recursively) and trust their content.
+
+    Records executable content only (ELF, exec bit, #!) unless --all-files. The default source
+    is `dir:<path>` for a single directory, `manual` otherwise. Problems are reported by path;
+    the rest is recorded in one transaction, and the exit code is 1."""
+    label, kind = (source, source_kind(source)) if source else default_source(paths)
+    totals = ScanProgress(0, 0, 0)
+
+    def track(p: ScanProgress) -> None:
+        nonlocal totals
+        totals = p
+        if show is not None:
+            show(p)
+
+    try:
+        with (
+            TrustDB.open(db, write=True) as tdb,
+            _progress(sys.stderr.isatty() and not json_output) as show,
+        ):
+            stats = tdb.add_entries(
+                label, kind, scan(paths, all_files=all_files, on_progress=track)
+            )
+            skipped = tdb.last_skipped
+    except (DatabaseError, HashingError) as e:
+        fatal(str(e))
+    problems = [s for s in skipped if s.fatal]
+    benign = Counter(s.reason for s in skipped if not s.fatal)
+    if json_output:
+        _print_json(
+            {
+                "db": str(db),
+                "source": label,
+                "generation": stats.generation,
+                "files": totals.files,
+                "recorded": totals.recorded,
+                "bytes": totals.bytes,
+                "added": stats.added,
+                "unchanged": stats.unchanged,
+                "problems": [{"path": s.path, "reason": s.reason} for s in problems],
+                "skipped": dict(benign),
+            }
+        )
+    else:
+        for s in problems:
+            _problem(s.path, s.reason)
+        notes = "".join(f"; {n} skipped: {reason}" for reason, n in sorted(benign.items()))
+        print(
+            f"{label}: {totals.recorded} of {totals.files} files recorded "
+            f"({human_size(totals.bytes)}), {stats.added} new or changed, "
+            f"{stats.unchanged} unchanged{notes}"
+            + (f"; {len(problems)} problems" if problems else "")
+        )
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def untrust(
+    paths: Annotated[
+        list[str] | None, typer.Argument(help="Files or directories.", show_default=False)
+    ] = None,
+    source: SourceOption = None,
+    json_output: JsonOption = False,
+    db: DbOption = DEFAULT_DB_PATH,
+) -> None:
+    """Stop trusting paths (and everything recorded below a directory), of one source or all.
+
+    With --source and no path, remove the whole source. Content another source still trusts
+    stays trusted."""
+    if not paths and not source:
+        fatal("name paths to untrust, or a --source to remove")
+    try:
+        with TrustDB.open(db, write=True) as tdb:
+            if paths:
+                real = [os.path.realpath(p) for p in paths]
+                stats = tdb.remove_paths(real, source, recursive=True)
+            else:
+                assert source is not None
+                stats = tdb.remove_source(source)
+    except DatabaseError as e:
+        fatal(str(e))
+    if json_output:
+        _print_json({"removed": stats.removed, "generation": stats.generation})
+    else:
+        print(f"{stats.removed} entries removed")
+    if stats.removed == 0:
+        fatal("nothing recorded there" + (f" for source {source!r}" if source else ""))
+
+
+def _verdict_json(v: Verdict) -> dict[str, Any]:
+    return {
+        "path": v.path,
+        "trusted": v.trusted,
+        "reason": v.reason,
+        "detail": v.detail,
+        "digest": v.digest.hex() if v.digest else None,
+        "sources": sorted({r.label for r in v.vouchers}),
+    }
+
+
+@app.command()
+def check(
+    paths: PathsArg,
+    all_files: AllFilesOption = False,
+    json_output: JsonOption = False,
+    db: DbOption = DEFAULT_DB_PATH,
+) -> None:
+    """Is the current content of each file trusted? Exit 0 iff all are.
+
+    Directories are checked for their executable content (every file with --all-files)."""
+    try:
+        with TrustDB.open(db) as tdb:
+            verdicts = list(check_paths(tdb, paths, all_files=all_files))
+    except (DatabaseError, HashingError) as e:
+        fatal(str(e))
+    if json_output:
+        _print_json([_verdict_json(v) for v in verdicts])
+    else:
+        for v in verdicts:
+            word = "trusted" if v.trusted else "NOT TRUSTED"
+            print(f"{v.path}: {word}: {v.detail}")
+    if not all(v.trusted for v in verdicts):
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_entries(
+    source: SourceOption = None,
+    json_output: JsonOption = False,
+    db: DbOption = DEFAULT_DB_PATH,
+) -> None:
+    """List trusted paths (of one source), sorted by path."""
+    try:
+        with TrustDB.open(db) as tdb:
+            records = list(tdb.iter_paths(source))
+    except DatabaseError as e:
+        fatal(str(e))
+    if json_output:
+        _print_json(
+            [
+                {
+                    "path": r.path,
+                    "source": r.label,
+                    "digest": r.digest.hex(),
+                    "origin": r.origin,
+                    "trusted_at": r.trusted_at,
+                }
+                for r in records
+            ]
+        )
+        return
+    for r in records:
+        origin = f"  {r.origin}" if r.origin else ""
+        print(f"{r.digest.hex()[:16]}  {r.label}  {r.path}{origin}")
+
+
+@app.command()
+def sources(json_output: JsonOption = False, db: DbOption = DEFAULT_DB_PATH) -> None:
+    """List trust sources with their entry counts."""
+    try:
+        with TrustDB.open(db) as tdb:
+            records = tdb.sources()
+    except DatabaseError as e:
+        fatal(str(e))
+    if json_output:
+        _print_json(
+            [
+                {"label": s.label, "kind": s.kind, "entries": s.entries, "updated": s.updated}
+                for s in records
+            ]
+        )
+        return
+    for s in records:
+        print(f"{s.label}  {s.kind}  {s.entries} entries  updated {_when(s.updated)}")
+
+
+@app.command()
+def status(json_output: JsonOption = False, db: DbOption = DEFAULT_DB_PATH) -> None:
+    """Show the database: path, schema, generation, counts, size on disk."""
+    try:
+        with TrustDB.open(db) as tdb:
+            st = tdb.status()
+    except DatabaseError as e:
+        fatal(str(e))
+    info: dict[str, Any] = {
+        "database": st.path,
+        "schema": st.schema,
+        "generation": st.generation,
+        "entries": st.entries,
+        "contents": st.contents,
+        "sources": st.sources,
+        "cached verifications": st.cached_verifications,
+        "size on disk": st.size_on_disk if json_output else human_size(st.size_on_disk),
+    }
+    for extra in STATUS_EXTRAS:
+        try:
+            info.update(extra())
+        except Exception as e:  # noqa: BLE001  a hook must never break status
+            info[getattr(extra, "__name__", "hook")] = f"unavailable ({e})"
+    if json_output:
+        _print_json(info)
+        return
+    for key, value in info.items():
+        print(f"{key}: {value}")
+
+
+@app.command("verify")
+def verify_command(
+    source: SourceOption = None,
+    json_output: JsonOption = False,
+    db: DbOption = DEFAULT_DB_PATH,
+) -> None:
+    """Re-hash every recorded path (of one source); report missing and changed files."""
+    try:
+        with TrustDB.open(db) as tdb:
+            checked, problems = verify(tdb, source)
+    except (DatabaseError, HashingError) as e:
+        fatal(str(e))
+    if json_output:
+        _print_json(
+            {
+                "paths": checked,
+                "problems": [
+                    {"path": p.record.path, "source": p.record.label, "reason": p.reason}
+                    for p in problems
+                ],
+            }
+        )
+    else:
+        for p in problems:
+            _problem(
+                p.record.path,
+                f"{p.reason} (trusted by {p.record.label} at {_when(p.record.trusted_at)})",
+            )
+        print(f"{checked} paths verified, {len(problems)} problems")
+    if problems:
+        raise typer.Exit(1)
