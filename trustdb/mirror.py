@@ -75,6 +75,9 @@ CLOCK_REALTIME_COARSE = 5
 MAX_CTIME_WAIT_NS = 1_100_000_000
 """Longest wait for a file's ctime tick to pass (a filesystem with 1 s timestamps)."""
 
+MAX_FIRST_SEEN = 65536
+"""Keys inserted by `verify_file` that are kept (oldest dropped first)."""
+
 REASON_VANISHED = "vanished (no such file)"
 REASON_NOT_REGULAR = "not a regular file"
 REASON_UNTRUSTED = "content not trusted (changed since it was trusted?)"
@@ -291,6 +294,8 @@ class Mirror:
         """Every key in the sink, with the digest it was trusted for."""
         self._first_seen: dict[InodeKey, bytes] = {}
         """Keys inserted by `verify_file` (copies, chmod'ed files): kept while still trusted."""
+        self._unrecorded: list[tuple[InodeKey, FileDigests]] = []
+        """Verifications made by `verify_file`, written to the database by the next refresh."""
         self._generation: int | None = None
         self.hash_count = 0
         """Files read and hashed over this mirror's life (tests and benchmarks use it)."""
@@ -303,10 +308,18 @@ class Mirror:
     # --- full and incremental sync ---
 
     def refresh(self) -> MirrorStats | None:
-        """Re-mirror if the database generation moved since the last sync; None otherwise."""
+        """Re-mirror if the database generation moved since the last sync; None otherwise.
+        Also writes the verifications `verify_file` queued (kept off the exec's critical path).
+        Cheap enough to call every second: one read transaction when nothing changed."""
         if self._generation is not None and self._db.generation == self._generation:
+            self._record(self._take_unrecorded())
             return None
         return self.sync()
+
+    def _take_unrecorded(self) -> list[tuple[InodeKey, FileDigests]]:
+        with self._lock:
+            queued, self._unrecorded = self._unrecorded, []
+        return queued
 
     def sync(self) -> MirrorStats:
         """Walk every recorded path and make the sink match: add new keys, remove stale ones.
@@ -330,7 +343,7 @@ class Mirror:
         self._retry_deferred(cache, walk)
         self._flush(walk)
         removed = self._drop_stale(walk.wanted)
-        self._record(walk.verifications)
+        self._record(walk.verifications + self._take_unrecorded())
         self._generation = generation
         return MirrorStats(
             generation=generation,
@@ -468,17 +481,27 @@ class Mirror:
     # --- first-seen files (fanotify pre-warm) ---
 
     def verify_file(self, target: str | int) -> InodeKey | None:
-        """Key of a file the kernel has no key for, inserted into the sink if its content is
-        trusted; None if not trusted or not keyable.
+        """Key of a file about to be executed or mapped, inserted into the sink if its content
+        is trusted; None if not trusted or not keyable.
 
-        `target` is a path or an open fd. From a fanotify permission handler pass the event fd:
-        opening the path again would raise a new permission event that waits on this very
-        handler. An fd is read from offset 0 (its file position is consumed).
+        For the fanotify pre-warm hook: returns at once (no database read) when the key is
+        already in the sink; otherwise re-hashes (a copy of trusted content, a trusted file
+        after chmod or rename), inserts the new key and returns it. `target` is a path or an
+        open fd. From a fanotify permission handler pass the event fd: opening the path again
+        would raise a new permission event that waits on this very handler. An fd is read from
+        offset 0 (its file position is consumed). Safe to call from another thread than sync.
         """
         try:
             st = os.fstat(target) if isinstance(target, int) else os.stat(target)
-            if not statmod.S_ISREG(st.st_mode):
-                return None
+        except OSError:
+            return None
+        key = InodeKey.from_stat(st)
+        with self._lock:
+            if key in self._keys:
+                return key
+        if not statmod.S_ISREG(st.st_mode):
+            return None
+        try:
             magic = fs_magic(target)
         except OSError:
             return None
@@ -488,16 +511,25 @@ class Mirror:
             if ctime_settled_at(st) - coarse_now_ns() > self._first_seen_wait:
                 return None
             wait_for_coarse_clock(ctime_settled_at(st))
-        key = InodeKey.from_stat(st)
         digests = self._digest_of(target, st, key)
         if digests is None or not self._db.is_trusted(digests.blake3):
             return None
-        with self._lock:
-            self._first_seen[key] = digests.blake3
-            if key not in self._keys:
-                self._sink.add([key])
-                self._keys[key] = digests.blake3
+        self._insert_first_seen(key, digests.blake3)
         return key
+
+    def _insert_first_seen(self, key: InodeKey, digest: bytes) -> None:
+        with self._lock:
+            if key in self._keys:
+                return
+            self._sink.add([key])
+            self._keys[key] = digest
+            self._first_seen[key] = digest
+            if len(self._first_seen) > MAX_FIRST_SEEN:
+                # Oldest first: most are copies long deleted or rewritten (their key is dead).
+                oldest = next(iter(self._first_seen))
+                del self._first_seen[oldest]
+                del self._keys[oldest]
+                self._sink.remove([oldest])
 
     def _digest_of(
         self, target: str | int, st: os.stat_result, key: InodeKey
@@ -512,7 +544,8 @@ class Mirror:
         self.hash_count += 1
         if not _same_file(st, hashed.stat):
             return None
-        self._record([(key, hashed.digests)])
+        with self._lock:
+            self._unrecorded.append((key, hashed.digests))
         return hashed.digests
 
     @staticmethod

@@ -230,6 +230,34 @@ def test_copy_of_trusted_binary_by_fd(trust: Trust, tmp_path: Path) -> None:
     assert sink.present == set()
 
 
+def test_verify_file_fast_path_queue_and_cap(
+    trust: Trust, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = write(tmp_path / "tool", b"\x7fELF first seen")
+    trust.trust(f)
+    copies = []
+    for i in range(3):
+        copies.append(tmp_path / f"copy{i}")
+        shutil.copy(f, copies[-1])
+    settle()
+    sink = ListSink()
+    mirror = Mirror(trust.db, sink)
+    mirror.sync()
+    # A key the sink holds already: answered without reading the file.
+    assert mirror.verify_file(str(f)) == key_of(f) and mirror.hash_count == 1
+    # Verifications made for first-seen files are written by the next refresh, not inline.
+    assert mirror.verify_file(str(copies[0])) == key_of(copies[0])
+    cache = trust.db.digest_cache()
+    assert cache.lookup(key_of(copies[0]), os.stat(copies[0]).st_size) is None
+    assert mirror.refresh() is None
+    assert cache.lookup(key_of(copies[0]), os.stat(copies[0]).st_size) is not None
+    # At most MAX_FIRST_SEEN first-seen keys: the oldest goes first.
+    monkeypatch.setattr("trustdb.mirror.MAX_FIRST_SEEN", 2)
+    for c in copies[1:]:
+        assert mirror.verify_file(str(c)) == key_of(c)
+    assert sink.present == {key_of(f), key_of(copies[1]), key_of(copies[2])}
+
+
 def test_cache_hit_does_not_read_again(trust: Trust, tmp_path: Path) -> None:
     files = [write(tmp_path / f"f{i}", b"\x7fELF %d" % i) for i in range(20)]
     trust.trust(*files)
