@@ -1,0 +1,182 @@
+"""The deb importer against dpkg databases written by the real dpkg (see conftest.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import blake3
+import pytest
+
+from importers.deb import DebImporter, DebImporterError
+from importers.interface import NoCache
+from importers.ondisk import MISMATCH, UNVERIFIABLE, Root
+from tests.importers.conftest import dpkg
+from trustdb.db import TrustDB
+from trustdb.model import FileKind, SkippedEntry, TrustEntry
+
+ORIGIN = "hello_1.0-1_amd64"
+
+
+def collect(root: Path, **kw: object) -> tuple[dict[str, TrustEntry], list[SkippedEntry]]:
+    importer = DebImporter(root=str(root), **kw)  # type: ignore[arg-type]
+    entries: dict[str, TrustEntry] = {}
+    skipped: list[SkippedEntry] = []
+    for item in importer.collect(NoCache()):
+        if isinstance(item, TrustEntry):
+            entries[item.path] = item
+        else:
+            skipped.append(item)
+    return entries, skipped
+
+
+def trustdb(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-c", "from trustdb.cli import main; main()", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+
+
+def test_records_executable_content_of_installed_packages(deb_root: Path) -> None:
+    entries, skipped = collect(deb_root)
+    elf = entries[f"{deb_root}/usr/bin/hello"]
+    data = (deb_root / "usr/bin/hello").read_bytes()
+    assert elf.digest == blake3.blake3(data).digest()
+    assert elf.sha256 == hashlib.sha256(data).digest()
+    assert elf.md5 == hashlib.md5(data).digest()
+    assert elf.kind is FileKind.ELF and elf.origin == ORIGIN and elf.inode is not None
+    assert entries[f"{deb_root}/usr/bin/hello-script"].kind is FileKind.SCRIPT
+    # A shared library has no exec bit but is ELF: kept.
+    assert entries[f"{deb_root}/usr/lib/hello/libhello.so"].kind is FileKind.ELF
+    # A conffile script is verified against the MD5 in dpkg's status file.
+    assert entries[f"{deb_root}/etc/hello/hook"].kind is FileKind.SCRIPT
+    # Documentation is not executable: not recorded, not reported.
+    assert f"{deb_root}/usr/share/doc/hello/README" not in entries
+    assert not [s for s in skipped if s.origin == ORIGIN]
+
+
+def test_all_files_records_documentation_too(deb_root: Path) -> None:
+    entries, _ = collect(deb_root, all_files=True)
+    assert entries[f"{deb_root}/usr/share/doc/hello/README"].kind is FileKind.OTHER
+
+
+def test_tampered_file_is_reported_and_not_trusted(deb_root: Path) -> None:
+    target = deb_root / "usr/bin/hello-script"
+    target.write_bytes(b"#!/bin/sh\necho evil\n")
+    entries, skipped = collect(deb_root)
+    assert str(target) not in entries
+    (bad,) = [s for s in skipped if s.path == str(target)]
+    assert bad.reason == MISMATCH and bad.fatal and bad.origin == ORIGIN
+
+
+def test_package_without_md5sums_is_unverifiable(deb_root: Path) -> None:
+    # dpkg >= 1.21 computes md5sums at unpack when a package ships none; older dpkg did not,
+    # and such databases are still around: remove the file dpkg wrote.
+    (deb_root / "var/lib/dpkg/info/nomd5.md5sums").unlink()
+    entries, skipped = collect(deb_root)
+    nomd5 = {s.path: s for s in skipped if s.origin == "nomd5_1.0-1_amd64"}
+    assert any("no md5sums file" in s.reason for s in nomd5.values())
+    # Its executables are named one by one and not trusted; its conffile has a digest in status.
+    assert nomd5[f"{deb_root}/usr/bin/nomd5"].reason == UNVERIFIABLE
+    assert f"{deb_root}/usr/bin/nomd5" not in entries
+    assert f"{deb_root}/etc/nomd5/hook" in entries
+
+
+def test_diverted_file_is_verified_where_it_lives(deb_root: Path) -> None:
+    # Another package diverts hello's script away; hello's copy now lives at the diverted name.
+    subprocess.run(
+        ["dpkg-divert", f"--root={deb_root}", "--divert", "/usr/bin/hello-script.real",
+         "--package", "other", "--rename", "--add", "/usr/bin/hello-script"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    entries, skipped = collect(deb_root)
+    assert f"{deb_root}/usr/bin/hello-script.real" in entries
+    assert not [s for s in skipped if s.origin == ORIGIN]
+
+
+def test_missing_status_refuses_the_import(tmp_path: Path) -> None:
+    with pytest.raises(DebImporterError, match="no dpkg database"):
+        collect(tmp_path)
+
+
+def test_broken_status_refuses_the_import(deb_root: Path) -> None:
+    status = deb_root / "var/lib/dpkg/status"
+    status.write_text(status.read_text() + "\nPackage: broken\nVersion: 1\n")
+    with pytest.raises(DebImporterError, match="broken dpkg status file.*broken"):
+        collect(deb_root)
+
+
+def test_admindir_option(deb_root: Path, tmp_path: Path) -> None:
+    admin = tmp_path / "admin"
+    os.rename(deb_root / "var/lib/dpkg", admin)
+    importer = DebImporter(root=str(deb_root), admindir=str(admin))
+    assert importer.source().label == f"deb:{deb_root}@{admin}"
+    entries, _ = collect(deb_root, admindir=str(admin))
+    assert f"{deb_root}/usr/bin/hello" in entries
+
+
+def test_symlinks_resolve_inside_the_root(tmp_path: Path) -> None:
+    (tmp_path / "usr/lib").mkdir(parents=True)
+    (tmp_path / "lib").symlink_to("/usr/lib")  # absolute: must mean ROOT/usr/lib
+    (tmp_path / "usr/lib/x").write_text("x")
+    assert Root(str(tmp_path)).resolve("lib/x") == f"{tmp_path}/usr/lib/x"
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(Exception, match="symbolic links"):
+        Root(str(tmp_path)).resolve("loop/x")
+
+
+def test_cli_import_reimport_tamper_and_remove(deb_root: Path, cli_env: dict[str, str]) -> None:
+    db_path = Path(cli_env["TRUSTDB_DB"])
+    first = trustdb(cli_env, "import", "deb", "--root", str(deb_root), "--json")
+    assert first.returncode == 0, first.stderr
+    (src,) = json.loads(first.stdout)["sources"]
+    assert src["label"] == f"deb:{deb_root}" and src["write"]["added"] == 8
+    generation = src["write"]["generation"]
+
+    # Nothing changed: nothing written, and (ctime permitting) nothing re-read.
+    again = trustdb(cli_env, "import", "deb", "--root", str(deb_root), "--json")
+    (src,) = json.loads(again.stdout)["sources"]
+    assert src["write"] == {"added": 0, "removed": 0, "unchanged": 8, "generation": generation}
+
+    (deb_root / "usr/bin/hello-script").write_bytes(b"#!/bin/sh\necho evil\n")
+    tampered = trustdb(cli_env, "import", "deb", "--root", str(deb_root))
+    assert tampered.returncode == 3
+    assert f"FAILED  {deb_root}/usr/bin/hello-script [{ORIGIN}]" in tampered.stdout
+    with TrustDB.open(db_path) as db:
+        paths = {r.path for r in db.iter_paths(f"deb:{deb_root}")}
+    assert f"{deb_root}/usr/bin/hello-script" not in paths
+
+    # A removed package stops being trusted by this source in the next import.
+    dpkg(deb_root, "--remove", "hello")
+    trustdb(cli_env, "import", "deb", "--root", str(deb_root))
+    with TrustDB.open(db_path) as db:
+        paths = {r.path for r in db.iter_paths(f"deb:{deb_root}")}
+    assert {p.removeprefix(str(deb_root)) for p in paths} == {
+        "/etc/nomd5/hook",
+        "/usr/bin/nomd5",
+        "/usr/bin/nomd5-script",
+        "/usr/lib/nomd5/libnomd5.so",
+    }
+
+
+def test_cli_refuses_a_broken_database_and_writes_nothing(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    result = trustdb(cli_env, "import", "deb", "--root", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("trustdb: error: no dpkg database")
+
+
+@pytest.mark.slow
+def test_this_machines_dpkg_database(cli_env: dict[str, str]) -> None:
+    if not os.path.exists("/var/lib/dpkg/status"):
+        pytest.skip("this machine has no dpkg database")
+    result = trustdb(cli_env, "import", "deb", "--json")
+    assert result.returncode in (0, 3), result.stderr
+    (src,) = json.loads(result.stdout)["sources"]
+    assert src["label"] == "deb:/" and src["stats"]["packages"] > 100
+    bash = Path("/usr/bin/bash").read_bytes()
+    with TrustDB.open(Path(cli_env["TRUSTDB_DB"])) as db:
+        assert db.is_trusted(blake3.blake3(bash).digest())
