@@ -16,15 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from trustdb.abi import BackendId, CEvent, CInodeKey, Hook, Mode, Verdict
+from trustdb import events
+from trustdb.abi import BackendId, CEvent, CInodeKey, Hook, Mode, Reason, Verdict
 from trustdb.events import (
-    REASON_MAPPINGS_BUSY,
     REASON_MPROTECT_EXEC,
     REASON_TAMPER_CGROUP_ESCAPE,
     REASON_TAMPER_SIGNAL_SUPERVISOR,
     REASON_TRUSTED,
     REASON_UNTRUSTED_EXEC,
     REASON_UNTRUSTED_MMAP,
+    REASON_UNVERIFIABLE,
     Decision,
     EventSink,
     FileWriter,
@@ -102,7 +103,7 @@ def test_backend_name_comes_from_the_event_when_not_given() -> None:
         (Hook.EXEC, Verdict.DENY, 1, REASON_UNTRUSTED_EXEC),
         (Hook.MMAP, Verdict.AUDIT_DENY, 1, REASON_UNTRUSTED_MMAP),
         (Hook.MPROTECT, Verdict.DENY, 1, REASON_MPROTECT_EXEC),
-        (Hook.MMAP, Verdict.DENY, 2, REASON_MAPPINGS_BUSY),
+        (Hook.MMAP, Verdict.DENY, 2, REASON_UNVERIFIABLE),
         (Hook.TAMPER, Verdict.DENY, 3, REASON_TAMPER_CGROUP_ESCAPE),
         (Hook.TAMPER, Verdict.DENY, 4, REASON_TAMPER_SIGNAL_SUPERVISOR),
         (Hook.TAMPER, Verdict.DENY, 99, "unknown_99"),
@@ -113,6 +114,14 @@ def test_named_reasons(hook: Hook, verdict: Verdict, code: int, reason: str) -> 
     assert d.reason == reason
     assert d.denied == (verdict != Verdict.ALLOW)
     assert parse_json_line(JsonLinesSerializer().serialize(d)) == d
+
+
+def test_every_kernel_reason_has_a_named_constant() -> None:
+    named = {v for k, v in vars(events).items() if k.startswith("REASON_")}
+    for code in Reason:
+        hooks = [Hook.TAMPER] if code > Reason.UNVERIFIABLE else [Hook.EXEC, Hook.MMAP]
+        for hook in hooks:
+            assert events.reason_name(hook, code) in named, (hook, code)
 
 
 def test_text_rendering() -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self, TypeVar
 
-from trustdb.abi import BackendId, CEvent, Hook, Mode, Verdict
+from trustdb.abi import BackendId, CEvent, Hook, Mode, Reason, Verdict
 
 DEFAULT_LOG = Path("/var/log/trustdb/decisions.jsonl")
 LOG_ENV = "TRUSTDB_LOG"
@@ -35,40 +35,49 @@ REASON_UNTRUSTED_MMAP = "untrusted_mmap"
 """An executable file mapping (shared library, `ld.so ./binary`, dlopen, LD_PRELOAD)."""
 REASON_MPROTECT_EXEC = "mprotect_exec"
 """mprotect adding PROT_EXEC to a mapping of untrusted content."""
-REASON_MAPPINGS_BUSY = "mappings_busy"
-"""The process's mappings could not be inspected (mmap lock busy); denied, failing closed."""
+REASON_UNVERIFIABLE = "unverifiable"
+"""A new executable mapping could not be inspected; denied, failing closed."""
 REASON_TAMPER_CGROUP_ESCAPE = "tamper_cgroup_escape"
 """A confined task tried to move a task out of the confinement cgroup."""
 REASON_TAMPER_SIGNAL_SUPERVISOR = "tamper_signal_supervisor"
 """A confined task tried to signal (kill, stop) the supervising trustdb process."""
-
-# enum td_reason in bpf/trustdb.h (the C side names the cause; the hook tells which kind).
-_TD_REASON_TRUSTED = 0
-_TD_REASON_UNTRUSTED = 1
-_TD_REASON_SCAN_BUSY = 2
-_TD_REASON_CGROUP_ESCAPE = 3
-_TD_REASON_SIGNAL_SUPERVISOR = 4
+REASON_TAMPER_BPF = "tamper_bpf"
+"""A confined task called bpf() (detach programs, edit maps)."""
+REASON_TAMPER_PTRACE = "tamper_ptrace"
+"""A confined task tried to ptrace an unconfined one."""
+REASON_TAMPER_DB_WRITE = "tamper_db_write"
+"""A confined task wrote, moved or mounted over the trust database."""
+REASON_TAMPER_RAW_DEVICE = "tamper_raw_device"
+"""A confined task opened a block device for writing."""
+REASON_TAMPER_SYSCTL = "tamper_sysctl"
+"""A confined task opened /proc/sys for writing."""
+REASON_TAMPER_KERNEL_LOAD = "tamper_kernel_load"
+"""A confined task loaded a kernel module, kexec image or policy."""
 
 _UNTRUSTED_BY_HOOK = {
     Hook.EXEC: REASON_UNTRUSTED_EXEC,
     Hook.MMAP: REASON_UNTRUSTED_MMAP,
     Hook.MPROTECT: REASON_MPROTECT_EXEC,
 }
-_REASON_BY_CODE = {
-    _TD_REASON_TRUSTED: REASON_TRUSTED,
-    _TD_REASON_SCAN_BUSY: REASON_MAPPINGS_BUSY,
-    _TD_REASON_CGROUP_ESCAPE: REASON_TAMPER_CGROUP_ESCAPE,
-    _TD_REASON_SIGNAL_SUPERVISOR: REASON_TAMPER_SIGNAL_SUPERVISOR,
-}
-
-BACKEND_NAMES = {BackendId.TRACEPOINT: "tracepoint", BackendId.LSM: "lsm"}
 
 
 def reason_name(hook: Hook, code: int) -> str:
-    """The named reason for a C `td_reason` code seen at `hook`."""
-    if code == _TD_REASON_UNTRUSTED:
+    """The named reason for a C `enum td_reason` code (abi.Reason) seen at `hook`: untrusted
+    content is named by hook, a tamper attempt by what was tried. A code this version does not
+    know (a newer BPF object) becomes `unknown_N` rather than an error."""
+    try:
+        reason = Reason(code)
+    except ValueError:
+        return f"unknown_{code}"
+    if reason == Reason.TRUSTED:
+        return REASON_TRUSTED
+    if reason == Reason.UNTRUSTED:
         return _UNTRUSTED_BY_HOOK.get(hook, "untrusted")
-    return _REASON_BY_CODE.get(code, f"unknown_{code}")
+    name = reason.name.lower()
+    return f"tamper_{name}" if hook == Hook.TAMPER else name
+
+
+BACKEND_NAMES = {BackendId.TRACEPOINT: "tracepoint", BackendId.LSM: "lsm"}
 
 
 # --- the value ------------------------------------------------------------------------------
