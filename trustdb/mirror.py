@@ -206,11 +206,25 @@ class MirrorStats:
     """Seconds, wall clock."""
 
     def skip_counts(self) -> dict[str, int]:
-        """Skipped paths counted by reason (for a one-line summary)."""
+        """Skipped paths counted by reason, most frequent first."""
         counts: dict[str, int] = {}
         for s in self.skipped:
             counts[s.reason] = counts.get(s.reason, 0) + 1
-        return counts
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def summary(self) -> str:
+        """One line for a person: `mirrored 812 keys from 840 paths (...) in 0.21 s`."""
+        line = (
+            f"mirrored {self.mirrored} keys from {self.paths} paths"
+            f" (+{self.inserted} -{self.removed}; {self.cached} cached, {self.hashed} hashed"
+        )
+        if self.deferred:
+            line += f", {self.deferred} waited for their ctime tick"
+        line += f") in {self.elapsed:.2f} s"
+        if self.skipped:
+            reasons = "; ".join(f"{n} {r}" for r, n in self.skip_counts().items())
+            line += f"; {len(self.skipped)} skipped: {reasons}"
+        return line
 
 
 @dataclass(frozen=True, slots=True)
