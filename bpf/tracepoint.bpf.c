@@ -7,7 +7,7 @@
  *             first user instruction; plus every executable file mapping of the new image
  *             (the ELF interpreter named by PT_INTERP).
  *   mmap,     tp_btf/mmap_lock_released: the mapping the kernel actually made, read from the
- *   mprotect  task's VMAs right after mmap()/mprotect() dropped mmap_lock, still inside the
+ *   mprotect  task's VMA tree as mmap()/mprotect() releases mmap_lock, still inside the
  *             syscall (no race with a thread that swaps the fd). Syscall tracepoints would tax
  *             every syscall of every task; these two fire only on mmap_lock use and
  *             vm_unmapped_area (address search for a new mapping).
@@ -22,6 +22,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define TD_PROT_READ 0x1
 #define TD_PROT_EXEC 0x4
 #define TD_MAP_FIXED 0x10
+#define TD_MAP_ANONYMOUS 0x20
 #define TD_MAP_FIXED_NOREPLACE 0x100000
 #define TD_READ_IMPLIES_EXEC 0x0400000
 #define TD_TS_COMPAT 0x0002
@@ -53,10 +54,69 @@ struct {
 	__type(value, struct td_mmap_area);
 } mmap_area SEC(".maps");
 
-extern int bpf_iter_task_vma_new(struct bpf_iter_task_vma *it, struct task_struct *task,
-				 __u64 addr) __ksym;
-extern struct vm_area_struct *bpf_iter_task_vma_next(struct bpf_iter_task_vma *it) __ksym;
-extern void bpf_iter_task_vma_destroy(struct bpf_iter_task_vma *it) __ksym;
+/* ---- finding the mapping the kernel just made ---------------------------------------------
+ * mmap_lock_released fires before mmap_write_unlock() drops the lock and the per-VMA write
+ * locks, so neither bpf_find_vma() (trylock fails) nor the task_vma iterator (skips VMAs being
+ * written) can see the new mapping. We hold the lock's write side ourselves, so we read the
+ * VMA tree (a maple tree, 6.1+) directly, the way mtree_load() does. */
+#define TD_MAPLE_NODE_MASK 255UL
+#define TD_MAPLE_TYPE_SHIFT 3
+#define TD_MAPLE_TYPE_MASK 0x0f
+#define TD_MAPLE_MAX_DEPTH 10
+
+/* A global function, so the verifier checks it once rather than at every call site. Takes the
+ * tree's root entry (mm->mm_mt.ma_root) and returns the VMA covering `index`, or 0. */
+__noinline unsigned long td_maple_lookup(unsigned long entry, __u64 index)
+{
+	unsigned long pivots[15];
+	struct maple_node *node;
+	void *next = NULL;
+	int depth, i, n, off;
+	__u32 type;
+
+	/* A root that is not a node (bit 1 clear) holds at most one entry at index 0. */
+	if ((entry & 3) != 2 || entry <= 4096)
+		return 0;
+	for (depth = 0; depth < TD_MAPLE_MAX_DEPTH; depth++) {
+		if (entry <= 4096)
+			return 0;
+		node = (struct maple_node *)(entry & ~TD_MAPLE_NODE_MASK);
+		type = (entry >> TD_MAPLE_TYPE_SHIFT) & TD_MAPLE_TYPE_MASK;
+		if (type == maple_arange_64) {
+			n = 9;
+			if (bpf_core_read(pivots, 9 * sizeof(long), &node->ma64.pivot))
+				return 0;
+		} else if (type == maple_leaf_64 || type == maple_range_64) {
+			n = 15;
+			if (bpf_core_read(pivots, sizeof(pivots), &node->mr64.pivot))
+				return 0;
+		} else {
+			return 0;
+		}
+		off = n;
+		for (i = 0; i < 15; i++) {
+			if (i >= n)
+				break;
+			if (pivots[i] >= index) {
+				off = i;
+				break;
+			}
+		}
+		if (type == maple_arange_64)
+			bpf_core_read(&next, sizeof(next), &node->ma64.slot[off & 15]);
+		else
+			bpf_core_read(&next, sizeof(next), &node->mr64.slot[off & 15]);
+		if (type == maple_leaf_64)
+			return (unsigned long)next;
+		entry = (unsigned long)next;
+	}
+	return 0;
+}
+
+static __always_inline struct vm_area_struct *td_vma_lookup(struct mm_struct *mm, __u64 index)
+{
+	return (void *)td_maple_lookup((unsigned long)BPF_CORE_READ(mm, mm_mt.ma_root), index);
+}
 
 /* Anonymous shared memory is a shmem file named "dev/zero"; no real file can have a '/' in
  * its name, so this cannot be forged. Its content is the process's own (like a JIT's). */
@@ -70,38 +130,52 @@ static __always_inline bool td_is_anon_shared(struct file *file)
 	       name[4] == 'z' && name[5] == 'e' && name[6] == 'r' && name[7] == 'o' && !name[8];
 }
 
-/* Check every executable file mapping of `task` that overlaps [start, end). The lock is only
- * tried (we may run where mmap_lock cannot be waited for); if it stays busy, fail closed. */
-static __always_inline void td_scan_vmas(struct task_struct *task, __u8 hook, __u64 start,
-					 __u64 end)
+/* Check the run of adjacent mappings that starts at `addr` and overlaps [addr, end).
+ * Returns -1 if no mapping is at `addr`, else the verdict (TD_ALLOW when all passed). */
+static __always_inline int td_check_run(struct task_struct *task, struct mm_struct *mm,
+					__u8 hook, __u64 addr, __u64 end)
 {
-	struct bpf_iter_task_vma it;
 	struct vm_area_struct *vma;
 	struct file *file;
-	int err = -1, i;
+	__u8 verdict;
+	int i;
 
-	for (i = 0; i < 4; i++) {
-		err = bpf_iter_task_vma_new(&it, task, start);
-		if (!err)
-			break;
-		bpf_iter_task_vma_destroy(&it);
-	}
-	if (err) {
-		td_deny(task, hook, TD_REASON_SCAN_BUSY, NULL, NULL);
-		return;
-	}
-	while ((vma = bpf_iter_task_vma_next(&it))) {
-		if (vma->vm_start >= end)
-			break;
-		if (!(vma->vm_flags & TD_VM_EXEC))
-			continue;
-		file = vma->vm_file;
-		if (!file || td_is_anon_shared(file))
-			continue;
-		if (td_check_file(task, hook, file) != TD_ALLOW)
+	for (i = 0; i < 16; i++) {
+		vma = td_vma_lookup(mm, addr);
+		if (!vma || BPF_CORE_READ(vma, vm_start) >= end)
+			return i == 0 ? -1 : TD_ALLOW;
+		if (BPF_CORE_READ(vma, vm_flags) & TD_VM_EXEC) {
+			file = BPF_CORE_READ(vma, vm_file);
+			if (file && !td_is_anon_shared(file)) {
+				verdict = td_check_file(task, hook, file);
+				if (verdict != TD_ALLOW)
+					return verdict;
+			}
+		}
+		addr = BPF_CORE_READ(vma, vm_end);
+		if (addr >= end)
 			break;
 	}
-	bpf_iter_task_vma_destroy(&it);
+	return TD_ALLOW;
+}
+
+#define TD_AT_BASE 7
+
+/* Value of `type` in the auxiliary vector the kernel built for this exec (0 if absent). */
+static __always_inline __u64 td_auxv(struct mm_struct *mm, __u64 type)
+{
+	unsigned long auxv[2];
+	int i;
+
+	for (i = 0; i < 28; i++) {
+		if (bpf_core_read(auxv, sizeof(auxv), &mm->saved_auxv[2 * i]))
+			return 0;
+		if (auxv[0] == type)
+			return auxv[1];
+		if (auxv[0] == 0)
+			return 0;
+	}
+	return 0;
 }
 
 /* Confinement is inherited: mark the child before it first runs. */
@@ -126,14 +200,18 @@ SEC("tp_btf/sched_process_exec")
 int BPF_PROG(handle_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
+	__u64 interp;
 
 	if (!td_task_confined(task))
 		return 0;
 	if (td_check_file(task, TD_HOOK_EXEC, bprm->file) != TD_ALLOW &&
 	    td_cfg.mode == TD_MODE_ENFORCE)
 		return 0;
-	/* The binary passed; the kernel also mapped its ELF interpreter. */
-	td_scan_vmas(task, TD_HOOK_EXEC, 0, ~0ULL);
+	/* The binary passed; the kernel also mapped its ELF interpreter (PT_INTERP), whose load
+	 * address is AT_BASE in the auxiliary vector. */
+	interp = td_auxv(task->mm, TD_AT_BASE);
+	if (interp)
+		td_check_run(task, task->mm, TD_HOOK_EXEC, interp, ~0ULL);
 	return 0;
 }
 
@@ -161,61 +239,83 @@ SEC("tp_btf/mmap_lock_released")
 int BPF_PROG(handle_mmap_unlock, struct mm_struct *mm, bool write)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
-	struct pt_regs *regs;
 	struct td_mmap_area *area;
-	__u64 nr, start = 0, end = ~0ULL, prot;
-	bool exec_implied;
-	__u8 hook;
+	struct pt_regs *regs;
+	__u64 nr, prot, flags, start, end, off, cand[3] = {};
+	bool compat, exec_implied;
+	int i, verdict = -1;
 
 	/* Cheap filters first: this runs for every mmap_lock write release on the machine. */
 	if (!write || task->mm != mm)
 		return 0;
 	regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	nr = BPF_CORE_READ(regs, orig_ax) & ~TD_X32_SYSCALL_BIT;
-	if (task->thread_info.status & TD_TS_COMPAT) {
+	compat = task->thread_info.status & TD_TS_COMPAT;
+	if (compat) {
 		if (nr != TD_NR32_OLD_MMAP && nr != TD_NR32_MMAP2 && nr != TD_NR32_MPROTECT &&
 		    nr != TD_NR32_PKEY_MPROTECT && nr != TD_NR32_REMAP_FILE_PAGES)
 			return 0;
-		if (!td_task_confined(task))
-			return 0;
-		td_scan_vmas(task, nr == TD_NR32_MPROTECT || nr == TD_NR32_PKEY_MPROTECT ?
-				   TD_HOOK_MPROTECT : TD_HOOK_MMAP, 0, ~0ULL);
+	} else if (nr != TD_NR_MMAP && nr != TD_NR_MPROTECT && nr != TD_NR_PKEY_MPROTECT &&
+		   nr != TD_NR_REMAP_FILE_PAGES) {
 		return 0;
 	}
-	if (nr != TD_NR_MMAP && nr != TD_NR_MPROTECT && nr != TD_NR_PKEY_MPROTECT &&
-	    nr != TD_NR_REMAP_FILE_PAGES)
-		return 0;
 	if (!td_task_confined(task))
 		return 0;
+	if (compat) {
+		/* ia32 syscalls from a 64-bit process: an escape hatch, not a use case. */
+		td_deny(task, TD_HOOK_MMAP, TD_REASON_UNVERIFIABLE, NULL, NULL);
+		return 0;
+	}
 
 	prot = BPF_CORE_READ(regs, dx);
+	flags = BPF_CORE_READ(regs, r10);
+	start = BPF_CORE_READ(regs, di);
+	end = start + BPF_CORE_READ(regs, si);
 	exec_implied = (task->personality & TD_READ_IMPLIES_EXEC) && (prot & TD_PROT_READ);
+
 	if (nr == TD_NR_MMAP) {
-		hook = TD_HOOK_MMAP;
 		area = bpf_task_storage_get(&mmap_area, task, 0, 0);
-		if (BPF_CORE_READ(regs, r10) & (TD_MAP_FIXED | TD_MAP_FIXED_NOREPLACE)) {
-			start = BPF_CORE_READ(regs, di);
-			end = start + BPF_CORE_READ(regs, si);
-		} else if (area && area->len) {
-			start = area->start;
-			end = start + area->len;
-		} /* else: no address search seen; scan everything */
+		if (flags & (TD_MAP_FIXED | TD_MAP_FIXED_NOREPLACE)) {
+			cand[0] = start;
+		} else {
+			/* Where the kernel put it: the address search's result, moved up to
+			 * the file offset's 2 MiB alignment by THP placement, or the hint. */
+			off = BPF_CORE_READ(regs, r9);
+			if (area && area->len) {
+				cand[0] = area->start;
+				cand[1] = area->start + ((off - area->start) & 0x1fffffULL);
+				end = area->start + area->len;
+			}
+			cand[2] = start & ~0xfffULL;
+			end = end > start ? end : ~0ULL;
+		}
 		if (area)
 			area->len = 0;
 		if (!(prot & TD_PROT_EXEC) && !exec_implied)
 			return 0;
-	} else if (nr == TD_NR_REMAP_FILE_PAGES) {
-		hook = TD_HOOK_MMAP;
-		start = BPF_CORE_READ(regs, di);
-		end = start + BPF_CORE_READ(regs, si);
-	} else {
-		hook = TD_HOOK_MPROTECT;
-		if (!(prot & TD_PROT_EXEC) && !exec_implied)
-			return 0;
-		start = BPF_CORE_READ(regs, di);
-		end = start + BPF_CORE_READ(regs, si);
+		if (flags & TD_MAP_ANONYMOUS)
+			return 0; /* no file; anonymous shared memory is skipped as well */
+		for (i = 0; i < 3; i++) {
+			if (!cand[i])
+				continue;
+			verdict = td_check_run(task, mm, TD_HOOK_MMAP, cand[i],
+					       cand[i] > end ? ~0ULL : end);
+			if (verdict >= 0)
+				break;
+		}
+		/* An executable file mapping we cannot locate (or a failed mmap): fail closed. */
+		if (verdict < 0)
+			td_deny(task, TD_HOOK_MMAP, TD_REASON_UNVERIFIABLE, NULL, NULL);
+		return 0;
 	}
-	td_scan_vmas(task, hook, start & ~0xfffULL, end);
+	if (nr == TD_NR_REMAP_FILE_PAGES) {
+		td_check_run(task, mm, TD_HOOK_MMAP, start & ~0xfffULL, end);
+		return 0;
+	}
+	/* mprotect / pkey_mprotect: the kernel changed [start, end) from `start` upwards. */
+	if (!(prot & TD_PROT_EXEC) && !exec_implied)
+		return 0;
+	td_check_run(task, mm, TD_HOOK_MPROTECT, start & ~0xfffULL, end);
 	return 0;
 }
 

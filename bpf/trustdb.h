@@ -30,7 +30,7 @@ enum td_hook {
 enum td_reason {
 	TD_REASON_TRUSTED = 0, /* the inode key is in trusted_inodes */
 	TD_REASON_UNTRUSTED = 1, /* the inode key is not in trusted_inodes */
-	TD_REASON_SCAN_BUSY = 2, /* the mappings could not be inspected (mmap lock busy): fail closed */
+	TD_REASON_UNVERIFIABLE = 2, /* a new executable mapping could not be inspected: fail closed */
 	TD_REASON_CGROUP_ESCAPE = 3, /* a confined task moved a task out of the scope cgroup */
 	TD_REASON_SIGNAL_SUPERVISOR = 4, /* a confined task signalled the supervisor */
 	TD_REASON_BPF = 5, /* a confined task called bpf() (lsm) */

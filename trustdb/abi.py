@@ -25,7 +25,7 @@ class Hook(enum.IntEnum):
 class Reason(enum.IntEnum):
     TRUSTED = 0
     UNTRUSTED = 1
-    SCAN_BUSY = 2
+    UNVERIFIABLE = 2
     CGROUP_ESCAPE = 3
     SIGNAL_SUPERVISOR = 4
     BPF = 5

@@ -18,6 +18,7 @@ the verifier's complaint when a load fails.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as errno_mod
 import os
@@ -26,8 +27,17 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
-__all__ = ["LibbpfError", "BpfObject", "BpfMap", "RingBuffer", "BPF_ANY", "BPF_NOEXIST", "BPF_EXIST"]
+__all__ = [
+    "BPF_ANY",
+    "BPF_EXIST",
+    "BPF_NOEXIST",
+    "BpfMap",
+    "BpfObject",
+    "LibbpfError",
+    "RingBuffer",
+]
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -162,7 +172,11 @@ class _BtfVarSecinfo(ctypes.Structure):
 class _BatchOpts(ctypes.Structure):
     """struct bpf_map_batch_opts (libbpf 1.1)."""
 
-    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
 
 
 # ---- maps ---------------------------------------------------------------------------------
@@ -205,7 +219,9 @@ class BpfMap:
             out.append(prev)
         return out
 
-    def update_batch(self, keys: Sequence[bytes], values: Sequence[bytes], flags: int = BPF_ANY) -> None:
+    def update_batch(
+        self, keys: Sequence[bytes], values: Sequence[bytes], flags: int = BPF_ANY
+    ) -> None:
         """One bpf() call for many elements (about 2x faster than one by one)."""
         if len(keys) != len(values):
             raise ValueError("keys and values differ in length")
@@ -230,7 +246,9 @@ class BpfMap:
         count = ctypes.c_uint32(len(keys))
         opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
         _check(
-            _lib.bpf_map_delete_batch(self.fd, b"".join(keys), ctypes.byref(count), ctypes.byref(opts)),
+            _lib.bpf_map_delete_batch(
+                self.fd, b"".join(keys), ctypes.byref(count), ctypes.byref(opts)
+            ),
             f"delete_batch {self.name} ({count.value}/{len(keys)} done)",
         )
 
@@ -266,7 +284,9 @@ class BpfObject:
         return self._obj
 
     def set_max_entries(self, map_name: str, n: int) -> None:
-        _check(_lib.bpf_map__set_max_entries(self._map_ptr(map_name), n), f"set_max_entries {map_name}")
+        _check(
+            _lib.bpf_map__set_max_entries(self._map_ptr(map_name), n), f"set_max_entries {map_name}"
+        )
 
     def set_rodata(self, var: str, data: bytes) -> None:
         """Set a `const volatile` global (in .rodata) before load; `data` is its exact bytes."""
@@ -302,7 +322,10 @@ class BpfObject:
 
     def set_autoload(self, prog_name: str, autoload: bool) -> None:
         """Leave a program out of the load (e.g. a hook this kernel lacks)."""
-        _check(_lib.bpf_program__set_autoload(self._prog_ptr(prog_name), autoload), f"autoload {prog_name}")
+        _check(
+            _lib.bpf_program__set_autoload(self._prog_ptr(prog_name), autoload),
+            f"autoload {prog_name}",
+        )
 
     # -- load and attach
 
@@ -328,7 +351,9 @@ class BpfObject:
     def attach(self, prog_name: str) -> None:
         """Attach one program at the point its SEC() names; the link lives until close()."""
         ctypes.set_errno(0)
-        link = _check_ptr(_lib.bpf_program__attach(self._prog_ptr(prog_name)), f"attach {prog_name}")
+        link = _check_ptr(
+            _lib.bpf_program__attach(self._prog_ptr(prog_name)), f"attach {prog_name}"
+        )
         self._links.append(link)
 
     def attach_all(self, names: Sequence[str] | None = None) -> None:
@@ -358,7 +383,7 @@ class BpfObject:
             _lib.bpf_object__close(self._obj)
             self._obj = None
 
-    def __enter__(self) -> BpfObject:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -367,10 +392,9 @@ class BpfObject:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        # At interpreter shutdown libbpf may be gone already; the kernel frees the fds anyway.
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # interpreter shutdown: the kernel frees fds anyway
-            pass
 
 
 # ---- ring buffers -------------------------------------------------------------------------
@@ -432,7 +456,7 @@ class RingBuffer:
             _lib.ring_buffer__free(self._rb)
             self._rb = None
 
-    def __enter__(self) -> RingBuffer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -1,0 +1,188 @@
+"""What every BPF backend shares: find its object file, load it with the engine's configuration
+(`struct td_config` in .rodata, map sizes), attach, and expose the maps of bpf/common.bpf.h.
+
+A backend subclass names its object file and its identity; everything else is here, so the
+`lsm` and `tracepoint` backends differ only in their BPF programs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from trustdb.abi import BackendId, CConfig, CInodeKey, CTask, Mode
+from trustdb.backends.interface import Backend, BackendError, EngineConfig, KeySink, Probe, Scope
+from trustdb.libbpf import BpfMap, BpfObject, LibbpfError
+from trustdb.model import InodeKey
+
+_TRUSTED = b"\x01"
+
+
+def object_dir() -> Path:
+    """Where the built BPF objects are: $TRUSTDB_BPF_DIR, the source tree's build/bpf (after
+    `make bpf`), or the installed /usr/lib/trustdb/bpf."""
+    env = os.environ.get("TRUSTDB_BPF_DIR")
+    if env:
+        return Path(env)
+    tree = Path(__file__).resolve().parents[2] / "build" / "bpf"
+    if tree.is_dir():
+        return tree
+    return Path("/usr/lib/trustdb/bpf")
+
+
+class MapKeySink:
+    """The `trusted_inodes` map as the mirror's KeySink (batched inserts)."""
+
+    def __init__(self, m: BpfMap) -> None:
+        self._map = m
+
+    def add(self, keys: Sequence[InodeKey]) -> None:
+        if not keys:
+            return
+        try:
+            self._map.update_batch(
+                [bytes(CInodeKey.from_key(k)) for k in keys], [_TRUSTED] * len(keys)
+            )
+        except LibbpfError as e:
+            raise BackendError(f"cannot insert trusted inode keys: {e.strerror}") from e
+
+    def remove(self, keys: Sequence[InodeKey]) -> None:
+        # One by one: the kernel's batch delete stops at the first missing key.
+        for k in keys:
+            self._map.delete(bytes(CInodeKey.from_key(k)))
+
+    def __contains__(self, key: InodeKey) -> bool:
+        return self._map.lookup(bytes(CInodeKey.from_key(key))) is not None
+
+    def __len__(self) -> int:
+        return len(self._map.keys())
+
+
+class BpfBackend(Backend):
+    """A backend made of one BPF object built from bpf/<object_name>."""
+
+    object_name: str
+    backend_id: BackendId
+    probe_programs: tuple[str, ...] = ()
+    """Programs whose attach the probe also tries (empty: loading is proof enough)."""
+
+    def __init__(self, *, objdir: Path | None = None) -> None:
+        self._objdir = objdir
+        self._obj: BpfObject | None = None
+        self._sink: MapKeySink | None = None
+        self._events_fd = -1
+        self._attached = False
+
+    @property
+    def object_path(self) -> Path:
+        return (self._objdir or object_dir()) / self.object_name
+
+    def _open(self, config: EngineConfig, max_entries: int) -> BpfObject:
+        path = self.object_path
+        if not path.is_file():
+            raise BackendError(f"{self.name}: {path} not found (run `make bpf`)")
+        scope = config.scope
+        cfg = CConfig(
+            scope_cgroup_id=scope.cgroup_id,
+            scope_cgroup_level=scope.cgroup_level,
+            supervisor_tgid=config.supervisor_tgid,
+            mode=int(config.mode),
+            backend=int(self.backend_id),
+            log_allows=int(config.log_allows),
+        )
+        obj = BpfObject(path)
+        try:
+            obj.set_rodata("td_cfg", bytes(cfg))
+            obj.set_max_entries("trusted_inodes", max_entries)
+            obj.set_max_entries("events", config.events_bytes)
+            obj.load()
+        except BaseException:
+            obj.close()
+            raise
+        return obj
+
+    def probe(self) -> Probe:
+        # Audit mode, a scope no task is in (cgroup id 1 at level 99 never matches), tiny maps:
+        # nothing can be denied even if an attach succeeds.
+        config = EngineConfig(
+            mode=Mode.AUDIT, scope=Scope(cgroup_id=1, cgroup_level=99), events_bytes=4096
+        )
+        try:
+            obj = self._open(config, 16)
+        except (BackendError, LibbpfError) as e:
+            return Probe(False, f"{self.name}: {_first_line(e)}")
+        try:
+            for prog in self.probe_programs:
+                obj.attach(prog)
+        except LibbpfError as e:
+            return Probe(False, f"{self.name}: {_first_line(e)}")
+        finally:
+            obj.close()
+        return Probe(True, f"{self.name}: loaded {self.object_name}")
+
+    def load(self, config: EngineConfig) -> None:
+        if self._obj is not None:
+            raise BackendError(f"{self.name}: already loaded")
+        if config.scope.system_wide is False and config.scope.cgroup_level <= 0:
+            raise BackendError(f"{self.name}: scope cgroup {config.scope.cgroup_id} has no level")
+        try:
+            self._obj = self._open(config, config.max_entries)
+            self._sink = MapKeySink(self._obj.map("trusted_inodes"))
+            self._events_fd = self._obj.map("events").fd
+        except LibbpfError as e:
+            self.detach()
+            raise BackendError(f"{self.name}: {e}") from e
+
+    def attach(self) -> None:
+        if self._obj is None:
+            raise BackendError(f"{self.name}: attach before load")
+        try:
+            self._obj.attach_all()
+        except LibbpfError as e:
+            raise BackendError(f"{self.name}: {e}") from e
+        self._attached = True
+
+    def detach(self) -> None:
+        obj, self._obj = self._obj, None
+        self._sink = None
+        self._events_fd = -1
+        self._attached = False
+        if obj is not None:
+            obj.close()
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    @property
+    def trusted_inodes(self) -> KeySink:
+        if self._sink is None:
+            raise BackendError(f"{self.name}: not loaded")
+        return self._sink
+
+    @property
+    def events_fd(self) -> int:
+        if self._events_fd < 0:
+            raise BackendError(f"{self.name}: not loaded")
+        return self._events_fd
+
+    def confine(self, pidfd: int) -> None:
+        if self._obj is None:
+            raise BackendError(f"{self.name}: confine before load")
+        try:
+            self._obj.map("confined").update(bytes(ctypes.c_int(pidfd)), bytes(CTask(confined=1)))
+        except LibbpfError as e:
+            raise BackendError(f"{self.name}: cannot confine pidfd {pidfd}: {e.strerror}") from e
+
+    def is_confined(self, pidfd: int) -> bool:
+        """Whether the task behind `pidfd` carries the confinement mark."""
+        if self._obj is None:
+            raise BackendError(f"{self.name}: not loaded")
+        v = self._obj.map("confined").lookup(bytes(ctypes.c_int(pidfd)))
+        return v is not None and v[0] == 1
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -1,0 +1,129 @@
+"""One interface for every kernel enforcement backend (fapolicyd's `backend` struct, in Python).
+
+A backend owns one BPF object: it probes whether this kernel accepts it, loads it with the
+engine's configuration, attaches, exposes the map the mirror fills and the ring buffer the event
+log reads, and detaches. The engine picks the strongest backend whose probe succeeds
+(`trustdb.backends.select`), and says which one runs.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from trustdb.abi import Mode
+from trustdb.model import InodeKey
+
+
+class BackendError(Exception):
+    """Base error of the enforcement stage: one line, shown to the user as is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Whether this kernel accepts a backend, and why not."""
+
+    ok: bool
+    reason: str
+    """`loaded and attached a test program` or `BPF LSM refused: EPERM (bpf not in lsm=)`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What is enforced on. `cgroup_id == 0` means the whole system (service mode only)."""
+
+    cgroup_id: int = 0
+    cgroup_path: str = ""
+    cgroup_level: int = 0
+    """Depth below the cgroup2 root (the root itself is 0); the BPF side needs it to find the
+    scope among a task's ancestors."""
+
+    @property
+    def system_wide(self) -> bool:
+        return self.cgroup_id == 0
+
+    @classmethod
+    def for_cgroup(cls, path: str | os.PathLike[str]) -> Scope:
+        """The scope of an existing cgroup v2 directory (e.g. /sys/fs/cgroup/unified/x).
+
+        A cgroup v2 id is the inode number of its directory; its level is how many parents
+        share its filesystem."""
+        p = Path(path).resolve()
+        st = os.stat(p)
+        if not (p / "cgroup.procs").exists() or not (p / "cgroup.controllers").exists():
+            raise BackendError(f"{p} is not a cgroup v2 directory")
+        level = 0
+        while p.parent != p and os.stat(p.parent).st_dev == st.st_dev:
+            p = p.parent
+            level += 1
+        if level == 0:
+            raise BackendError(f"{path} is the cgroup2 root: that is the whole system")
+        return cls(cgroup_id=st.st_ino, cgroup_path=str(Path(path).resolve()), cgroup_level=level)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    mode: Mode
+    scope: Scope
+    max_entries: int = 1 << 20
+    """Size of the trusted-inode map (set before load)."""
+    supervisor_tgid: int = 0
+    """The trustdb process that confined tasks must not signal, trace or stop."""
+    log_allows: bool = False
+    """Also send an event for every allowed exec/mapping (noisy: for debugging)."""
+    events_bytes: int = 1 << 22
+    """Size of the decision ring buffer (a power of two, at least one page)."""
+
+
+class KeySink(Protocol):
+    """Where the mirror puts trusted inode keys: the backend's kernel map (or a test fake)."""
+
+    def add(self, keys: Sequence[InodeKey]) -> None: ...
+
+    def remove(self, keys: Sequence[InodeKey]) -> None: ...
+
+
+class Backend(abc.ABC):
+    name: str
+    """`lsm` or `tracepoint`: shown in `trustdb status` and in every decision event."""
+    strength: int
+    """Higher is stronger; the engine tries backends from the strongest down."""
+    guarantees: str = ""
+    """One paragraph for `trustdb status`: what this backend enforces and how (EPERM/SIGKILL)."""
+    refused: tuple[tuple[str, str], ...] = ()
+    """Set by `select`: stronger backends this kernel refused, with the reason for each."""
+
+    @abc.abstractmethod
+    def probe(self) -> Probe:
+        """Try this kernel without enforcing anything (load a program, detach at once)."""
+
+    @abc.abstractmethod
+    def load(self, config: EngineConfig) -> None:
+        """Open and load the BPF object with `config` in its read-only data. Raises BackendError."""
+
+    @abc.abstractmethod
+    def attach(self) -> None:
+        """Start deciding. Everything attached is held by this process's fds (no pins)."""
+
+    @abc.abstractmethod
+    def detach(self) -> None:
+        """Stop deciding and free everything; idempotent, safe after a failed load/attach."""
+
+    @property
+    @abc.abstractmethod
+    def trusted_inodes(self) -> KeySink:
+        """The kernel map of trusted inode keys, which the mirror fills."""
+
+    @property
+    @abc.abstractmethod
+    def events_fd(self) -> int:
+        """fd of the ring buffer map that carries `struct td_event` records."""
+
+    @abc.abstractmethod
+    def confine(self, pidfd: int) -> None:
+        """Mark one task as confined; its descendants inherit the mark at fork, and it follows
+        the task whatever cgroup or namespace it moves to."""
