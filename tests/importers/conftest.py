@@ -35,6 +35,12 @@ def _run(*cmd: str | Path, cwd: Path | None = None) -> None:
         pytest.fail(f"{' '.join(map(str, cmd))} failed:\n{result.stdout}\n{result.stderr}")
 
 
+def trustdb(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real `trustdb` command (as installed: the package's entry point)."""
+    cmd = [sys.executable, "-c", "from trustdb.cli import main; main()", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+
+
 def _need(tool: str) -> None:
     if shutil.which(tool) is None:
         # CI installs these (packaging/apt-packages.txt); their absence is a broken setup.

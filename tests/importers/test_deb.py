@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import blake3
@@ -15,7 +14,7 @@ import pytest
 from importers.deb import DebImporter, DebImporterError
 from importers.interface import NoCache
 from importers.ondisk import MISMATCH, UNVERIFIABLE, Root
-from tests.importers.conftest import dpkg
+from tests.importers.conftest import dpkg, trustdb
 from trustdb.db import TrustDB
 from trustdb.model import FileKind, SkippedEntry, TrustEntry
 
@@ -32,11 +31,6 @@ def collect(root: Path, **kw: object) -> tuple[dict[str, TrustEntry], list[Skipp
         else:
             skipped.append(item)
     return entries, skipped
-
-
-def trustdb(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-c", "from trustdb.cli import main; main()", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
 
 
 def test_records_executable_content_of_installed_packages(deb_root: Path) -> None:
