@@ -11,13 +11,16 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.engine.conftest import Confined, closure
+from trustdb.abi import Hook, Mode, Verdict
 from trustdb.db import FRESH_CTIME_SECONDS, PathRecord, TrustDB
+from trustdb.events import REASON_UNTRUSTED_EXEC, Decision, EventReader, EventSink
 from trustdb.hashing import hash_file
 from trustdb.mirror import (
     OVERLAYFS_SUPER_MAGIC,
@@ -159,6 +162,8 @@ def test_inserts_trusted_files_and_reports_the_rest(trust: Trust, tmp_path: Path
     assert sink.present == {key_of(a), key_of(b)}
     assert (stats.paths, stats.inserted, stats.hashed, stats.mirrored) == (3, 2, 2, 2)
     assert {(s.path, s.reason) for s in stats.skipped} == {(str(gone), REASON_VANISHED)}
+    assert stats.summary().startswith("mirrored 2 keys from 3 paths (+2 -0; 0 cached, 2 hashed)")
+    assert stats.summary().endswith(f"; 1 skipped: 1 {REASON_VANISHED}")
     if isinstance(trust.db, FakeTrustDB):  # a FIFO cannot be hashed, so only the fake records one
         trust.db.records[str(fifo)] = b"\0" * 32
         stats = Mirror(trust.db, ListSink()).sync()
@@ -358,3 +363,67 @@ def test_overlayfs_is_reported_not_mis_keyed(
     ]
     assert "overlayfs" in stats.skipped[0].reason
     assert mirror.verify_file(str(tool)) is None and sink.present == set()
+
+
+# --- against the real kernel: the mirror's keys are the ones the BPF hooks compute -------------
+
+
+def _collect(reader: EventReader, got: list[Decision], until: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not until():
+        reader.poll(100)
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+def test_mirrored_keys_match_the_kernel_and_events_come_back(
+    audit: Confined, tmp_path: Path, db_path: Path
+) -> None:
+    """Audit mode, scoped to a test cgroup: nothing is denied, every would-deny is an event."""
+    trusted = closure(["true"])
+    untrusted = tmp_path / "mytrue"
+    shutil.copyfile(shutil.which("true") or "/bin/true", untrusted)
+    with open(untrusted, "ab") as f:
+        f.write(b"not the trusted content")
+    untrusted.chmod(0o755)
+    with TrustDB.open(db_path, write=True) as db:
+        t = Trust(db)
+        t.trust(*(Path(p) for p in trusted))
+        mirror = Mirror(db, audit.engine.trusted_inodes)
+        stats = mirror.sync()
+        assert stats.inserted == len(trusted), stats.skipped
+        got: list[Decision] = []
+        with EventReader(
+            audit.engine.events_fd, EventSink(audit.engine.backend_name, got.append)
+        ) as reader:
+            r = audit.run([str(untrusted)])
+            assert r.returncode == 0, r.stderr  # audit: allowed
+            assert audit.run([os.path.realpath(shutil.which("true") or "")]).returncode == 0
+            key = key_of(untrusted)
+
+            def denied_untrusted() -> bool:
+                return any((d.dev, d.ino) == (key.dev, key.ino) for d in got)
+
+            _collect(reader, got, denied_untrusted)
+            mine = [d for d in got if (d.dev, d.ino) == (key.dev, key.ino)]
+            assert mine, got
+            d = mine[0]
+            assert (d.hook, d.verdict, d.reason) == (
+                Hook.EXEC,
+                Verdict.AUDIT_DENY,
+                REASON_UNTRUSTED_EXEC,
+            )
+            assert d.mode == Mode.AUDIT and d.backend == audit.engine.backend_name
+            assert d.path.endswith("mytrue") and d.tgid > 0 and d.comm
+            # Nothing mirrored from the database was judged untrusted: exec of true, and the
+            # mmap of ld.so and libc, found the keys the mirror computed with stat().
+            trusted_inodes = {(key_of(Path(p)).dev, key_of(Path(p)).ino) for p in trusted}
+            assert not [x for x in got if x.denied and (x.dev, x.ino) in trusted_inodes], got
+            # Trust the content now: the refresh inserts it and the next exec is not reported.
+            t.trust(untrusted)
+            assert mirror.refresh() is not None
+            got.clear()
+            assert audit.run([str(untrusted)]).returncode == 0
+            _collect(reader, got, lambda: bool(got))
+            reader.drain()
+            assert not [x for x in got if x.denied and (x.dev, x.ino) == (key.dev, key.ino)], got
