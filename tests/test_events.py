@@ -124,6 +124,22 @@ def test_every_kernel_reason_has_a_named_constant() -> None:
             assert events.reason_name(hook, code) in named, (hook, code)
 
 
+def test_exe_of_the_process() -> None:
+    assert Decision.from_event(c_event()).exe == "/tmp/untrusted"  # exec: the file itself
+    ev = c_event(hook=Hook.MMAP, path=b"/tmp/libevil.so")
+    ev.tgid = os.getpid()
+    d = Decision.from_event(ev, "tracepoint")
+    assert d.exe == os.path.realpath(sys.executable)
+    assert f"exe={d.exe}" in render_text(d)
+    ev.tgid = 0x3FFFFFFF  # no such process (killed before we looked)
+    assert Decision.from_event(ev, "tracepoint").exe == ""
+    assert Decision.from_event(ev, "tracepoint", exe_of=lambda tgid: "/x").exe == "/x"
+    # Lines written before the field existed still parse.
+    record = json.loads(JsonLinesSerializer().serialize(d))
+    del record["exe"]
+    assert parse_json_line(json.dumps(record)).exe == ""
+
+
 def test_text_rendering() -> None:
     d = Decision.from_event(c_event(hook=Hook.MMAP, verdict=Verdict.AUDIT_DENY), "tracepoint")
     text = render_text(d)
@@ -174,7 +190,10 @@ def test_event_sink_survives_bad_samples_and_failing_consumers() -> None:
     assert sink.on_sample(b"short") is None and sink.dropped == 1
     d = sink.on_sample(bytes(c_event()) + b"\0" * 8)  # ring buffer records may be padded
     assert d is not None and got == [d]
-    assert any("disk full" in e for e in sink.errors)
+    assert any("disk full" in e for e in sink.errors) and sink.failures == 1
+    for _ in range(500):
+        sink.on_sample(bytes(c_event()))
+    assert sink.failures == 501 and len(sink.errors) == 100  # bounded
 
 
 def test_file_logger_appends_and_follows_rotation(tmp_path: Path) -> None:

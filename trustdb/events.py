@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,14 @@ def boot_ns_to_datetime(boot_ns: int) -> dt.datetime:
     return seconds + dt.timedelta(microseconds=(wall % 1_000_000_000) // 1000)
 
 
+def proc_exe(tgid: int) -> str:
+    """/proc/TGID/exe, or '' if the process is gone or hidden from us."""
+    try:
+        return os.readlink(f"/proc/{tgid}/exe")
+    except OSError:
+        return ""
+
+
 def _c_string(raw: bytes) -> str:
     # Paths are bytes on Linux: surrogateescape keeps non-UTF-8 names lossless through JSON.
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -133,6 +142,9 @@ class Decision:
     """`tracepoint` or `lsm`: the backend that decided."""
     reason: str
     """One of the REASON_* constants (or `unknown_N` from a newer BPF object)."""
+    exe: str = ""
+    """The process's executable: for an exec, the file itself; otherwise /proc/TGID/exe read
+    when the event arrived ('' if the process was already gone, e.g. killed)."""
 
     @property
     def denied(self) -> bool:
@@ -140,9 +152,18 @@ class Decision:
         return self.verdict != Verdict.ALLOW
 
     @classmethod
-    def from_event(cls, event: CEvent, backend_name: str | None = None) -> Decision:
-        """Convert one ring buffer record. `backend_name` overrides the event's backend id."""
+    def from_event(
+        cls,
+        event: CEvent,
+        backend_name: str | None = None,
+        *,
+        exe_of: Callable[[int], str] | None = None,
+    ) -> Decision:
+        """Convert one ring buffer record. `backend_name` overrides the event's backend id;
+        `exe_of(tgid)` finds the executable of a non-exec event (default: /proc/TGID/exe)."""
         hook = Hook(event.hook)
+        path = _c_string(event.path)
+        exe = path if hook == Hook.EXEC else (exe_of or proc_exe)(event.tgid)
         if backend_name is None:
             backend_name = BACKEND_NAMES.get(BackendId(event.backend), str(event.backend))
         return cls(
@@ -152,7 +173,7 @@ class Decision:
             ppid=event.ppid,
             uid=event.uid,
             comm=_c_string(event.comm),
-            path=_c_string(event.path),
+            path=path,
             dev=event.file.dev,
             ino=event.file.ino,
             hook=hook,
@@ -160,6 +181,7 @@ class Decision:
             mode=Mode(event.mode),
             backend=backend_name,
             reason=reason_name(hook, event.reason),
+            exe=exe,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +198,7 @@ class Decision:
             "ppid": self.ppid,
             "uid": self.uid,
             "comm": self.comm,
+            "exe": self.exe,
             "mode": _enum_name(self.mode),
             "backend": self.backend,
         }
@@ -198,6 +221,7 @@ class Decision:
             mode=_enum_value(Mode, d["mode"]),
             backend=str(d["backend"]),
             reason=str(d["reason"]),
+            exe=str(d.get("exe", "")),
         )
 
 
@@ -255,9 +279,10 @@ _VERDICT_WORD = {Verdict.ALLOW: "ALLOW", Verdict.DENY: "DENY", Verdict.AUDIT_DEN
 def render_text(d: Decision) -> str:
     when = d.time.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     what = d.path or "-"
+    exe = f" exe={d.exe}" if d.exe and d.exe != d.path else ""
     return (
         f"{when} {_VERDICT_WORD[d.verdict]} {_enum_name(d.hook)} {what}"
-        f" by {d.comm}[{d.tgid}] uid={d.uid} ppid={d.ppid} ({d.reason})"
+        f" by {d.comm}[{d.tgid}]{exe} uid={d.uid} ppid={d.ppid} ({d.reason})"
         f" dev={_dev_str(d.dev)} ino={d.ino} {_enum_name(d.mode)}/{d.backend}"
     )
 
@@ -415,7 +440,10 @@ class EventSink:
         self.consumers = list(consumers)
         self.dropped = 0
         """Samples that could not be decoded (a mismatched BPF object)."""
-        self.errors: list[str] = []
+        self.failures = 0
+        """Consumer calls that raised (e.g. the log's disk is full)."""
+        self.errors: deque[str] = deque(maxlen=100)
+        """The latest decode and consumer errors (bounded: a daemon runs for months)."""
 
     def on_sample(self, data: bytes) -> Decision | None:
         try:
@@ -428,6 +456,7 @@ class EventSink:
             try:
                 consume(decision)
             except Exception as e:  # noqa: BLE001 - keep delivering to the other consumers
+                self.failures += 1
                 self.errors.append(f"{getattr(consume, '__qualname__', consume)}: {e}")
         return decision
 
