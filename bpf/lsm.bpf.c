@@ -172,7 +172,7 @@ static __always_inline bool lsm_is_cgroup_escape(struct dentry *d, unsigned long
 		return false;
 	if (magic != CGROUP2_SUPER_MAGIC)
 		return true;
-	dir_kn = BPF_CORE_READ(d, d_parent, d_fsdata);
+	dir_kn = BPF_CORE_READ(d, d_parent, d_inode, i_private); /* kernfs keeps its node there */
 	cg = dir_kn ? (struct cgroup *)BPF_CORE_READ(dir_kn, priv) : NULL;
 	return !td_cgroup_in_scope(cg);
 }

@@ -1,0 +1,174 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/* One small program for the BPF LSM tier: each subcommand tries one thing a confined task may
+ * or may not do, and prints `ok` or `errno=N` (exit 0 / 1). Built on the host by
+ * tests/vm/test_lsm.py; -DVARIANT makes a binary with other content (an untrusted one). */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/bpf.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/ptrace.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef VARIANT
+#define VARIANT "trusted"
+#endif
+
+extern char **environ;
+
+static int report(int ret)
+{
+	if (ret < 0) {
+		printf("errno=%d\n", errno);
+		return 1;
+	}
+	printf("ok\n");
+	return 0;
+}
+
+static int open_or_die(const char *path, int flags)
+{
+	int fd = open(path, flags);
+
+	if (fd < 0) {
+		printf("errno=%d\n", errno);
+		exit(1);
+	}
+	return fd;
+}
+
+/* Copy `src` into a memfd and fexecve it with `hello`. */
+static int memfd_exec(const char *src)
+{
+	char buf[65536];
+	ssize_t n;
+	int in = open_or_die(src, O_RDONLY), mfd = memfd_create("tdprobe", MFD_CLOEXEC);
+	char *argv[] = {"memfd", "hello", NULL};
+
+	while ((n = read(in, buf, sizeof(buf))) > 0)
+		if (write(mfd, buf, n) != n)
+			return report(-1);
+	fexecve(mfd, argv, environ);
+	return report(-1);
+}
+
+static int exec_at(const char *src, int via_proc)
+{
+	char *argv[] = {"execveat", "hello", NULL};
+	char path[64];
+	int fd = open_or_die(src, O_RDONLY);
+
+	if (via_proc) {
+		snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+		execve(path, argv, environ);
+	} else {
+		syscall(SYS_execveat, fd, "", argv, environ, AT_EMPTY_PATH);
+	}
+	return report(-1);
+}
+
+static int map_then_mprotect(const char *path)
+{
+	int fd = open_or_die(path, O_RDONLY);
+	void *p = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE, fd, 0);
+
+	if (p == MAP_FAILED)
+		return report(-1);
+	return report(mprotect(p, 4096, PROT_READ | PROT_EXEC));
+}
+
+static int map_exec(const char *path)
+{
+	int fd = open_or_die(path, O_RDONLY);
+
+	return report(mmap(NULL, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE, fd, 0) == MAP_FAILED ?
+			      -1 : 0);
+}
+
+static int use_bpf(void)
+{
+	union bpf_attr attr;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_type = BPF_MAP_TYPE_ARRAY;
+	attr.key_size = 4;
+	attr.value_size = 4;
+	attr.max_entries = 1;
+	return report((int)syscall(SYS_bpf, BPF_MAP_CREATE, &attr, sizeof(attr)));
+}
+
+static int write_text(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY);
+
+	if (fd < 0)
+		return report(-1);
+	return report(write(fd, text, strlen(text)) < 0 ? -1 : 0);
+}
+
+static int load_module(void)
+{
+	static char image[4096]; /* not an ELF: a kernel that got this far answers ENOEXEC */
+
+	return report((int)syscall(SYS_init_module, image, sizeof(image), ""));
+}
+
+int main(int argc, char **argv)
+{
+	const char *cmd = argc > 1 ? argv[1] : "hello";
+	const char *arg = argc > 2 ? argv[2] : "";
+	char pid[32];
+	void *h;
+
+	if (!strcmp(cmd, "hello")) {
+		printf("hello from %s\n", VARIANT);
+		return 0;
+	}
+	if (!strcmp(cmd, "dlopen")) {
+		h = dlopen(arg, RTLD_NOW);
+		printf("%s\n", h ? "ok" : dlerror());
+		return h ? 0 : 1;
+	}
+	if (!strcmp(cmd, "memfd"))
+		return memfd_exec(arg);
+	if (!strcmp(cmd, "execveat"))
+		return exec_at(arg, 0);
+	if (!strcmp(cmd, "procfd"))
+		return exec_at(arg, 1);
+	if (!strcmp(cmd, "mprotect"))
+		return map_then_mprotect(arg);
+	if (!strcmp(cmd, "mmap"))
+		return map_exec(arg);
+	if (!strcmp(cmd, "bpf"))
+		return use_bpf();
+	if (!strcmp(cmd, "kill"))
+		return report(kill(atoi(arg), argc > 3 ? atoi(argv[3]) : SIGUSR1));
+	if (!strcmp(cmd, "ptrace"))
+		return report((int)ptrace(PTRACE_ATTACH, atoi(arg), NULL, NULL));
+	if (!strcmp(cmd, "openw"))
+		return report(open(arg, O_WRONLY));
+	if (!strcmp(cmd, "write"))
+		return write_text(arg, argc > 3 ? argv[3] : "x");
+	if (!strcmp(cmd, "truncate"))
+		return report(truncate(arg, 0));
+	if (!strcmp(cmd, "unlink"))
+		return report(unlink(arg));
+	if (!strcmp(cmd, "rename"))
+		return report(rename(arg, argv[3]));
+	if (!strcmp(cmd, "cgmove")) {
+		snprintf(pid, sizeof(pid), "%d", getpid());
+		return write_text(arg, pid);
+	}
+	if (!strcmp(cmd, "module"))
+		return load_module();
+	fprintf(stderr, "tdprobe: unknown command %s\n", cmd);
+	return 2;
+}

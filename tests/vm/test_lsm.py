@@ -1,0 +1,97 @@
+"""BPF LSM tier: boot stock Debian kernels (6.1, 6.12) in QEMU and run the enforcement suite
+(tests/vm/guest_lsm.py) inside with the `lsm` backend, EPERM expected.
+
+The host kernel refuses BPF LSM, so this is the only place the lsm backend runs for real. One VM
+boot per kernel; the guest's pytest writes JUnit XML to a shared directory, and this test fails
+with every failing case's name and message (and the console tail) when anything in it failed.
+qemu and the kernels come from packaging/install-deps.sh: their absence is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.vm import runner
+
+KERNELS = ["6.1", "6.12"]
+HERE = Path(__file__).resolve().parent
+# The suite must exercise this many cases; fewer means something was silently not collected.
+MIN_CASES = 30
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+
+def build_artifacts(dest: Path) -> None:
+    """The guest suite's binaries: tdprobe (trusted), the same program with other content
+    (untrusted), and an untrusted library whose constructor leaves a marker."""
+    cc = ["cc", "-O2", "-Wall"]
+    builds = [
+        [*cc, "-o", dest / "tdprobe", HERE / "tdprobe.c"],
+        [*cc, '-DVARIANT="untrusted"', "-o", dest / "untrusted", HERE / "tdprobe.c"],
+        [*cc, "-shared", "-fPIC", "-o", dest / "libtdevil.so", HERE / "tdevil.c"],
+    ]
+    for argv in builds:
+        subprocess.run([str(a) for a in argv], check=True)
+
+
+def guest_python() -> str:
+    """The interpreter that runs this test, by its real path (pyenv shims are slow bash scripts
+    and Debian's python3 3.11.2 has the fanotify/exec deadlock of gh-104372)."""
+    return os.path.realpath(sys.executable)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dest = tmp_path_factory.mktemp("lsm-vm")
+    build_artifacts(dest)
+    return dest
+
+
+def _junit_failures(xml: Path) -> tuple[int, list[str]]:
+    root = ET.parse(xml).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    assert suite is not None, f"{xml}: no testsuite"
+    problems = []
+    for case in suite.iter("testcase"):
+        for kind in ("failure", "error", "skipped"):
+            el = case.find(kind)
+            if el is not None:
+                msg = (el.get("message") or "").splitlines()[0:1]
+                problems.append(f"{kind}: {case.get('name')}: {' '.join(msg)}")
+    return int(suite.get("tests", "0")), problems
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_lsm_suite_in_vm(kernel: str, artifacts: Path) -> None:
+    bpf_object = runner.REPO / "build" / "bpf" / "lsm.bpf.o"
+    assert bpf_object.exists(), f"{bpf_object} missing: run `make bpf`"
+    try:
+        runner.find_kernel(kernel)
+    except runner.VmError as e:
+        pytest.fail(str(e))  # install-deps installs both kernels; missing is a setup failure
+    xml = artifacts / f"junit-{kernel}.xml"
+    xml.unlink(missing_ok=True)
+    result = runner.run(
+        kernel,
+        [
+            guest_python(), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            str(HERE / "guest_lsm.py"), f"--junitxml={xml}",
+        ],
+        shares=[artifacts],
+        env={"TD_VM_ARTIFACTS": str(artifacts), "PYTHONDONTWRITEBYTECODE": "1"},
+        timeout=900,
+    )  # fmt: skip
+    tail = "\n".join(result.console.splitlines()[-60:])
+    assert not result.timed_out, f"{kernel}: VM timed out after {result.seconds:.0f}s\n{tail}"
+    assert xml.exists(), f"{kernel}: the guest wrote no results (exit {result.returncode})\n{tail}"
+    total, problems = _junit_failures(xml)
+    assert not problems, f"{kernel}: {len(problems)} of {total} cases:\n" + "\n".join(problems)
+    assert result.returncode == 0, f"{kernel}: guest pytest exited {result.returncode}\n{tail}"
+    assert total >= MIN_CASES, f"{kernel}: only {total} cases ran"
+    print(f"{kernel}: {total} cases passed in the VM ({result.seconds:.0f}s with boot)")
