@@ -78,6 +78,9 @@ MAX_CTIME_WAIT_NS = 1_100_000_000
 MAX_FIRST_SEEN = 65536
 """Keys inserted by `verify_file` that are kept (oldest dropped first)."""
 
+MAX_RECENT = 4096
+"""Digests `verify_file` remembers in memory, and verifications it queues for the database."""
+
 REASON_VANISHED = "vanished (no such file)"
 REASON_NOT_REGULAR = "not a regular file"
 REASON_UNTRUSTED = "content not trusted (changed since it was trusted?)"
@@ -310,6 +313,8 @@ class Mirror:
         """Keys inserted by `verify_file` (copies, chmod'ed files): kept while still trusted."""
         self._unrecorded: list[tuple[InodeKey, FileDigests]] = []
         """Verifications made by `verify_file`, written to the database by the next refresh."""
+        self._recent: dict[InodeKey, FileDigests] = {}
+        """What `verify_file` read lately, trusted or not (bounded, oldest dropped first)."""
         self._generation: int | None = None
         self.hash_count = 0
         """Files read and hashed over this mirror's life (tests and benchmarks use it)."""
@@ -548,6 +553,14 @@ class Mirror:
     def _digest_of(
         self, target: str | int, st: os.stat_result, key: InodeKey
     ) -> FileDigests | None:
+        """Digest of the file: remembered from a recent call (an untrusted binary run in a
+        loop is read once), cached in the database, or read now. Files that are neither ELF
+        nor `#!` nor executable are not read: a data file opened by a confined task has nothing
+        to trust."""
+        with self._lock:
+            recent = self._recent.get(key)
+        if recent is not None and recent.size == st.st_size:
+            return recent
         cached = self._db.digest_cache().lookup(key, st.st_size)
         if cached is not None:
             return cached
@@ -559,18 +572,22 @@ class Mirror:
         if not _same_file(st, hashed.stat):
             return None
         with self._lock:
-            self._unrecorded.append((key, hashed.digests))
+            self._recent[key] = hashed.digests
+            if len(self._recent) > MAX_RECENT:
+                del self._recent[next(iter(self._recent))]
+            if len(self._unrecorded) < MAX_RECENT:
+                self._unrecorded.append((key, hashed.digests))
         return hashed.digests
 
     @staticmethod
     def _hash_target(target: str | int) -> HashedFile:
         if isinstance(target, str):
-            hashed = hash_file(target)
+            hashed = hash_file(target, executable_only=True)
             if not _same_file(hashed.stat, os.stat(target)):
                 raise HashingError("changed while being hashed")
             return hashed
         os.lseek(target, 0, os.SEEK_SET)
-        return _hash_fd(target, want_sha256=False, want_md5=False)
+        return _hash_fd(target, want_sha256=False, want_md5=False, executable_only=True)
 
 
 __all__ = [

@@ -263,6 +263,18 @@ def test_verify_file_fast_path_queue_and_cap(
     assert sink.present == {key_of(f), key_of(copies[1]), key_of(copies[2])}
 
 
+def test_verify_file_reads_an_untrusted_binary_once_and_data_never(
+    trust: Trust, tmp_path: Path
+) -> None:
+    trust.trust(write(tmp_path / "trusted", b"\x7fELF trusted"))
+    mirror = Mirror(trust.db, ListSink())
+    evil = write(tmp_path / "evil", b"\x7fELF untrusted")
+    assert mirror.verify_file(str(evil)) is None and mirror.hash_count == 1
+    assert mirror.verify_file(str(evil)) is None and mirror.hash_count == 1  # remembered
+    data = write(tmp_path / "data.txt", b"plain text, no exec bit", mode=0o644)
+    assert mirror.verify_file(str(data)) is None and mirror.hash_count == 1  # never read
+
+
 def test_cache_hit_does_not_read_again(trust: Trust, tmp_path: Path) -> None:
     files = [write(tmp_path / f"f{i}", b"\x7fELF %d" % i) for i in range(20)]
     trust.trust(*files)
