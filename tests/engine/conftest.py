@@ -133,10 +133,10 @@ def closure(binaries: Iterable[str]) -> list[str]:
 def make_engine(cgroup: Path, bpf_object: Path, mode: Mode, **kw: object) -> Engine:
     from trustdb.backends.tracepoint import TracepointBackend
 
+    kw.setdefault("max_entries", 1 << 16)
     config = EngineConfig(
         mode=mode,
         scope=Scope.for_cgroup(cgroup),
-        max_entries=1 << 16,
         **kw,  # type: ignore[arg-type]
     )
     return Engine(config, backend=TracepointBackend(objdir=bpf_object.parent))

@@ -8,6 +8,7 @@ A backend subclass names its object file and its identity; everything else is he
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,10 @@ class MapKeySink:
                 [bytes(CInodeKey.from_key(k)) for k in keys], [_TRUSTED] * len(keys)
             )
         except LibbpfError as e:
+            if e.errno == errno.E2BIG:
+                raise BackendError(
+                    "the kernel's trusted-inode map is full (raise max_entries)"
+                ) from e
             raise BackendError(f"cannot insert trusted inode keys: {e.strerror}") from e
 
     def remove(self, keys: Sequence[InodeKey]) -> None:
