@@ -88,6 +88,8 @@ class DenialReporter:
     db: Path
     command: str = ""
     """The resolved CMD: a denial of it means CMD itself is not trusted."""
+    command_pid: int = 0
+    """The host pid of the confined init: its first exec is CMD."""
     out: TextIO = field(default_factory=lambda: sys.stderr)
     seen: set[tuple[int, int, int]] = field(default_factory=set)
     count: int = 0
@@ -110,12 +112,20 @@ class DenialReporter:
         verb = "denied" if d.verdict == Verdict.DENY else "would deny (audit)"
         hook = _HOOK_WORDS.get(d.hook, d.hook.name.lower())
         path = d.path or f"inode {d.dev >> 20}:{d.dev & 0xFFFFF}/{d.ino}"
+        is_command = self.command and d.hook == Hook.EXEC and (
+            path == self.command or (d.tgid == self.command_pid and
+                                     os.path.basename(self.command) == os.path.basename(path)))
+        if is_command:
+            path = self.command
         text = f"trustdb: {verb} {hook} of {path} ({who}): not in the trust database."
-        if self.command and d.hook == Hook.EXEC and path == self.command:
+        if is_command:
             text += " It is the command you asked to run: it must be trusted itself."
+        db = "" if self.db == DEFAULT_DB else f" --db {self.db}"
         if path.startswith("/"):
-            db = "" if self.db == DEFAULT_DB else f" --db {self.db}"
             text += f" To trust it: trustdb trust{db} {path}"
+        elif d.ino:
+            text += (f" To trust it: trustdb trust{db} PATH, where PATH is the file with inode "
+                     f"{d.ino} on device {d.dev >> 20}:{d.dev & 0xFFFFF}")
         return text
 
 
@@ -278,6 +288,7 @@ def run(options: RunOptions, *, engine_factory: EngineFactory = default_engine,
         plan = confine.MountPlan.for_run(db, [*_log_dirs(), *options.read_only])
         child = confine.spawn(options.argv, cgroup, plan)
         reporter.command = confine.resolve_command(options.argv, dict(os.environ))
+        reporter.command_pid = child.pid
         config = EngineConfig(
             mode=options.mode,
             scope=Scope.for_cgroup(cgroup.path),

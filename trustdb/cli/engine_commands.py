@@ -14,7 +14,9 @@ import typer
 from trustdb.abi import Mode
 from trustdb.cli import app
 from trustdb.cli.common import DEFAULT_DB_PATH, DbOption, JsonOption, fatal
-from trustdb.supervisor import RunOptions, SupervisorError
+
+# trustdb.supervisor is imported inside each verb: it pulls in libbpf, which the other verbs
+# (and `--help`) must not need.
 
 BackendOption = Annotated[
     str | None,
@@ -55,7 +57,7 @@ def run(
     """
     from trustdb import supervisor
 
-    options = RunOptions(
+    options = supervisor.RunOptions(
         argv=command,
         db=db,
         mode=Mode.AUDIT if audit else Mode.ENFORCE,
@@ -64,7 +66,7 @@ def run(
     )
     try:
         status = supervisor.run(options)
-    except SupervisorError as e:
+    except supervisor.SupervisorError as e:
         fatal(str(e))
     except KeyboardInterrupt:
         raise typer.Exit(code=130) from None
@@ -92,7 +94,7 @@ def daemon(
         status = supervisor.daemon(
             db=db, mode=Mode.ENFORCE if mode == "enforce" else Mode.AUDIT, backend=backend
         )
-    except SupervisorError as e:
+    except supervisor.SupervisorError as e:
         fatal(str(e))
     raise typer.Exit(code=status)
 
