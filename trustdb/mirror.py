@@ -21,10 +21,14 @@ Decisions made here, each for a reason from /work/shared/KERNEL-NOTES.md:
   would never match what the hook sees, so the file is reported, never silently mis-keyed.
 - coarse ctime (kernels < 6.13, or a filesystem without multigrain timestamps): a write in the
   same clock tick as our read keeps the old ctime, so the old key would still match modified
-  content. A file is verified only once CLOCK_REALTIME_COARSE (the clock the kernel stamps ctime
-  from) is past its ctime (past its whole second when the filesystem only keeps seconds); any
-  later write then moves ctime. Files younger than that are deferred, and `sync` waits out the
-  tick and verifies them afterwards.
+  content; and a file deleted and re-created in that tick can get the same inode number (ext4
+  reuses it at once) and ctime, so the same key. A file is verified only once
+  CLOCK_REALTIME_COARSE (the clock the kernel stamps ctime from) is past its ctime (past its
+  timestamp granularity); any later write or re-created inode then gets another ctime. Files
+  younger than that are deferred, and `sync` waits out the tick and verifies them afterwards.
+  With multigrain timestamps (6.13+: ext4, xfs, btrfs, tmpfs) our stat() marks the ctime as
+  seen, so the next change of that inode, unlink included, gets a newer fine-grained ctime and
+  raises the floor of every later stamp: no wait is needed there.
 - a key includes ctime, so chmod, link or rename of a trusted file makes the kernel miss: the
   first-seen path (`verify_file`, called by the fanotify pre-warm hook before the kernel decides)
   re-hashes and inserts the new key when the content is still trusted.
@@ -72,8 +76,8 @@ MULTIGRAIN_KERNEL = (6, 13)
 CLOCK_REALTIME_COARSE = 5
 """Linux clock id (Python 3.11 has no constant): current_time() stamps ctime from this clock."""
 
-MAX_CTIME_WAIT_NS = 1_100_000_000
-"""Longest wait for a file's ctime tick to pass (a filesystem with 1 s timestamps)."""
+MAX_CTIME_WAIT_NS = 2_100_000_000
+"""Longest wait for a file's ctime tick to pass (a filesystem with 2 s timestamps)."""
 
 MAX_FIRST_SEEN = 65536
 """Keys inserted by `verify_file` that are kept (oldest dropped first)."""
@@ -138,13 +142,19 @@ def wait_for_coarse_clock(until_ns: int) -> None:
 
 
 def ctime_settled_at(st: os.stat_result) -> int:
-    """The coarse clock value after which a write to this file is sure to move its ctime.
+    """The coarse clock value after which any new ctime stamp differs from this file's.
 
-    A ctime with zero nanoseconds is taken to come from a filesystem that keeps whole seconds,
-    so the whole second must pass; otherwise the clock must merely be past the ctime."""
-    if st.st_ctime_ns % 1_000_000_000 == 0:
-        return st.st_ctime_ns + 1_000_000_000
-    return st.st_ctime_ns + 1
+    Filesystems truncate timestamps to their granularity, which the trailing zeros of the
+    nanoseconds reveal: 100 ns (cifs, ntfs), 10 ms (exfat); zero nanoseconds is taken as a
+    filesystem that keeps seconds or, like vfat, two. One clock unit past that, a write to this
+    inode, or a new inode that reuses its number, gets another ctime and so another key."""
+    nsec = st.st_ctime_ns % 1_000_000_000
+    if nsec == 0:
+        return st.st_ctime_ns + 2_000_000_000
+    granularity = 1
+    while granularity < 100_000_000 and nsec % (granularity * 10) == 0:
+        granularity *= 10
+    return st.st_ctime_ns + granularity
 
 
 # --- values --------------------------------------------------------------------------------

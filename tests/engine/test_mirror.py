@@ -326,8 +326,32 @@ def test_ctime_rules() -> None:
     assert kernel_has_multigrain("6.18.44-fc-v595") and kernel_has_multigrain("6.13.0")
     assert not kernel_has_multigrain("6.12.95+deb12-amd64")
     assert not kernel_has_multigrain("6.1.0-35-amd64")
-    whole = os.stat_result((0o100644, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5 * 10**9))
-    assert ctime_settled_at(whole) == 6 * 10**9  # 1-second filesystem: the whole second
+
+    def at(ctime_ns: int) -> int:
+        st = os.stat_result((0o100644, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ctime_ns))
+        return ctime_settled_at(st) - ctime_ns
+
+    assert at(5 * 10**9) == 2 * 10**9  # seconds (or vfat's two): wait them out
+    assert at(5 * 10**9 + 120_000_000) == 10**7  # exfat: 10 ms
+    assert at(5 * 10**9 + 123_456_700) == 100  # cifs, ntfs: 100 ns
+    assert at(5 * 10**9 + 123_456_789) == 1
+
+
+def test_recreated_inode_gets_another_key(trust: Trust, tmp_path: Path) -> None:
+    """Delete a verified file and create another at once: ext4 hands out the same inode
+    number, and only ctime tells the two apart (multigrain here, the coarse-clock rule before
+    6.13)."""
+    good = write(tmp_path / "tool", b"\x7fELF trusted")
+    trust.trust(good)
+    sink = ListSink()
+    mirror = Mirror(trust.db, sink)
+    old = mirror.verify_file(str(good))
+    assert old is not None
+    os.unlink(good)
+    evil = write(tmp_path / "tool2", b"\x7fELF evil")
+    new = key_of(evil)
+    assert new != old
+    assert mirror.verify_file(str(evil)) is None and new not in sink.present
 
 
 @pytest.fixture
