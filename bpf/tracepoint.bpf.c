@@ -159,6 +159,24 @@ static __always_inline int td_check_run(struct task_struct *task, struct mm_stru
 	return TD_ALLOW;
 }
 
+/* The file behind `fd` in the current task, judged as an mmap when the mapping made from it
+ * could not be located. */
+static __always_inline void td_check_fd(struct task_struct *task, __u64 fd)
+{
+	struct file **fds;
+	struct file *file = NULL;
+	unsigned int max;
+
+	fds = BPF_CORE_READ(task, files, fdt, fd);
+	max = BPF_CORE_READ(task, files, fdt, max_fds);
+	if (fd < max)
+		bpf_core_read(&file, sizeof(file), &fds[fd]);
+	if (file)
+		td_check_file(task, TD_HOOK_MMAP, file);
+	else
+		td_deny(task, TD_HOOK_MMAP, TD_REASON_UNVERIFIABLE, NULL, NULL);
+}
+
 #define TD_AT_BASE 7
 
 /* Value of `type` in the auxiliary vector the kernel built for this exec (0 if absent). */
@@ -303,9 +321,11 @@ int BPF_PROG(handle_mmap_unlock, struct mm_struct *mm, bool write)
 			if (verdict >= 0)
 				break;
 		}
-		/* An executable file mapping we cannot locate (or a failed mmap): fail closed. */
+		/* No mapping where it should be: most likely the mmap failed (a noexec mount, a
+		 * JIT probing /dev/shm). Judge the file behind the fd instead; only a swap of that
+		 * fd by another thread could fool this, so an untrusted or missing file is denied. */
 		if (verdict < 0)
-			td_deny(task, TD_HOOK_MMAP, TD_REASON_UNVERIFIABLE, NULL, NULL);
+			td_check_fd(task, BPF_CORE_READ(regs, r8));
 		return 0;
 	}
 	if (nr == TD_NR_REMAP_FILE_PAGES) {
