@@ -307,15 +307,23 @@ def test_batches_and_refresh(trust: Trust, tmp_path: Path) -> None:
     assert stats is not None and (stats.inserted, stats.removed, stats.cached) == (1, 0, 4)
 
 
-def test_coarse_ctime_defers_until_the_tick_passed(trust: Trust, tmp_path: Path) -> None:
+def test_coarse_ctime_defers_until_the_tick_passed(
+    trust: Trust, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     f = write(tmp_path / "fresh", b"\x7fELF fresh")
     trust.trust(f)
-    os.utime(f)  # ctime = now: inside the current coarse tick
+    # A coarse clock 50 ms behind (a long tick): the file is surely inside the current tick
+    # however slowly this shared machine runs the next lines.
+    lag = 50_000_000
+    monkeypatch.setattr("trustdb.mirror.coarse_now_ns", lambda: coarse_now_ns() - lag)
+    os.utime(f)  # ctime = now
     sink = ListSink()
+    started = time.monotonic()
     stats = Mirror(trust.db, sink, multigrain=False).sync()
     assert stats.deferred == 1 and sink.present == {key_of(f)}
+    assert time.monotonic() - started >= 0.03  # it waited for the clock
     # Verified only once the coarse clock was past the ctime: any later write moves the key.
-    assert coarse_now_ns() >= ctime_settled_at(os.stat(f))
+    assert coarse_now_ns() - lag >= ctime_settled_at(os.stat(f))
     # With multigrain ctime (6.13+ on ext4/tmpfs) nothing needs to wait.
     os.utime(f)
     stats = Mirror(trust.db, ListSink(), multigrain=True).sync()
