@@ -5,26 +5,31 @@ Baseline: the cold sync. Files are copies of the binaries in /usr/bin (real size
 temporary directory on the disk of the tmp dir; the page cache is warm in both cases (dropping
 it would slow every other user of this shared machine), so "cold" measures hashing, not I/O.
 
+Also the first-seen path: `Mirror.verify_file` on fresh copies of /usr/bin/git (what an exec of
+a copied or chmod'ed trusted binary costs before the kernel decides), against the same call once
+the key is known (the fast path every other exec takes through the pre-warm hook).
+
     python3 bench/mirror.py [--files N] [--rounds R]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trustdb.db import PathRecord, TrustDB
+from trustdb.db import TrustDB
 from trustdb.hashing import hash_file
 from trustdb.mirror import Mirror, MirrorSource, MirrorStats
-from trustdb.model import FileDigests, InodeKey, TrustEntry
+from trustdb.model import InodeKey, TrustEntry
 
 
 class CountingSink:
@@ -36,36 +41,6 @@ class CountingSink:
 
     def remove(self, keys: Sequence[InodeKey]) -> None:
         self.count -= len(keys)
-
-
-class DictDB:
-    """Stand-in used only while trustdb.db.TrustDB is not implemented (printed when used)."""
-
-    def __init__(self, entries: list[TrustEntry]) -> None:
-        self._paths = {e.path: e.digest for e in entries}
-        self._digests = set(self._paths.values())
-        self._cache: dict[tuple[InodeKey, int], FileDigests] = {}
-
-    generation = 1
-
-    def iter_paths(self, label: str | None = None) -> Iterator[PathRecord]:
-        return (PathRecord(p, "bench", d, "", 0.0) for p, d in sorted(self._paths.items()))
-
-    def is_trusted(self, digest: bytes) -> bool:
-        return digest in self._digests
-
-    def digest_cache(self) -> DictDB:
-        return self
-
-    def lookup(self, key: InodeKey, size: int) -> FileDigests | None:
-        return self._cache.get((key, size))
-
-    def record_verification(self, key: InodeKey, digests: FileDigests) -> None:
-        self._cache[(key, digests.size)] = digests
-
-    def record_verifications(self, items: Iterable[tuple[InodeKey, FileDigests]]) -> None:
-        for key, digests in items:
-            self.record_verification(key, digests)
 
 
 def make_files(root: Path, n: int) -> list[TrustEntry]:
@@ -82,17 +57,46 @@ def make_files(root: Path, n: int) -> list[TrustEntry]:
     return entries
 
 
-def open_db(root: Path, entries: list[TrustEntry]) -> tuple[MirrorSource, str]:
-    try:
-        db = TrustDB.open(root / "db", write=True)
-    except NotImplementedError:
-        return DictDB(entries), "in-memory stand-in (TrustDB not implemented)"
+def open_db(root: Path, entries: list[TrustEntry]) -> TrustDB:
+    db = TrustDB.open(root / "db", write=True)
     db.add_entries("bench", "manual", entries)
-    return db, "LMDB TrustDB"
+    return db
 
 
 def timed_sync(db: MirrorSource) -> MirrorStats:
     return Mirror(db, CountingSink()).sync()
+
+
+FIRST_SEEN_BINARY = os.path.realpath(
+    "/usr/bin/git" if os.path.exists("/usr/bin/git") else "/bin/sh"
+)
+"""A large, common binary: the first-seen cost is mostly hashing it."""
+
+
+def first_seen(root: Path, db: TrustDB, copies: int = 40) -> tuple[float, float]:
+    """Median seconds of verify_file on fresh copies of a trusted binary (the exec of a copy
+    or of a chmod'ed file), then on the same files again (key already in the map)."""
+    h = hash_file(FIRST_SEEN_BINARY)
+    db.add_entries(
+        "bench-first-seen",
+        "manual",
+        [TrustEntry(FIRST_SEEN_BINARY, h.digests.blake3, h.digests.size, h.digests.kind)],
+    )
+    paths = []
+    for i in range(copies):
+        paths.append(str(root / f"copy{i}"))
+        shutil.copyfile(FIRST_SEEN_BINARY, paths[-1])
+    time.sleep(0.1)
+    mirror = Mirror(db, CountingSink())
+    unknown, known = [], []
+    for p in paths:
+        t0 = time.perf_counter()
+        assert mirror.verify_file(p) is not None
+        t1 = time.perf_counter()
+        mirror.verify_file(p)
+        known.append(time.perf_counter() - t1)
+        unknown.append(t1 - t0)
+    return statistics.median(unknown), statistics.median(known)
 
 
 def main() -> None:
@@ -109,19 +113,19 @@ def main() -> None:
             (root / "db").mkdir(parents=True)
             entries = make_files(root, args.files)
             total_bytes = sum(e.size for e in entries)
-            db, kind = open_db(root, entries)
+            db = open_db(root, entries)
             time.sleep(0.1)  # past the ctime window in which the database will not cache
             c = timed_sync(db)
             w = timed_sync(db)
             assert c.hashed == args.files and w.cached == args.files and w.hashed == 0, (c, w)
             cold.append(c.elapsed)
             warm.append(w.elapsed)
-            close = getattr(db, "close", None)
-            if close is not None:
-                close()
+            if r == 0:
+                first, known = first_seen(root, db)
+            db.close()
             shutil.rmtree(root)
     c_med, w_med = statistics.median(cold), statistics.median(warm)
-    print(f"mirror of {args.files} files ({total_bytes / 1e6:.0f} MB), database: {kind}")
+    print(f"mirror of {args.files} files ({total_bytes / 1e6:.0f} MB), LMDB trust database")
     print(
         f"  cold (hash every file):     {c_med * 1e3:8.1f} ms  ({total_bytes / c_med / 1e9:.2f} GB/s)"
     )
@@ -129,6 +133,13 @@ def main() -> None:
         f"  warm (verification cache):  {w_med * 1e3:8.1f} ms  ({w_med / args.files * 1e6:.1f} us/file)"
     )
     print(f"  warm / cold = x{w_med / c_med:.3f}   (cold is x{c_med / w_med:.1f} the warm sync)")
+    size = os.path.getsize(FIRST_SEEN_BINARY) / 1e6
+    print(
+        f"first-seen path (Mirror.verify_file), fresh copies of {FIRST_SEEN_BINARY} ({size:.1f} MB):"
+    )
+    print(f"  unknown key (hash, insert):  {first * 1e3:8.3f} ms per file")
+    print(f"  known key (fast path):       {known * 1e6:8.1f} us per call")
+    print(f"  known / unknown = x{known / first:.4f}")
 
 
 if __name__ == "__main__":

@@ -277,7 +277,7 @@ _VERDICT_WORD = {Verdict.ALLOW: "ALLOW", Verdict.DENY: "DENY", Verdict.AUDIT_DEN
 
 
 def render_text(d: Decision) -> str:
-    when = d.time.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    when = d.time.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
     what = d.path or "-"
     exe = f" exe={d.exe}" if d.exe and d.exe != d.path else ""
     return (
