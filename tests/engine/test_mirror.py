@@ -145,6 +145,15 @@ def settle() -> None:
     time.sleep(FRESH_CTIME_SECONDS + 0.01)
 
 
+def synced(trust: Trust, *files: Path) -> tuple[ListSink, Mirror]:
+    """Trust `files`, then a mirror synced into a fresh ListSink."""
+    trust.trust(*files)
+    sink = ListSink()
+    mirror = Mirror(trust.db, sink)
+    mirror.sync()
+    return sink, mirror
+
+
 def key_of(path: Path) -> InodeKey:
     return InodeKey.from_stat(os.stat(path))
 
@@ -182,10 +191,7 @@ def test_modified_after_trust_is_not_inserted(trust: Trust, tmp_path: Path) -> N
 
 def test_modified_after_mirror_loses_its_key(trust: Trust, tmp_path: Path) -> None:
     f = write(tmp_path / "tool", b"\x7fELF original")
-    trust.trust(f)
-    sink = ListSink()
-    mirror = Mirror(trust.db, sink)
-    mirror.sync()
+    sink, mirror = synced(trust, f)
     old = key_of(f)
     assert sink.present == {old}
     f.write_bytes(b"\x7fELF tampered")
@@ -196,10 +202,7 @@ def test_modified_after_mirror_loses_its_key(trust: Trust, tmp_path: Path) -> No
 
 def test_chmod_of_trusted_file_is_rehashed_and_inserted(trust: Trust, tmp_path: Path) -> None:
     f = write(tmp_path / "tool", b"\x7fELF chmod me")
-    trust.trust(f)
-    sink = ListSink()
-    mirror = Mirror(trust.db, sink)
-    mirror.sync()
+    sink, mirror = synced(trust, f)
     before_key, before_hashes = key_of(f), mirror.hash_count
     f.chmod(0o700)  # moves ctime: the kernel now misses, content is unchanged
     after_key = key_of(f)
