@@ -20,6 +20,7 @@ unreadable md5sums file, a malformed md5sums line.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,10 +83,8 @@ class DebImporter(OnDiskImporter):
     def collect(self, cache: DigestCache) -> Iterator[TrustEntry | SkippedEntry]:
         packages = read_status(os.path.join(self.admindir, "status"))
         diversions = read_diversions(os.path.join(self.admindir, "diversions"))
-        info = os.path.join(self.admindir, "info")
-        if not os.path.isdir(info):
-            raise DebImporterError(f"dpkg database incomplete: {info} is not a directory")
-        claims = (package_claims(pkg, info, diversions) for pkg in packages)
+        info = InfoDir.read(os.path.join(self.admindir, "info"))
+        claims = (functools.partial(package_claims, pkg, info, diversions) for pkg in packages)
         yield from self.verify(claims, len(packages), cache)
 
 
@@ -157,13 +156,26 @@ def read_diversions(path: str) -> dict[str, tuple[str, str]]:
     return {lines[i]: (lines[i + 1], lines[i + 2]) for i in range(0, len(lines), 3)}
 
 
-def _info_file(info: str, pkg: DebPackage, suffix: str) -> str | None:
-    # Multi-Arch: same packages keep `PKG:ARCH.*`, all others `PKG.*`.
-    for name in (f"{pkg.name}:{pkg.architecture}", pkg.name):
-        path = os.path.join(info, f"{name}.{suffix}")
-        if os.path.exists(path):
-            return path
-    return None
+@dataclass(frozen=True, slots=True)
+class InfoDir:
+    """dpkg's `info/` directory, listed once (one stat per package file would cost more)."""
+
+    path: str
+    names: frozenset[str]
+
+    @classmethod
+    def read(cls, path: str) -> InfoDir:
+        try:
+            return cls(path, frozenset(os.listdir(path)))
+        except OSError as e:
+            raise DebImporterError(f"dpkg database incomplete: cannot list {path}: {e}") from e
+
+    def find(self, pkg: DebPackage, suffix: str) -> str | None:
+        # Multi-Arch: same packages keep `PKG:ARCH.*`, all others `PKG.*`.
+        for name in (f"{pkg.name}:{pkg.architecture}.{suffix}", f"{pkg.name}.{suffix}"):
+            if name in self.names:
+                return os.path.join(self.path, name)
+        return None
 
 
 def _read_lines(path: str) -> list[str]:
@@ -172,16 +184,16 @@ def _read_lines(path: str) -> list[str]:
 
 
 def package_claims(
-    pkg: DebPackage, info: str, diversions: dict[str, tuple[str, str]]
+    pkg: DebPackage, info: InfoDir, diversions: dict[str, tuple[str, str]]
 ) -> PackageClaims:
     """Every file the package claims, with its MD5 where dpkg recorded one."""
     skipped: list[SkippedEntry] = []
     digests: dict[str, bytes] = {}
-    md5sums = _info_file(info, pkg, "md5sums")
+    md5sums = info.find(pkg, "md5sums")
     if md5sums is None:
         skipped.append(
             SkippedEntry(
-                os.path.join(info, f"{pkg.name}.md5sums"),
+                os.path.join(info.path, f"{pkg.name}.md5sums"),
                 "package has no md5sums file: its files are unverifiable",
                 pkg.origin,
             )
@@ -208,7 +220,7 @@ def package_claims(
             digests["/" + (rel.removeprefix("./")).lstrip("/")] = digest
     digests.update(pkg.conffiles)
     claims = [FileClaim(_where(p, pkg, diversions), "md5", d) for p, d in digests.items()]
-    listed = _info_file(info, pkg, "list")
+    listed = info.find(pkg, "list")
     if listed is not None:
         try:
             paths = _read_lines(listed)

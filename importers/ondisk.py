@@ -250,15 +250,21 @@ def verify_claim(
     return _Outcome(entry, hashed, cached)
 
 
+PackageSource = PackageClaims | Callable[[], PackageClaims]
+"""A package's claims, or a function that reads them (run on a worker thread, so reading a
+package database's per-package files overlaps with hashing)."""
+
+
 def _verify_package(
-    root: Root, pkg: PackageClaims, cache: DigestCache, all_files: bool
-) -> list[_Outcome]:
-    return [verify_claim(root, c, pkg.origin, cache, all_files=all_files) for c in pkg.claims]
+    root: Root, source: PackageSource, cache: DigestCache, all_files: bool
+) -> tuple[PackageClaims, list[_Outcome]]:
+    pkg = source if isinstance(source, PackageClaims) else source()
+    return pkg, [verify_claim(root, c, pkg.origin, cache, all_files=all_files) for c in pkg.claims]
 
 
 def verify_packages(
     root: Root,
-    packages: Iterable[PackageClaims],
+    packages: Iterable[PackageSource],
     cache: DigestCache,
     stats: ImportStats,
     *,
@@ -272,7 +278,7 @@ def verify_packages(
     At most `2 * workers` packages are in flight, so memory stays flat on any system size.
     """
     locked = LockedCache(cache)
-    window: deque[tuple[PackageClaims, Future[list[_Outcome]]]] = deque()
+    window: deque[Future[tuple[PackageClaims, list[_Outcome]]]] = deque()
     done = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trustdb-verify") as pool:
         it = iter(packages)
@@ -283,16 +289,16 @@ def verify_packages(
                 if pkg is None:
                     exhausted = True
                     break
-                window.append((pkg, pool.submit(_verify_package, root, pkg, locked, all_files)))
+                window.append(pool.submit(_verify_package, root, pkg, locked, all_files))
             if not window:
                 break
-            pkg, fut = window.popleft()
+            pkg, outcomes = window.popleft().result()
             stats.packages += 1
             for skip in pkg.skipped:
                 stats.skipped += 1
                 stats.fatal += skip.fatal
                 yield skip
-            for outcome in fut.result():
+            for outcome in outcomes:
                 if not outcome.counted:
                     continue
                 stats.files += 1
@@ -328,7 +334,7 @@ class OnDiskImporter(Importer):
         self.stats = ImportStats()
 
     def verify(
-        self, packages: Iterable[PackageClaims], total: int, cache: DigestCache
+        self, packages: Iterable[PackageSource], total: int, cache: DigestCache
     ) -> Iterator[TrustEntry | SkippedEntry]:
         return verify_packages(
             self.root,

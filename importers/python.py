@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import functools
 import glob
 import os
 from collections.abc import Iterator
@@ -72,7 +73,9 @@ class PythonImporter(OnDiskImporter):
 
     def collect(self, cache: DigestCache) -> Iterator[TrustEntry | SkippedEntry]:
         dists = [d for site in self.site_dirs() for d in _distributions(site)]
-        yield from self.verify((distribution_claims(d) for d in dists), len(dists), cache)
+        yield from self.verify(
+            (functools.partial(distribution_claims, d) for d in dists), len(dists), cache
+        )
 
 
 def _distributions(site: str) -> list[str]:

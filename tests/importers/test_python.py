@@ -18,10 +18,12 @@ from trustdb.db import TrustDB
 from trustdb.model import FileKind, SkippedEntry, TrustEntry
 
 
-def collect(path: Path, **kw: bool) -> tuple[dict[str, TrustEntry], list[SkippedEntry]]:
+def collect(
+    path: Path, *, all_files: bool = False
+) -> tuple[dict[str, TrustEntry], list[SkippedEntry]]:
     entries: dict[str, TrustEntry] = {}
     skipped: list[SkippedEntry] = []
-    for item in PythonImporter(path=str(path), **kw).collect(NoCache()):
+    for item in PythonImporter(path=str(path), all_files=all_files).collect(NoCache()):
         if isinstance(item, TrustEntry):
             entries[item.path] = item
         else:

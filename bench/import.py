@@ -1,0 +1,83 @@
+"""`trustdb import deb` of this machine's whole dpkg database: into a fresh database, then again
+with nothing changed, in one run (the machine is shared and noisy: compare the ratios).
+
+Baseline, for scale: fapolicyd 1.1.7 needed 54.7 s just to load a 137k-entry trust list at
+startup on this machine (2.5k entries/s), before deciding anything. The first trustdb import
+does more per entry (reads each executable file, checks dpkg's MD5, computes BLAKE3 and
+SHA-256); the second is what a package-manager hook or a restart pays.
+
+    python3 bench/import.py [--root DIR] [--admindir DIR] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+FAPOLICYD_SECONDS = 54.7
+FAPOLICYD_ENTRIES = 137_000
+
+
+def run_import(db: Path, extra: list[str]) -> tuple[float, dict[str, Any], int]:
+    cmd = [sys.executable, "-c", "from trustdb.cli import main; main()"]
+    cmd += ["import", "deb", "--db", str(db), "--json", *extra]
+    start = time.monotonic()
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.monotonic() - start
+    if result.returncode not in (0, 3):  # 3: imported, some files failed verification
+        sys.exit(f"bench: import failed ({result.returncode}): {result.stderr.strip()}")
+    (source,) = json.loads(result.stdout)["sources"]
+    return wall, source, result.returncode
+
+
+def describe(name: str, wall: float, src: dict[str, Any]) -> None:
+    st, w = src["stats"], src["write"]
+    print(
+        f"{name}: {wall:6.2f} s wall  {st['packages']} packages, {st['files']} files, "
+        f"{st['recorded']} trusted ({st['bytes_recorded'] / 1e9:.2f} GB), "
+        f"{st['bytes_hashed'] / 1e9:.2f} GB read, {st['cache_hits']} cache hits, "
+        f"{st['skipped']} skipped ({st['fatal']} failed); "
+        f"db +{w['added']} -{w['removed']} ={w['unchanged']}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", help="dpkg root (default /)")
+    ap.add_argument("--admindir", help="dpkg admin dir")
+    ap.add_argument("--keep", type=Path, help="database directory to use and keep")
+    args = ap.parse_args()
+    extra = []
+    if args.root:
+        extra += ["--root", args.root]
+    if args.admindir:
+        extra += ["--admindir", args.admindir]
+
+    with tempfile.TemporaryDirectory(prefix="trustdb-bench-") as tmp:
+        db = args.keep or Path(tmp) / "db"
+        first_wall, first, _ = run_import(db, extra)
+        second_wall, second, _ = run_import(db, extra)
+
+    describe("first import (fresh db)   ", first_wall, first)
+    describe("second import (unchanged) ", second_wall, second)
+    print(f"ratio second/first: {second_wall / first_wall:.3f}")
+    base_rate = FAPOLICYD_ENTRIES / FAPOLICYD_SECONDS
+    files = first["stats"]["files"]
+    print(
+        f"baseline fapolicyd 1.1.7: {FAPOLICYD_SECONDS} s to load {FAPOLICYD_ENTRIES} entries "
+        f"({base_rate:,.0f}/s). trustdb, files examined per second: first "
+        f"{files / first_wall:,.0f}/s ({files / first_wall / base_rate:.1f}x), unchanged "
+        f"{files / second_wall:,.0f}/s ({files / second_wall / base_rate:.1f}x)"
+    )
+    if second["write"]["added"] or second["write"]["removed"]:
+        sys.exit("bench: the unchanged re-import wrote something")
+
+
+if __name__ == "__main__":
+    main()
