@@ -155,6 +155,9 @@ class EngineSession:
             self._backend = backends.select(backend)
             self._closers.append(self._backend.detach)
             self._backend.load(config)
+            protect = getattr(self._backend, "protect_database", None)
+            if protect is not None and not config.scope.system_wide:
+                protect(db)  # lsm: the kernel itself refuses the confined tree any DB change
             self._mirror = Mirror(self._db, self._backend.trusted_inodes)
             self._mirror.sync()
             self._start_prewarm(config)
