@@ -21,7 +21,7 @@ import pytest
 
 from trustdb.abi import Mode
 from trustdb.backends.interface import EngineConfig, Scope
-from trustdb.engine import Engine
+from trustdb.engine import Engine, Prewarm
 from trustdb.model import InodeKey
 
 CGROUP2 = Path(os.environ.get("TRUSTDB_CGROUP2", "/sys/fs/cgroup/unified"))
@@ -130,7 +130,10 @@ def closure(binaries: Iterable[str]) -> list[str]:
     return sorted(out)
 
 
-def make_engine(cgroup: Path, bpf_object: Path, mode: Mode, **kw: object) -> Engine:
+def make_engine(
+    cgroup: Path, bpf_object: Path, mode: Mode, *, prewarm: Prewarm | None = None, **kw: object
+) -> Engine:
+    """An engine on the tracepoint backend scoped to `cgroup`; `kw` go to EngineConfig."""
     from trustdb.backends.tracepoint import TracepointBackend
 
     kw.setdefault("max_entries", 1 << 16)
@@ -139,7 +142,7 @@ def make_engine(cgroup: Path, bpf_object: Path, mode: Mode, **kw: object) -> Eng
         scope=Scope.for_cgroup(cgroup),
         **kw,  # type: ignore[arg-type]
     )
-    return Engine(config, backend=TracepointBackend(objdir=bpf_object.parent))
+    return Engine(config, backend=TracepointBackend(objdir=bpf_object.parent), prewarm=prewarm)
 
 
 @pytest.fixture

@@ -541,3 +541,63 @@ def test_key_matches_kernel_for_new_file(
         assert ctypes.sizeof(e) == ctypes.sizeof(CEvent)
     finally:
         ev.close()
+
+
+# ---- first-seen files: the fanotify pre-warm ------------------------------------------------
+
+
+@pytest.fixture
+def prewarmed(cgroup: Path, bpf_object: Path, progs: dict[str, Path]) -> Iterator[Confined]:
+    """An enforcing engine whose pre-warm trusts by content: any file whose bytes equal the
+    `hello` program's gets its key inserted (what the mirror's verify_file does with BLAKE3)."""
+    trusted_content = progs["hello"].read_bytes()
+    holder: list[Engine] = []
+    calls: list[int] = []
+
+    def prewarm(target: str | int) -> InodeKey | None:
+        assert isinstance(target, int)
+        calls.append(target)
+        st = os.fstat(target)
+        if os.pread(target, st.st_size + 1, 0) != trusted_content:
+            return None
+        key = InodeKey.from_stat(st)
+        holder[0].trusted_inodes.add([key])
+        return key
+
+    engine = make_engine(cgroup, bpf_object, Mode.ENFORCE, prewarm=prewarm)
+    holder.append(engine)
+    with engine:
+        c = Confined(engine, cgroup)
+        c.trust(closure(["/bin/sh", "/bin/true", "cp", "chmod"]))
+        yield c
+    assert calls, "the pre-warm callback never ran"
+
+
+def test_copy_of_trusted_binary_runs(
+    prewarmed: Confined, progs: dict[str, Path], tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy-of-hello"
+    shutil.copy(progs["hello"], copy)
+    r = prewarmed.run([str(copy)])
+    assert r.returncode == 0 and r.stdout == "hello\n"
+
+
+def test_chmod_of_trusted_binary_runs(
+    prewarmed: Confined, progs: dict[str, Path], tmp_path: Path
+) -> None:
+    copy = tmp_path / "hello"
+    shutil.copy(progs["hello"], copy)
+    assert prewarmed.run([str(copy)]).stdout == "hello\n"
+    os.chmod(copy, 0o700)
+    r = prewarmed.run([str(copy)])
+    assert r.returncode == 0 and r.stdout == "hello\n"
+
+
+def test_prewarm_does_not_trust_other_content(
+    prewarmed: Confined, progs: dict[str, Path], tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    shutil.copy(progs["tool"], other)
+    assert prewarmed.run([str(other), "x", "y"]).returncode == KILLED
+    # Unconfined execs pass through the handler untouched.
+    assert prewarmed.run([str(other), "x", "y"], confined=False).returncode == 1  # it ran
