@@ -250,6 +250,9 @@ def test_syslog_writer_sends_rfc3164_datagrams(tmp_path: Path) -> None:
 
 def test_follow_lines_holds_a_partial_line_until_its_newline(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
+    big = b"".join(b"%d %s\n" % (i, b"x" * (i % 700)) for i in range(5000))  # > many reads
+    path.write_bytes(big)
+    assert list(follow_lines(path, follow=False)) == big.decode().splitlines()
     path.write_bytes(b"one\ntw")
     assert list(follow_lines(path, follow=False)) == ["one", "tw"]
     seen: list[str] = []

@@ -525,7 +525,7 @@ def follow_lines(
                 if not follow:
                     raise
         if f is not None:
-            chunk = f.read()
+            chunk = f.read(1 << 16)  # bounded: a log can be gigabytes
             if chunk:
                 partial += chunk
                 *lines, partial = partial.split(b"\n")
