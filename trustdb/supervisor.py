@@ -280,6 +280,7 @@ def run(options: RunOptions, *, engine_factory: EngineFactory = default_engine,
     if not db.is_dir():
         raise SupervisorError(f"no trust database at {db} (create one with `trustdb trust`)")
     reporter = DenialReporter(db=db, out=stderr or sys.stderr)
+    _sweep_stale_cgroups()
     signals = _Signals()
     signals.install()
     cgroup = confine.RunCgroup.create()
@@ -359,6 +360,15 @@ def _supervise_loop(child: confine.ConfinedChild, engine: Engine, signals: _Sign
     if signals.received and status == 128 + signal.SIGKILL:
         return 128 + signals.received
     return status
+
+
+def _sweep_stale_cgroups() -> None:
+    """Remove the cgroups of runs whose supervisor and reaper were both killed."""
+    for path in confine.stale_cgroups():
+        try:
+            confine.RunCgroup(path=path, id=path.stat().st_ino).remove(timeout=1.0)
+        except (OSError, confine.ConfineError):
+            continue
 
 
 def _kill(child: confine.ConfinedChild) -> None:

@@ -277,6 +277,35 @@ def test_supervisor_signal_ends_tree(trusted_db: Path, run_env: dict[str, str],
     _assert_all_gone(cgroup, pids, progs)
 
 
+def test_signal_handled_by_command(trusted_db: Path, run_env: dict[str, str]) -> None:
+    """A command that handles SIGTERM gets it, and its own exit status is returned."""
+    proc = subprocess.Popen(
+        [*TRUSTDB, "run", "--db", str(trusted_db), "--", "sh", "-c",
+         "trap 'echo got-term; exit 9' TERM; echo ready; while :; do sleep 0.1; done"],
+        env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 9, err
+    assert out == "got-term\n"
+
+
+def test_stale_cgroup_swept(trusted_db: Path, run_env: dict[str, str]) -> None:
+    """A run cgroup whose supervisor and reaper are both gone is removed by the next run."""
+    pid = 1
+    while Path(f"/proc/{pid}").exists():  # a pid nobody uses now
+        pid += 7919
+    stale = confine.cgroup2_root() / f"{confine.CGROUP_PREFIX}{pid}-deadbeef"
+    stale.mkdir()
+    try:
+        assert run_confined(trusted_db, "true", run_env).code == 0
+        assert not stale.exists()
+    finally:
+        if stale.exists():
+            stale.rmdir()
+
+
 def test_backends_lists_tracepoint(run_env: dict[str, str]) -> None:
     p = subprocess.run([*TRUSTDB, "backends", "--json"], env=run_env, check=False, capture_output=True,
                        text=True, timeout=60)
