@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef VARIANT
@@ -114,6 +115,45 @@ static int write_text(const char *path, const char *text)
 	return report(write(fd, text, strlen(text)) < 0 ? -1 : 0);
 }
 
+/* Benchmark loops (bench/exec_lsm.py): print the elapsed nanoseconds of N iterations. */
+static long long now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static int spawn_loop(int n, const char *path)
+{
+	char *argv[] = {(char *)path, NULL};
+	long long start = now_ns();
+	int status;
+
+	for (int i = 0; i < n; i++) {
+		pid_t pid = fork();
+
+		if (pid == 0) {
+			execve(path, argv, environ);
+			_exit(127);
+		}
+		if (pid < 0 || waitpid(pid, &status, 0) < 0 || status != 0)
+			return report(-1);
+	}
+	printf("%lld\n", now_ns() - start);
+	return 0;
+}
+
+static int getppid_loop(int n)
+{
+	long long start = now_ns();
+
+	for (int i = 0; i < n; i++)
+		syscall(SYS_getppid);
+	printf("%lld\n", now_ns() - start);
+	return 0;
+}
+
 static int load_module(void)
 {
 	static char image[4096]; /* not an ELF: a kernel that got this far answers ENOEXEC */
@@ -167,6 +207,10 @@ int main(int argc, char **argv)
 		snprintf(pid, sizeof(pid), "%d", getpid());
 		return write_text(arg, pid);
 	}
+	if (!strcmp(cmd, "spawn"))
+		return spawn_loop(atoi(arg), argc > 3 ? argv[3] : "/bin/true");
+	if (!strcmp(cmd, "getppid"))
+		return getppid_loop(atoi(arg));
 	if (!strcmp(cmd, "module"))
 		return load_module();
 	fprintf(stderr, "tdprobe: unknown command %s\n", cmd);
