@@ -3,33 +3,35 @@
 SCHEMA (version 1). This docstring is the one place the on-disk format is described.
 
 One LMDB environment in a directory (default /var/lib/trustdb; `--db` / `TRUSTDB_DB`), holding
-`data.mdb` and `lock.mdb`, plus `writer.lock` (see "Writers" below). Integers in keys are
-big-endian so that keys sort numerically; integers in values are little-endian. Paths are raw
-bytes (`os.fsencode`, so names that are not UTF-8 survive).
+`data.mdb` and `lock.mdb`, plus `writer.lock` (see "Writers" below). All tables live in LMDB's
+main database, each under a one-byte key prefix: named sub-databases would need a write
+transaction just to open their handles, which would make every writable open wait behind a
+running writer. Integers in keys are big-endian so that keys sort numerically; integers in
+values are little-endian. Paths are raw bytes (`os.fsencode`: names that are not UTF-8 survive).
 
-    meta        b"schema"      -> u32      schema version; a newer one is refused (SchemaError)
-                b"generation"  -> u64      +1 on every commit that changes what is trusted
-                b"next_sid"    -> u32      next source id to hand out
-    sources     label (utf-8)  -> <u32 sid, u64 entries, f64 updated> + kind (utf-8)
-    source_ids  sid (u32 BE)   -> label (utf-8)
-    entries     PK + 0x00 + sid (u32 BE)
-                               -> digest[32] + <f64 trusted_at, u16 len(path)> + path + origin
-                One (path, source) fact: "source SID vouches for content DIGEST at PATH".
-                PK ("path key") is the path itself when it is at most 400 bytes, else its first
-                360 bytes + 0xFF + BLAKE3(path)[:16] (LMDB keys are limited to 511 bytes). So
-                entries sort by path, and the full path is always in the value.
-    by_digest   digest[32]     -> entry key      (DUPSORT) who vouches for this content
-    by_source   sid (u32 BE)   -> entry key      (DUPSORT) what a source vouches for
-    content     digest[32]     -> <u64 size, u8 kind, u8 flags, 6 pad, f64 first, f64 last>
-                                  [+ sha256[32] if flags & 1]
+    M meta      "M" + b"schema"      -> u32   schema version; a newer one is refused (SchemaError)
+                "M" + b"generation"  -> u64   +1 on every commit that changes what is trusted
+                "M" + b"next_sid"    -> u32   next source id to hand out
+    S sources   "S" + label (utf-8)  -> <u32 sid, u64 entries, f64 updated> + kind (utf-8)
+    I source_id "I" + sid (u32)      -> label (utf-8)
+    E entries   "E" + EK             -> digest[32] + <f64 trusted_at, u16 len(path)> + path + origin
+                EK ("entry key") = PK + 0x00 + sid (u32). One (path, source) fact: "source SID
+                vouches for content DIGEST at PATH". PK ("path key") is the path itself when it
+                is at most 400 bytes, else its first 360 bytes + 0xFF + BLAKE3(path)[:16] (LMDB
+                keys are limited to 511 bytes). So entries sort by path, and the value always
+                holds the full path.
+    D by digest "D" + digest[32] + EK -> ""   who vouches for this content
+    O by source "O" + sid (u32) + EK  -> ""   what a source vouches for
+    C content   "C" + digest[32]     -> <u64 size, u8 kind, u8 flags, 6 pad, f64 first, f64 last>
+                                        [+ sha256[32] if flags & 1]
                 Present exactly while at least one entry names the digest: removing the last
                 entry of a digest removes its content record in the same transaction.
-    verified    <dev u64, ino u64, ctime_sec i64, ctime_nsec u32, size u64> (BE)
-                               -> blake3[32] + <u8 kind, u8 flags, f64 hashed_at>
-                                  [+ sha256[32] if flags & 1] [+ md5[16] if flags & 2]
+    V verified  "V" + <dev u64, ino u64, ctime_sec i64, ctime_nsec u32, size u64>
+                                     -> blake3[32] + <u8 kind, u8 flags, f64 hashed_at>
+                                        [+ sha256[32] if flags & 1] [+ md5[16] if flags & 2]
                 A cache of earlier reads of on-disk files (`InodeKey` + size), so an unchanged
                 file is not read again. At most one record per (dev, ino): a newer one replaces
-                older ones. Not trust: a cached file is trusted only through `content`.
+                older ones. Not trust: a cached file is trusted only through `C`.
 
 Transactions. Every write method is exactly one LMDB write transaction: all or nothing, also
 under `kill -9` (LMDB never overwrites the last committed state). Readers never block and
@@ -56,8 +58,9 @@ import os
 import struct
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self, TypeVar
@@ -90,17 +93,9 @@ _VERIFIED = struct.Struct("<BBd")
 _FLAG_SHA256 = 1
 _FLAG_MD5 = 2
 
-_DB_NAMES = (
-    "meta",
-    "sources",
-    "source_ids",
-    "entries",
-    "by_digest",
-    "by_source",
-    "content",
-    "verified",
-)
-_DUPSORT = frozenset({"by_digest", "by_source"})
+# Table prefixes (see SCHEMA).
+_META, _SOURCES, _SOURCE_IDS, _ENTRIES = b"M", b"S", b"I", b"E"
+_BY_DIGEST, _BY_SOURCE, _CONTENT_T, _VERIFIED_T = b"D", b"O", b"C", b"V"
 
 R = TypeVar("R")
 
@@ -191,6 +186,7 @@ def path_key(path: str) -> bytes:
 
 
 def _entry_key(path: str, sid: int) -> bytes:
+    """EK (see SCHEMA), without the table prefix."""
     return path_key(path) + b"\0" + _U32.pack(sid)
 
 
@@ -209,17 +205,42 @@ def _encode_entry(digest: bytes, trusted_at: float, path: str, origin: str) -> b
 
 
 def _verified_key(key: InodeKey, size: int) -> bytes:
-    return _VERIFIED_KEY.pack(key.dev, key.ino, key.ctime_sec, key.ctime_nsec, size)
+    return _VERIFIED_T + _VERIFIED_KEY.pack(key.dev, key.ino, key.ctime_sec, key.ctime_nsec, size)
+
+
+def _scan(txn: lmdb.Transaction[bytes], prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) whose key starts with `prefix`, in key order."""
+    cur = txn.cursor()
+    if not cur.set_range(prefix):
+        return
+    for k, v in cur:
+        if not k.startswith(prefix):
+            return
+        yield k, v
+
+
+def _has_prefix(txn: lmdb.Transaction[bytes], prefix: bytes) -> bool:
+    cur = txn.cursor()
+    return cur.set_range(prefix) and cur.key().startswith(prefix)
 
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _disk_full(where: Path) -> bool:
+    """LMDB turns a short write into EIO; a (nearly) full filesystem explains it."""
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
 def _translate(e: lmdb.Error, where: Path) -> DatabaseError:
     """Turn an LMDB failure into the stage's error type (one line)."""
     text = _one_line(e)
-    if "No space left" in text or getattr(e, "errno", None) == errno.ENOSPC:
+    if "No space left" in text or ("Input/output error" in text and _disk_full(where)):
         return DiskFullError(f"disk full writing {where}; nothing was changed")
     return DatabaseError(f"database {where}: {text}")
 
@@ -246,60 +267,50 @@ class _Replayable:
 class _Txn:
     """The write operations of one transaction (all the bookkeeping of SCHEMA lives here)."""
 
-    def __init__(self, db: TrustDB, txn: lmdb.Transaction[bytes]) -> None:
-        self.db = db
+    def __init__(self, txn: lmdb.Transaction[bytes]) -> None:
         self.txn = txn
         self.now = time.time()
         self.changed = False
-        self._digest_cursor = txn.cursor(db=db._dbs["by_digest"])
-
-    def _d(self, name: str) -> lmdb._Database:
-        return self.db._dbs[name]
 
     # --- sources ---
     def source_id(self, label: str, kind: str, *, create: bool) -> int | None:
-        raw = self.txn.get(label.encode(), db=self._d("sources"))
+        raw = self.txn.get(_SOURCES + label.encode())
         if raw is not None:
             return int(_SOURCE.unpack_from(raw)[0])
         if not create:
             return None
-        next_raw = self.txn.get(b"next_sid", db=self._d("meta"))
+        next_raw = self.txn.get(_META + b"next_sid")
         sid = _U32.unpack(next_raw)[0] if next_raw else 1
-        self.txn.put(b"next_sid", _U32.pack(sid + 1), db=self._d("meta"))
-        self.txn.put(_U32.pack(sid), label.encode(), db=self._d("source_ids"))
-        self.txn.put(
-            label.encode(), _SOURCE.pack(sid, 0, self.now) + kind.encode(), db=self._d("sources")
-        )
+        self.txn.put(_META + b"next_sid", _U32.pack(sid + 1))
+        self.txn.put(_SOURCE_IDS + _U32.pack(sid), label.encode())
+        self.txn.put(_SOURCES + label.encode(), _SOURCE.pack(sid, 0, self.now) + kind.encode())
         self.changed = True
         return sid
 
     def adjust_source(
         self, label: str, kind: str | None, delta: int, *, drop_if_empty: bool = False
     ) -> None:
-        raw = self.txn.get(label.encode(), db=self._d("sources"))
+        key = _SOURCES + label.encode()
+        raw = self.txn.get(key)
         if raw is None:
             return
         sid, count, _updated = _SOURCE.unpack_from(raw)
-        old_kind = raw[_SOURCE.size :].decode()
         count += delta
         if count <= 0 and drop_if_empty:
             self.drop_source(label, sid)
             return
-        value = _SOURCE.pack(sid, max(count, 0), self.now) + (kind or old_kind).encode()
-        if value != raw:
-            self.txn.put(label.encode(), value, db=self._d("sources"))
+        kind = kind or raw[_SOURCE.size :].decode()
+        self.txn.put(key, _SOURCE.pack(sid, max(count, 0), self.now) + kind.encode())
 
     def drop_source(self, label: str, sid: int) -> None:
-        self.txn.delete(label.encode(), db=self._d("sources"))
-        self.txn.delete(_U32.pack(sid), db=self._d("source_ids"))
+        self.txn.delete(_SOURCES + label.encode())
+        self.txn.delete(_SOURCE_IDS + _U32.pack(sid))
         self.changed = True
 
     # --- entries and content ---
-    def put_entry(self, sid: int, entry: TrustEntry) -> tuple[bool, bool]:
+    def put_entry(self, sid: int, ek: bytes, entry: TrustEntry) -> tuple[bool, bool]:
         """Record one fact. -> (written, new): written if the fact changed, new if it is new."""
-        ek = _entry_key(entry.path, sid)
-        entries = self._d("entries")
-        old = self.txn.get(ek, db=entries)
+        old = self.txn.get(_ENTRIES + ek)
         if old is not None:
             old_digest, _at, _path, old_origin = _decode_entry(old)
             if old_digest == entry.digest and old_origin == entry.origin:
@@ -307,19 +318,18 @@ class _Txn:
             if old_digest != entry.digest:
                 self.unlink_digest(old_digest, ek)
         else:
-            self.txn.put(_U32.pack(sid), ek, db=self._d("by_source"))
-        self.txn.put(
-            ek, _encode_entry(entry.digest, self.now, entry.path, entry.origin), db=entries
-        )
+            self.txn.put(_BY_SOURCE + _U32.pack(sid) + ek, b"")
+        value = _encode_entry(entry.digest, self.now, entry.path, entry.origin)
+        self.txn.put(_ENTRIES + ek, value)
         if old is None or old[:32] != entry.digest:
-            self.txn.put(entry.digest, ek, db=self._d("by_digest"))
+            self.txn.put(_BY_DIGEST + entry.digest + ek, b"")
             self.touch_content(entry)
         self.changed = True
         return True, old is None
 
     def touch_content(self, entry: TrustEntry) -> None:
-        content = self._d("content")
-        raw = self.txn.get(entry.digest, db=content)
+        key = _CONTENT_T + entry.digest
+        raw = self.txn.get(key)
         first = self.now
         sha256 = entry.sha256
         if raw is not None:
@@ -328,37 +338,34 @@ class _Txn:
                 sha256 = raw[_CONTENT.size :]
         flags = _FLAG_SHA256 if sha256 else 0
         value = _CONTENT.pack(entry.size, int(entry.kind), flags, first, self.now)
-        self.txn.put(entry.digest, value + (sha256 or b""), db=content)
+        self.txn.put(key, value + (sha256 or b""))
 
     def unlink_digest(self, digest: bytes, ek: bytes) -> None:
         """Forget that entry `ek` names `digest`; drop the content if nobody else does."""
-        self.txn.delete(digest, ek, db=self._d("by_digest"))
-        if not self._digest_cursor.set_key(digest):
-            self.txn.delete(digest, db=self._d("content"))
+        self.txn.delete(_BY_DIGEST + digest + ek)
+        if not _has_prefix(self.txn, _BY_DIGEST + digest):
+            self.txn.delete(_CONTENT_T + digest)
 
-    def delete_entry(self, ek: bytes, sid: int) -> bool:
-        raw = self.txn.pop(ek, db=self._d("entries"))
+    def delete_entry(self, ek: bytes) -> bool:
+        raw = self.txn.pop(_ENTRIES + ek)
         if raw is None:
             return False
         self.unlink_digest(raw[:32], ek)
-        self.txn.delete(_U32.pack(sid), ek, db=self._d("by_source"))
+        self.txn.delete(_BY_SOURCE + ek[-4:] + ek)
         self.changed = True
         return True
 
     def source_entry_keys(self, sid: int) -> list[bytes]:
-        cur = self.txn.cursor(db=self._d("by_source"))
-        if not cur.set_key(_U32.pack(sid)):
-            return []
-        return list(cur.iternext_dup(keys=False, values=True))
+        prefix = _BY_SOURCE + _U32.pack(sid)
+        return [k[len(prefix) :] for k, _v in _scan(self.txn, prefix)]
 
     # --- verification cache ---
     def cache(self, key: InodeKey, digests: FileDigests, hashed_at: float) -> None:
         ctime = key.ctime_sec + key.ctime_nsec / 1e9
         if hashed_at - ctime < FRESH_CTIME_SECONDS:
             return  # see FRESH_CTIME_SECONDS
-        verified = self._d("verified")
         vk = _verified_key(key, digests.size)
-        old = self.txn.get(vk, db=verified)
+        old = self.txn.get(vk)
         if old is not None:
             digests = _merge_digests(_decode_verified(old, digests.size), digests)
         else:
@@ -371,17 +378,12 @@ class _Txn:
             + (digests.md5 or b"")
         )
         if value != old:
-            self.txn.put(vk, value, db=verified)
+            self.txn.put(vk, value)
 
     def _drop_other_versions(self, vk: bytes) -> None:
-        """Keep at most one cached version per inode (see SCHEMA: verified)."""
-        prefix = vk[:16]
-        cur = self.txn.cursor(db=self._d("verified"))
-        if not cur.set_range(prefix):
-            return
-        while cur.key().startswith(prefix):
-            if not cur.delete():
-                break
+        """Keep at most one cached version per inode (see SCHEMA: V)."""
+        for k, _v in list(_scan(self.txn, vk[:17])):  # prefix + dev + ino
+            self.txn.delete(k)
 
 
 def _decode_verified(value: bytes, size: int) -> FileDigests:
@@ -412,17 +414,10 @@ class TrustDB:
     """
 
     def __init__(
-        self,
-        path: Path,
-        env: lmdb.Environment,
-        dbs: dict[str, lmdb._Database],
-        *,
-        write: bool,
-        busy_timeout: float,
+        self, path: Path, env: lmdb.Environment, *, write: bool, busy_timeout: float
     ) -> None:
         self.path = path
         self._env = env
-        self._dbs = dbs
         self._write = write
         self._busy_timeout = busy_timeout
         self.last_skipped: list[SkippedEntry] = []
@@ -437,7 +432,8 @@ class TrustDB:
         busy_timeout: float = 0.0,
         map_size: int | None = None,
     ) -> TrustDB:
-        """Open (with write=True: create) the database in directory `path`.
+        """Open (with write=True: create) the database in directory `path`. Never waits for
+        a running writer: a second writer fails at its first write (BusyError).
 
         Raises SchemaError for a database of a newer schema, DatabaseError when there is no
         database to read or it cannot be opened."""
@@ -450,7 +446,7 @@ class TrustDB:
             env = lmdb.open(
                 str(path),
                 map_size=map_size or _map_size_for(path),
-                max_dbs=len(_DB_NAMES),
+                max_dbs=0,
                 readonly=not write,
                 subdir=True,
                 max_readers=256,
@@ -462,12 +458,29 @@ class TrustDB:
             if e.errno == errno.ENOSPC:
                 raise DiskFullError(f"disk full creating {path}") from e
             raise DatabaseError(f"cannot open {path}: {e.strerror}") from e
+        db = cls(path, env, write=write, busy_timeout=busy_timeout)
         try:
-            dbs = _open_dbs(env, path, write=write)
+            db._check_schema()
         except BaseException:
             env.close()
             raise
-        return cls(path, env, dbs, write=write, busy_timeout=busy_timeout)
+        return db
+
+    def _check_schema(self) -> None:
+        with self._read() as txn:
+            raw = txn.get(_META + b"schema")
+            empty = not _has_prefix(txn, b"")
+        if raw is None and not (self._write and empty):
+            raise DatabaseError(f"{self.path} is not a trust database (no schema version)")
+        if raw is None:
+            # A new database: stamp the schema now, so readers can open it at once.
+            with suppress(BusyError):  # someone else is creating it at this very moment
+                self._run_write(lambda t: None, bump=False)
+        if raw is not None and _U32.unpack(raw)[0] > SCHEMA_VERSION:
+            raise SchemaError(
+                f"database {self.path} has schema {_U32.unpack(raw)[0]}, newer than this "
+                f"trustdb understands ({SCHEMA_VERSION}); upgrade trustdb"
+            )
 
     def close(self) -> None:
         self._env.close()
@@ -485,7 +498,10 @@ class TrustDB:
         """Make the source's entries exactly `items` (TrustEntry only; SkippedEntry values are
         passed through to `last_skipped` for reporting). Content no longer trusted by any source
         disappears in the same transaction. Writes nothing (same generation) if nothing changed.
-        Caches each entry's `inode` verification (see `digest_cache`)."""
+        Caches each entry's `inode` verification (see `digest_cache`).
+
+        `items` is consumed inside the transaction (a generator that hashes as it goes keeps
+        the writer lock meanwhile), and recorded, so a retry after growing the map replays it."""
         return self._put_entries(label, kind, items, replace=True)
 
     def add_entries(
@@ -510,15 +526,16 @@ class TrustDB:
                 if isinstance(item, SkippedEntry):
                     self.last_skipped.append(item)
                     continue
-                written, is_new = t.put_entry(sid, item)
+                ek = _entry_key(item.path, sid)
+                written, is_new = t.put_entry(sid, ek, item)
                 added += written
                 unchanged += not written
                 new += is_new
-                old_keys.discard(_entry_key(item.path, sid))
+                old_keys.discard(ek)
                 if item.inode is not None:
                     t.cache(item.inode, _entry_digests(item), received)
             for ek in sorted(old_keys):
-                t.delete_entry(ek, sid)
+                t.delete_entry(ek)
             if t.changed:
                 t.adjust_source(label, kind, new - len(old_keys))
             return added, len(old_keys), unchanged
@@ -530,57 +547,37 @@ class TrustDB:
         self, paths: Iterable[str], label: str | None = None, *, recursive: bool = False
     ) -> WriteStats:
         """Untrust paths (of one source, or of all). With recursive, a path also removes
-        everything recorded below it (`trustdb untrust DIR`). Empty sources are dropped."""
+        everything recorded below it (`trustdb untrust DIR`). Emptied sources are dropped."""
         wanted = list(paths)
 
-        def body(t: _Txn) -> tuple[int, int, int]:
+        def body(t: _Txn) -> int:
             only = t.source_id(label, "", create=False) if label is not None else None
             if label is not None and only is None:
-                return 0, 0, 0
-            per_source: dict[int, int] = {}
+                return 0
+            per_source: Counter[bytes] = Counter()
             for path in wanted:
-                for ek in self._matching_keys(t.txn, path, recursive=recursive):
-                    sid = _U32.unpack(ek[-4:])[0]
-                    if (only is None or sid == only) and t.delete_entry(ek, sid):
-                        per_source[sid] = per_source.get(sid, 0) + 1
+                for ek in _matching_keys(t.txn, path, recursive=recursive):
+                    if (only is None or ek[-4:] == _U32.pack(only)) and t.delete_entry(ek):
+                        per_source[ek[-4:]] += 1
             for sid, count in per_source.items():
-                src = t.txn.get(_U32.pack(sid), db=self._dbs["source_ids"])
+                src = t.txn.get(_SOURCE_IDS + sid)
                 if src is not None:
                     t.adjust_source(src.decode(), None, -count, drop_if_empty=True)
-            return 0, sum(per_source.values()), 0
+            return sum(per_source.values())
 
-        (_a, removed, _u), gen = self._run_write(body)
+        removed, gen = self._run_write(body)
         return WriteStats(added=0, removed=removed, unchanged=0, generation=gen)
 
-    def _matching_keys(
-        self, txn: lmdb.Transaction[bytes], path: str, *, recursive: bool
-    ) -> list[bytes]:
-        exact = path_key(path) + b"\0"
-        keys = [k for k, _v in self._scan(txn, exact) if len(k) == len(exact) + 4]
-        if recursive:
-            below = os.fsencode(path.rstrip("/") + "/")
-            for k, v in self._scan(txn, below[:_LONG_PATH_PREFIX]):
-                if os.fsencode(_decode_entry(v)[2]).startswith(below):
-                    keys.append(k)
-        return keys
-
-    def _scan(self, txn: lmdb.Transaction[bytes], prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        cur = txn.cursor(db=self._dbs["entries"])
-        if not cur.set_range(prefix):
-            return
-        for k, v in cur:
-            if not k.startswith(prefix):
-                return
-            yield k, v
-
     def remove_source(self, label: str) -> WriteStats:
+        """Untrust everything a source vouches for, and forget the source."""
+
         def body(t: _Txn) -> int:
             sid = t.source_id(label, "", create=False)
             if sid is None:
                 raise DatabaseError(f"no source named {label!r}")
             keys = t.source_entry_keys(sid)
             for ek in keys:
-                t.delete_entry(ek, sid)
+                t.delete_entry(ek)
             t.drop_source(label, sid)
             return len(keys)
 
@@ -625,12 +622,14 @@ class TrustDB:
     def _attempt(self, body: Callable[[_Txn], R], *, bump: bool) -> tuple[R, int]:
         txn = self._env.begin(write=True)
         try:
-            t = _Txn(self, txn)
+            t = _Txn(txn)
+            if txn.get(_META + b"schema") is None:
+                txn.put(_META + b"schema", _U32.pack(SCHEMA_VERSION))
             result = body(t)
-            gen = _read_generation(txn, self._dbs["meta"])
+            gen = _read_generation(txn)
             if t.changed and bump:
                 gen += 1
-                txn.put(b"generation", _U64LE.pack(gen), db=self._dbs["meta"])
+                txn.put(_META + b"generation", _U64LE.pack(gen))
             txn.commit()
             return result, gen
         except BaseException:
@@ -686,102 +685,84 @@ class TrustDB:
     @property
     def generation(self) -> int:
         with self._read() as txn:
-            return _read_generation(txn, self._dbs["meta"])
+            return _read_generation(txn)
 
     def is_trusted(self, digest: bytes) -> bool:
         with self._read() as txn:
-            return txn.get(digest, db=self._dbs["content"]) is not None
+            return txn.get(_CONTENT_T + digest) is not None
 
     def content(self, digest: bytes) -> ContentRecord | None:
         """The content record of a digest, if any source trusts it."""
         with self._read() as txn:
-            raw = txn.get(digest, db=self._dbs["content"])
+            raw = txn.get(_CONTENT_T + digest)
         if raw is None:
             return None
         size, kind, flags, first, last = _CONTENT.unpack_from(raw)
-        sha256 = raw[_CONTENT.size :] if flags & _FLAG_SHA256 else None
         return ContentRecord(
             digest=digest,
             size=size,
             kind=FileKind(kind),
             first_trusted=first,
             last_trusted=last,
-            sha256=sha256,
+            sha256=raw[_CONTENT.size :] if flags & _FLAG_SHA256 else None,
         )
 
     def trusted_by(self, digest: bytes) -> list[PathRecord]:
         """Every (source, path) that vouches for this content."""
+        prefix = _BY_DIGEST + digest
         with self._read() as txn:
-            cur = txn.cursor(db=self._dbs["by_digest"])
-            if not cur.set_key(digest):
-                return []
-            keys = list(cur.iternext_dup(keys=False, values=True))
-            return [self._record(txn, k) for k in keys]
+            return [self._record(txn, k[len(prefix) :]) for k, _v in _scan(txn, prefix)]
 
     def records_for_path(self, path: str) -> list[PathRecord]:
         with self._read() as txn:
-            return [
-                self._record(txn, k, v)
-                for k in self._matching_keys(txn, path, recursive=False)
-                for v in [txn.get(k, db=self._dbs["entries"])]
-            ]
+            return [self._record(txn, ek) for ek in _matching_keys(txn, path, recursive=False)]
 
     def iter_paths(self, label: str | None = None) -> Iterator[PathRecord]:
         """Every recorded (path, source) fact, sorted by path (the mirror walks this)."""
         with self._read() as txn:
             if label is None:
-                for k, v in txn.cursor(db=self._dbs["entries"]):
-                    yield self._record(txn, k, v)
+                for k, v in _scan(txn, _ENTRIES):
+                    yield self._record(txn, k[1:], v)
                 return
-            raw = txn.get(label.encode(), db=self._dbs["sources"])
+            raw = txn.get(_SOURCES + label.encode())
             if raw is None:
                 return
-            cur = txn.cursor(db=self._dbs["by_source"])
-            if not cur.set_key(_U32.pack(_SOURCE.unpack_from(raw)[0])):
-                return
-            for k in cur.iternext_dup(keys=False, values=True):
-                yield self._record(txn, k)
+            prefix = _BY_SOURCE + _U32.pack(_SOURCE.unpack_from(raw)[0])
+            for k, _v in _scan(txn, prefix):
+                yield self._record(txn, k[len(prefix) :])
 
     def _record(
-        self, txn: lmdb.Transaction[bytes], key: bytes, value: bytes | None = None
+        self, txn: lmdb.Transaction[bytes], ek: bytes, value: bytes | None = None
     ) -> PathRecord:
         if value is None:
-            value = txn.get(key, db=self._dbs["entries"])
+            value = txn.get(_ENTRIES + ek)
             if value is None:
                 raise DatabaseError(f"database {self.path} is inconsistent (dangling index)")
         digest, trusted_at, path, origin = _decode_entry(value)
+        raw_label = txn.get(_SOURCE_IDS + ek[-4:])
+        label = raw_label.decode() if raw_label is not None else f"#{_U32.unpack(ek[-4:])[0]}"
         return PathRecord(
-            path=path,
-            label=self._label(txn, key[-4:]),
-            digest=digest,
-            origin=origin,
-            trusted_at=trusted_at,
+            path=path, label=label, digest=digest, origin=origin, trusted_at=trusted_at
         )
-
-    def _label(self, txn: lmdb.Transaction[bytes], sid: bytes) -> str:
-        raw = txn.get(sid, db=self._dbs["source_ids"])
-        return raw.decode() if raw is not None else f"#{_U32.unpack(sid)[0]}"
 
     def sources(self) -> list[SourceRecord]:
         with self._read() as txn:
             out = []
-            for k, v in txn.cursor(db=self._dbs["sources"]):
+            for k, v in _scan(txn, _SOURCES):
                 _sid, count, updated = _SOURCE.unpack_from(v)
-                out.append(
-                    SourceRecord(
-                        label=k.decode(),
-                        kind=v[_SOURCE.size :].decode(),
-                        entries=count,
-                        updated=updated,
-                    )
-                )
+                kind = v[_SOURCE.size :].decode()
+                out.append(SourceRecord(k[1:].decode(), kind, count, updated))
             return out
 
     def status(self) -> DatabaseStatus:
         with self._read() as txn:
-            counts = {name: txn.stat(self._dbs[name])["entries"] for name in _DB_NAMES}
-            schema = _U32.unpack(txn.get(b"schema", db=self._dbs["meta"]) or b"\0\0\0\0")[0]
-            gen = _read_generation(txn, self._dbs["meta"])
+            counts = {
+                t: sum(1 for _ in _scan(txn, t))
+                for t in (_ENTRIES, _CONTENT_T, _SOURCES, _VERIFIED_T)
+            }
+            raw = txn.get(_META + b"schema")
+            schema = _U32.unpack(raw)[0] if raw else 0
+            gen = _read_generation(txn)
         on_disk = 0
         for name in ("data.mdb", "lock.mdb"):
             try:
@@ -792,10 +773,10 @@ class TrustDB:
             path=str(self.path),
             schema=schema,
             generation=gen,
-            entries=counts["entries"],
-            contents=counts["content"],
-            sources=counts["sources"],
-            cached_verifications=counts["verified"],
+            entries=counts[_ENTRIES],
+            contents=counts[_CONTENT_T],
+            sources=counts[_SOURCES],
+            cached_verifications=counts[_VERIFIED_T],
             size_on_disk=on_disk,
             map_size=self._env.info()["map_size"],
         )
@@ -816,7 +797,7 @@ class DigestCacheView:
         self, key: InodeKey, size: int, *, want_sha256: bool = False, want_md5: bool = False
     ) -> FileDigests | None:
         with self._db._read() as txn:
-            raw = txn.get(_verified_key(key, size), db=self._db._dbs["verified"])
+            raw = txn.get(_verified_key(key, size))
         if raw is None:
             return None
         digests = _decode_verified(raw, size)
@@ -825,14 +806,24 @@ class DigestCacheView:
         return digests
 
 
+def _matching_keys(txn: lmdb.Transaction[bytes], path: str, *, recursive: bool) -> list[bytes]:
+    """EKs recorded at `path` (and, with recursive, below it)."""
+    exact = _ENTRIES + path_key(path) + b"\0"
+    keys = [k[1:] for k, _v in _scan(txn, exact) if len(k) == len(exact) + 4]
+    if recursive:
+        below = os.fsencode(path.rstrip("/") + "/")
+        for k, v in _scan(txn, _ENTRIES + below[:_LONG_PATH_PREFIX]):
+            if os.fsencode(_decode_entry(v)[2]).startswith(below):
+                keys.append(k[1:])
+    return keys
+
+
 def _entry_digests(entry: TrustEntry) -> FileDigests:
-    return FileDigests(
-        blake3=entry.digest, size=entry.size, kind=entry.kind, sha256=entry.sha256, md5=entry.md5
-    )
+    return FileDigests(blake3=entry.digest, size=entry.size, kind=entry.kind, sha256=entry.sha256)
 
 
-def _read_generation(txn: lmdb.Transaction[bytes], meta: lmdb._Database) -> int:
-    raw = txn.get(b"generation", db=meta)
+def _read_generation(txn: lmdb.Transaction[bytes]) -> int:
+    raw = txn.get(_META + b"generation")
     return int(_U64LE.unpack(raw)[0]) if raw else 0
 
 
@@ -843,30 +834,3 @@ def _map_size_for(path: Path) -> int:
     except FileNotFoundError:
         used = 0
     return max(INITIAL_MAP_SIZE, 2 * used)
-
-
-def _open_dbs(env: lmdb.Environment, path: Path, *, write: bool) -> dict[str, lmdb._Database]:
-    """Check the schema version first, then open the named databases (creating them on a
-    write open). Without a txn argument, py-lmdb opens each handle in its own committed txn,
-    which is what a read-only environment needs for the handle to stay valid."""
-    try:
-        meta = env.open_db(b"meta", create=write)
-        with env.begin(write=write) as txn:
-            raw = txn.get(b"schema", db=meta)
-            if raw is None and write:
-                txn.put(b"schema", _U32.pack(SCHEMA_VERSION), db=meta)
-        if raw is None and not write:
-            raise DatabaseError(f"{path} is not a trust database (no schema version)")
-        if raw is not None and _U32.unpack(raw)[0] > SCHEMA_VERSION:
-            raise SchemaError(
-                f"database {path} has schema {_U32.unpack(raw)[0]}, newer than this trustdb "
-                f"understands ({SCHEMA_VERSION}); upgrade trustdb"
-            )
-        dbs = {"meta": meta}
-        for name in _DB_NAMES[1:]:
-            dbs[name] = env.open_db(name.encode(), create=write, dupsort=name in _DUPSORT)
-    except lmdb.NotFoundError as e:
-        raise DatabaseError(f"{path} is not a trust database (tables missing)") from e
-    except lmdb.Error as e:
-        raise _translate(e, path) from e
-    return dbs
