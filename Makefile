@@ -24,7 +24,7 @@ test: deps bpf
 	$(PYTHON) -m pytest -q tests
 
 test-lsm: deps bpf
-	$(PYTHON) -m pytest -q tests/vm -k "$(KERNEL)"
+	TRUSTDB_VM_KERNELS="$(KERNEL)" $(PYTHON) -m pytest -q tests/vm
 
 bench: deps bpf
 	for b in bench/*.py; do $(PYTHON) $$b || exit 1; done

@@ -85,11 +85,15 @@ def guest(art: Path) -> int:
         cgroup.rmdir()
     med = {k: statistics.median(v) for k, v in samples.items()}
     base = med["none"]
-    print(f"exec /bin/true, lsm backend ({os.uname().release}, TCG, CPU {CPU}, "
-          f"{ROUNDS}x{EXECS}): no programs {base / EXECS:.1f} ms/exec; "
-          f"confined x{med['confined'] / base:.3f}; outside the scope x{med['outside'] / base:.3f}")
-    print(f"syscall tax, getppid outside the scope: x{med['pp1'] / med['pp0']:.3f} "
-          f"({med['pp0'] / GETPPIDS * 1e6:.0f} -> {med['pp1'] / GETPPIDS * 1e6:.0f} ns under TCG)")
+    print(
+        f"exec /bin/true, lsm backend ({os.uname().release}, TCG, CPU {CPU}, "
+        f"{ROUNDS}x{EXECS}): no programs {base / EXECS:.1f} ms/exec; "
+        f"confined x{med['confined'] / base:.3f}; outside the scope x{med['outside'] / base:.3f}"
+    )
+    print(
+        f"syscall tax, getppid outside the scope: x{med['pp1'] / med['pp0']:.3f} "
+        f"({med['pp0'] / GETPPIDS * 1e6:.0f} -> {med['pp1'] / GETPPIDS * 1e6:.0f} ns under TCG)"
+    )
     return 0
 
 

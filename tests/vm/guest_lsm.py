@@ -94,6 +94,7 @@ class Engine:
                 env=dict(env or {}, PATH="/usr/bin:/bin", TD_MARKER=str(WORK / "evil-ran")),
                 preexec_fn=join if confined else None,
                 timeout=60,
+                check=False,
             )
         except PermissionError as e:  # the exec itself was refused: the shell's 126
             return Result(126, "", f"{argv[0]}: {e.strerror}")
@@ -115,7 +116,7 @@ def _libraries(*programs: str) -> set[str]:
     """What ld.so loads for `programs` (ldd), resolved to real files."""
     libs: set[str] = set()
     for prog in programs:
-        out = subprocess.run(["ldd", prog], capture_output=True, text=True).stdout
+        out = subprocess.run(["ldd", prog], capture_output=True, text=True, check=True).stdout
         for line in out.splitlines():
             parts = line.split()
             path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
@@ -207,7 +208,10 @@ def test_untrusted_exec_denied(engine: Engine, files: Path) -> None:
     e = denied[0]
     # the full path comes from bpf_d_path, and the event names this backend and hook
     assert (e.path.decode(), e.hook, e.backend, e.reason) == (
-        str(files / "untrusted"), Hook.EXEC, 2, Reason.UNTRUSTED
+        str(files / "untrusted"),
+        Hook.EXEC,
+        2,
+        Reason.UNTRUSTED,
     ), e.path
     assert engine.run(str(files / "untrusted"), "hello", confined=False).out == (
         "hello from untrusted"

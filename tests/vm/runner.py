@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -111,9 +112,13 @@ def _decompress(kind: str, data: bytes) -> bytes:
         import zstandard
 
         return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    import zlib
-
     return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data)
+
+
+def _zstd_error() -> type[Exception]:
+    import zstandard
+
+    return zstandard.ZstdError
 
 
 def extract_vmlinux(vmlinuz: Path) -> bytes:
@@ -125,7 +130,7 @@ def extract_vmlinux(vmlinuz: Path) -> bytes:
         while start != -1:
             try:
                 out = _decompress(kind, blob[start:])
-            except Exception:  # a magic that happens to occur in code: try the next one
+            except (lzma.LZMAError, zlib.error, EOFError, _zstd_error()):  # a magic inside code
                 out = b""
             if out[:4] == b"\x7fELF":
                 return out
@@ -153,9 +158,7 @@ def module_load_order(modules: Path, names: Iterable[str]) -> list[Path]:
         target, _, rest = line.partition(":")
         deps[target] = rest.split()
         by_name[_module_name(target)] = target
-    builtin = {
-        _module_name(x) for x in (modules / "modules.builtin").read_text().split()
-    }
+    builtin = {_module_name(x) for x in (modules / "modules.builtin").read_text().split()}
     order: list[str] = []
 
     def visit(rel: str) -> None:
@@ -240,7 +243,9 @@ class _Cpio:
         self._parts: list[bytes] = []
         self._ino = 1
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         fields = [self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
         self._ino += 1
         head = b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0"
@@ -395,7 +400,7 @@ def _boot(cmd: list[str], results: Path, timeout: float, echo: bool) -> VmResult
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl must run in the child
     )
     assert proc.stdout is not None
     stream = proc.stdout
