@@ -106,8 +106,7 @@ def _walk_dir(
             with os.scandir(directory) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            reason = os_reason(e)
-            yield SkippedEntry(directory, f"{reason} (directory)", fatal=True)
+            yield SkippedEntry(directory, f"cannot list directory: {os_reason(e)}", fatal=True)
             continue
         subdirs: list[str] = []
         for entry in entries:
