@@ -196,6 +196,17 @@ def test_untrusted_command_itself(trusted_db: Path, run_env: dict[str, str],
     assert f"trustdb trust --db {trusted_db} {untrusted}" in p.stderr
 
 
+def test_copy_of_trusted_binary_runs(trusted_db: Path, run_env: dict[str, str],
+                                     tmp_path: Path) -> None:
+    """Content is trusted, not the inode: a fresh copy and a chmod'ed copy both run."""
+    copy = tmp_path / "true-copy"
+    shutil.copy2(shutil.which("true") or "/bin/true", copy)
+    script = f"{copy}; echo copy=$?; chmod 0700 {copy}; {copy}; echo chmod=$?"
+    assert run_unconfined(script, run_env).out == "copy=0\nchmod=0\n"
+    got = run_confined(trusted_db, script, run_env)
+    assert got.out == "copy=0\nchmod=0\n", got.err
+
+
 def test_audit_mode_reports_and_allows(trusted_db: Path, run_env: dict[str, str],
                                        untrusted: Path) -> None:
     got = run_confined(trusted_db, f"{untrusted}; echo rc=$?", run_env, "--audit")
