@@ -294,7 +294,8 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
 class Mirror:
     """Keeps a `KeySink` equal to "inodes whose current content the database trusts".
 
-    Thread-safe for one `sync` running while the fanotify thread calls `verify_file`.
+    Thread-safe for one `sync` (or `refresh`) at a time, running while the fanotify thread
+    calls `verify_file`.
     """
 
     def __init__(
@@ -488,8 +489,13 @@ class Mirror:
 
     def _drop_stale(self, wanted: dict[InodeKey, bytes]) -> int:
         """Remove keys neither walked nor first-seen-and-still-trusted; returns how many."""
+        # Database reads outside the lock: verify_file (an exec waiting) must not queue behind.
         with self._lock:
-            self._first_seen = {k: d for k, d in self._first_seen.items() if self._db.is_trusted(d)}
+            digests = set(self._first_seen.values())
+        untrusted = {d for d in digests if not self._db.is_trusted(d)}
+        with self._lock:
+            for k in [k for k, d in self._first_seen.items() if d in untrusted]:
+                del self._first_seen[k]
             stale = [k for k in self._keys if k not in wanted and k not in self._first_seen]
             for start in range(0, len(stale), self._batch):
                 self._sink.remove(stale[start : start + self._batch])

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -277,6 +278,34 @@ def test_verify_file_reads_an_untrusted_binary_once_and_data_never(
     assert mirror.verify_file(str(evil)) is None and mirror.hash_count == 1  # remembered
     data = write(tmp_path / "data.txt", b"plain text, no exec bit", mode=0o644)
     assert mirror.verify_file(str(data)) is None and mirror.hash_count == 1  # never read
+
+
+def test_verify_file_while_syncing(trust: Trust, tmp_path: Path) -> None:
+    """The fanotify thread inserts first-seen keys while the main thread re-syncs: no key is
+    lost or removed by mistake, and the sink always holds exactly the mirror's keys."""
+    f = write(tmp_path / "tool", b"\x7fELF shared")
+    copies = []
+    for i in range(40):
+        copies.append(tmp_path / f"copy{i}")
+        shutil.copy(f, copies[-1])
+    sink, mirror = synced(trust, f)
+    errors: list[BaseException] = []
+
+    def prewarm() -> None:
+        try:
+            for c in copies:
+                assert mirror.verify_file(str(c)) == key_of(c)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    t = threading.Thread(target=prewarm)
+    t.start()
+    for _ in range(20):
+        mirror.sync()
+    t.join(30)
+    assert not errors and not t.is_alive()
+    mirror.sync()
+    assert sink.present == mirror.keys == {key_of(p) for p in [f, *copies]}
 
 
 def test_cache_hit_does_not_read_again(trust: Trust, tmp_path: Path) -> None:
