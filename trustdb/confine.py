@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import secrets
 import select
 import signal
@@ -283,9 +284,46 @@ def _bind_read_only(path: str) -> None:
     _read_only_tree(path)
 
 
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _under(path: str, top: str) -> bool:
+    return top == "/" or path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def mount_aliases(path: str) -> list[str]:
+    """Other paths that reach the directory `path`: its filesystem mounted, or bind-mounted,
+    somewhere else too (a cover on one path would leave the other open)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == dev:
+                mounts.append((_unescape(fields[3]), _unescape(fields[4])))
+    holders = [m for m in mounts if _under(path, m[1])]
+    if not holders:
+        return []
+    own = max(holders, key=lambda m: len(m[1]))
+    in_fs = os.path.normpath(os.path.join(own[0], os.path.relpath(path, own[1])))
+    aliases = []
+    for root, mountpoint in mounts:
+        if (root, mountpoint) != own and _under(in_fs, root):
+            alias = os.path.normpath(os.path.join(mountpoint, os.path.relpath(in_fs, root)))
+            if alias != path and os.path.isdir(alias):
+                aliases.append(alias)
+    return sorted(set(aliases))
+
+
 def apply_mount_plan(plan: MountPlan) -> None:
     """Build the confined view. Runs in the child, after unshare(CLONE_NEWNS), as the init of the
     new PID namespace (so the new /proc shows only the confined tree)."""
+    hidden = [a for p in plan.hidden for a in (p, *mount_aliases(p))]
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
     _minimal_dev()
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -295,7 +333,7 @@ def apply_mount_plan(plan: MountPlan) -> None:
             _bind_read_only(p)
     # cgroup files (moves, freeze, kill), uevent_helper, tracefs, securityfs: read-only.
     _read_only_tree("/sys")
-    for p in plan.hidden:
+    for p in hidden:
         if os.path.isdir(p):
             _mount("tmpfs", p, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                    "mode=0555,size=4k")

@@ -151,6 +151,24 @@ def test_trust_database_unreachable(trusted_db: Path, run_env: dict[str, str],
         assert not db.is_trusted(digest)
 
 
+def test_database_reached_through_another_mount(trusted_db: Path, run_env: dict[str, str],
+                                                tmp_path: Path, untrusted: Path) -> None:
+    """The DB's filesystem also mounted elsewhere (a bind mount, as containers have): that
+    path is covered too. The bind mount lives in a private mount namespace of this test."""
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    inner = (f"ls -A {alias}/db | wc -l; echo junk >> {alias}/db/data.mdb; echo write=$?")
+    script = (f"mount --bind {trusted_db.parent} {alias} && ls -A {alias}/db | wc -l && "
+              f"{' '.join([*TRUSTDB[:2], repr(TRUSTDB[2])])} run --db {trusted_db} -- "
+              f"sh -c '{inner}'")
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                       env=run_env, check=False, capture_output=True, text=True, timeout=60)
+    lines = p.stdout.split()
+    assert lines[0] != "0", p  # outside the run, the alias shows the database
+    assert lines[1] == "0", p  # inside, it is covered like the DB path itself
+    assert "write=0" not in lines, p
+
+
 def test_mounts_and_devices(trusted_db: Path, run_env: dict[str, str], tmp_path: Path) -> None:
     """mount/umount are denied (the covers stay), there is no block device to write the disk
     through, and mknod of one is denied."""
