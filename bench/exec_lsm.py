@@ -43,7 +43,7 @@ def guest(art: Path) -> int:
     true = os.path.realpath("/bin/true")
     cgroup = Path("/sys/fs/cgroup") / "td-bench"
     cgroup.mkdir(exist_ok=True)
-    scope = Scope(cgroup_id=cgroup.stat().st_ino, cgroup_level=1)
+    scope = Scope.for_cgroup(cgroup)
     trusted = [probe, true, *_libraries(probe, true)]
 
     def loop(*args: str, inside: bool) -> float:

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ class Engine:
         self.backend = LsmBackend()
         self.events: list[CEvent] = []
         self.ring: RingBuffer | None = None
-        scope = Scope(cgroup_id=self.cgroup.stat().st_ino, cgroup_level=1)
+        scope = Scope.for_cgroup(self.cgroup)
         self.backend.load(EngineConfig(mode=mode, scope=scope, supervisor_tgid=os.getpid()))
 
     def start(self) -> None:
@@ -166,6 +167,13 @@ def _clean_marker(files: Path) -> None:
 
 def _denied_paths(engine: Engine) -> list[str]:
     return [e.path.decode() for e in engine.drain() if e.verdict == Verdict.DENY]
+
+
+def test_select_picks_lsm() -> None:
+    from trustdb import backends
+
+    chosen = backends.select()
+    assert (chosen.name, chosen.refused) == ("lsm", ())
 
 
 # ---- no false denials ---------------------------------------------------------------------
@@ -395,3 +403,40 @@ def test_audit_mode_allows_and_logs(files: Path, engine: Engine) -> None:
         )
     finally:
         audit.close()
+
+
+# ---- the product, end to end: `trustdb run --backend lsm` ------------------------------------
+
+TRUSTDB = str(Path(sys.executable).parent / "trustdb")
+
+
+def _trustdb(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TRUSTDB, *args], capture_output=True, text=True, timeout=300, check=False,
+        env=dict(os.environ, TRUSTDB_DB=str(db)),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trust_db(files: Path) -> Path:
+    db = files / "trustdb"
+    probe = str(files / "tdprobe")
+    r = _trustdb("trust", "--db", str(db), probe, *_libraries(probe), db=db)
+    assert r.returncode == 0, r.stderr
+    return db
+
+
+def test_trustdb_run_allows_trusted(files: Path, trust_db: Path) -> None:
+    r = _trustdb("run", "--backend", "lsm", "--", str(files / "tdprobe"), "hello", db=trust_db)
+    assert (r.returncode, r.stdout.strip()) == (0, "hello from trusted"), r.stderr
+
+
+def test_trustdb_run_denies_untrusted_and_says_what(files: Path, trust_db: Path) -> None:
+    r = _trustdb("run", "--backend", "lsm", "--", str(files / "untrusted"), "hello", db=trust_db)
+    assert r.returncode != 0 and "hello" not in r.stdout, r
+    assert str(files / "untrusted") in r.stderr, r.stderr
+
+
+def test_trustdb_run_denies_bpf(files: Path, trust_db: Path) -> None:
+    r = _trustdb("run", "--backend", "lsm", "--", str(files / "tdprobe"), "bpf", db=trust_db)
+    assert r.stdout.strip() == EPERM, (r.stdout, r.stderr)

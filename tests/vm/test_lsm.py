@@ -96,3 +96,21 @@ def test_lsm_suite_in_vm(kernel: str, artifacts: Path) -> None:
     assert result.returncode == 0, f"{kernel}: guest pytest exited {result.returncode}\n{tail}"
     assert total >= MIN_CASES, f"{kernel}: only {total} cases ran"
     print(f"{kernel}: {total} cases passed in the VM ({result.seconds:.0f}s with boot)")
+
+
+@pytest.mark.bpf
+def test_probe_on_this_kernel_says_why(as_root: None) -> None:
+    """On the host: the lsm probe succeeds only where BPF LSM is active, and select() falls
+    back to tracepoint with the refusal spelled out (the case `trustdb status` reports)."""
+    from trustdb import backends
+    from trustdb.backends.lsm import LsmBackend, active_lsms
+
+    probe = LsmBackend().probe()
+    active = active_lsms()
+    if active is not None and "bpf" in active:
+        assert probe.ok, probe.reason
+        return
+    assert not probe.ok and probe.reason.startswith("lsm: "), probe
+    chosen = backends.select()
+    assert chosen.name == "tracepoint"
+    assert [name for name, _ in chosen.refused] == ["lsm"]
