@@ -123,13 +123,13 @@ def test_executable_only_skips_without_reading(tmp_path: Path) -> None:
 def test_hash_many_keeps_order_and_reports_per_file(tmp_path: Path) -> None:
     paths = []
     for i in range(300):
-        p = tmp_path / f"f{i}"
-        p.write_bytes(os.urandom(i * 37))
-        paths.append(str(p))
+        f = tmp_path / f"f{i}"
+        f.write_bytes(os.urandom(i * 37))
+        paths.append(str(f))
     paths.insert(150, str(tmp_path / "missing"))
     results = list(hash_many(paths, workers=3, batch=7))
     assert [p for p, _ in results] == paths
     errors = [(p, r) for p, r in results if isinstance(r, HashingError)]
     assert [p for p, _ in errors] == [str(tmp_path / "missing")]
-    for p, r in results[:5]:
-        assert not isinstance(r, HashingError) and r.digests.blake3 == b3sum(Path(p))
+    for name, r in results[:5]:
+        assert not isinstance(r, HashingError) and r.digests.blake3 == b3sum(Path(name))
