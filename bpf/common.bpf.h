@@ -111,6 +111,19 @@ static __always_inline struct td_task *td_task_mark(struct task_struct *task, bo
 				    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
 }
 
+/* Hot-path test (runs for every task on the machine): only the mark, one storage lookup.
+ * Tasks get the mark when confined by pidfd, at fork from a marked parent or into the scope
+ * cgroup, when moved into the scope, at exec in the scope, and when the engine starts. */
+static __always_inline bool td_task_marked(struct task_struct *task)
+{
+	struct td_task *t;
+
+	if (td_cfg.scope_cgroup_id == 0)
+		return true; /* system-wide service mode */
+	t = td_task_mark(task, false);
+	return t && t->confined;
+}
+
 /* Is `task` confined? A marked task always is (the mark survives cgroup moves and
  * `unshare -C`); an unmarked task in the scope cgroup is, and gets the mark from now on. */
 static __always_inline bool td_task_confined(struct task_struct *task)

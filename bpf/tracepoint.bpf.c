@@ -240,14 +240,11 @@ int BPF_PROG(handle_unmapped_area, unsigned long addr, struct vm_unmapped_area_i
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct td_mmap_area *area;
 
-	area = bpf_task_storage_get(&mmap_area, task, 0, 0);
-	if (!area) {
-		if (!td_task_confined(task))
-			return 0;
-		area = bpf_task_storage_get(&mmap_area, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-		if (!area)
-			return 0;
-	}
+	if (!td_task_marked(task))
+		return 0;
+	area = bpf_task_storage_get(&mmap_area, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!area)
+		return 0;
 	area->start = addr;
 	area->len = info->length;
 	return 0;
@@ -264,7 +261,7 @@ int BPF_PROG(handle_mmap_unlock, struct mm_struct *mm, bool write)
 	int i, verdict = -1;
 
 	/* Cheap filters first: this runs for every mmap_lock write release on the machine. */
-	if (!write || task->mm != mm)
+	if (!write || !td_task_marked(task) || task->mm != mm)
 		return 0;
 	regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	nr = BPF_CORE_READ(regs, orig_ax) & ~TD_X32_SYSCALL_BIT;
@@ -277,8 +274,6 @@ int BPF_PROG(handle_mmap_unlock, struct mm_struct *mm, bool write)
 		   nr != TD_NR_REMAP_FILE_PAGES) {
 		return 0;
 	}
-	if (!td_task_confined(task))
-		return 0;
 	if (compat) {
 		/* ia32 syscalls from a 64-bit process: an escape hatch, not a use case. */
 		td_deny(task, TD_HOOK_MMAP, TD_REASON_UNVERIFIABLE, NULL, NULL);

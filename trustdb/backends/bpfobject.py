@@ -19,6 +19,7 @@ from trustdb.libbpf import BpfMap, BpfObject, LibbpfError
 from trustdb.model import InodeKey
 
 _TRUSTED = b"\x01"
+_PIDFD_THREAD = os.O_EXCL  # pidfd of one thread (6.9+)
 
 
 def object_dir() -> Path:
@@ -79,6 +80,7 @@ class BpfBackend(Backend):
         self._sink: MapKeySink | None = None
         self._events_fd = -1
         self._attached = False
+        self._scope_path = ""
 
     @property
     def object_path(self) -> Path:
@@ -132,6 +134,7 @@ class BpfBackend(Backend):
             raise BackendError(f"{self.name}: already loaded")
         if config.scope.system_wide is False and config.scope.cgroup_level <= 0:
             raise BackendError(f"{self.name}: scope cgroup {config.scope.cgroup_id} has no level")
+        self._scope_path = config.scope.cgroup_path
         try:
             self._obj = self._open(config, config.max_entries)
             self._sink = MapKeySink(self._obj.map("trusted_inodes"))
@@ -148,6 +151,31 @@ class BpfBackend(Backend):
         except LibbpfError as e:
             raise BackendError(f"{self.name}: {e}") from e
         self._attached = True
+        if self._scope_path:
+            self._mark_scope_tasks(Path(self._scope_path))
+
+    def _mark_scope_tasks(self, cgroup: Path) -> None:
+        """Mark every thread already in the scope (the hot paths look at marks only; from now
+        on the fork, exec and cgroup-attach programs mark newcomers themselves)."""
+        for threads in cgroup.rglob("cgroup.threads"):
+            try:
+                tids = [int(t) for t in threads.read_text().split()]
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    fd = os.pidfd_open(tid, _PIDFD_THREAD)
+                except OSError:
+                    try:  # kernels before 6.9 open pidfds of thread-group leaders only
+                        fd = os.pidfd_open(tid)
+                    except OSError:
+                        continue  # exited, or a non-leader thread on an old kernel
+                try:
+                    self.confine(fd)
+                except BackendError:
+                    pass  # exited in between
+                finally:
+                    os.close(fd)
 
     def detach(self) -> None:
         obj, self._obj = self._obj, None
