@@ -486,15 +486,9 @@ def running_engines() -> list[EngineState]:
     return found
 
 
-def status_lines() -> list[str]:
-    lines = []
-    for s in running_engines():
-        what = f"trustdb {s.kind} (pid {s.pid})"
-        scope = s.scope if s.kind == "daemon" else f"cgroup {s.scope}: {s.command}"
-        lines.append(f"{what}: {s.mode} with the {s.backend} backend, {scope}")
-    if not lines:
-        lines.append("engine: not running (no daemon, no trustdb run)")
-    return lines
+def describe(s: EngineState) -> str:
+    scope = s.scope if s.kind == "daemon" else f"cgroup {s.scope}: {s.command}"
+    return f"{s.mode} with the {s.backend} backend, {scope}"
 
 
 @dataclass(frozen=True, slots=True)

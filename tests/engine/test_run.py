@@ -317,6 +317,27 @@ def test_stale_cgroup_swept(trusted_db: Path, run_env: dict[str, str]) -> None:
             stale.rmdir()
 
 
+def test_status_names_the_running_engine(trusted_db: Path, run_env: dict[str, str]) -> None:
+    proc, cgroup, _ = _start_long_run(trusted_db, run_env)
+    try:
+        p = subprocess.run([*TRUSTDB, "status", "--json", "--db", str(trusted_db)], env=run_env,
+                           check=False, capture_output=True, text=True, timeout=60)
+        info = json.loads(p.stdout)
+        line = info[f"engine run (pid {proc.pid})"]
+        assert "enforce with the tracepoint backend" in line and str(cgroup) in line
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_daemon_rejects_unknown_mode(run_env: dict[str, str]) -> None:
+    """(The daemon itself enforces system-wide: never started by the test suite.)"""
+    p = subprocess.run([*TRUSTDB, "daemon", "--mode", "permissive"], env=run_env, check=False,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.strip() == "trustdb: error: --mode must be enforce or audit, not 'permissive'"
+
+
 def test_backends_lists_tracepoint(run_env: dict[str, str]) -> None:
     p = subprocess.run([*TRUSTDB, "backends", "--json"], env=run_env, check=False, capture_output=True,
                        text=True, timeout=60)

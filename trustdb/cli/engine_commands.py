@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from trustdb.abi import Mode
-from trustdb.cli import app
+from trustdb.cli import app, db_commands
 from trustdb.cli.common import DEFAULT_DB_PATH, DbOption, JsonOption, fatal
 
 # trustdb.supervisor is imported inside each verb: it pulls in libbpf, which the other verbs
@@ -118,8 +118,17 @@ def backends(as_json: JsonOption = False) -> None:
         fatal("no backend works on this kernel")
 
 
-def status_lines() -> list[str]:
-    """For `trustdb status`: the engines running now (daemon, runs) and their backend."""
+def engine_status() -> dict[str, str]:
+    """`trustdb status` lines: each engine running now (daemon, runs) with its backend, or the
+    backend this kernel would get when none runs."""
     from trustdb import supervisor
 
-    return supervisor.status_lines()
+    running = supervisor.running_engines()
+    if running:
+        return {f"engine {s.kind} (pid {s.pid})": supervisor.describe(s) for s in running}
+    chosen = next((r for r in supervisor.probe_backends() if r.selected), None)
+    return {"engine": "not running",
+            "backend": f"{chosen.name} (selected)" if chosen else "none works on this kernel"}
+
+
+db_commands.STATUS_EXTRAS.append(engine_status)
