@@ -15,10 +15,12 @@ For one path (`Mirror.sync`):
      record the verification so a restart does not read an unchanged file again.
 
 Decisions made here, each for a reason from /work/shared/KERNEL-NOTES.md:
-- overlayfs (and btrfs) are **skipped with a reported reason, not resolved**: overlayfs stat()
-  reports a per-layer device while exec sees the overlay inode and mmap the real one, and btrfs
-  stat() reports a per-subvolume device that is not `i_sb->s_dev`. A key built from stat() there
-  would never match what the hook sees, so the file is reported, never silently mis-keyed.
+- overlayfs is **resolved**: an exec sees the overlay inode (what stat() of the merged path
+  reports) and a mapping sees the real inode in its layer, so both keys are inserted
+  (`kernel_keys`, `overlay_real_stat`). Only the case proven on this kernel is resolved: all
+  layers on one filesystem; any other overlay (layers on several filesystems, nested overlays)
+  is **skipped with a reported reason**, as is btrfs, whose stat() reports a per-subvolume
+  device that is not `i_sb->s_dev`. A file is never silently mis-keyed.
 - coarse ctime (kernels < 6.13, or a filesystem without multigrain timestamps): a write in the
   same clock tick as our read keeps the old ctime, so the old key would still match modified
   content; and a file deleted and re-created in that tick can get the same inode number (ext4
@@ -40,6 +42,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import re
 import stat as statmod
 import threading
 import time
@@ -60,12 +63,17 @@ EXT4_SUPER_MAGIC = 0xEF53
 XFS_SUPER_MAGIC = 0x58465342
 TMPFS_MAGIC = 0x01021994
 
+REASON_OVERLAY_UNRESOLVED = (
+    "on overlayfs: the real inode behind it could not be resolved (layers on another "
+    "filesystem, or a nested overlay); not mirrored"
+)
+
 UNKEYABLE_FS: dict[int, str] = {
-    OVERLAYFS_SUPER_MAGIC: "on overlayfs: stat() identity differs from the kernel's; not mirrored",
     BTRFS_SUPER_MAGIC: "on btrfs: stat() reports the subvolume's device, not the kernel's; "
     "not mirrored",
 }
-"""Filesystems where `InodeKey.from_stat` is not the key the BPF hooks compute."""
+"""Filesystems where `InodeKey.from_stat` is not the key the BPF hooks compute (overlayfs is
+resolved instead: see `overlay_real_stat`)."""
 
 MULTIGRAIN_FS = frozenset({EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, BTRFS_SUPER_MAGIC, TMPFS_MAGIC})
 """Filesystems converted to multigrain timestamps in Linux 6.13: after anyone stat()s a file,
@@ -157,6 +165,100 @@ def ctime_settled_at(st: os.stat_result) -> int:
     return st.st_ctime_ns + granularity
 
 
+# --- overlayfs: two inodes per file ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayMount:
+    mount_point: str
+    layers: tuple[str, ...]
+    """upperdir first (if any), then the lowerdirs, top to bottom: where a name is looked up."""
+
+
+def _unescape(text: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \ooo octal escapes.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def _split_layers(value: str) -> list[str]:
+    # lowerdir=/a:/b (":" inside a name is written "\:"); "::" marks data-only layers.
+    parts = re.split(r"(?<!\\):+", value)
+    return [p.replace("\\:", ":") for p in parts if p]
+
+
+def overlay_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[OverlayMount]:
+    """Every overlayfs mount this process sees, with its layer directories."""
+    mounts = []
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            fields, tail = pre.split(), post.split()
+            if len(fields) < 5 or len(tail) < 3 or tail[0] != "overlay":
+                continue
+            upper: list[str] = []
+            lower: list[str] = []
+            for opt in _unescape(tail[2]).split(","):
+                key, _, value = opt.partition("=")
+                if key == "upperdir":
+                    upper = [value]
+                elif key == "lowerdir":
+                    lower += _split_layers(value)
+                elif key in ("lowerdir+", "datadir+"):
+                    lower.append(value)
+            mounts.append(OverlayMount(_unescape(fields[4]), tuple(upper + lower)))
+    return mounts
+
+
+def overlay_real_stat(path: str, st: os.stat_result) -> os.stat_result | str:
+    """stat() of the real file behind `path` on overlayfs, or why it cannot be trusted to be.
+
+    Measured on 6.18 (tests/engine/test_mirror.py): an exec sees the overlay inode, which
+    stat() on the merged path reports exactly, but a mapping (ld.so, shared libraries) sees the
+    real inode in the layer, with the same inode number and ctime on another device. The real
+    file is the first layer holding the name; it is accepted only if its inode number, ctime
+    and size are the merged file's, i.e. all layers are on one filesystem (docker's overlay2)."""
+    real = os.path.realpath(path)
+    candidates = [m for m in overlay_mounts() if real.startswith(m.mount_point.rstrip("/") + "/")]
+    if not candidates:
+        return REASON_OVERLAY_UNRESOLVED
+    mount = max(candidates, key=lambda m: len(m.mount_point))
+    try:
+        if os.stat(mount.mount_point).st_dev != st.st_dev:
+            return REASON_OVERLAY_UNRESOLVED  # a per-layer st_dev: not the overlay inode's
+    except OSError:
+        return REASON_OVERLAY_UNRESOLVED
+    rel = os.path.relpath(real, mount.mount_point)
+    for layer in mount.layers:
+        try:
+            lst = os.lstat(os.path.join(layer, rel))
+        except OSError:
+            continue
+        same = (lst.st_ino, lst.st_ctime_ns, lst.st_size) == (st.st_ino, st.st_ctime_ns, st.st_size)
+        if not same or not statmod.S_ISREG(lst.st_mode):
+            return REASON_OVERLAY_UNRESOLVED
+        try:
+            if fs_magic(os.path.join(layer, rel)) in (*UNKEYABLE_FS, OVERLAYFS_SUPER_MAGIC):
+                return REASON_OVERLAY_UNRESOLVED
+        except OSError:
+            return REASON_OVERLAY_UNRESOLVED
+        return lst
+    return REASON_OVERLAY_UNRESOLVED
+
+
+def kernel_keys(path: str, st: os.stat_result, magic: int) -> tuple[InodeKey, ...] | str:
+    """The keys the BPF hooks will compute for this file: one, or two on overlayfs (the overlay
+    inode for exec, the real one for mappings); or why the file cannot be keyed."""
+    if magic in UNKEYABLE_FS:
+        return UNKEYABLE_FS[magic]
+    key = InodeKey.from_stat(st)
+    if magic != OVERLAYFS_SUPER_MAGIC:
+        return (key,)
+    real = overlay_real_stat(path, st)
+    if isinstance(real, str):
+        return real
+    return (key, InodeKey.from_stat(real))
+
+
 # --- values --------------------------------------------------------------------------------
 
 
@@ -242,7 +344,7 @@ class MirrorStats:
 
 @dataclass(frozen=True, slots=True)
 class _Verified:
-    key: InodeKey
+    keys: tuple[InodeKey, ...]
     digest: bytes
 
 
@@ -254,6 +356,7 @@ class _Deferred:
 @dataclass(frozen=True, slots=True)
 class _ToHash:
     stat: os.stat_result
+    keys: tuple[InodeKey, ...]
 
 
 _Outcome = _Verified | _Deferred | _ToHash | str
@@ -269,8 +372,8 @@ class _Walk:
     verifications: list[tuple[InodeKey, FileDigests]] = field(default_factory=list)
     pending: list[InodeKey] = field(default_factory=list)
     """Verified keys not yet handed to the sink (flushed every `batch_size`)."""
-    to_hash: dict[str, os.stat_result] = field(default_factory=dict)
-    """Paths to read, with their stat from before the read."""
+    to_hash: dict[str, _ToHash] = field(default_factory=dict)
+    """Paths to read, with their stat from before the read and their keys."""
     deferred: dict[str, int] = field(default_factory=dict)
     """Paths waiting for the coarse clock to pass this value."""
     inserted: int = 0
@@ -391,12 +494,13 @@ class Mirror:
     def _take(self, path: str, outcome: _Outcome, walk: _Walk) -> None:
         """File one path's outcome: queue it for hashing or for later, insert it, or skip it."""
         if isinstance(outcome, _ToHash):
-            walk.to_hash[path] = outcome.stat
+            walk.to_hash[path] = outcome
         elif isinstance(outcome, _Deferred):
             walk.deferred[path] = outcome.until_ns
         elif isinstance(outcome, _Verified):
-            walk.wanted[outcome.key] = outcome.digest
-            walk.pending.append(outcome.key)
+            for key in outcome.keys:
+                walk.wanted[key] = outcome.digest
+            walk.pending.extend(outcome.keys)
             if len(walk.pending) >= self._batch:
                 self._flush(walk)
         else:
@@ -430,18 +534,18 @@ class Mirror:
             magic = fs_magic(path)
         except OSError as e:
             return f"cannot statfs: {e.strerror}"
-        if magic in UNKEYABLE_FS:
-            return UNKEYABLE_FS[magic]
+        keys = kernel_keys(path, st, magic)
+        if isinstance(keys, str):
+            return keys
         if not self._settled(st, magic):
             return _Deferred(ctime_settled_at(st))
-        key = InodeKey.from_stat(st)
-        cached = cache.lookup(key, st.st_size)
+        cached = cache.lookup(keys[0], st.st_size)
         if cached is None:
-            return _ToHash(st)
+            return _ToHash(st, keys)
         walk.cached += 1
         if not self._db.is_trusted(cached.blake3):
             return REASON_UNTRUSTED
-        return _Verified(key, cached.blake3)
+        return _Verified(keys, cached.blake3)
 
     def _hash_queued(self, walk: _Walk) -> None:
         """Hash the queued files on a thread pool (blake3 and read release the GIL)."""
@@ -450,7 +554,7 @@ class Mirror:
             self._take(path, self._check_hashed(path, queued[path], result, walk), walk)
 
     def _check_hashed(
-        self, path: str, st: os.stat_result, result: HashedFile | HashingError, walk: _Walk
+        self, path: str, queued: _ToHash, result: HashedFile | HashingError, walk: _Walk
     ) -> _Verified | str:
         if isinstance(result, HashingError):
             return str(result)
@@ -462,13 +566,12 @@ class Mirror:
             return REASON_CHANGED
         # The path's first stat, the fd that was read and the path afterwards: one unchanged
         # inode (hash_file has already compared the fd's stat before and after the read).
-        if not (_same_file(st, result.stat) and _same_file(result.stat, after)):
+        if not (_same_file(queued.stat, result.stat) and _same_file(result.stat, after)):
             return REASON_CHANGED
-        key = InodeKey.from_stat(st)
-        walk.verifications.append((key, result.digests))
+        walk.verifications.append((queued.keys[0], result.digests))
         if not self._db.is_trusted(result.digests.blake3):
             return REASON_UNTRUSTED
-        return _Verified(key, result.digests.blake3)
+        return _Verified(queued.keys, result.digests.blake3)
 
     def _settled(self, st: os.stat_result, magic: int) -> bool:
         """Is a write from now on sure to change this file's ctime (and so its key)?"""
@@ -538,9 +641,11 @@ class Mirror:
             return None
         try:
             magic = fs_magic(target)
+            path = os.readlink(f"/proc/self/fd/{target}") if isinstance(target, int) else target
         except OSError:
             return None
-        if magic in UNKEYABLE_FS:
+        keys = kernel_keys(path, st, magic)
+        if isinstance(keys, str):
             return None
         if not self._settled(st, magic):
             if ctime_settled_at(st) - coarse_now_ns() > self._first_seen_wait:
@@ -549,17 +654,19 @@ class Mirror:
         digests = self._digest_of(target, st, key)
         if digests is None or not self._db.is_trusted(digests.blake3):
             return None
-        self._insert_first_seen(key, digests.blake3)
+        self._insert_first_seen(keys, digests.blake3)
         return key
 
-    def _insert_first_seen(self, key: InodeKey, digest: bytes) -> None:
+    def _insert_first_seen(self, keys: tuple[InodeKey, ...], digest: bytes) -> None:
         with self._lock:
-            if key in self._keys:
+            new = [k for k in keys if k not in self._keys]
+            if not new:
                 return
-            self._sink.add([key])
-            self._keys[key] = digest
-            self._first_seen[key] = digest
-            if len(self._first_seen) > MAX_FIRST_SEEN:
+            self._sink.add(new)
+            for key in new:
+                self._keys[key] = digest
+                self._first_seen[key] = digest
+            while len(self._first_seen) > MAX_FIRST_SEEN:
                 # Oldest first: most are copies long deleted or rewritten (their key is dead).
                 oldest = next(iter(self._first_seen))
                 del self._first_seen[oldest]

@@ -27,14 +27,16 @@ from trustdb.hashing import hash_file
 from trustdb.mirror import (
     OVERLAYFS_SUPER_MAGIC,
     REASON_NOT_REGULAR,
+    REASON_OVERLAY_UNRESOLVED,
     REASON_UNTRUSTED,
     REASON_VANISHED,
-    UNKEYABLE_FS,
     Mirror,
+    OverlayMount,
     coarse_now_ns,
     ctime_settled_at,
     fs_magic,
     kernel_has_multigrain,
+    overlay_mounts,
 )
 from trustdb.model import FileDigests, InodeKey, TrustEntry
 
@@ -417,29 +419,77 @@ def test_tmpfs_keys_match_stat(trust: Trust, tmp_path: Path, mounted: list[Path]
     assert stats.inserted == 1 and sink.present == {key_of(f)}
 
 
-@pytest.mark.root
-def test_overlayfs_is_reported_not_mis_keyed(
-    trust: Trust, tmp_path: Path, mounted: list[Path]
-) -> None:
-    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+def make_overlay(tmp_path: Path, mounted: list[Path], lower: Path | None = None) -> Path:
+    """An overlay mount of `lower` (default: a fresh dir beside it) under tmp_path; returns
+    the merged directory."""
+    lower = lower or tmp_path / "lower"
+    upper, work, merged = (tmp_path / n for n in ("upper", "work", "merged"))
     for d in (lower, upper, work, merged):
-        d.mkdir()
-    write(lower / "tool", b"\x7fELF in a lower layer")
+        d.mkdir(exist_ok=True)
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)], check=True)
     mounted.append(merged)
-    tool = merged / "tool"
+    return merged
+
+
+@pytest.mark.root
+def test_overlayfs_gets_the_overlay_and_the_real_key(
+    trust: Trust, tmp_path: Path, mounted: list[Path]
+) -> None:
+    (tmp_path / "lower").mkdir()
+    write(tmp_path / "lower" / "tool", b"\x7fELF in a lower layer")
+    merged = make_overlay(tmp_path, mounted)
+    tool, made = merged / "tool", write(merged / "made", b"\x7fELF made in the upper layer")
     assert fs_magic(str(tool)) == OVERLAYFS_SUPER_MAGIC
-    trust.trust(tool)
-    sink = ListSink()
-    mirror = Mirror(trust.db, sink)
+    sink, mirror = synced(trust, tool, made)
+    expected = {
+        key_of(tool),  # what an exec of it sees (the overlay inode)
+        key_of(tmp_path / "lower" / "tool"),  # what a mapping of it sees (the real inode)
+        key_of(made),
+        key_of(tmp_path / "upper" / "made"),
+    }
+    assert len(expected) == 4 and sink.present == expected
+    # First seen through an fd, e.g. a copy made inside the overlay: both keys again.
+    copy = merged / "copy"
+    shutil.copy(tool, copy)
+    fd = os.open(copy, os.O_RDONLY)
+    try:
+        assert mirror.verify_file(fd) == key_of(copy)
+    finally:
+        os.close(fd)
+    assert {key_of(copy), key_of(tmp_path / "upper" / "copy")} <= sink.present
+
+
+@pytest.mark.root
+def test_overlayfs_on_two_filesystems_is_reported_not_mis_keyed(
+    trust: Trust, tmp_path: Path, mounted: list[Path]
+) -> None:
+    lower = tmp_path / "lower-tmpfs"
+    lower.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(lower)], check=True)
+    mounted.append(lower)
+    write(lower / "tool", b"\x7fELF on tmpfs under an ext4 upper layer")
+    merged = make_overlay(tmp_path, mounted, lower)
+    tool = merged / "tool"
+    sink, mirror = synced(trust, tool)
     stats = mirror.sync()
     assert sink.present == set() and stats.inserted == 0
-    assert [(s.path, s.reason) for s in stats.skipped] == [
-        (str(tool), UNKEYABLE_FS[OVERLAYFS_SUPER_MAGIC])
-    ]
-    assert "overlayfs" in stats.skipped[0].reason
+    assert [(s.path, s.reason) for s in stats.skipped] == [(str(tool), REASON_OVERLAY_UNRESOLVED)]
     assert mirror.verify_file(str(tool)) is None and sink.present == set()
+
+
+def test_mountinfo_layers(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "36 35 98:0 / /mnt/a\\040b rw - ext4 /dev/root rw\n"
+        "40 35 0:39 / /merged rw,relatime - overlay overlay "
+        "rw,lowerdir=/l1:/l\\:2::/data,upperdir=/up,workdir=/w\n"
+        "41 35 0:40 / /m2 rw - overlay overlay rw,lowerdir+=/x,lowerdir+=/y\n"
+    )
+    assert overlay_mounts(str(info)) == [
+        OverlayMount("/merged", ("/up", "/l1", "/l:2", "/data")),
+        OverlayMount("/m2", ("/x", "/y")),
+    ]
 
 
 # --- against the real kernel: the mirror's keys are the ones the BPF hooks compute -------------
@@ -593,3 +643,39 @@ def test_coarse_ctime_rule_on_coarse_kernels(kernel: str) -> None:
     print(f"{kernel}: {lines[-1].strip()}")
     raw = int(lines[-1].split("raw=")[1].split("/")[0])
     assert raw > 0, "a write never kept the ctime: is this kernel's ctime coarse?"
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+def test_overlay_keys_match_the_kernel_for_exec_and_mmap(
+    audit: Confined, tmp_path: Path, db_path: Path, mounted: list[Path]
+) -> None:
+    """On an overlay: exec of a trusted file (overlay inode) and `ld.so FILE` (its mapping: the
+    real inode) are both found in the map; an untrusted file beside it is reported."""
+    (tmp_path / "lower").mkdir()
+    shutil.copyfile(shutil.which("true") or "/bin/true", tmp_path / "lower" / "tool")
+    (tmp_path / "lower" / "tool").chmod(0o755)
+    merged = make_overlay(tmp_path, mounted)
+    tool, evil = merged / "tool", merged / "evil"
+    shutil.copyfile(tool, evil)
+    with open(evil, "ab") as f:
+        f.write(b"untrusted")
+    evil.chmod(0o755)
+    trusted = closure(["true"])
+    ldso = next(p for p in trusted if "ld-linux" in p)
+    with TrustDB.open(db_path, write=True) as db:
+        Trust(db).trust(tool, *(Path(p) for p in trusted))
+        stats = Mirror(db, audit.engine.trusted_inodes).sync()
+        assert stats.inserted == len(trusted) + 2 and not stats.skipped, stats.summary()
+        got: list[Decision] = []
+        sink = EventSink(audit.engine.backend_name, got.append)
+        with EventReader(audit.engine.events_fd, sink) as reader:
+            assert audit.run([str(tool)]).returncode == 0
+            assert audit.run([ldso, str(tool)]).returncode == 0
+            assert audit.run([str(evil)]).returncode == 0
+            evil_ino = os.stat(evil).st_ino
+            _collect(reader, got, lambda: any(d.ino == evil_ino for d in got))
+            reader.drain()
+    assert any(d.ino == evil_ino and d.denied for d in got), got  # the reader saw events
+    tool_ino = os.stat(tool).st_ino
+    assert not [d for d in got if d.ino == tool_ino and d.denied], got
