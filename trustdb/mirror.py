@@ -46,7 +46,7 @@ import re
 import stat as statmod
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -209,7 +209,9 @@ def overlay_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[OverlayMount
     return mounts
 
 
-def overlay_real_stat(path: str, st: os.stat_result) -> os.stat_result | str:
+def overlay_real_stat(
+    path: str, st: os.stat_result, mounts: Sequence[OverlayMount] | None = None
+) -> os.stat_result | str:
     """stat() of the real file behind `path` on overlayfs, or why it cannot be trusted to be.
 
     Measured on 6.18 (tests/engine/test_mirror.py): an exec sees the overlay inode, which
@@ -245,15 +247,21 @@ def overlay_real_stat(path: str, st: os.stat_result) -> os.stat_result | str:
     return REASON_OVERLAY_UNRESOLVED
 
 
-def kernel_keys(path: str, st: os.stat_result, magic: int) -> tuple[InodeKey, ...] | str:
+def kernel_keys(
+    path: str,
+    st: os.stat_result,
+    magic: int,
+    mounts: Callable[[], Sequence[OverlayMount]] = overlay_mounts,
+) -> tuple[InodeKey, ...] | str:
     """The keys the BPF hooks will compute for this file: one, or two on overlayfs (the overlay
-    inode for exec, the real one for mappings); or why the file cannot be keyed."""
+    inode for exec, the real one for mappings); or why the file cannot be keyed. `mounts` gives
+    the overlay mounts (a sync reads /proc/self/mountinfo once, not once per file)."""
     if magic in UNKEYABLE_FS:
         return UNKEYABLE_FS[magic]
     key = InodeKey.from_stat(st)
     if magic != OVERLAYFS_SUPER_MAGIC:
         return (key,)
-    real = overlay_real_stat(path, st)
+    real = overlay_real_stat(path, st, mounts())
     if isinstance(real, str):
         return real
     return (key, InodeKey.from_stat(real))
@@ -376,6 +384,14 @@ class _Walk:
     """Paths to read, with their stat from before the read and their keys."""
     deferred: dict[str, int] = field(default_factory=dict)
     """Paths waiting for the coarse clock to pass this value."""
+    _overlays: list[OverlayMount] | None = None
+
+    def overlay_mounts(self) -> list[OverlayMount]:
+        """The overlay mounts, read once per sync (only if an overlay file is met)."""
+        if self._overlays is None:
+            self._overlays = overlay_mounts()
+        return self._overlays
+
     inserted: int = 0
     cached: int = 0
     hashed: int = 0
@@ -534,7 +550,7 @@ class Mirror:
             magic = fs_magic(path)
         except OSError as e:
             return f"cannot statfs: {e.strerror}"
-        keys = kernel_keys(path, st, magic)
+        keys = kernel_keys(path, st, magic, walk.overlay_mounts)
         if isinstance(keys, str):
             return keys
         if not self._settled(st, magic):
