@@ -26,12 +26,14 @@ values are little-endian. Paths are raw bytes (`os.fsencode`: names that are not
                                         [+ sha256[32] if flags & 1]
                 Present exactly while at least one entry names the digest: removing the last
                 entry of a digest removes its content record in the same transaction.
-    V verified  "V" + <dev u64, ino u64, ctime_sec i64, ctime_nsec u32, size u64>
-                                     -> blake3[32] + <u8 kind, u8 flags, f64 hashed_at>
+    V verified  "V" + <dev u64, ino u64>
+                                     -> <i64 ctime_sec, u32 ctime_nsec, u64 size> + blake3[32]
+                                        + <u8 kind, u8 flags, f64 hashed_at>
                                         [+ sha256[32] if flags & 1] [+ md5[16] if flags & 2]
-                A cache of earlier reads of on-disk files (`InodeKey` + size), so an unchanged
-                file is not read again. At most one record per (dev, ino): a newer one replaces
-                older ones. Not trust: a cached file is trusted only through `C`.
+                A cache of the last read of each on-disk inode: a lookup hits only when ctime
+                and size still match (`InodeKey` + size), so an unchanged file is not read
+                again, and a newer version simply overwrites the record. Not trust: a cached
+                file is trusted only through `C`.
 
 Transactions. Every write method is exactly one LMDB write transaction: all or nothing, also
 under `kill -9` (LMDB never overwrites the last committed state). Readers never block and
@@ -73,8 +75,9 @@ from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, TrustEn
 DEFAULT_DB = Path("/var/lib/trustdb")
 SCHEMA_VERSION = 1
 
-INITIAL_MAP_SIZE = 64 << 20
-"""Starting map size. On Linux the file only takes the pages it uses; the map is address space."""
+INITIAL_MAP_SIZE = 1 << 30
+"""Starting map size: room for about a million entries. On Linux the file only takes the pages
+it uses (the map is address space), and a full map means redoing the whole transaction."""
 
 FRESH_CTIME_SECONDS = 0.05
 """A file whose ctime is this close to the hash time is not cached: on coarse-ctime kernels a
@@ -88,7 +91,8 @@ _U64LE = struct.Struct("<Q")
 _SOURCE = struct.Struct("<IQd")
 _ENTRY = struct.Struct("<dH")
 _CONTENT = struct.Struct("<QBB6xdd")
-_VERIFIED_KEY = struct.Struct(">QQqIQ")
+_VERIFIED_KEY = struct.Struct(">QQ")
+_VERIFIED_VERSION = struct.Struct("<qIQ")
 _VERIFIED = struct.Struct("<BBd")
 _FLAG_SHA256 = 1
 _FLAG_MD5 = 2
@@ -204,8 +208,12 @@ def _encode_entry(digest: bytes, trusted_at: float, path: str, origin: str) -> b
     return digest + _ENTRY.pack(trusted_at, len(raw)) + raw + origin.encode()
 
 
-def _verified_key(key: InodeKey, size: int) -> bytes:
-    return _VERIFIED_T + _VERIFIED_KEY.pack(key.dev, key.ino, key.ctime_sec, key.ctime_nsec, size)
+def _verified_key(key: InodeKey) -> bytes:
+    return _VERIFIED_T + _VERIFIED_KEY.pack(key.dev, key.ino)
+
+
+def _verified_version(key: InodeKey, size: int) -> bytes:
+    return _VERIFIED_VERSION.pack(key.ctime_sec, key.ctime_nsec, size)
 
 
 def _scan(txn: lmdb.Transaction[bytes], prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
@@ -364,15 +372,15 @@ class _Txn:
         ctime = key.ctime_sec + key.ctime_nsec / 1e9
         if hashed_at - ctime < FRESH_CTIME_SECONDS:
             return  # see FRESH_CTIME_SECONDS
-        vk = _verified_key(key, digests.size)
+        vk = _verified_key(key)
+        version = _verified_version(key, digests.size)
         old = self.txn.get(vk)
-        if old is not None:
+        if old is not None and old.startswith(version):
             digests = _merge_digests(_decode_verified(old, digests.size), digests)
-        else:
-            self._drop_other_versions(vk)
         flags = (_FLAG_SHA256 if digests.sha256 else 0) | (_FLAG_MD5 if digests.md5 else 0)
         value = (
-            digests.blake3
+            version
+            + digests.blake3
             + _VERIFIED.pack(int(digests.kind), flags, hashed_at)
             + (digests.sha256 or b"")
             + (digests.md5 or b"")
@@ -380,18 +388,16 @@ class _Txn:
         if value != old:
             self.txn.put(vk, value)
 
-    def _drop_other_versions(self, vk: bytes) -> None:
-        """Keep at most one cached version per inode (see SCHEMA: V)."""
-        for k, _v in list(_scan(self.txn, vk[:17])):  # prefix + dev + ino
-            self.txn.delete(k)
-
 
 def _decode_verified(value: bytes, size: int) -> FileDigests:
-    kind, flags, _hashed_at = _VERIFIED.unpack_from(value, 32)
-    rest = value[32 + _VERIFIED.size :]
+    """The digests of a V value (whose version prefix the caller has matched)."""
+    at = _VERIFIED_VERSION.size
+    kind, flags, _hashed_at = _VERIFIED.unpack_from(value, at + 32)
+    rest = value[at + 32 + _VERIFIED.size :]
     sha256 = rest[:32] if flags & _FLAG_SHA256 else None
     md5 = rest[32 if sha256 else 0 :][:16] if flags & _FLAG_MD5 else None
-    return FileDigests(blake3=value[:32], size=size, kind=FileKind(kind), sha256=sha256, md5=md5)
+    blake = value[at : at + 32]
+    return FileDigests(blake3=blake, size=size, kind=FileKind(kind), sha256=sha256, md5=md5)
 
 
 def _merge_digests(old: FileDigests, new: FileDigests) -> FileDigests:
@@ -637,7 +643,7 @@ class TrustDB:
             raise
 
     def _grow(self) -> None:
-        size = self._env.info()["map_size"] * 2
+        size = self._env.info()["map_size"] * 4
         self._env.set_mapsize(size)
 
     @contextmanager
@@ -797,8 +803,8 @@ class DigestCacheView:
         self, key: InodeKey, size: int, *, want_sha256: bool = False, want_md5: bool = False
     ) -> FileDigests | None:
         with self._db._read() as txn:
-            raw = txn.get(_verified_key(key, size))
-        if raw is None:
+            raw = txn.get(_verified_key(key))
+        if raw is None or not raw.startswith(_verified_version(key, size)):
             return None
         digests = _decode_verified(raw, size)
         if (want_sha256 and digests.sha256 is None) or (want_md5 and digests.md5 is None):
@@ -819,7 +825,10 @@ def _matching_keys(txn: lmdb.Transaction[bytes], path: str, *, recursive: bool) 
 
 
 def _entry_digests(entry: TrustEntry) -> FileDigests:
-    return FileDigests(blake3=entry.digest, size=entry.size, kind=entry.kind, sha256=entry.sha256)
+    # md5: the deb importer asks the cache for it (dpkg records only MD5); see TrustEntry.md5.
+    return FileDigests(
+        blake3=entry.digest, size=entry.size, kind=entry.kind, sha256=entry.sha256, md5=entry.md5
+    )
 
 
 def _read_generation(txn: lmdb.Transaction[bytes]) -> int:

@@ -27,7 +27,7 @@ SCRIPT = b"#!/bin/sh\necho hello\n"
 HOOK = b"#!/bin/sh\nexit 0\n"
 
 
-def _run(*cmd: str | Path, cwd: Path | None = None) -> None:
+def run_tool(*cmd: str | Path, cwd: Path | None = None) -> None:
     result = subprocess.run(
         [str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, check=False
     )
@@ -48,7 +48,7 @@ def _need(tool: str) -> None:
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    _run("cp", "-a", src, dst)
+    run_tool("cp", "-a", src, dst)
     return dst
 
 
@@ -92,9 +92,11 @@ class RpmFiles:
     """A second package (`other`, zstd) to install beside `hello`."""
     truncated: Path
     """The zstd `hello` cut in the middle of its payload."""
+    sha512: Path
+    """Package `wide`, whose file digests are SHA-512 (RPMTAG_FILEDIGESTALGO 10)."""
 
 
-def _rpmbuild(top: Path, name: str, payload: str) -> Path:
+def _rpmbuild(top: Path, name: str, payload: str, *defines: str) -> Path:
     src = top / "src"
     src.mkdir(parents=True, exist_ok=True)
     shutil.copy(ELF_SOURCE, src / "elf")
@@ -102,11 +104,12 @@ def _rpmbuild(top: Path, name: str, payload: str) -> Path:
     (src / "README").write_text("documentation\n")
     spec = top / f"{name}.spec"
     spec.write_text(SPEC.format(name=name))
-    _run(
+    run_tool(
         "rpmbuild", "-bb", "--quiet",
         "--define", f"_topdir {top}",
         "--define", f"_sourcedir {src}",
         "--define", f"_binary_payload {payload}",
+        *defines,
         spec,
     )  # fmt: skip
     (built,) = (top / "RPMS").rglob(f"{name}-1.0-1.*.rpm")
@@ -125,7 +128,10 @@ def rpm_files(tmp_path_factory: pytest.TempPathFactory) -> RpmFiles:
     truncated = base / "hello-truncated.rpm"
     data = packages["zstd"].read_bytes()
     truncated.write_bytes(data[: len(data) - len(data) // 3])
-    return RpmFiles(packages=packages, other=other, truncated=truncated)
+    sha512 = _rpmbuild(
+        base / "wide", "wide", PAYLOADS["gzip"], "--define", "_binary_filedigest_algorithm 10"
+    )
+    return RpmFiles(packages=packages, other=other, truncated=truncated, sha512=sha512)
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +139,7 @@ def _rpm_root_built(tmp_path_factory: pytest.TempPathFactory, rpm_files: RpmFile
     _need("rpm")
     root = tmp_path_factory.mktemp("rpmroot") / "root"
     root.mkdir()
-    _run(
+    run_tool(
         "rpm", "--root", root, "--dbpath", "/var/lib/rpm",
         "--define", "_db_backend sqlite",
         "-i", "--nodeps", "--nosignature", "--noscripts",
@@ -183,13 +189,13 @@ def _dpkg_deb(base: Path, name: str, *, md5sums: bool) -> Path:
         out = subprocess.run(["md5sum", *files], cwd=tree, capture_output=True, check=True)
         (tree / "DEBIAN/md5sums").write_bytes(out.stdout)
     deb = base / f"{name}_1.0-1_amd64.deb"
-    _run("dpkg-deb", "--root-owner-group", "--build", tree, deb)
+    run_tool("dpkg-deb", "--root-owner-group", "--build", tree, deb)
     return deb
 
 
 def dpkg(root: Path, *args: str | Path) -> None:
     """Run the real dpkg against a test root (no chroot, no root ownership needed)."""
-    _run(
+    run_tool(
         "dpkg", f"--root={root}", "--force-not-root", "--force-script-chrootless",
         "--force-unsafe-io", "--log=/dev/null", *args,
     )  # fmt: skip
@@ -250,9 +256,9 @@ def _venv_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (project / "pyproject.toml").write_text(PYPROJECT)
     (project / "tinypkg/__init__.py").write_text("def main() -> None:\n    print('hello')\n")
     venv = base / "venv"
-    _run(sys.executable, "-m", "venv", venv)
+    run_tool(sys.executable, "-m", "venv", venv)
     # pip builds the project (fetching setuptools from its index) and writes the real RECORD.
-    _run(venv / "bin/pip", "install", "-q", "--no-deps", "--disable-pip-version-check", project)
+    run_tool(venv / "bin/pip", "install", "-q", "--no-deps", "--disable-pip-version-check", project)
     return venv
 
 

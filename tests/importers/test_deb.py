@@ -133,6 +133,8 @@ def test_cli_import_reimport_tamper_and_remove(deb_root: Path, cli_env: dict[str
     again = trustdb(cli_env, "import", "deb", "--root", str(deb_root), "--json")
     (src,) = json.loads(again.stdout)["sources"]
     assert src["write"] == {"added": 0, "removed": 0, "unchanged": 8, "generation": generation}
+    # Every trusted file came from the verification cache, MD5 included (dpkg's digest).
+    assert src["stats"]["cache_hits"] == 8 and src["stats"]["bytes_hashed"] == 0
 
     (deb_root / "usr/bin/hello-script").write_bytes(b"#!/bin/sh\necho evil\n")
     tampered = trustdb(cli_env, "import", "deb", "--root", str(deb_root))

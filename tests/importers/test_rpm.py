@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import sqlite3
+import struct
 from pathlib import Path
 
 import blake3
@@ -20,7 +21,7 @@ from importers.rpm import (
     package_header,
     parse_header_blob,
 )
-from tests.importers.conftest import ELF_SOURCE, SCRIPT, RpmFiles, trustdb
+from tests.importers.conftest import ELF_SOURCE, SCRIPT, RpmFiles, run_tool, trustdb
 from trustdb.db import TrustDB
 from trustdb.model import FileKind, SkippedEntry, TrustEntry
 
@@ -91,6 +92,29 @@ def test_member_not_matching_its_header_digest_is_refused(
     assert bad.path == "/usr/bin/hello-script" and bad.reason == MISMATCH and bad.fatal
 
 
+def test_sha512_package_file_is_verified(rpm_files: RpmFiles) -> None:
+    importer = RpmFileImporter(path=str(rpm_files.sha512))
+    assert importer.header().algo_name == "sha512"
+    entries, skipped = collect(importer)
+    assert "/usr/bin/wide" in entries and not skipped
+
+
+def test_unknown_digest_algorithm_refuses_the_package(rpm_files: RpmFiles, tmp_path: Path) -> None:
+    # Rewrite RPMTAG_FILEDIGESTALGO in the main header to a value no rpm defines.
+    data = bytearray(rpm_files.packages["gzip"].read_bytes())
+    il, dl = struct.unpack_from(">II", data, 96 + 8)
+    main = 96 + 16 + 16 * il + dl + (-dl % 8)
+    il, dl = struct.unpack_from(">II", data, main + 8)
+    for i in range(il):
+        tag, _type, off, _count = struct.unpack_from(">IIiI", data, main + 16 + 16 * i)
+        if tag == 5011:
+            struct.pack_into(">I", data, main + 16 + 16 * il + off, 99)
+    odd = tmp_path / "odd.rpm"
+    odd.write_bytes(bytes(data))
+    with pytest.raises(RpmImporterError, match="unknown file digest algorithm 99.*refused"):
+        RpmFileImporter(path=str(odd)).source()
+
+
 def test_installed_files_are_verified_on_disk(rpm_root: Path) -> None:
     importer = RpmDbImporter(root=str(rpm_root))
     assert importer.find_rpmdb() == f"{rpm_root}/var/lib/rpm/rpmdb.sqlite"
@@ -118,6 +142,20 @@ def test_tampered_installed_file_is_reported_and_not_trusted(rpm_root: Path) -> 
     }
     assert str(script) not in entries and str(lib) not in entries
     assert f"{rpm_root}/usr/bin/hello" in entries  # the rest proceeds
+
+
+def test_installed_package_with_unsupported_digests_is_reported(
+    rpm_root: Path, rpm_files: RpmFiles
+) -> None:
+    run_tool(
+        "rpm", "--root", rpm_root, "--dbpath", "/var/lib/rpm", "-i", "--nodeps",
+        "--nosignature", "--noscripts", rpm_files.sha512,
+    )  # fmt: skip
+    entries, skipped = collect(RpmDbImporter(root=str(rpm_root)))
+    (bad,) = skipped
+    assert bad.origin == "wide-2:1.0-1.x86_64" and bad.fatal
+    assert "sha512 not supported" in bad.reason
+    assert len(entries) == 6  # hello and other proceed
 
 
 def test_rpmdb_under_usr_lib_sysimage(rpm_root: Path) -> None:
