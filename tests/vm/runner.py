@@ -310,14 +310,20 @@ def _die_with_parent() -> None:
 
 
 def qemu_command(
-    kernel: GuestKernel, results: Path, shares: Sequence[Path], *, memory: str, cpus: int
+    kernel: GuestKernel,
+    results: Path,
+    shares: Sequence[Path],
+    *,
+    memory: str,
+    cpus: int,
+    lsm: str = LSM_LIST,
 ) -> list[str]:
     if shutil.which(QEMU) is None:
         raise VmError(f"{QEMU} not found: install qemu-system-x86 (packaging/apt-packages.txt)")
     cmdline = " ".join(
         [
             "console=ttyS0",
-            f"lsm={LSM_LIST}",
+            f"lsm={lsm}",
             "rdinit=/init",
             "panic=-1",
             "oops=panic",
@@ -369,11 +375,13 @@ def run(
     memory: str = "2G",
     cpus: int = 2,
     echo: bool = False,
+    lsm: str = LSM_LIST,
 ) -> VmResult:
     """Boot kernel `series`, run `command` (argv) as root in the guest, and return its status.
 
     `shares` are host directories the guest may write (mounted at the same paths); everything
     else of the host is visible read-only. `echo` copies the console to stdout as it comes.
+    `lsm` is the kernel's `lsm=` list (without `bpf`, BPF LSM programs must be refused).
     """
     kernel = find_kernel(series)
     shares = [Path(os.path.realpath(s)) for s in shares]
@@ -386,7 +394,7 @@ def run(
         )
         exports_env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
         (results / "run.sh").write_text(exports_env + "exec " + shlex.join(command) + "\n")
-        cmd = qemu_command(kernel, results, shares, memory=memory, cpus=cpus)
+        cmd = qemu_command(kernel, results, shares, memory=memory, cpus=cpus, lsm=lsm)
         return _boot(cmd, results, timeout, echo)
     finally:
         shutil.rmtree(results, ignore_errors=True)

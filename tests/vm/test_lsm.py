@@ -114,3 +114,33 @@ def test_probe_on_this_kernel_says_why(as_root: None) -> None:
     chosen = backends.select()
     assert chosen.name == "tracepoint"
     assert [name for name, _ in chosen.refused] == ["lsm"]
+
+
+# What the probe says in a guest whose kernel has CONFIG_BPF_LSM but was booted without `bpf` in
+# `lsm=` (Ubuntu's default): the lsm backend must be refused, and select() must fall back.
+PROBE_SCRIPT = """
+from trustdb import backends
+chosen = backends.select()
+print("CHOSEN", chosen.name)
+for name, reason in chosen.refused:
+    print("REFUSED", name, reason)
+"""
+
+
+@pytest.mark.parametrize("kernel", KERNELS[-1:])
+def test_lsm_refused_without_bpf_in_lsm_list(kernel: str, artifacts: Path) -> None:
+    script = artifacts / "probe.py"
+    script.write_text(PROBE_SCRIPT)
+    result = runner.run(
+        kernel,
+        [guest_python(), str(script)],
+        shares=[artifacts],
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+        lsm="lockdown,capability,landlock,yama",
+        timeout=600,
+    )
+    lines = [ln for ln in result.console.splitlines() if ln.startswith(("CHOSEN", "REFUSED"))]
+    assert result.returncode == 0, result.console[-3000:]
+    assert "CHOSEN tracepoint" in lines, lines
+    refused = [ln for ln in lines if ln.startswith("REFUSED lsm")]
+    assert refused and "BPF LSM not active" in refused[0], lines

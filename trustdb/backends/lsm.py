@@ -35,21 +35,30 @@ class LsmBackend(BpfBackend):
     probe_programs = ("handle_exec",)
 
     def probe(self) -> Probe:
-        # A kernel can accept and attach BPF LSM programs that never run when `bpf` is missing
-        # from the active LSM list: check the list first, so the probe cannot pass open.
+        try:
+            found = super().probe()
+        except LibbpfError as e:  # defensive: the base class already turns these into a Probe
+            found = Probe(False, f"{self.name}: {_first_line(e)}")
+        if not found.ok:
+            if _says_eperm(found.reason):
+                return Probe(False, f"{found.reason} (this kernel refuses BPF LSM programs)")
+            return found
+        # A kernel accepts and attaches BPF LSM programs that never run when `bpf` is missing
+        # from the active LSM list (seen on Debian 6.12 booted without it): a load is no proof.
+        # Check the list, and if it cannot be read, do not guess.
         active = active_lsms()
-        if active is not None and "bpf" not in active:
+        if active is None:
+            return Probe(
+                False,
+                f"{self.name}: cannot tell whether BPF LSM is active "
+                f"({ACTIVE_LSMS} unreadable: is securityfs mounted?)",
+            )
+        if "bpf" not in active:
             return Probe(
                 False,
                 f"{self.name}: BPF LSM not active (lsm={','.join(active)}; "
                 "boot with bpf in lsm= to use it)",
             )
-        try:
-            found = super().probe()
-        except LibbpfError as e:  # defensive: the base class already turns these into a Probe
-            found = Probe(False, f"{self.name}: {_first_line(e)}")
-        if not found.ok and _says_eperm(found.reason):
-            return Probe(False, f"{found.reason} (this kernel refuses BPF LSM programs)")
         return found
 
     def protect_database(self, db_dir: Path) -> None:
