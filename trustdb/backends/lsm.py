@@ -22,9 +22,14 @@ from trustdb.libbpf import LibbpfError
 from trustdb.model import InodeKey
 
 ACTIVE_LSMS = Path("/sys/kernel/security/lsm")
-# What LMDB keeps in a database directory: the data file holds the trust, the lock file only
-# reader slots (readers open it for writing, so it gets name protection only).
-_DB_FILES = {"data.mdb": Protect.CONTENT | Protect.NAME, "lock.mdb": Protect.NAME}
+# What a trust database directory holds (trustdb/db.py): the data file holds the trust; LMDB's
+# lock file only reader slots (readers open it for writing) and writer.lock the writers' flock,
+# so those two get name protection only.
+_DB_FILES = {
+    "data.mdb": Protect.CONTENT | Protect.NAME,
+    "lock.mdb": Protect.NAME,
+    "writer.lock": Protect.NAME,
+}
 
 
 class LsmBackend(BpfBackend):
