@@ -12,6 +12,7 @@ Baseline: the same loop with no programs attached. Needs root; enforces only in 
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -66,6 +67,50 @@ def run(loop: Path, prot: int, target: Path, cgroup: Path | None) -> float:
     return float(out)
 
 
+def program_costs(
+    loop: Path, prot: int, lib: Path, where: Path | None, config: EngineConfig, keys: list[InodeKey]
+) -> str:
+    """Mean run time per invocation of each program over one loop (steadier than wall-clock
+    ratios on a noisy machine; bpf_stats itself adds a few ns per run)."""
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    old = stats.read_text().strip()
+    try:
+        with Engine(config, backend=TracepointBackend()) as engine:
+            engine.trusted_inodes.add(keys)
+            stats.write_text("1")
+            run(loop, prot, lib, where)
+            stats.write_text(old)
+            out = []
+            for pid in sorted(held_prog_ids()):
+                info = json.loads(
+                    subprocess.run(
+                        ["bpftool", "-j", "prog", "show", "id", str(pid)],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    ).stdout
+                )
+                if info.get("run_cnt"):
+                    out.append(
+                        f"{info['name']} {info['run_time_ns'] // info['run_cnt']} ns"
+                        f" x{info['run_cnt']}"
+                    )
+            return ", ".join(out)
+    finally:
+        stats.write_text(old)
+
+
+def held_prog_ids() -> set[int]:
+    ids: set[int] = set()
+    for info in Path("/proc/self/fdinfo").iterdir():
+        try:
+            text = info.read_text()
+        except OSError:
+            continue
+        ids.update(int(ln.split()[1]) for ln in text.splitlines() if ln.startswith("prog_id:"))
+    return ids
+
+
 def trusted_closure(paths: list[str]) -> list[InodeKey]:
     out = subprocess.run(["ldd", *paths], capture_output=True, text=True, check=False).stdout
     files = {os.path.realpath(p) for p in paths}
@@ -101,6 +146,9 @@ def main() -> int:
                 with_.append(t)
                 without.append(base)
                 ratios.append(t / base)
+            print(
+                f"  per call, from kernel.bpf_stats: {program_costs(loop, prot, lib, where, config, keys)}"
+            )
             print(
                 f"mmap+munmap {label} (CPU {CPU}, {ROUNDS}x{N}): "
                 f"{statistics.median(without):.0f} ns without programs, "

@@ -130,17 +130,20 @@ static __always_inline bool td_is_anon_shared(struct file *file)
 	       name[4] == 'z' && name[5] == 'e' && name[6] == 'r' && name[7] == 'o' && !name[8];
 }
 
-/* Check the run of adjacent mappings that starts at `addr` and overlaps [addr, end).
- * Returns -1 if no mapping is at `addr`, else the verdict (TD_ALLOW when all passed). */
-static __always_inline int td_check_run(struct task_struct *task, struct mm_struct *mm,
-					__u8 hook, __u64 addr, __u64 end)
+#define TD_MAX_RUN 64
+
+/* Check the run of adjacent mappings of the current task that starts at `addr` and overlaps
+ * [addr, end). Returns -1 if no mapping is at `addr`, else the verdict (TD_ALLOW when all
+ * passed). A global function: verified once, however many callers. */
+__noinline int td_check_run(int hook, __u64 addr, __u64 end)
 {
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct mm_struct *mm = task->mm;
 	struct vm_area_struct *vma;
 	struct file *file;
-	__u8 verdict;
-	int i;
+	int i, verdict;
 
-	for (i = 0; i < 16; i++) {
+	for (i = 0; i < TD_MAX_RUN; i++) {
 		vma = td_vma_lookup(mm, addr);
 		if (!vma || BPF_CORE_READ(vma, vm_start) >= end)
 			return i == 0 ? -1 : TD_ALLOW;
@@ -154,9 +157,10 @@ static __always_inline int td_check_run(struct task_struct *task, struct mm_stru
 		}
 		addr = BPF_CORE_READ(vma, vm_end);
 		if (addr >= end)
-			break;
+			return TD_ALLOW;
 	}
-	return TD_ALLOW;
+	/* A range with more mappings than we walk (an mprotect over a huge area): fail closed. */
+	return td_deny(task, hook, TD_REASON_UNVERIFIABLE, NULL, NULL);
 }
 
 /* The file behind `fd` in the current task, judged as an mmap when the mapping made from it
@@ -229,7 +233,7 @@ int BPF_PROG(handle_exec, struct task_struct *p, pid_t old_pid, struct linux_bin
 	 * address is AT_BASE in the auxiliary vector. */
 	interp = td_auxv(task->mm, TD_AT_BASE);
 	if (interp)
-		td_check_run(task, task->mm, TD_HOOK_EXEC, interp, ~0ULL);
+		td_check_run(TD_HOOK_EXEC, interp, interp + (16ULL << 20));
 	return 0;
 }
 
@@ -311,8 +315,7 @@ int BPF_PROG(handle_mmap_unlock, struct mm_struct *mm, bool write)
 		for (i = 0; i < 3; i++) {
 			if (!cand[i])
 				continue;
-			verdict = td_check_run(task, mm, TD_HOOK_MMAP, cand[i],
-					       cand[i] > end ? ~0ULL : end);
+			verdict = td_check_run(TD_HOOK_MMAP, cand[i], cand[i] > end ? ~0ULL : end);
 			if (verdict >= 0)
 				break;
 		}
@@ -324,13 +327,13 @@ int BPF_PROG(handle_mmap_unlock, struct mm_struct *mm, bool write)
 		return 0;
 	}
 	if (nr == TD_NR_REMAP_FILE_PAGES) {
-		td_check_run(task, mm, TD_HOOK_MMAP, start & ~0xfffULL, end);
+		td_check_run(TD_HOOK_MMAP, start & ~0xfffULL, end);
 		return 0;
 	}
 	/* mprotect / pkey_mprotect: the kernel changed [start, end) from `start` upwards. */
 	if (!(prot & TD_PROT_EXEC) && !exec_implied)
 		return 0;
-	td_check_run(task, mm, TD_HOOK_MPROTECT, start & ~0xfffULL, end);
+	td_check_run(TD_HOOK_MPROTECT, start & ~0xfffULL, end);
 	return 0;
 }
 
