@@ -232,9 +232,22 @@ def test_cli_installed_reimport_and_tamper(rpm_root: Path, cli_env: dict[str, st
     assert src2["write"]["added"] == 0 and src2["write"]["generation"] == src["write"]["generation"]
 
     (rpm_root / "usr/bin/other-script").write_bytes(b"#!/bin/sh\necho evil\n")
-    tampered = trustdb(cli_env, "import", "rpm", "--root", str(rpm_root))
+    tampered = trustdb(cli_env, "import", "rpm", "--root", str(rpm_root), "--quiet")
     assert tampered.returncode == 3
     assert f"FAILED  {rpm_root}/usr/bin/other-script [other-2:1.0-1.x86_64]" in tampered.stdout
+
+    # Erased with rpm: its files stop being trusted by this source in the next import.
+    run_tool(
+        "rpm", "--root", rpm_root, "--dbpath", "/var/lib/rpm", "-e", "--nodeps", "--noscripts",
+        "other",
+    )  # fmt: skip
+    erased = trustdb(cli_env, "import", "rpm", "--root", str(rpm_root), "--json")
+    assert erased.returncode == 0, erased.stdout
+    (src3,) = json.loads(erased.stdout)["sources"]
+    assert src3["write"]["removed"] == 2  # other and libother.so (other-script was untrusted)
+    with TrustDB.open(Path(cli_env["TRUSTDB_DB"])) as db:
+        origins = {r.origin for r in db.iter_paths(f"rpm:{rpm_root}")}
+    assert origins == {HELLO}
 
 
 def test_cli_package_files_one_refused_rest_proceed(

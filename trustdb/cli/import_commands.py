@@ -43,6 +43,8 @@ EXIT_UNVERIFIED = 3
 import_app = typer.Typer(
     name="import",
     help="Trust the files a package manager installed, verified against its own digests.",
+    epilog="Exit status: 0 imported; 1 refused, nothing written for the source named; "
+    "3 imported, but the files listed as FAILED did not verify and are not trusted.",
     no_args_is_help=True,
 )
 app.add_typer(import_app, name="import")
@@ -55,6 +57,13 @@ AllFilesOption = Annotated[
     typer.Option(
         "--all-files",
         help="Record every verified file, not only executable content (ELF, #!, exec bit).",
+    ),
+]
+
+QuietOption = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="List only files that failed verification, not benign skips."
     ),
 ]
 
@@ -77,16 +86,17 @@ def import_deb(
     root: RootOption = Path("/"),
     admindir: Annotated[
         Path | None,
-        typer.Option("--admindir", help="dpkg database directory [default: ROOT/var/lib/dpkg]."),
+        typer.Option("--admindir", help="dpkg database directory (default: ROOT/var/lib/dpkg)."),
     ] = None,
     all_files: AllFilesOption = False,
     db: DbOption = DEFAULT_DB_PATH,
     json_out: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Installed Debian packages (dpkg status, md5sums): verify each file's MD5 on disk, then
     record its BLAKE3 and SHA-256. Mismatches are listed and not trusted."""
     admin = str(admindir) if admindir else None
-    _run([DebImporter(root=str(root), admindir=admin, all_files=all_files)], db, json_out)
+    _run([DebImporter(root=str(root), admindir=admin, all_files=all_files)], db, json_out, quiet)
 
 
 @import_app.command("rpm")
@@ -98,11 +108,12 @@ def import_rpm(
     root: RootOption = Path("/"),
     dbpath: Annotated[
         str | None,
-        typer.Option("--dbpath", help="rpmdb directory inside ROOT [default: found there]."),
+        typer.Option("--dbpath", help="rpmdb directory inside ROOT (default: where it is found)."),
     ] = None,
     all_files: AllFilesOption = False,
     db: DbOption = DEFAULT_DB_PATH,
     json_out: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """RPM packages: .rpm files (each member checked against its header digest; one source
     `rpmfile:NAME.ARCH` per package), or the installed rpmdb.sqlite of ROOT (each file verified
@@ -112,7 +123,7 @@ def import_rpm(
         importers = [RpmFileImporter(path=str(f), all_files=all_files) for f in files]
     else:
         importers = [RpmDbImporter(root=str(root), dbpath=dbpath, all_files=all_files)]
-    _run(importers, db, json_out)
+    _run(importers, db, json_out, quiet)
 
 
 @import_app.command("python")
@@ -121,13 +132,15 @@ def import_python(
     all_files: AllFilesOption = False,
     db: DbOption = DEFAULT_DB_PATH,
     json_out: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Python environments: verify every file against its distribution's RECORD (SHA-256),
     record it as `name==version`. One source `python:PATH` per path."""
-    _run([PythonImporter(path=str(p), all_files=all_files) for p in paths], db, json_out)
+    importers: list[Importer] = [PythonImporter(path=str(p), all_files=all_files) for p in paths]
+    _run(importers, db, json_out, quiet)
 
 
-def _run(importers: list[Importer], db_path: Path, json_out: bool) -> None:
+def _run(importers: list[Importer], db_path: Path, json_out: bool, quiet: bool) -> None:
     """Import each source in its own transaction; a refused source does not stop the others."""
     try:
         db = TrustDB.open(db_path, write=True)
@@ -142,7 +155,7 @@ def _run(importers: list[Importer], db_path: Path, json_out: bool) -> None:
             if outcome.error is not None and len(importers) == 1:
                 fatal(outcome.error)
             if not json_out:
-                _print_outcome(outcome)
+                _print_outcome(outcome, quiet)
     if json_out:
         print(json.dumps({"sources": [_json(o) for o in outcomes]}, indent=2))
     if any(o.error is not None for o in outcomes):
@@ -218,10 +231,12 @@ class _progress:
             self.bar.stop()
 
 
-def _print_outcome(o: Outcome) -> None:
+def _print_outcome(o: Outcome, quiet: bool) -> None:
     if o.error is not None:
         return  # printed once, at the end, with the exit code it causes
     for s in o.skipped:
+        if quiet and not s.fatal:
+            continue
         mark = "FAILED " if s.fatal else "skipped"
         origin = f" [{s.origin}]" if s.origin else ""
         print(f"  {mark} {s.path}{origin}: {s.reason}")
