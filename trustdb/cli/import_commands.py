@@ -152,17 +152,16 @@ def _run(importers: list[Importer], db_path: Path, json_out: bool, quiet: bool) 
         for importer in importers:
             outcome = _import_one(db, importer, show)
             outcomes.append(outcome)
-            if outcome.error is not None and len(importers) == 1:
-                fatal(outcome.error)
             if not json_out:
                 _print_outcome(outcome, quiet)
     if json_out:
         print(json.dumps({"sources": [_json(o) for o in outcomes]}, indent=2))
-    if any(o.error is not None for o in outcomes):
-        for o in outcomes:
-            if o.error is not None:
-                print(f"trustdb: error: {o.error}", file=sys.stderr)
-        raise typer.Exit(EXIT_REFUSED)
+    errors = [o.error for o in outcomes if o.error is not None]
+    if errors:
+        # One line per refused source; the other sources were imported (and printed) above.
+        for error in errors[:-1]:
+            print(f"trustdb: error: {error}", file=sys.stderr)
+        fatal(errors[-1], EXIT_REFUSED)
     if any(s.fatal for o in outcomes for s in o.skipped):
         raise typer.Exit(EXIT_UNVERIFIED)
 
@@ -172,7 +171,7 @@ def _import_one(db: TrustDB, importer: Importer, show: bool) -> Outcome:
     try:
         src = importer.source()
     except ImporterError as e:
-        return Outcome(label="?", kind=importer.name, error=str(e))
+        return Outcome(label=f"{importer.name}:?", kind=importer.name, error=str(e))
     outcome = Outcome(label=src.label, kind=src.kind, stats=getattr(importer, "stats", None))
     try:
         with _progress(importer, src.label, show):
