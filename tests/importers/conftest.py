@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from importers.interface import Importer, NoCache
+from trustdb.model import SkippedEntry, TrustEntry
+
 ELF_SOURCE = Path("/usr/bin/true")
 """A real ELF executable to ship in the test packages."""
 SCRIPT = b"#!/bin/sh\necho hello\n"
@@ -33,6 +36,18 @@ def run_tool(*cmd: str | Path, cwd: Path | None = None) -> None:
     )
     if result.returncode != 0:
         pytest.fail(f"{' '.join(map(str, cmd))} failed:\n{result.stdout}\n{result.stderr}")
+
+
+def collect_all(importer: Importer) -> tuple[dict[str, TrustEntry], list[SkippedEntry]]:
+    """Run an importer without a database: (trusted entries by path, skipped entries)."""
+    entries: dict[str, TrustEntry] = {}
+    skipped: list[SkippedEntry] = []
+    for item in importer.collect(NoCache()):
+        if isinstance(item, TrustEntry):
+            entries[item.path] = item
+        else:
+            skipped.append(item)
+    return entries, skipped
 
 
 def trustdb(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

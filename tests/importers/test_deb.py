@@ -12,25 +12,18 @@ import blake3
 import pytest
 
 from importers.deb import DebImporter, DebImporterError
-from importers.interface import NoCache
 from importers.ondisk import MISMATCH, UNVERIFIABLE, Root
-from tests.importers.conftest import dpkg, trustdb
+from tests.importers.conftest import collect_all, dpkg, trustdb
 from trustdb.db import TrustDB
 from trustdb.model import FileKind, SkippedEntry, TrustEntry
 
 ORIGIN = "hello_1.0-1_amd64"
 
 
-def collect(root: Path, **kw: object) -> tuple[dict[str, TrustEntry], list[SkippedEntry]]:
-    importer = DebImporter(root=str(root), **kw)  # type: ignore[arg-type]
-    entries: dict[str, TrustEntry] = {}
-    skipped: list[SkippedEntry] = []
-    for item in importer.collect(NoCache()):
-        if isinstance(item, TrustEntry):
-            entries[item.path] = item
-        else:
-            skipped.append(item)
-    return entries, skipped
+def collect(
+    root: Path, *, all_files: bool = False, admindir: str | None = None
+) -> tuple[dict[str, TrustEntry], list[SkippedEntry]]:
+    return collect_all(DebImporter(root=str(root), all_files=all_files, admindir=admindir))
 
 
 def test_records_executable_content_of_installed_packages(deb_root: Path) -> None:

@@ -10,10 +10,9 @@ from pathlib import Path
 import blake3
 import pytest
 
-from importers.interface import NoCache
 from importers.ondisk import MISMATCH
 from importers.python import PythonImporter, PythonImporterError
-from tests.importers.conftest import trustdb
+from tests.importers.conftest import collect_all, trustdb
 from trustdb.db import TrustDB
 from trustdb.model import FileKind, SkippedEntry, TrustEntry
 
@@ -21,14 +20,7 @@ from trustdb.model import FileKind, SkippedEntry, TrustEntry
 def collect(
     path: Path, *, all_files: bool = False
 ) -> tuple[dict[str, TrustEntry], list[SkippedEntry]]:
-    entries: dict[str, TrustEntry] = {}
-    skipped: list[SkippedEntry] = []
-    for item in PythonImporter(path=str(path), all_files=all_files).collect(NoCache()):
-        if isinstance(item, TrustEntry):
-            entries[item.path] = item
-        else:
-            skipped.append(item)
-    return entries, skipped
+    return collect_all(PythonImporter(path=str(path), all_files=all_files))
 
 
 def site_packages(venv: Path) -> Path:

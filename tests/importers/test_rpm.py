@@ -12,7 +12,6 @@ from pathlib import Path
 import blake3
 import pytest
 
-from importers.interface import NoCache
 from importers.ondisk import MISMATCH, SIZE_MISMATCH
 from importers.rpm import (
     RpmDbImporter,
@@ -21,24 +20,11 @@ from importers.rpm import (
     package_header,
     parse_header_blob,
 )
-from tests.importers.conftest import ELF_SOURCE, SCRIPT, RpmFiles, run_tool, trustdb
+from tests.importers.conftest import ELF_SOURCE, SCRIPT, RpmFiles, collect_all, run_tool, trustdb
 from trustdb.db import TrustDB
-from trustdb.model import FileKind, SkippedEntry, TrustEntry
+from trustdb.model import FileKind
 
 HELLO = "hello-2:1.0-1.x86_64"
-
-
-def collect(
-    importer: RpmFileImporter | RpmDbImporter,
-) -> tuple[dict[str, TrustEntry], list[SkippedEntry]]:
-    entries: dict[str, TrustEntry] = {}
-    skipped: list[SkippedEntry] = []
-    for item in importer.collect(NoCache()):
-        if isinstance(item, TrustEntry):
-            entries[item.path] = item
-        else:
-            skipped.append(item)
-    return entries, skipped
 
 
 @pytest.mark.parametrize("compressor", ["zstd", "gzip", "xz"])
@@ -48,7 +34,7 @@ def test_package_file_members_are_verified_and_recorded(
     importer = RpmFileImporter(path=str(rpm_files.packages[compressor]))
     assert importer.header().payload_compressor == compressor
     assert importer.source().label == "rpmfile:hello.x86_64"
-    entries, skipped = collect(importer)
+    entries, skipped = collect_all(importer)
     elf = ELF_SOURCE.read_bytes()
     assert set(entries) == {"/usr/bin/hello", "/usr/bin/hello-script", "/usr/lib/hello/libhello.so"}
     assert entries["/usr/bin/hello"].digest == blake3.blake3(elf).digest()
@@ -65,7 +51,7 @@ def test_package_file_members_are_verified_and_recorded(
 def test_truncated_package_is_refused(rpm_files: RpmFiles) -> None:
     importer = RpmFileImporter(path=str(rpm_files.truncated))
     with pytest.raises(RpmImporterError, match="truncated or corrupt payload.*refused"):
-        collect(importer)
+        collect_all(importer)
 
 
 def test_not_a_package_is_refused(tmp_path: Path) -> None:
@@ -86,7 +72,7 @@ def test_member_not_matching_its_header_digest_is_refused(
     data[at] = ord("0") if data[at] != ord("0") else ord("1")
     forged = tmp_path / "forged.rpm"
     forged.write_bytes(bytes(data))
-    entries, skipped = collect(RpmFileImporter(path=str(forged)))
+    entries, skipped = collect_all(RpmFileImporter(path=str(forged)))
     assert "/usr/bin/hello-script" not in entries
     (bad,) = skipped
     assert bad.path == "/usr/bin/hello-script" and bad.reason == MISMATCH and bad.fatal
@@ -95,7 +81,7 @@ def test_member_not_matching_its_header_digest_is_refused(
 def test_sha512_package_file_is_verified(rpm_files: RpmFiles) -> None:
     importer = RpmFileImporter(path=str(rpm_files.sha512))
     assert importer.header().algo_name == "sha512"
-    entries, skipped = collect(importer)
+    entries, skipped = collect_all(importer)
     assert "/usr/bin/wide" in entries and not skipped
 
 
@@ -118,7 +104,7 @@ def test_unknown_digest_algorithm_refuses_the_package(rpm_files: RpmFiles, tmp_p
 def test_installed_files_are_verified_on_disk(rpm_root: Path) -> None:
     importer = RpmDbImporter(root=str(rpm_root))
     assert importer.find_rpmdb() == f"{rpm_root}/var/lib/rpm/rpmdb.sqlite"
-    entries, skipped = collect(importer)
+    entries, skipped = collect_all(importer)
     assert not skipped
     hello = entries[f"{rpm_root}/usr/bin/hello"]
     assert hello.origin == HELLO and hello.kind is FileKind.ELF and hello.inode is not None
@@ -134,7 +120,7 @@ def test_tampered_installed_file_is_reported_and_not_trusted(rpm_root: Path) -> 
     script.write_bytes(SCRIPT.replace(b"hello", b"evil!"))  # same size, other content
     lib = rpm_root / "usr/lib/hello/libhello.so"
     lib.write_bytes(lib.read_bytes() + b"\0")
-    entries, skipped = collect(RpmDbImporter(root=str(rpm_root)))
+    entries, skipped = collect_all(RpmDbImporter(root=str(rpm_root)))
     reasons = {s.path: (s.reason, s.origin, s.fatal) for s in skipped}
     assert reasons == {
         str(script): (MISMATCH, HELLO, True),
@@ -151,7 +137,7 @@ def test_installed_package_with_unsupported_digests_is_reported(
         "rpm", "--root", rpm_root, "--dbpath", "/var/lib/rpm", "-i", "--nodeps",
         "--nosignature", "--noscripts", rpm_files.sha512,
     )  # fmt: skip
-    entries, skipped = collect(RpmDbImporter(root=str(rpm_root)))
+    entries, skipped = collect_all(RpmDbImporter(root=str(rpm_root)))
     (bad,) = skipped
     assert bad.origin == "wide-2:1.0-1.x86_64" and bad.fatal
     assert "sha512 not supported" in bad.reason
@@ -164,7 +150,7 @@ def test_rpmdb_under_usr_lib_sysimage(rpm_root: Path) -> None:
     shutil.move(rpm_root / "var/lib/rpm", sysimage / "rpm")
     importer = RpmDbImporter(root=str(rpm_root))
     assert importer.find_rpmdb() == f"{sysimage}/rpm/rpmdb.sqlite"
-    assert len(collect(importer)[0]) == 6
+    assert len(collect_all(importer)[0]) == 6
 
 
 def test_corrupt_rpmdb_is_refused(rpm_root: Path) -> None:
@@ -173,7 +159,7 @@ def test_corrupt_rpmdb_is_refused(rpm_root: Path) -> None:
         extra.unlink()
     (dbdir / "rpmdb.sqlite").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(RpmImporterError, match="corrupt rpmdb.*refused"):
-        collect(RpmDbImporter(root=str(rpm_root)))
+        collect_all(RpmDbImporter(root=str(rpm_root)))
 
 
 def test_corrupt_header_skips_that_package_only(rpm_root: Path) -> None:
@@ -182,7 +168,7 @@ def test_corrupt_header_skips_that_package_only(rpm_root: Path) -> None:
         hnum, blob = con.execute("SELECT hnum, blob FROM Packages WHERE hnum = 1").fetchone()
         name = package_header(parse_header_blob(blob)).name
         con.execute("UPDATE Packages SET blob = ? WHERE hnum = ?", (blob[:100], hnum))
-    entries, skipped = collect(RpmDbImporter(root=str(rpm_root)))
+    entries, skipped = collect_all(RpmDbImporter(root=str(rpm_root)))
     (bad,) = skipped
     assert bad.fatal and "corrupt package header #1" in bad.reason and bad.path == str(db)
     survivor = "other" if name == "hello" else "hello"
@@ -199,7 +185,7 @@ def test_locked_rpmdb_is_refused(rpm_root: Path) -> None:
     try:
         holder.execute("BEGIN EXCLUSIVE")
         with pytest.raises(RpmImporterError, match="locked.*refused"):
-            collect(RpmDbImporter(root=str(rpm_root), timeout=0.2))
+            collect_all(RpmDbImporter(root=str(rpm_root), timeout=0.2))
     finally:
         holder.execute("ROLLBACK")
         holder.close()
@@ -211,7 +197,7 @@ def test_wal_rpmdb_reads_last_commit_during_a_transaction(rpm_root: Path) -> Non
     try:
         holder.execute("BEGIN IMMEDIATE")
         holder.execute("DELETE FROM Packages")  # uncommitted: an rpm -e in progress
-        assert len(collect(RpmDbImporter(root=str(rpm_root), timeout=0.2))[0]) == 6
+        assert len(collect_all(RpmDbImporter(root=str(rpm_root), timeout=0.2))[0]) == 6
     finally:
         holder.execute("ROLLBACK")
         holder.close()
@@ -219,7 +205,7 @@ def test_wal_rpmdb_reads_last_commit_during_a_transaction(rpm_root: Path) -> Non
 
 def test_missing_rpmdb_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RpmImporterError, match="no rpmdb.sqlite under"):
-        collect(RpmDbImporter(root=str(tmp_path)))
+        collect_all(RpmDbImporter(root=str(tmp_path)))
 
 
 def test_cli_installed_reimport_and_tamper(rpm_root: Path, cli_env: dict[str, str]) -> None:
