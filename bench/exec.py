@@ -36,8 +36,8 @@ from trustdb.hashing import hash_file
 from trustdb.mirror import Mirror
 from trustdb.model import TrustEntry
 
-ROUNDS = 10
-EXECS = 1000
+ROUNDS = 16
+EXECS = 500
 GETPPIDS = 2_000_000
 COPIES = 300
 FAPOLICYD_EXEC_RATIO = 1.48
@@ -137,7 +137,7 @@ def measure(cmd: list[str], cgroup: RunCgroup | None) -> tuple[float, int]:
 class Attached:
     """The strongest backend, loaded in enforce mode on `scope`, its map filled from `db`."""
 
-    def __init__(self, scope: Scope, db: Path) -> None:
+    def __init__(self, scope: Scope, db: Path, *, prewarm: bool = True) -> None:
         self.backend = backends.select()
         self.backend.load(EngineConfig(mode=Mode.ENFORCE, scope=scope,
                                        supervisor_tgid=os.getpid()))
@@ -145,25 +145,28 @@ class Attached:
         self.mirror = Mirror(self.db, self.backend.trusted_inodes)
         self.mirror.sync()
         # First-seen files (copies of trusted content) are verified before the kernel decides.
-        self.prewarm = ExecPrewarmer(self.mirror.verify_file, self.backend, scope=scope)
-        self.prewarm.start()
+        self.prewarm = None
+        if prewarm:
+            self.prewarm = ExecPrewarmer(self.mirror.verify_file, self.backend, scope=scope)
+            self.prewarm.start()
         self.backend.attach()
 
     def close(self) -> None:
         self.backend.detach()
-        self.prewarm.stop()
+        if self.prewarm is not None:
+            self.prewarm.stop()
         self.db.close()
 
 
-def alternate(db: Path, scope: Scope, run: Callable[[], tuple[float, int]]) -> tuple[
-        list[float], list[float], list[float], int]:
+def alternate(db: Path, scope: Scope, run: Callable[[], tuple[float, int]], *,
+              prewarm: bool = True) -> tuple[list[float], list[float], list[float], int]:
     """ROUNDS pairs of (with programs, without), in ABBA order so that neither side always
     runs right after the load; returns both series, the per-pair ratios, failures with."""
     with_, without, ratios, failed = [], [], [], 0
     for i in range(ROUNDS):
         if i % 2:
             base = run()[0]
-        eng = Attached(scope, db)
+        eng = Attached(scope, db, prewarm=prewarm)
         try:
             t, f = run()
         finally:
@@ -181,7 +184,7 @@ def noise_floor(run: Callable[[], tuple[float, int]]) -> float:
     """The same comparison with nothing attached on either side: how far apart two identical
     runs land on this machine right now (report it next to each ratio)."""
     ratios = [run()[0] / run()[0] for _ in range(ROUNDS // 2)]
-    return max(abs(r - 1) for r in ratios)
+    return statistics.median(abs(r - 1) for r in ratios)
 
 
 def main() -> int:
@@ -202,13 +205,16 @@ def main() -> int:
         def exec_loop() -> tuple[float, int]:
             return measure([str(loops), "exec", str(EXECS), true], cgroup)
 
-        w, wo, ratios, failed = alternate(db, scope, exec_loop)
-        print(f"exec /bin/true ({name}, enforce, cgroup scope, CPU {CPU}, {ROUNDS}x{EXECS}): "
-              f"{statistics.median(wo) / 1000:.0f} us without, "
-              f"{statistics.median(w) / 1000:.0f} us with: x{statistics.median(ratios):.3f} "
-              f"(median of paired ratios; noise floor +-{noise_floor(exec_loop):.3f}; "
-              f"goal <= x1.02; fapolicyd 1.1.7: x{FAPOLICYD_EXEC_RATIO})"
-              + (f"  [{failed} denied: BUG]" if failed else ""))
+        print(f"noise floor (identical runs, median |ratio - 1|): exec "
+              f"{noise_floor(exec_loop):.3f}")
+        for prewarm in (False, True):
+            w, wo, ratios, failed = alternate(db, scope, exec_loop, prewarm=prewarm)
+            what = "programs + fanotify pre-warm (as `run`)" if prewarm else "programs only"
+            print(f"exec /bin/true, {name} {what}, enforce, cgroup scope, CPU {CPU}, "
+                  f"{ROUNDS}x{EXECS}: {statistics.median(wo) / 1000:.0f} us without, "
+                  f"{statistics.median(w) / 1000:.0f} us with: x{statistics.median(ratios):.3f} "
+                  f"(median of paired ratios; goal <= x1.02; fapolicyd 1.1.7: "
+                  f"x{FAPOLICYD_EXEC_RATIO})" + (f"  [{failed} denied: BUG]" if failed else ""))
 
         def getppid_loop() -> tuple[float, int]:
             return measure([str(loops), "getppid", str(GETPPIDS)], None)
@@ -216,7 +222,7 @@ def main() -> int:
         w, wo, ratios, _ = alternate(db, scope, getppid_loop)
         print(f"syscall tax, getppid outside the scope: {statistics.median(wo):.1f} ns "
               f"without, {statistics.median(w):.1f} ns with: x{statistics.median(ratios):.3f} "
-              f"(noise floor +-{noise_floor(getppid_loop):.3f}; goal <= x1.02)")
+              f"(noise floor {noise_floor(getppid_loop):.3f}; goal <= x1.02)")
 
         copies = []
         for i in range(COPIES):
