@@ -124,6 +124,15 @@ static __always_inline bool td_task_marked(struct task_struct *task)
 	return t && t->confined;
 }
 
+/* Give `task` the confinement mark (it keeps it for life, and passes it on at fork). */
+static __always_inline void td_mark_task(struct task_struct *task)
+{
+	struct td_task *t = td_task_mark(task, true);
+
+	if (t)
+		t->confined = 1;
+}
+
 /* Is `task` confined? A marked task always is (the mark survives cgroup moves and
  * `unshare -C`); an unmarked task in the scope cgroup is, and gets the mark from now on. */
 static __always_inline bool td_task_confined(struct task_struct *task)
@@ -137,23 +146,17 @@ static __always_inline bool td_task_confined(struct task_struct *task)
 		return true;
 	if (!td_cgroup_in_scope(BPF_CORE_READ(task, cgroups, dfl_cgrp)))
 		return false;
-	t = td_task_mark(task, true);
-	if (t)
-		t->confined = 1;
+	td_mark_task(task);
 	return true;
 }
 
 /* ---- decisions -------------------------------------------------------------------------- */
 
-static __always_inline void td_emit(struct task_struct *task, __u8 hook, __u8 verdict,
-				    __u32 reason, const struct td_inode_key *key, struct file *file)
+/* Fill the fields every backend sets the same way (not path: each hook knows best). */
+static __always_inline void td_event_init(struct td_event *e, struct task_struct *task, __u8 hook,
+					  __u8 verdict, __u32 reason,
+					  const struct td_inode_key *key)
 {
-	struct td_event *e;
-	const unsigned char *name;
-
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e)
-		return;
 	e->time_ns = bpf_ktime_get_boot_ns();
 	e->pid = BPF_CORE_READ(task, pid);
 	e->tgid = BPF_CORE_READ(task, tgid);
@@ -170,6 +173,19 @@ static __always_inline void td_emit(struct task_struct *task, __u8 hook, __u8 ve
 	e->reason = reason;
 	BPF_CORE_READ_STR_INTO(&e->comm, task, comm);
 	e->path[0] = 0;
+}
+
+/* Log one decision; the path is the file's name (full paths need bpf_d_path: LSM only). */
+static __always_inline void td_emit(struct task_struct *task, __u8 hook, __u8 verdict,
+				    __u32 reason, const struct td_inode_key *key, struct file *file)
+{
+	struct td_event *e;
+	const unsigned char *name;
+
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e)
+		return;
+	td_event_init(e, task, hook, verdict, reason, key);
 	if (file) {
 		name = BPF_CORE_READ(file, f_path.dentry, d_name.name);
 		bpf_probe_read_kernel_str(e->path, sizeof(e->path), name);

@@ -212,9 +212,7 @@ int BPF_PROG(handle_fork, struct task_struct *parent, struct task_struct *child)
 	if (!(t && t->confined) &&
 	    !td_cgroup_in_scope(BPF_CORE_READ(child, cgroups, dfl_cgrp)))
 		return 0;
-	t = td_task_mark(child, true);
-	if (t)
-		t->confined = 1;
+	td_mark_task(child);
 	return 0;
 }
 
@@ -350,9 +348,7 @@ int BPF_PROG(handle_cgroup_attach, struct cgroup *dst, const char *path, struct 
 	if (td_cfg.scope_cgroup_id == 0)
 		return 0;
 	if (td_cgroup_in_scope(dst)) {
-		t = td_task_mark(moved, true);
-		if (t)
-			t->confined = 1;
+		td_mark_task(moved);
 		return 0;
 	}
 	t = td_task_mark(task, false);
