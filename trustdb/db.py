@@ -37,7 +37,7 @@ values are little-endian. Paths are raw bytes (`os.fsencode`: names that are not
 
 Transactions. Every write method is exactly one LMDB write transaction: all or nothing, also
 under `kill -9` (LMDB never overwrites the last committed state). Readers never block and
-never wait for writers (MVCC). The map grows by doubling when a transaction fills it; the
+never wait for writers (MVCC). The map grows fourfold when a transaction fills it; the
 whole transaction is then retried from the (recorded) input.
 
 Writers. LMDB serialises writers by blocking the second one until the first commits, which
