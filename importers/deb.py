@@ -7,6 +7,8 @@ What is read, under `--admindir` (default `ROOT/var/lib/dpkg`):
 - `info/PKG[:ARCH].list`: every path the package owns; a regular file listed here with no MD5
   is reported as unverifiable.
 - `diversions`: a file diverted by another package lives at its diverted name.
+- `ROOT/etc/dpkg/dpkg.cfg{.d/*,}`: `path-exclude` (minimal and container images drop
+  documentation this way): an excluded file that is absent is expected, not reported.
 
 dpkg keeps nothing stronger than MD5, so MD5 only ties the file on disk to the package; what is
 recorded is the BLAKE3 (and SHA-256) of the same bytes, read once. What is recorded: executable
@@ -20,8 +22,10 @@ unreadable md5sums file, a malformed md5sums line.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -84,7 +88,10 @@ class DebImporter(OnDiskImporter):
         packages = read_status(os.path.join(self.admindir, "status"))
         diversions = read_diversions(os.path.join(self.admindir, "diversions"))
         info = InfoDir.read(os.path.join(self.admindir, "info"))
-        claims = (functools.partial(package_claims, pkg, info, diversions) for pkg in packages)
+        filters = PathFilters.read(self.root.host_path("etc/dpkg"))
+        claims = (
+            functools.partial(package_claims, pkg, info, diversions, filters) for pkg in packages
+        )
         yield from self.verify(claims, len(packages), cache)
 
 
@@ -183,8 +190,50 @@ def _read_lines(path: str) -> list[str]:
         return f.read().splitlines()
 
 
+_DPKG_OPTION = re.compile(r"\s*([a-z-]+)\s*(?:=|\s)\s*(\S.*?)\s*$")
+"""`option=value` or `option value`, as in dpkg.cfg."""
+
+
+@dataclass(frozen=True, slots=True)
+class PathFilters:
+    """dpkg's path-exclude/path-include options, in the order dpkg reads them."""
+
+    rules: tuple[tuple[bool, str], ...]
+    """(excluded?, glob); the last rule that matches a path decides."""
+
+    @classmethod
+    def read(cls, etc_dpkg: str) -> PathFilters:
+        # dpkg reads dpkg.cfg.d/* in name order, then dpkg.cfg (dpkg(1), "FILES").
+        conf_d = os.path.join(etc_dpkg, "dpkg.cfg.d")
+        try:
+            names = sorted(n for n in os.listdir(conf_d) if not n.startswith("."))
+        except OSError:
+            names = []
+        rules: list[tuple[bool, str]] = []
+        for path in [os.path.join(conf_d, n) for n in names] + [os.path.join(etc_dpkg, "dpkg.cfg")]:
+            try:
+                lines = _read_lines(path)
+            except OSError:
+                continue
+            for line in lines:
+                m = _DPKG_OPTION.match(line)
+                if m and m[1] in ("path-exclude", "path-include"):
+                    rules.append((m[1] == "path-exclude", m[2]))
+        return cls(tuple(rules))
+
+    def excluded(self, path: str) -> bool:
+        verdict = False
+        for exclude, pattern in self.rules:
+            if fnmatch.fnmatchcase(path, pattern):  # like dpkg's fnmatch(3): `*` matches `/`
+                verdict = exclude
+        return verdict
+
+
 def package_claims(
-    pkg: DebPackage, info: InfoDir, diversions: dict[str, tuple[str, str]]
+    pkg: DebPackage,
+    info: InfoDir,
+    diversions: dict[str, tuple[str, str]],
+    filters: PathFilters = PathFilters(()),
 ) -> PackageClaims:
     """Every file the package claims, with its MD5 where dpkg recorded one."""
     skipped: list[SkippedEntry] = []
@@ -219,7 +268,10 @@ def package_claims(
                 continue
             digests["/" + (rel.removeprefix("./")).lstrip("/")] = digest
     digests.update(pkg.conffiles)
-    claims = [FileClaim(_where(p, pkg, diversions), "md5", d) for p, d in digests.items()]
+    claims = [
+        FileClaim(_where(p, pkg, diversions), "md5", d, optional=filters.excluded(p))
+        for p, d in digests.items()
+    ]
     listed = info.find(pkg, "list")
     if listed is not None:
         try:

@@ -56,6 +56,9 @@ class FileClaim:
     expected: bytes | None
     size: int | None = None
     """Expected size when the package records one (rpm, RECORD), else None."""
+    optional: bool = False
+    """The package manager was told not to install it (dpkg's path-exclude): its absence is
+    expected and not reported; if it is there, it is verified like any other file."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +203,7 @@ def verify_claim(
         real = root.resolve(claim.relpath)
         st = os.lstat(real)
     except FileNotFoundError:
-        if listed_only:
+        if listed_only or claim.optional:
             return _NOT_A_FILE
         return _Outcome(SkippedEntry(path, MISSING, origin, fatal=False))
     except (OSError, HashingError) as e:

@@ -12,7 +12,7 @@ import blake3
 import pytest
 
 from importers.deb import DebImporter, DebImporterError
-from importers.ondisk import MISMATCH, UNVERIFIABLE, Root
+from importers.ondisk import MISMATCH, MISSING, UNVERIFIABLE, Root
 from tests.importers.conftest import collect_all, dpkg, trustdb
 from trustdb.db import TrustDB
 from trustdb.model import FileKind, SkippedEntry, TrustEntry
@@ -81,6 +81,27 @@ def test_diverted_file_is_verified_where_it_lives(deb_root: Path) -> None:
     entries, skipped = collect(deb_root)
     assert f"{deb_root}/usr/bin/hello-script.real" in entries
     assert not [s for s in skipped if s.origin == ORIGIN]
+
+
+def test_path_excluded_files_may_be_absent(
+    deb_root: Path, tmp_path: Path, deb_files: dict[str, Path]
+) -> None:
+    # The way container images drop documentation: dpkg is told not to install it, but the
+    # package's md5sums still list it. Re-install hello that way, with the real dpkg.
+    conf = deb_root / "etc/dpkg/dpkg.cfg.d"
+    conf.mkdir(parents=True)
+    (conf / "excludes").write_text(
+        "path-exclude=/usr/share/doc/*\npath-exclude /usr/lib/hello/*\n"
+        "path-include=/usr/share/doc/*/copyright\n"
+    )
+    dpkg(deb_root, "--path-exclude=/usr/share/doc/*", "--path-exclude=/usr/lib/hello/*",
+         "-i", deb_files["hello"])  # fmt: skip
+    assert not (deb_root / "usr/share/doc/hello/README").exists()
+    (deb_root / "usr/bin/hello").unlink()  # not excluded: its absence is reported
+    entries, skipped = collect(deb_root)
+    mine = [(s.path.removeprefix(str(deb_root)), s.reason) for s in skipped if s.origin == ORIGIN]
+    assert mine == [("/usr/bin/hello", MISSING)]
+    assert f"{deb_root}/usr/bin/hello-script" in entries
 
 
 def test_missing_status_refuses_the_import(tmp_path: Path) -> None:
