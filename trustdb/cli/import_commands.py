@@ -174,6 +174,8 @@ def _import_one(db: TrustDB, importer: Importer, show: bool) -> Outcome:
         return Outcome(label=f"{importer.name}:?", kind=importer.name, error=str(e))
     outcome = Outcome(label=src.label, kind=src.kind, stats=getattr(importer, "stats", None))
     try:
+        # Streamed into the transaction, not collected first: the database takes each entry's
+        # arrival time as its hash time when it decides whether the inode may be cached.
         with _progress(importer, src.label, show):
             items = importer.collect(db.digest_cache())
             outcome.write = db.replace_source(src.label, src.kind, _tee(items, outcome.skipped))
