@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ BIG_TREE = "/usr"
 
 
 def trustdb_cmd() -> list[str]:
-    exe = shutil.which("trustdb")
+    """The installed `trustdb` entry point (the one beside this interpreter, not a shim)."""
+    beside = Path(sys.executable).parent / "trustdb"
+    exe = str(beside) if beside.exists() else shutil.which("trustdb")
     if exe is None:
         pytest.fail("the trustdb command is not installed (pip install -e .)")
     return [exe]
