@@ -37,7 +37,14 @@ WORK = Path("/tmp/td")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 LOADER = "/lib64/ld-linux-x86-64.so.2"
 EPERM = f"errno={1}"
-TRUSTED_PROGRAMS = ["/bin/sh", "/bin/bash", "/bin/cat", "/usr/bin/true", "/usr/bin/env"]
+TRUSTED_PROGRAMS = [
+    "/bin/sh",
+    "/bin/bash",
+    "/bin/cat",
+    "/usr/bin/true",
+    "/usr/bin/env",
+    "/usr/bin/unshare",
+]
 
 pytestmark = pytest.mark.skipif(
     not (ARTIFACTS / "tdprobe").exists(), reason="runs inside the VM only (tests/vm/test_lsm.py)"
@@ -371,6 +378,11 @@ def test_cgroup_escape_denied(engine: Engine, files: Path) -> None:
         inner.rmdir()
 
 
+def test_new_cgroup_namespace_stays_confined(engine: Engine, files: Path) -> None:
+    r = engine.run("/usr/bin/unshare", "-C", str(files / "untrusted"), "hello")
+    assert r.rc != 0 and "hello" not in r.out, r
+
+
 def test_module_load_denied(engine: Engine, files: Path) -> None:
     assert engine.run(str(files / "tdprobe"), "module").out == EPERM
     # unconfined root gets past the LSM and fails on the image itself (ENOEXEC = 8)
@@ -440,3 +452,11 @@ def test_trustdb_run_denies_untrusted_and_says_what(files: Path, trust_db: Path)
 def test_trustdb_run_denies_bpf(files: Path, trust_db: Path) -> None:
     r = _trustdb("run", "--backend", "lsm", "--", str(files / "tdprobe"), "bpf", db=trust_db)
     assert r.stdout.strip() == EPERM, (r.stdout, r.stderr)
+
+
+def test_trustdb_run_copy_of_trusted_binary_runs(files: Path, trust_db: Path) -> None:
+    # a new inode nobody inserted: the fanotify prewarm re-hashes it before the LSM decides
+    copy = files / "copy-of-tdprobe"
+    shutil.copy2(files / "tdprobe", copy)
+    r = _trustdb("run", "--backend", "lsm", "--", str(copy), "hello", db=trust_db)
+    assert (r.returncode, r.stdout.strip()) == (0, "hello from trusted"), r.stderr
