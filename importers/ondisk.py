@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import stat as statmod
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +31,12 @@ from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, TrustEn
 
 MAX_SYMLINKS = 40
 """Symlinks followed while resolving one path inside a root (the kernel's limit)."""
+
+FRESH_SECONDS = 0.1
+"""A file whose ctime is this close to the moment it was hashed is not offered for caching
+(its entry carries no inode): a write in the same ctime tick, just after the read, would keep
+the inode key while changing the content. Entries reach the database a little after they were
+hashed, so the database's own check (on arrival time) cannot see this on its own."""
 
 WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))
 """Hashing threads: twice the cores, since part of each read waits on the disk."""
@@ -229,13 +236,14 @@ def verify_claim(
     key = InodeKey.from_stat(st)
     digests = cache.lookup(key, st.st_size, want_sha256=True, want_md5=want_md5)
     hashed = 0
-    cached = digests is not None
+    cached = cacheable = digests is not None
     if digests is None:
         try:
             result = hash_file(real, follow_symlinks=False, want_sha256=True, want_md5=want_md5)
         except HashingError as e:
             return _Outcome(SkippedEntry(path, str(e), origin, fatal=True))
         digests, key, hashed = result.digests, result.inode, result.digests.size
+        cacheable = time.time() - result.stat.st_ctime >= FRESH_SECONDS
     if not _matches(digests, claim):
         return _Outcome(SkippedEntry(path, MISMATCH, origin, fatal=True), hashed, cached)
     if digests.kind is FileKind.OTHER and not all_files:
@@ -247,7 +255,7 @@ def verify_claim(
         kind=digests.kind,
         sha256=digests.sha256,
         origin=origin,
-        inode=key,
+        inode=key if cacheable else None,
         md5=digests.md5 if want_md5 else None,
     )
     return _Outcome(entry, hashed, cached)

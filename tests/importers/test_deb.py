@@ -6,16 +6,17 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import blake3
 import pytest
 
 from importers.deb import DebImporter, DebImporterError
-from importers.ondisk import MISMATCH, MISSING, UNVERIFIABLE, Root
+from importers.ondisk import FRESH_SECONDS, MISMATCH, MISSING, UNVERIFIABLE, Root
 from tests.importers.conftest import collect_all, dpkg, trustdb
 from trustdb.db import TrustDB
-from trustdb.model import FileKind, SkippedEntry, TrustEntry
+from trustdb.model import FileKind, InodeKey, SkippedEntry, TrustEntry
 
 ORIGIN = "hello_1.0-1_amd64"
 
@@ -33,7 +34,7 @@ def test_records_executable_content_of_installed_packages(deb_root: Path) -> Non
     assert elf.digest == blake3.blake3(data).digest()
     assert elf.sha256 == hashlib.sha256(data).digest()
     assert elf.md5 == hashlib.md5(data).digest()
-    assert elf.kind is FileKind.ELF and elf.origin == ORIGIN and elf.inode is not None
+    assert elf.kind is FileKind.ELF and elf.origin == ORIGIN
     assert entries[f"{deb_root}/usr/bin/hello-script"].kind is FileKind.SCRIPT
     # A shared library has no exec bit but is ELF: kept.
     assert entries[f"{deb_root}/usr/lib/hello/libhello.so"].kind is FileKind.ELF
@@ -42,6 +43,16 @@ def test_records_executable_content_of_installed_packages(deb_root: Path) -> Non
     # Documentation is not executable: not recorded, not reported.
     assert f"{deb_root}/usr/share/doc/hello/README" not in entries
     assert not [s for s in skipped if s.origin == ORIGIN]
+
+
+def test_a_file_changed_just_now_is_not_offered_for_caching(deb_root: Path) -> None:
+    script = deb_root / "usr/bin/hello-script"
+    os.chmod(script, 0o755)  # moves ctime to now, content unchanged
+    entries, _ = collect(deb_root)
+    assert entries[str(script)].inode is None  # trusted, but the next import reads it again
+    time.sleep(FRESH_SECONDS)
+    entries, _ = collect(deb_root)
+    assert entries[str(script)].inode == InodeKey.from_stat(os.stat(script))
 
 
 def test_all_files_records_documentation_too(deb_root: Path) -> None:
