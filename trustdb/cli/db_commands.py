@@ -14,7 +14,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -24,6 +26,8 @@ from trustdb.db import DatabaseError, TrustDB
 from trustdb.hashing import HashingError
 from trustdb.walk import ScanProgress, scan
 from trustdb.why import Verdict, check_paths, verify
+
+T = TypeVar("T")
 
 STATUS_EXTRAS: list[Callable[[], dict[str, str]]] = []
 """HOOK for other stages: functions returning extra `trustdb status` lines (name -> value).
@@ -65,8 +69,26 @@ def _when(t: float) -> str:
 
 
 def _print_json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2)
+    """JSON on stdout; dataclasses become objects and digests hex strings."""
+
+    def default(o: object) -> object:
+        if isinstance(o, bytes):
+            return o.hex()
+        if is_dataclass(o) and not isinstance(o, type):
+            return asdict(o)
+        raise TypeError(f"cannot serialise {type(o).__name__}")
+
+    json.dump(value, sys.stdout, indent=2, default=default)
     sys.stdout.write("\n")
+
+
+def _query(db: Path, read: Callable[[TrustDB], T]) -> T:
+    """One read of the database; a DatabaseError or HashingError is one line and exit 1."""
+    try:
+        with TrustDB.open(db) as tdb:
+            return read(tdb)
+    except (DatabaseError, HashingError) as e:
+        fatal(str(e))
 
 
 def _problem(path: str, reason: str) -> None:
@@ -225,11 +247,7 @@ def check(
     """Is the current content of each file trusted? Exit 0 iff all are.
 
     Directories are checked for their executable content (every file with --all-files)."""
-    try:
-        with TrustDB.open(db) as tdb:
-            verdicts = list(check_paths(tdb, paths, all_files=all_files))
-    except (DatabaseError, HashingError) as e:
-        fatal(str(e))
+    verdicts = _query(db, lambda tdb: list(check_paths(tdb, paths, all_files=all_files)))
     if json_output:
         _print_json([_verdict_json(v) for v in verdicts])
     else:
@@ -247,24 +265,9 @@ def list_entries(
     db: DbOption = DEFAULT_DB_PATH,
 ) -> None:
     """List trusted paths (of one source), sorted by path."""
-    try:
-        with TrustDB.open(db) as tdb:
-            records = list(tdb.iter_paths(source))
-    except DatabaseError as e:
-        fatal(str(e))
+    records = _query(db, lambda tdb: list(tdb.iter_paths(source)))
     if json_output:
-        _print_json(
-            [
-                {
-                    "path": r.path,
-                    "source": r.label,
-                    "digest": r.digest.hex(),
-                    "origin": r.origin,
-                    "trusted_at": r.trusted_at,
-                }
-                for r in records
-            ]
-        )
+        _print_json(records)
         return
     for r in records:
         origin = f"  {r.origin}" if r.origin else ""
@@ -274,18 +277,9 @@ def list_entries(
 @app.command()
 def sources(json_output: JsonOption = False, db: DbOption = DEFAULT_DB_PATH) -> None:
     """List trust sources with their entry counts."""
-    try:
-        with TrustDB.open(db) as tdb:
-            records = tdb.sources()
-    except DatabaseError as e:
-        fatal(str(e))
+    records = _query(db, TrustDB.sources)
     if json_output:
-        _print_json(
-            [
-                {"label": s.label, "kind": s.kind, "entries": s.entries, "updated": s.updated}
-                for s in records
-            ]
-        )
+        _print_json(records)
         return
     for s in records:
         print(f"{s.label}  {s.kind}  {s.entries} entries  updated {_when(s.updated)}")
@@ -294,11 +288,7 @@ def sources(json_output: JsonOption = False, db: DbOption = DEFAULT_DB_PATH) -> 
 @app.command()
 def status(json_output: JsonOption = False, db: DbOption = DEFAULT_DB_PATH) -> None:
     """Show the database: path, schema, generation, counts, size on disk."""
-    try:
-        with TrustDB.open(db) as tdb:
-            st = tdb.status()
-    except DatabaseError as e:
-        fatal(str(e))
+    st = _query(db, TrustDB.status)
     info: dict[str, Any] = {
         "database": st.path,
         "schema": st.schema,
@@ -328,11 +318,7 @@ def verify_command(
     db: DbOption = DEFAULT_DB_PATH,
 ) -> None:
     """Re-hash every recorded path (of one source); report missing and changed files."""
-    try:
-        with TrustDB.open(db) as tdb:
-            checked, problems = verify(tdb, source)
-    except (DatabaseError, HashingError) as e:
-        fatal(str(e))
+    checked, problems = _query(db, lambda tdb: verify(tdb, source))
     if json_output:
         _print_json(
             {
