@@ -7,11 +7,13 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from trustdb.hashing import (
+    FRESH_CTIME_SECONDS,
     HUGE_FILE,
     SMALL_FILE,
     HashingError,
@@ -133,3 +135,12 @@ def test_hash_many_keeps_order_and_reports_per_file(tmp_path: Path) -> None:
     assert [p for p, _ in errors] == [str(tmp_path / "missing")]
     for name, r in results[:5]:
         assert not isinstance(r, HashingError) and r.digests.blake3 == b3sum(Path(name))
+
+
+def test_just_changed_file_is_not_cacheable(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"#!/bin/sh\n")
+    assert not hash_file(str(f)).cacheable, "ctime within FRESH_CTIME_SECONDS of the read"
+    time.sleep(FRESH_CTIME_SECONDS + 0.01)
+    h = hash_file(str(f))
+    assert h.cacheable and h.hashed_at >= h.stat.st_ctime_ns / 1e9 + FRESH_CTIME_SECONDS

@@ -8,11 +8,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from trustdb.hashing import HashingError, hash_many
+from trustdb.hashing import FRESH_CTIME_SECONDS, HashingError, hash_many
 from trustdb.model import SkippedEntry, TrustEntry
 from trustdb.walk import SYMLINK_SKIPPED, scan, walk
 
@@ -136,7 +137,6 @@ def test_scan_records_executables_or_all_files(tmp_path: Path) -> None:
     root = tree(tmp_path / "t")
     entries = [e for e in scan([str(root)]) if isinstance(e, TrustEntry)]
     assert sorted(os.path.basename(e.path) for e in entries) == ["a.sh", "lib.so", "tool"]
-    assert all(e.inode is not None for e in entries)
     everything = [e for e in scan([str(root)], all_files=True) if isinstance(e, TrustEntry)]
     assert len(everything) == 4
 
@@ -173,3 +173,12 @@ def test_unreadable_file_and_directory_are_reported(tmp_path: Path, as_root: Non
         ("b/c", "cannot list directory: unreadable (permission denied)", True),
         ("b/lib.so", None, None),
     }
+
+
+def test_scan_gives_settled_files_an_inode_key(tmp_path: Path) -> None:
+    """A file changed within FRESH_CTIME_SECONDS of its read gets no inode key to cache
+    (HashedFile.cacheable, tested in test_hashing); one that settled gets one."""
+    root = tree(tmp_path / "t")
+    time.sleep(FRESH_CTIME_SECONDS + 0.05)
+    settled = [e for e in scan([str(root)]) if isinstance(e, TrustEntry)]
+    assert all(e.inode is not None for e in settled)

@@ -70,6 +70,7 @@ from typing import Self, TypeVar
 import blake3
 import lmdb
 
+from trustdb.hashing import FRESH_CTIME_SECONDS
 from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, TrustEntry
 
 DEFAULT_DB = Path("/var/lib/trustdb")
@@ -78,10 +79,6 @@ SCHEMA_VERSION = 1
 INITIAL_MAP_SIZE = 1 << 30
 """Starting map size: room for about a million entries. On Linux the file only takes the pages
 it uses (the map is address space), and a full map means redoing the whole transaction."""
-
-FRESH_CTIME_SECONDS = 0.05
-"""A file whose ctime is this close to the hash time is not cached: on coarse-ctime kernels a
-write in the same clock tick would keep the ctime, so the cache could outlive the content."""
 
 _MAX_DIRECT_PATH_KEY = 400
 _LONG_PATH_PREFIX = 360

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat as statmod
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,11 @@ BATCH = 64
 
 ELF_MAGIC = b"\x7fELF"
 
+FRESH_CTIME_SECONDS = 0.05
+"""A verification of a file whose ctime is this close to the start of the read must not be
+cached under its inode key: on kernels with coarse ctime, a write in the same clock tick keeps
+the ctime, so the key would outlive the content."""
+
 
 class HashingError(Exception):
     """A file could not be hashed; the message is one line naming the reason (not the path)."""
@@ -48,6 +54,13 @@ class HashedFile:
     digests: FileDigests
     stat: os.stat_result
     """fstat of the open file, taken before reading (identical after, or we raise)."""
+    hashed_at: float = 0.0
+    """Unix time just before the read began (see FRESH_CTIME_SECONDS)."""
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the inode key may stand for this content later (see FRESH_CTIME_SECONDS)."""
+        return self.hashed_at - self.stat.st_ctime_ns / 1e9 >= FRESH_CTIME_SECONDS
 
     @property
     def inode(self) -> InodeKey:
@@ -101,6 +114,7 @@ def hash_file(
 def _hash_fd(
     fd: int, *, want_sha256: bool, want_md5: bool, executable_only: bool = False
 ) -> HashedFile:
+    started = time.time()
     before = os.fstat(fd)
     if not statmod.S_ISREG(before.st_mode):
         raise HashingError("not a regular file")
@@ -121,7 +135,7 @@ def _hash_fd(
         or after.st_mtime_ns != before.st_mtime_ns
     ):
         raise HashingError("changed while being hashed")
-    return HashedFile(digests=digests, stat=before)
+    return HashedFile(digests=digests, stat=before, hashed_at=started)
 
 
 def _hash_small(

@@ -176,7 +176,7 @@ def scan(
                 digest=result.digests.blake3,
                 size=result.digests.size,
                 kind=result.digests.kind,
-                inode=InodeKey.from_stat(result.stat),
+                inode=InodeKey.from_stat(result.stat) if result.cacheable else None,
             )
         if on_progress is not None:
             on_progress(ScanProgress(files=files, bytes=size, recorded=recorded))
