@@ -19,6 +19,7 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+#define barrier() asm volatile("" ::: "memory")
 #define TD_PROT_READ 0x1
 #define TD_PROT_EXEC 0x4
 #define TD_MAP_FIXED 0x10
@@ -252,16 +253,31 @@ int BPF_PROG(handle_unmapped_area, unsigned long addr, struct vm_unmapped_area_i
 	return 0;
 }
 
+/* Before 6.13 the mmap_lock tracepoints also passed the memcg path: (mm, memcg_path, write). */
+struct trace_event_raw_mmap_lock___memcg_path {
+	u32 __data_loc_memcg_path;
+} __attribute__((preserve_access_index));
+
 SEC("tp_btf/mmap_lock_released")
-int BPF_PROG(handle_mmap_unlock, struct mm_struct *mm, bool write)
+int handle_mmap_unlock(__u64 *ctx)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
+	struct mm_struct *mm = (struct mm_struct *)ctx[0];
+	bool write;
 	struct td_mmap_area *area;
 	struct pt_regs *regs;
 	__u64 nr, prot, flags, start, end, off, cand[3] = {};
 	bool compat, exec_implied;
 	int i, verdict = -1;
 
+	/* Two separate constant-offset loads: the verifier refuses a computed ctx offset. */
+	if (bpf_core_field_exists(struct trace_event_raw_mmap_lock___memcg_path,
+				  __data_loc_memcg_path)) {
+		write = *(volatile __u64 *)&ctx[2];
+		barrier();
+	} else {
+		write = *(volatile __u64 *)&ctx[1];
+	}
 	/* Cheap filters first: this runs for every mmap_lock write release on the machine. */
 	if (!write || !td_task_marked(task) || task->mm != mm)
 		return 0;
