@@ -162,6 +162,8 @@ def trust(
             skipped = tdb.last_skipped
     except (DatabaseError, HashingError) as e:
         fatal(str(e))
+    except KeyboardInterrupt:
+        fatal("interrupted; nothing was changed", code=130)
     problems = [s for s in skipped if s.fatal]
     benign = Counter(s.reason for s in skipped if not s.fatal)
     if json_output:
