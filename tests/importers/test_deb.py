@@ -12,8 +12,9 @@ from pathlib import Path
 import blake3
 import pytest
 
+from importers import ondisk
 from importers.deb import DebImporter, DebImporterError
-from importers.ondisk import FRESH_SECONDS, MISMATCH, MISSING, UNVERIFIABLE, Root
+from importers.ondisk import MISMATCH, MISSING, UNVERIFIABLE, Root
 from tests.importers.conftest import collect_all, dpkg, trustdb
 from trustdb.db import TrustDB
 from trustdb.model import FileKind, InodeKey, SkippedEntry, TrustEntry
@@ -45,12 +46,15 @@ def test_records_executable_content_of_installed_packages(deb_root: Path) -> Non
     assert not [s for s in skipped if s.origin == ORIGIN]
 
 
-def test_a_file_changed_just_now_is_not_offered_for_caching(deb_root: Path) -> None:
+def test_a_file_changed_just_now_is_not_offered_for_caching(
+    deb_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     script = deb_root / "usr/bin/hello-script"
-    os.chmod(script, 0o755)  # moves ctime to now, content unchanged
+    # "Just now" is relative to FRESH_SECONDS; widen it rather than race a loaded machine.
+    monkeypatch.setattr(ondisk, "FRESH_SECONDS", 3600.0)
     entries, _ = collect(deb_root)
     assert entries[str(script)].inode is None  # trusted, but the next import reads it again
-    time.sleep(FRESH_SECONDS)
+    monkeypatch.setattr(ondisk, "FRESH_SECONDS", 0.0)
     entries, _ = collect(deb_root)
     assert entries[str(script)].inode == InodeKey.from_stat(os.stat(script))
 
@@ -148,6 +152,7 @@ def test_symlinks_resolve_inside_the_root(tmp_path: Path) -> None:
 
 def test_cli_import_reimport_tamper_and_remove(deb_root: Path, cli_env: dict[str, str]) -> None:
     db_path = Path(cli_env["TRUSTDB_DB"])
+    time.sleep(ondisk.FRESH_SECONDS)  # the fixture's files must be old enough to be cached
     first = trustdb(cli_env, "import", "deb", "--root", str(deb_root), "--json")
     assert first.returncode == 0, first.stderr
     (src,) = json.loads(first.stdout)["sources"]
