@@ -28,6 +28,12 @@ trustdb check "$demo/proj/bin/hello"
 step trustdb check /bin/sh                   # exit 1: never trusted (until: trustdb import deb)
 expect_fail trustdb check /bin/sh
 
+step trustdb import deb --quiet              # this machine's dpkg database: MD5-verified, BLAKE3 recorded
+rc=0; trustdb import deb --quiet || rc=$?    # 3: imported; files listed as FAILED are not trusted
+[ "$rc" -eq 0 ] || [ "$rc" -eq 3 ] || exit "$rc"
+step trustdb check /bin/sh                   # exit 0 now: trusted by deb:/ (package dash)
+trustdb check /bin/sh
+
 printf '\x00' >> "$demo/proj/bin/hello"      # the binary changes after it was trusted
 step trustdb check "$demo/proj/bin/hello"    # exit 1: content changed since trusted at <time>
 expect_fail trustdb check "$demo/proj/bin/hello"
