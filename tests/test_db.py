@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -144,13 +145,13 @@ def test_schema_too_new_is_refused(db_path: Path) -> None:
 def test_digest_cache_roundtrip_merge_and_fresh_ctime(tmp_path: Path, db_path: Path) -> None:
     f = tmp_path / "tool"
     f.write_bytes(b"\x7fELF" + b"x" * 100)
-    old = time.time() - 10
-    os.utime(f, (old, old))  # ctime moves to now; age it by waiting is slow: check both cases
     hashed = hash_file(str(f), want_sha256=True)
     with TrustDB.open(db_path, write=True) as db:
-        db.record_verification(hashed.inode, hashed.digests)
-        assert db.digest_cache().lookup(hashed.inode, hashed.digests.size) is None, (
-            "ctime within 50 ms of the hash: not cached"
+        soon = time.time() + 1.0  # a ctime this close to the hash time (here: ahead of it)
+        fresh = InodeKey(hashed.inode.dev, hashed.inode.ino, int(soon), int(soon % 1 * 1e9))
+        db.record_verification(fresh, hashed.digests)
+        assert db.digest_cache().lookup(fresh, hashed.digests.size) is None, (
+            "ctime within FRESH_CTIME_SECONDS of the hash: not cached"
         )
         time.sleep(0.1)
         db.record_verification(hashed.inode, hashed.digests)
@@ -182,6 +183,11 @@ def test_trust_entry_inode_is_cached_on_write(tmp_path: Path, db_path: Path) -> 
         db.add_entries("s", "manual", [e])
         got = db.digest_cache().lookup(h.inode, h.digests.size)
         assert got is not None and got.blake3 == h.digests.blake3
+        assert db.digest_cache().lookup(h.inode, h.digests.size, want_sha256=True) is None
+        # a later import that also computed SHA-256 adds it to the cached verification
+        db.replace_source("rpm", "rpm", [dataclasses.replace(e, sha256=b"s" * 32)])
+        both = db.digest_cache().lookup(h.inode, h.digests.size, want_sha256=True)
+        assert both is not None and both.sha256 == b"s" * 32 and both.blake3 == got.blake3
 
 
 def test_cache_lookup_inside_own_write_transaction(tmp_path: Path, db_path: Path) -> None:

@@ -317,8 +317,8 @@ class _Txn:
         """Record one fact. -> (written, new): written if the fact changed, new if it is new."""
         old = self.txn.get(_ENTRIES + ek)
         if old is not None:
-            old_digest, _at, _path, old_origin = _decode_entry(old)
-            if old_digest == entry.digest and old_origin == entry.origin:
+            old_digest = old[:32]
+            if old_digest == entry.digest and _decode_entry(old)[3] == entry.origin:
                 return False, False
             if old_digest != entry.digest:
                 self.unlink_digest(old_digest, ek)
@@ -365,15 +365,37 @@ class _Txn:
         return [k[len(prefix) :] for k, _v in _scan(self.txn, prefix)]
 
     # --- verification cache ---
+    def cache_entry(self, entry: TrustEntry, hashed_at: float) -> None:
+        """Cache an entry's verification, unless the cache already knows all of it (the common
+        case of a re-import, checked on the raw bytes: this runs once per entry)."""
+        assert entry.inode is not None
+        vk = _verified_key(entry.inode)
+        version = _verified_version(entry.inode, entry.size)
+        old = self.txn.get(vk)
+        if old is not None and old.startswith(version + entry.digest):
+            have = old[len(version) + 33]  # the flags byte, after blake3 and kind
+            need = (_FLAG_SHA256 if entry.sha256 else 0) | (_FLAG_MD5 if entry.md5 else 0)
+            if not need & ~have:
+                return
+        self._cache(entry.inode, _entry_digests(entry), hashed_at, vk, old)
+
     def cache(self, key: InodeKey, digests: FileDigests, hashed_at: float) -> None:
+        vk = _verified_key(key)
+        self._cache(key, digests, hashed_at, vk, self.txn.get(vk))
+
+    def _cache(
+        self, key: InodeKey, digests: FileDigests, hashed_at: float, vk: bytes, old: bytes | None
+    ) -> None:
+        """Store a verification under `vk`, whose current value is `old`."""
         ctime = key.ctime_sec + key.ctime_nsec / 1e9
         if hashed_at - ctime < FRESH_CTIME_SECONDS:
             return  # see FRESH_CTIME_SECONDS
-        vk = _verified_key(key)
         version = _verified_version(key, digests.size)
-        old = self.txn.get(vk)
         if old is not None and old.startswith(version):
-            digests = _merge_digests(_decode_verified(old, digests.size), digests)
+            known = _decode_verified(old, digests.size)
+            digests = _merge_digests(known, digests)
+            if digests == known:
+                return  # nothing new: an unchanged re-import writes no cache page
         flags = (_FLAG_SHA256 if digests.sha256 else 0) | (_FLAG_MD5 if digests.md5 else 0)
         value = (
             version
@@ -536,7 +558,7 @@ class TrustDB:
                 new += is_new
                 old_keys.discard(ek)
                 if item.inode is not None:
-                    t.cache(item.inode, _entry_digests(item), received)
+                    t.cache_entry(item, received)
             for ek in sorted(old_keys):
                 t.delete_entry(ek)
             if t.changed:
