@@ -14,7 +14,7 @@ import pytest
 
 from importers import ondisk
 from importers.deb import DebImporter, DebImporterError
-from importers.ondisk import MISMATCH, MISSING, UNVERIFIABLE, Root
+from importers.ondisk import MISMATCH, MISSING, NOT_REGULAR, UNVERIFIABLE, Root
 from tests.importers.conftest import collect_all, dpkg, trustdb
 from trustdb.db import TrustDB
 from trustdb.model import FileKind, InodeKey, SkippedEntry, TrustEntry
@@ -71,6 +71,16 @@ def test_tampered_file_is_reported_and_not_trusted(deb_root: Path) -> None:
     assert str(target) not in entries
     (bad,) = [s for s in skipped if s.path == str(target)]
     assert bad.reason == MISMATCH and bad.fatal and bad.origin == ORIGIN
+
+
+def test_fifo_in_place_of_a_file_is_reported_never_read(deb_root: Path) -> None:
+    script = deb_root / "usr/bin/hello-script"
+    script.unlink()
+    os.mkfifo(script)  # opening it for reading would block forever
+    entries, skipped = collect(deb_root)
+    assert str(script) not in entries
+    (bad,) = [s for s in skipped if s.path == str(script)]
+    assert bad.reason == NOT_REGULAR
 
 
 def test_package_without_md5sums_is_unverifiable(deb_root: Path) -> None:
