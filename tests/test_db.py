@@ -279,9 +279,10 @@ def test_second_writer_fails_fast_and_readers_do_not_block(db_path: Path) -> Non
         writer.wait()
 
 
-def test_reader_adopts_map_grown_by_another_process(db_path: Path) -> None:
+@pytest.mark.parametrize("write", [False, True])
+def test_adopts_map_grown_by_another_process(db_path: Path, write: bool) -> None:
     TrustDB.open(db_path, write=True, map_size=256 << 10).close()
-    with TrustDB.open(db_path, map_size=256 << 10) as reader:
+    with TrustDB.open(db_path, write=write, map_size=256 << 10) as reader:
         assert reader.generation == 0
         grow = run_py(
             f"""
@@ -294,8 +295,10 @@ def test_reader_adopts_map_grown_by_another_process(db_path: Path) -> None:
             """
         )
         assert grow.wait() == 0, grow.stderr.read() if grow.stderr else ""
-        assert reader.generation == 1
-        assert reader.status().entries == 20_000
+        if write:  # e.g. the daemon's mirror, open while `trustdb trust` grew the map
+            assert reader.add_entries("w", "manual", [entry("/w", 5)]).generation == 2
+        assert reader.generation == 1 + write
+        assert reader.status().entries == 20_000 + write
 
 
 @pytest.mark.root

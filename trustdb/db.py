@@ -641,6 +641,8 @@ class TrustDB:
                     return self._attempt(body, bump=bump)
                 except lmdb.MapFullError:
                     self._grow()
+                except lmdb.MapResizedError:
+                    self._env.set_mapsize(0)  # another process grew the map: adopt its size
                 except lmdb.Error as e:
                     raise _translate(e, self.path) from e
 
