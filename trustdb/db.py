@@ -483,6 +483,8 @@ class TrustDB:
             if e.errno == errno.ENOSPC:
                 raise DiskFullError(f"disk full creating {path}") from e
             raise DatabaseError(f"cannot open {path}: {e.strerror}") from e
+        if write:
+            env.reader_check()  # free reader slots of killed processes: they pin old pages
         db = cls(path, env, write=write, busy_timeout=busy_timeout)
         try:
             db._check_schema()
