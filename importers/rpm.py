@@ -313,7 +313,14 @@ class RpmFileImporter(Importer):
             self.stats.packages = 1
             try:
                 yield from self._members(f, hdr)
-            except (EOFError, OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError) as e:
+            except (
+                EOFError,
+                OSError,
+                ValueError,  # a cpio header field that is not hex
+                lzma.LZMAError,
+                zlib.error,
+                zstandard.ZstdError,
+            ) as e:
                 raise RpmImporterError(
                     f"{self.path}: truncated or corrupt payload ({e}): package refused"
                 ) from e
@@ -524,9 +531,13 @@ class RpmDbImporter(OnDiskImporter):
             name = algo or f"unknown ({hdr.algo})"
             reason = f"file digest algorithm {name} not supported: its files are not trusted"
             return PackageClaims(hdr.nevra, (), (SkippedEntry(dbfile, reason, hdr.nevra, True),))
-        claims = tuple(
-            FileClaim(hdr.files[i], algo, bytes.fromhex(hdr.digests[i]), hdr.sizes[i])
-            for i in range(len(hdr.files))
-            if hdr.is_regular(i) and hdr.states[i] == RPMFILE_STATE_NORMAL and hdr.digests[i]
-        )
+        try:
+            claims = tuple(
+                FileClaim(hdr.files[i], algo, bytes.fromhex(hdr.digests[i]), hdr.sizes[i])
+                for i in range(len(hdr.files))
+                if hdr.is_regular(i) and hdr.states[i] == RPMFILE_STATE_NORMAL and hdr.digests[i]
+            )
+        except ValueError:
+            reason = "corrupt package header: a file digest is not hex: its files are not trusted"
+            return PackageClaims(hdr.nevra, (), (SkippedEntry(dbfile, reason, hdr.nevra, True),))
         return PackageClaims(hdr.nevra, claims)

@@ -54,6 +54,17 @@ def test_truncated_package_is_refused(rpm_files: RpmFiles) -> None:
         collect_all(importer)
 
 
+@pytest.mark.parametrize("compressor", ["zstd", "gzip", "xz"])
+def test_corrupt_payload_is_refused(rpm_files: RpmFiles, compressor: str, tmp_path: Path) -> None:
+    data = bytearray(rpm_files.packages[compressor].read_bytes())
+    middle = len(data) - 2000  # inside the payload: headers come first and are smaller
+    data[middle : middle + 64] = bytes(range(64))
+    bad = tmp_path / "bad.rpm"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(RpmImporterError, match="truncated or corrupt payload.*refused"):
+        collect_all(RpmFileImporter(path=str(bad)))
+
+
 def test_not_a_package_is_refused(tmp_path: Path) -> None:
     junk = tmp_path / "junk.rpm"
     junk.write_bytes(b"\0" * 200)
