@@ -269,7 +269,13 @@ def package_claims(
             digests["/" + (rel.removeprefix("./")).lstrip("/")] = digest
     digests.update(pkg.conffiles)
     claims = [
-        FileClaim(_where(p, pkg, diversions), "md5", d, optional=filters.excluded(p))
+        FileClaim(
+            _where(p, pkg, diversions),
+            "md5",
+            d,
+            optional=filters.excluded(p),
+            config=p in pkg.conffiles,
+        )
         for p, d in digests.items()
     ]
     listed = info.find(pkg, "list")

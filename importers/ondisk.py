@@ -43,6 +43,7 @@ WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))
 
 # Skip reasons, shared so that every importer says the same thing for the same problem.
 MISMATCH = "digest mismatch (tampered or locally modified): not trusted"
+CONFIG_CHANGED = "config file changed locally: not trusted (`trustdb trust` it if intended)"
 SIZE_MISMATCH = "size differs from the package's record (tampered or locally modified): not trusted"
 UNVERIFIABLE = "unverifiable: the package records no digest for it: not trusted"
 MISSING = "missing on disk (not installed, or removed since)"
@@ -66,6 +67,9 @@ class FileClaim:
     optional: bool = False
     """The package manager was told not to install it (dpkg's path-exclude): its absence is
     expected and not reported; if it is there, it is verified like any other file."""
+    config: bool = False
+    """A configuration file the admin is expected to edit (dpkg conffile, rpm %config): a
+    mismatch is reported and not trusted, but is not a failure."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +235,8 @@ def verify_claim(
     if claim.expected is None or claim.algo is None:
         return _Outcome(SkippedEntry(path, UNVERIFIABLE, origin, fatal=False))
     if claim.size is not None and claim.size != st.st_size:
+        if claim.config:
+            return _Outcome(SkippedEntry(path, CONFIG_CHANGED, origin))
         return _Outcome(SkippedEntry(path, SIZE_MISMATCH, origin, fatal=True))
     want_md5 = claim.algo == "md5"
     key = InodeKey.from_stat(st)
@@ -245,7 +251,12 @@ def verify_claim(
         digests, key, hashed = result.digests, result.inode, result.digests.size
         cacheable = time.time() - result.stat.st_ctime >= FRESH_SECONDS
     if not _matches(digests, claim):
-        return _Outcome(SkippedEntry(path, MISMATCH, origin, fatal=True), hashed, cached)
+        skip = (
+            SkippedEntry(path, CONFIG_CHANGED, origin)
+            if claim.config
+            else (SkippedEntry(path, MISMATCH, origin, fatal=True))
+        )
+        return _Outcome(skip, hashed, cached)
     if digests.kind is FileKind.OTHER and not all_files:
         return _Outcome(None, hashed, cached)
     entry = TrustEntry(

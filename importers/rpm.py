@@ -63,6 +63,8 @@ TAG_DIRINDEXES, TAG_BASENAMES, TAG_DIRNAMES = 1116, 1117, 1118
 TAG_PAYLOADFORMAT, TAG_PAYLOADCOMPRESSOR = 1124, 1125
 TAG_LONGFILESIZES, TAG_FILEDIGESTALGO = 5008, 5011
 
+RPMFILE_CONFIG = 1 << 0
+"""%config: the admin is expected to edit it; a changed one is reported, not a failure."""
 RPMFILE_GHOST = 1 << 6
 """%ghost: owned, never shipped (no content in the payload, nothing to verify)."""
 RPMFILE_STATE_NORMAL = 0
@@ -533,7 +535,13 @@ class RpmDbImporter(OnDiskImporter):
             return PackageClaims(hdr.nevra, (), (SkippedEntry(dbfile, reason, hdr.nevra, True),))
         try:
             claims = tuple(
-                FileClaim(hdr.files[i], algo, bytes.fromhex(hdr.digests[i]), hdr.sizes[i])
+                FileClaim(
+                    hdr.files[i],
+                    algo,
+                    bytes.fromhex(hdr.digests[i]),
+                    hdr.sizes[i],
+                    config=bool(hdr.flags[i] & RPMFILE_CONFIG),
+                )
                 for i in range(len(hdr.files))
                 if hdr.is_regular(i) and hdr.states[i] == RPMFILE_STATE_NORMAL and hdr.digests[i]
             )

@@ -83,6 +83,8 @@ License: MIT
 trustdb test package
 %install
 mkdir -p %{{buildroot}}/usr/bin %{{buildroot}}/usr/share/doc/{name} %{{buildroot}}/usr/lib/{name}
+mkdir -p %{{buildroot}}/etc/{name}
+install -m 755 %{{_sourcedir}}/hook %{{buildroot}}/etc/{name}/hook
 install -m 755 %{{_sourcedir}}/elf %{{buildroot}}/usr/bin/{name}
 install -m 755 %{{_sourcedir}}/script %{{buildroot}}/usr/bin/{name}-script
 install -m 644 %{{_sourcedir}}/elf %{{buildroot}}/usr/lib/{name}/lib{name}.so
@@ -93,6 +95,7 @@ ln -s {name} %{{buildroot}}/usr/bin/{name}-link
 /usr/bin/{name}-script
 /usr/bin/{name}-link
 /usr/lib/{name}
+%config /etc/{name}/hook
 %doc /usr/share/doc/{name}/README
 """
 
@@ -117,6 +120,7 @@ def _rpmbuild(top: Path, name: str, payload: str, *defines: str) -> Path:
     shutil.copy(ELF_SOURCE, src / "elf")
     (src / "script").write_bytes(SCRIPT)
     (src / "README").write_text("documentation\n")
+    (src / "hook").write_bytes(HOOK)
     spec = top / f"{name}.spec"
     spec.write_text(SPEC.format(name=name))
     run_tool(

@@ -14,7 +14,7 @@ import pytest
 
 from importers import ondisk
 from importers.deb import DebImporter, DebImporterError
-from importers.ondisk import MISMATCH, MISSING, NOT_REGULAR, UNVERIFIABLE, Root
+from importers.ondisk import CONFIG_CHANGED, MISMATCH, MISSING, NOT_REGULAR, UNVERIFIABLE, Root
 from tests.importers.conftest import collect_all, dpkg, trustdb
 from trustdb.db import TrustDB
 from trustdb.model import FileKind, InodeKey, SkippedEntry, TrustEntry
@@ -71,6 +71,15 @@ def test_tampered_file_is_reported_and_not_trusted(deb_root: Path) -> None:
     assert str(target) not in entries
     (bad,) = [s for s in skipped if s.path == str(target)]
     assert bad.reason == MISMATCH and bad.fatal and bad.origin == ORIGIN
+
+
+def test_locally_edited_conffile_is_reported_not_failed(deb_root: Path) -> None:
+    hook = deb_root / "etc/hello/hook"
+    hook.write_bytes(b"#!/bin/sh\necho edited by the admin\n")
+    entries, skipped = collect(deb_root)
+    assert str(hook) not in entries
+    (edited,) = [s for s in skipped if s.path == str(hook)]
+    assert edited.reason == CONFIG_CHANGED and not edited.fatal
 
 
 def test_fifo_in_place_of_a_file_is_reported_never_read(deb_root: Path) -> None:

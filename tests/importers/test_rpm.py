@@ -12,7 +12,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from importers.ondisk import MISMATCH, SIZE_MISMATCH
+from importers.ondisk import CONFIG_CHANGED, MISMATCH, SIZE_MISMATCH
 from importers.rpm import (
     RpmDbImporter,
     RpmFileImporter,
@@ -36,7 +36,12 @@ def test_package_file_members_are_verified_and_recorded(
     assert importer.source().label == "rpmfile:hello.x86_64"
     entries, skipped = collect_all(importer)
     elf = ELF_SOURCE.read_bytes()
-    assert set(entries) == {"/usr/bin/hello", "/usr/bin/hello-script", "/usr/lib/hello/libhello.so"}
+    assert set(entries) == {
+        "/usr/bin/hello",
+        "/usr/bin/hello-script",
+        "/usr/lib/hello/libhello.so",
+        "/etc/hello/hook",
+    }
     assert entries["/usr/bin/hello"].digest == blake3.blake3(elf).digest()
     assert entries["/usr/bin/hello"].sha256 == hashlib.sha256(elf).digest()
     assert entries["/usr/bin/hello"].origin == HELLO
@@ -45,7 +50,7 @@ def test_package_file_members_are_verified_and_recorded(
     assert entries["/usr/lib/hello/libhello.so"].kind is FileKind.ELF
     assert not skipped
     # The README was checked against its digest too, then left out as not executable.
-    assert importer.stats.files == 4 and importer.stats.not_executable == 1
+    assert importer.stats.files == 5 and importer.stats.not_executable == 1
 
 
 def test_truncated_package_is_refused(rpm_files: RpmFiles) -> None:
@@ -123,7 +128,7 @@ def test_installed_files_are_verified_on_disk(rpm_root: Path) -> None:
     assert entries[f"{rpm_root}/usr/bin/other"].origin == "other-2:1.0-1.x86_64"
     assert f"{rpm_root}/usr/bin/hello-link" not in entries  # symlink
     assert f"{rpm_root}/usr/share/doc/hello/README" not in entries  # documentation
-    assert len(entries) == 6
+    assert len(entries) == 8
 
 
 def test_tampered_installed_file_is_reported_and_not_trusted(rpm_root: Path) -> None:
@@ -152,7 +157,16 @@ def test_installed_package_with_unsupported_digests_is_reported(
     (bad,) = skipped
     assert bad.origin == "wide-2:1.0-1.x86_64" and bad.fatal
     assert "sha512 not supported" in bad.reason
-    assert len(entries) == 6  # hello and other proceed
+    assert len(entries) == 8  # hello and other proceed
+
+
+def test_locally_edited_config_file_is_reported_not_failed(rpm_root: Path) -> None:
+    hook = rpm_root / "etc/hello/hook"
+    hook.write_bytes(b"#!/bin/sh\necho edited by the admin\n")
+    entries, skipped = collect_all(RpmDbImporter(root=str(rpm_root)))
+    (edited,) = skipped
+    assert edited.path == str(hook) and edited.reason == CONFIG_CHANGED and not edited.fatal
+    assert str(hook) not in entries
 
 
 def test_rpmdb_under_usr_lib_sysimage(rpm_root: Path) -> None:
@@ -161,7 +175,7 @@ def test_rpmdb_under_usr_lib_sysimage(rpm_root: Path) -> None:
     shutil.move(rpm_root / "var/lib/rpm", sysimage / "rpm")
     importer = RpmDbImporter(root=str(rpm_root))
     assert importer.find_rpmdb() == f"{sysimage}/rpm/rpmdb.sqlite"
-    assert len(collect_all(importer)[0]) == 6
+    assert len(collect_all(importer)[0]) == 8
 
 
 def test_corrupt_rpmdb_is_refused(rpm_root: Path) -> None:
@@ -208,7 +222,7 @@ def test_wal_rpmdb_reads_last_commit_during_a_transaction(rpm_root: Path) -> Non
     try:
         holder.execute("BEGIN IMMEDIATE")
         holder.execute("DELETE FROM Packages")  # uncommitted: an rpm -e in progress
-        assert len(collect_all(RpmDbImporter(root=str(rpm_root), timeout=0.2))[0]) == 6
+        assert len(collect_all(RpmDbImporter(root=str(rpm_root), timeout=0.2))[0]) == 8
     finally:
         holder.execute("ROLLBACK")
         holder.close()
@@ -223,7 +237,7 @@ def test_cli_installed_reimport_and_tamper(rpm_root: Path, cli_env: dict[str, st
     first = trustdb(cli_env, "import", "rpm", "--root", str(rpm_root), "--json")
     assert first.returncode == 0, first.stderr
     (src,) = json.loads(first.stdout)["sources"]
-    assert src["label"] == f"rpm:{rpm_root}" and src["write"]["added"] == 6
+    assert src["label"] == f"rpm:{rpm_root}" and src["write"]["added"] == 8
     again = trustdb(cli_env, "import", "rpm", "--root", str(rpm_root), "--json")
     (src2,) = json.loads(again.stdout)["sources"]
     assert src2["write"]["added"] == 0 and src2["write"]["generation"] == src["write"]["generation"]
@@ -241,7 +255,7 @@ def test_cli_installed_reimport_and_tamper(rpm_root: Path, cli_env: dict[str, st
     erased = trustdb(cli_env, "import", "rpm", "--root", str(rpm_root), "--json")
     assert erased.returncode == 0, erased.stdout
     (src3,) = json.loads(erased.stdout)["sources"]
-    assert src3["write"]["removed"] == 2  # other and libother.so (other-script was untrusted)
+    assert src3["write"]["removed"] == 3  # other, libother.so, hook (other-script was untrusted)
     with TrustDB.open(Path(cli_env["TRUSTDB_DB"])) as db:
         origins = {r.origin for r in db.iter_paths(f"rpm:{rpm_root}")}
     assert origins == {HELLO}
@@ -257,7 +271,7 @@ def test_cli_package_files_one_refused_rest_proceed(
     assert "truncated or corrupt payload" in result.stderr
     sources = {s["label"]: s for s in json.loads(result.stdout)["sources"]}
     assert sources["rpmfile:hello.x86_64"]["write"] is None  # refused: nothing written
-    assert sources["rpmfile:other.x86_64"]["write"]["added"] == 3
+    assert sources["rpmfile:other.x86_64"]["write"]["added"] == 4
     with TrustDB.open(Path(cli_env["TRUSTDB_DB"])) as db:
         labels = {s.label for s in db.sources()}
     assert labels == {"rpmfile:other.x86_64"}
