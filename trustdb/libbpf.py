@@ -75,7 +75,8 @@ _log_lock = threading.Lock()
 
 
 def _on_print(level: int, fmt: bytes, ap: int) -> int:
-    buf = ctypes.create_string_buffer(1024)
+    # One call can carry the whole verifier log; its last lines say what went wrong.
+    buf = ctypes.create_string_buffer(1 << 20)
     _libc.vsnprintf(buf, len(buf), fmt, ap)
     with _log_lock:
         for line in buf.value.decode(errors="replace").splitlines():

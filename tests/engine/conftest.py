@@ -70,11 +70,16 @@ def cgroup() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def bpf_object() -> Path:
-    """The built tracepoint object (built once per session if missing or stale)."""
-    subprocess.run(["make", "-s", "-C", str(REPO / "bpf")], check=True)
-    if not OBJ.is_file():
-        pytest.fail(f"{OBJ} was not built")
-    return OBJ
+    """The built tracepoint object (built once per session if missing or stale), or the one
+    in $TRUSTDB_BPF_DIR (to test a build made elsewhere)."""
+    if os.environ.get("TRUSTDB_BPF_DIR"):
+        obj = Path(os.environ["TRUSTDB_BPF_DIR"]) / OBJ.name
+    else:
+        subprocess.run(["make", "-s", "-C", str(REPO / "bpf")], check=True)
+        obj = OBJ
+    if not obj.is_file():
+        pytest.fail(f"{obj} was not built")
+    return obj
 
 
 @dataclass

@@ -170,6 +170,11 @@ def _denials(evs: list[CEvent]) -> list[CEvent]:
     return [e for e in evs if e.verdict != Verdict.ALLOW]
 
 
+def _b(p: Path) -> bytes:
+    """A path as the kernel side reports it (symlinks resolved)."""
+    return os.fsencode(os.path.realpath(p))
+
+
 def _describe(e: CEvent) -> str:
     return (
         f"{Hook(e.hook).name} {Verdict(e.verdict).name} {Reason(e.reason).name} "
@@ -195,7 +200,7 @@ def test_untrusted_binary(enforce: Confined, events: Events, progs: dict[str, Pa
     st = os.stat(progs["hello"])
     assert (e.hook, e.verdict, e.reason) == (Hook.EXEC, Verdict.DENY, Reason.UNTRUSTED)
     assert e.file.to_key() == InodeKey.from_stat(st)
-    assert e.path == b"hello" and e.comm == b"hello"
+    assert e.path == _b(progs["hello"]) and e.comm == b"hello"
     assert (e.backend, e.mode) == (BackendId.TRACEPOINT, Mode.ENFORCE)
     assert e.pid and e.tgid == e.pid and e.ppid and e.uid == 0 and e.time_ns
     assert enforce.run([str(progs["hello"])], confined=False).stdout == "hello\n"
@@ -207,7 +212,7 @@ def test_ldso_runs_untrusted(enforce: Confined, events: Events, progs: dict[str,
     r = enforce.run([ldso, str(progs["hello"])])
     assert r.returncode == KILLED and "hello" not in r.stdout
     e = _one_denial(events)
-    assert (e.hook, e.path) == (Hook.MMAP, b"hello")
+    assert (e.hook, e.path) == (Hook.MMAP, _b(progs["hello"]))
     assert enforce.run([ldso, str(progs["hello"])], confined=False).stdout == "hello\n"
 
 
@@ -220,7 +225,7 @@ def test_ld_preload_untrusted(
     r = enforce.run(cmd)
     assert r.returncode == KILLED
     assert not marker.exists(), "the constructor of a denied library ran"
-    assert [e.path for e in _denials(events.drain())] == [b"libevil.so"]
+    assert [e.path for e in _denials(events.drain())] == [_b(progs["evil"])]
     assert enforce.run(cmd, confined=False).returncode == 0
     assert marker.exists()
 
@@ -234,7 +239,7 @@ def test_dlopen_untrusted(
     assert r.returncode == KILLED and "dlopen ok" not in r.stdout
     assert not marker.exists(), "the constructor of a denied library ran"
     e = _one_denial(events)
-    assert (e.hook, e.path) == (Hook.MMAP, b"libevil.so")
+    assert (e.hook, e.path) == (Hook.MMAP, _b(progs["evil"]))
     r = enforce.run([str(progs["tool"]), "dlopen", str(progs["evil"])], env=env, confined=False)
     assert r.stdout == "dlopen ok\n" and marker.exists()
 
@@ -276,7 +281,7 @@ def test_mprotect_exec_of_untrusted_file(
     r = enforce.run([str(progs["tool"]), "mprotect", str(progs["hello"])])
     assert r.returncode == KILLED and "mprotect ok" not in r.stdout
     e = _one_denial(events)
-    assert (e.hook, e.path) == (Hook.MPROTECT, b"hello")
+    assert (e.hook, e.path) == (Hook.MPROTECT, _b(progs["hello"]))
     r = enforce.run([str(progs["tool"]), "mprotect", str(progs["hello"])], confined=False)
     assert r.stdout == "mprotect ok\n"
 
@@ -288,7 +293,7 @@ def test_mmap_exec_of_untrusted_file(
     r = enforce.run([str(progs["tool"]), "mmapx", str(progs["hello"])])
     assert r.returncode == KILLED and "mmapx ok" not in r.stdout
     e = _one_denial(events)
-    assert (e.hook, e.path) == (Hook.MMAP, b"hello")
+    assert (e.hook, e.path) == (Hook.MMAP, _b(progs["hello"]))
 
 
 def test_mprotect_of_trusted_file_runs(enforce: Confined, progs: dict[str, Path]) -> None:
@@ -358,10 +363,10 @@ def test_mark_follows_task_out_of_cgroup(audit: Confined, progs: dict[str, Path]
             (Hook.TAMPER, Verdict.AUDIT_DENY)
         ]
         assert any(
-            e.hook == Hook.EXEC and e.verdict == Verdict.AUDIT_DENY and e.path == b"hello"
+            e.hook == Hook.EXEC and e.verdict == Verdict.AUDIT_DENY and e.path == _b(progs["hello"])
             for e in seen
         )
-        assert any(e.path == b"cat" and e.verdict == Verdict.AUDIT_DENY for e in seen)
+        assert any(e.path.endswith(b"/cat") and e.verdict == Verdict.AUDIT_DENY for e in seen)
     finally:
         ev.close()
 
@@ -465,7 +470,7 @@ def test_audit_mode_allows_and_reports(audit: Confined, progs: dict[str, Path]) 
         r = audit.run([str(progs["hello"])])
         assert r.returncode == 0 and r.stdout == "hello\n"
         [e] = _denials(ev.drain())
-        assert (e.verdict, e.mode, e.path) == (Verdict.AUDIT_DENY, Mode.AUDIT, b"hello")
+        assert (e.verdict, e.mode, e.path) == (Verdict.AUDIT_DENY, Mode.AUDIT, _b(progs["hello"]))
     finally:
         ev.close()
 
