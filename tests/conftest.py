@@ -7,6 +7,7 @@ skip only where the capability is truly absent, and says so in its reason.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,3 +36,15 @@ def cli_env(db_path: Path) -> Iterator[dict[str, str]]:
     """Environment for running the real `trustdb` command against the test database."""
     env = dict(os.environ, TRUSTDB_DB=str(db_path))
     yield env
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, as_root: None) -> Iterator[Path]:
+    """A 1 MiB tmpfs (a disk that fills up), unmounted after the test however it ends."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -302,18 +302,12 @@ def test_adopts_map_grown_by_another_process(db_path: Path, write: bool) -> None
 
 
 @pytest.mark.root
-def test_disk_full_aborts_and_leaves_db_intact(tmp_path: Path, as_root: None) -> None:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
-    try:
-        db_path = mnt / "db"
-        with TrustDB.open(db_path, write=True) as db:
-            db.add_entries("s", "manual", [entry(f"/a/{i}", i + 1) for i in range(100)])
-        before = snapshot(db_path)
-        more = (entry(f"/b/{i:06d}", i + 1000) for i in range(60_000))
-        with TrustDB.open(db_path, write=True) as db, pytest.raises(DiskFullError, match="full"):
-            db.add_entries("s", "manual", more)
-        assert snapshot(db_path) == before
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+def test_disk_full_aborts_and_leaves_db_intact(small_disk: Path) -> None:
+    db_path = small_disk / "db"
+    with TrustDB.open(db_path, write=True) as db:
+        db.add_entries("s", "manual", [entry(f"/a/{i}", i + 1) for i in range(100)])
+    before = snapshot(db_path)
+    more = (entry(f"/b/{i:06d}", i + 1000) for i in range(60_000))
+    with TrustDB.open(db_path, write=True) as db, pytest.raises(DiskFullError, match="full"):
+        db.add_entries("s", "manual", more)
+    assert snapshot(db_path) == before
