@@ -26,10 +26,13 @@ from trustdb.model import InodeKey, SkippedEntry, TrustEntry
 
 SYMLINK_SKIPPED = "symlink inside a directory (not followed)"
 
+PROGRESS_EVERY = 64
+"""Files between progress callbacks (and once at the end, with the totals)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ScanProgress:
-    """Running totals, passed to the progress callback after each hashed file."""
+    """Running totals, passed to the progress callback every PROGRESS_EVERY files."""
 
     files: int
     bytes: int
@@ -159,7 +162,7 @@ def scan(
             else:
                 yield item
 
-    size = recorded = 0
+    files = size = recorded = 0
     results = hash_many(files_only(), workers=workers, executable_only=not all_files)
     for files, (path, result) in enumerate(results, start=1):
         yield from skipped
@@ -178,6 +181,8 @@ def scan(
                 kind=result.digests.kind,
                 inode=InodeKey.from_stat(result.stat) if result.cacheable else None,
             )
-        if on_progress is not None:
+        if on_progress is not None and files % PROGRESS_EVERY == 0:
             on_progress(ScanProgress(files=files, bytes=size, recorded=recorded))
     yield from skipped
+    if on_progress is not None:
+        on_progress(ScanProgress(files=files, bytes=size, recorded=recorded))
