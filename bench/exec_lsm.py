@@ -59,8 +59,9 @@ def guest(art: Path) -> int:
     def warm_up() -> None:
         # Attaching or detaching patches kernel text, and TCG then retranslates that code:
         # let it settle before measuring, on both sides.
-        loop("spawn", str(EXECS // 4), true, inside=True)
-        loop("getppid", str(GETPPIDS // 4), inside=False)
+        loop("spawn", str(EXECS), true, inside=True)
+        loop("spawn", str(EXECS // 2), true, inside=False)
+        loop("getppid", str(GETPPIDS // 2), inside=False)
 
     samples: dict[str, list[float]] = {
         k: [] for k in ("none", "none2", "confined", "outside", "pp0", "pp1")
