@@ -99,6 +99,17 @@ int main(int argc, char **argv)
         printf("mprotect ok\n");
         return 0;
     }
+    if (!strcmp(mode, "bigmprotect")) {  /* 80 mappings, then the file, one mprotect */
+        long pg = 4096; int n = 80;
+        int self = open("/proc/self/exe", O_RDONLY);
+        char *base = mmap(NULL, (n + 1) * pg, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        for (int i = 0; i < n; i++)  /* page 0 of this (trusted) program each time: no merging */
+            mmap(base + i * pg, pg, PROT_READ, MAP_PRIVATE | MAP_FIXED, self, 0);
+        mmap(base + n * pg, pg, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
+        if (mprotect(base, (n + 1) * pg, PROT_READ | PROT_EXEC)) { perror("mprotect"); return 1; }
+        printf("bigmprotect ok\n");
+        return 0;
+    }
     if (!strcmp(mode, "waitmmapx")) {  /* wait for argv[3] to exist, then map exec */
         while (access(argv[3], F_OK)) usleep(20000);
         mode = "mmapx";
@@ -294,6 +305,48 @@ def test_mmap_exec_of_untrusted_file(
     assert r.returncode == KILLED and "mmapx ok" not in r.stdout
     e = _one_denial(events)
     assert (e.hook, e.path) == (Hook.MMAP, _b(progs["hello"]))
+
+
+def test_mprotect_over_more_mappings_than_walked_fails_closed(
+    enforce: Confined, events: Events, progs: dict[str, Path]
+) -> None:
+    _trust_tool(enforce, progs)
+    r = enforce.run([str(progs["tool"]), "bigmprotect", str(progs["hello"])])
+    assert r.returncode == KILLED and "ok" not in r.stdout
+    e = _one_denial(events)
+    assert (e.hook, e.reason) == (Hook.MPROTECT, Reason.UNVERIFIABLE)
+    r = enforce.run([str(progs["tool"]), "bigmprotect", str(progs["hello"])], confined=False)
+    assert r.stdout == "bigmprotect ok\n"
+
+
+@pytest.fixture
+def noexec_dir(tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / "noexec"
+    d.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "noexec,size=8m", "td-noexec", str(d)], check=True
+    )
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=True)
+
+
+def test_failed_exec_mmap_on_noexec_mount(
+    enforce: Confined, progs: dict[str, Path], noexec_dir: Path
+) -> None:
+    """mmap(PROT_EXEC) of a file on a noexec mount fails in the kernel, so there is no mapping
+    to find: the file behind the fd is judged instead (trusted: the caller lives on)."""
+    _trust_tool(enforce, progs)
+    f = noexec_dir / "hello"
+    shutil.copy(progs["hello"], f)
+    time.sleep(0.02)  # past the ctime tick on coarse-ctime kernels
+    enforce.trust([f])
+    r = enforce.run([str(progs["tool"]), "mmapx", str(f)])
+    assert r.returncode == 0 and r.stdout == "mmapx failed\n"
+    g = noexec_dir / "other"
+    shutil.copy(progs["tool"], g)
+    assert enforce.run([str(progs["tool"]), "mmapx", str(g)]).returncode == KILLED
 
 
 def test_mprotect_of_trusted_file_runs(enforce: Confined, progs: dict[str, Path]) -> None:
