@@ -227,6 +227,41 @@ def test_ldso_runs_untrusted(enforce: Confined, events: Events, progs: dict[str,
     assert enforce.run([ldso, str(progs["hello"])], confined=False).stdout == "hello\n"
 
 
+def test_untrusted_elf_interpreter(
+    enforce: Confined, events: Events, progs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A trusted program whose PT_INTERP names an untrusted loader (a copy of ld.so): the kernel
+    maps that loader during exec, and it is checked there, before it runs."""
+    ldso = tmp_path / "myld.so"
+    shutil.copy(os.path.realpath("/lib64/ld-linux-x86-64.so.2"), ldso)
+    prog = _gcc(HELLO_C, tmp_path / "hello-myld", f"-Wl,--dynamic-linker={ldso}")
+    enforce.trust(closure(["/bin/true"]) + [str(prog)])
+    r = enforce.run([str(prog)])
+    assert r.returncode == KILLED and "hello" not in r.stdout
+    e = _one_denial(events)
+    assert (e.hook, e.path) == (Hook.EXEC, _b(ldso))
+    assert enforce.run([str(prog)], confined=False).stdout == "hello\n"
+    enforce.trust([ldso])
+    assert enforce.run([str(prog)]).stdout == "hello\n"
+
+
+def test_script_is_judged_by_its_interpreter(
+    enforce: Confined, progs: dict[str, Path], tmp_path: Path
+) -> None:
+    """tracepoint limit (README): by sched_process_exec the kernel has swapped a `#!` script
+    for its interpreter, so a script runs when its interpreter is trusted; an untrusted
+    interpreter is denied. (The lsm backend judges the script itself.)"""
+    enforce.trust(closure(["/bin/sh"]))
+    script = tmp_path / "s.sh"
+    script.write_text("#!/bin/sh\necho script\n")
+    script.chmod(0o755)
+    assert enforce.run([str(script)]).stdout == "script\n"
+    other = tmp_path / "other.sh"
+    other.write_text(f"#!{progs['hello']}\n")
+    other.chmod(0o755)
+    assert enforce.run([str(other)]).returncode == KILLED
+
+
 def test_ld_preload_untrusted(
     enforce: Confined, events: Events, progs: dict[str, Path], marker: Path
 ) -> None:
