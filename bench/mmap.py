@@ -27,6 +27,7 @@ from trustdb.abi import Mode
 from trustdb.backends.interface import EngineConfig, Scope
 from trustdb.backends.tracepoint import TracepointBackend
 from trustdb.engine import Engine
+from trustdb.libbpf import held_program_ids
 from trustdb.model import InodeKey
 
 ROUNDS = 8
@@ -81,7 +82,7 @@ def program_costs(
             run(loop, prot, lib, where)
             stats.write_text(old)
             out = []
-            for pid in sorted(held_prog_ids()):
+            for pid in sorted(held_program_ids()):
                 info = json.loads(
                     subprocess.run(
                         ["bpftool", "-j", "prog", "show", "id", str(pid)],
@@ -98,17 +99,6 @@ def program_costs(
             return ", ".join(out)
     finally:
         stats.write_text(old)
-
-
-def held_prog_ids() -> set[int]:
-    ids: set[int] = set()
-    for info in Path("/proc/self/fdinfo").iterdir():
-        try:
-            text = info.read_text()
-        except OSError:
-            continue
-        ids.update(int(ln.split()[1]) for ln in text.splitlines() if ln.startswith("prog_id:"))
-    return ids
 
 
 def trusted_closure(paths: list[str]) -> list[InodeKey]:

@@ -37,6 +37,7 @@ __all__ = [
     "BpfObject",
     "LibbpfError",
     "RingBuffer",
+    "held_program_ids",
 ]
 
 BPF_ANY = 0
@@ -396,6 +397,23 @@ class BpfObject:
         # At interpreter shutdown libbpf may be gone already; the kernel frees the fds anyway.
         with contextlib.suppress(Exception):
             self.close()
+
+
+def held_program_ids(pid: int | str = "self") -> set[int]:
+    """Ids of the BPF programs a process holds (through prog or link fds), from its fdinfo.
+    For tests and benchmarks: "is everything this engine attached gone?"."""
+    ids: set[int] = set()
+    try:
+        infos = list(Path(f"/proc/{pid}/fdinfo").iterdir())
+    except OSError:
+        return ids
+    for info in infos:
+        try:
+            text = info.read_text()
+        except OSError:
+            continue
+        ids.update(int(ln.split()[1]) for ln in text.splitlines() if ln.startswith("prog_id:"))
+    return ids
 
 
 # ---- ring buffers -------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from trustdb.abi import BackendId, CEvent, Hook, Mode, Reason, Verdict
 from trustdb.backends import names, select
 from trustdb.backends.interface import BackendError, EngineConfig, Scope
 from trustdb.engine import Engine
-from trustdb.libbpf import RingBuffer
+from trustdb.libbpf import RingBuffer, held_program_ids
 from trustdb.model import InodeKey
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -654,26 +654,13 @@ def test_select_names_the_backend_and_refusals(bpf_object: Path) -> None:
 def test_probe_leaves_nothing_loaded(cgroup: Path, bpf_object: Path) -> None:
     from trustdb.backends.tracepoint import TracepointBackend
 
-    before = _prog_ids()
+    before = held_program_ids()
     assert TracepointBackend(objdir=bpf_object.parent).probe().ok
-    assert _prog_ids() - before == set()
+    assert held_program_ids() - before == set()
     # The check itself sees the programs (links) an engine holds:
     with make_engine(cgroup, bpf_object, Mode.AUDIT):
-        assert len(_prog_ids() - before) >= 5
-    assert _prog_ids() - before == set()
-
-
-def _prog_ids() -> set[int]:
-    """Programs this process holds (prog and link fds), from /proc/self/fdinfo: other sessions
-    may be loading their own programs right now."""
-    ids: set[int] = set()
-    for info in Path("/proc/self/fdinfo").iterdir():
-        try:
-            text = info.read_text()
-        except OSError:
-            continue
-        ids.update(int(ln.split()[1]) for ln in text.splitlines() if ln.startswith("prog_id:"))
-    return ids
+        assert len(held_program_ids() - before) >= 5
+    assert held_program_ids() - before == set()
 
 
 def test_key_matches_kernel_for_new_file(
