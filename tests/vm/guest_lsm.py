@@ -8,7 +8,8 @@ binaries it built on the host (tdprobe, a variant of it with other content, libt
 Each case runs confined (in a cgroup that is the backend's scope: EPERM expected) and, where it
 matters, unconfined (must be unaffected). The trusted set is kept small on purpose (TCG makes
 every exec cost ~20 ms): the test binaries' copies on the guest's tmpfs, sh, bash, cat, the
-loader and the libraries they need, each added by its inode key as the mirror would.
+loader and the libraries they need, each added by its inode key as the mirror would. The last
+tests run the product itself, `trustdb run --backend lsm`, against a real trust database.
 """
 
 from __future__ import annotations
