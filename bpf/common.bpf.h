@@ -194,7 +194,7 @@ struct {
 
 /* The path of `file` (a struct file *, passed as a number so this can be a global function,
  * verified once) in the per-CPU scratch buffer: its dentry names up to the root of its mount,
- * then across mount points, as d_path() does without its locks. Where bpf_d_path is not
+ * then across mount points up to the current task's root, as d_path() does without its locks. Where bpf_d_path is not
  * allowed (tracepoints, file_mprotect) this is the best the kernel side can say. Deeper than
  * TD_PATH_DEPTH components, the top is left out; longer than TD_PATH_LEN, the tail is cut. */
 __noinline int td_file_path(__u64 file_ptr)
@@ -202,9 +202,10 @@ __noinline int td_file_path(__u64 file_ptr)
 	const unsigned char *names[TD_PATH_DEPTH];
 	struct td_path_buf *out;
 	struct file *file = (struct file *)file_ptr;
-	struct dentry *d, *parent, *mnt_root;
+	struct dentry *d, *parent, *mnt_root, *root_dentry;
+	struct vfsmount *vfs, *root_mnt;
 	struct mount *m, *mparent;
-	struct vfsmount *vfs;
+	struct task_struct *task;
 	__u32 zero = 0, pos = 0;
 	__u64 off;
 	int i, n = 0;
@@ -213,10 +214,15 @@ __noinline int td_file_path(__u64 file_ptr)
 	out = bpf_map_lookup_elem(&td_path_scratch, &zero);
 	if (!out)
 		return 0;
+	task = bpf_get_current_task_btf();
+	root_dentry = BPF_CORE_READ(task, fs, root.dentry);
+	root_mnt = BPF_CORE_READ(task, fs, root.mnt);
 	d = BPF_CORE_READ(file, f_path.dentry);
 	vfs = BPF_CORE_READ(file, f_path.mnt);
 	m = container_of(vfs, struct mount, mnt);
 	for (i = 0; i < TD_PATH_DEPTH + 8 && n < TD_PATH_DEPTH; i++) {
+		if (d == root_dentry && &m->mnt == root_mnt)
+			break; /* the task's root (chroot, pivot_root): paths are relative to it */
 		mnt_root = BPF_CORE_READ(m, mnt.mnt_root);
 		if (d == mnt_root) {
 			mparent = BPF_CORE_READ(m, mnt_parent);

@@ -381,7 +381,10 @@ def test_failed_exec_mmap_on_noexec_mount(
     assert r.returncode == 0 and r.stdout == "mmapx failed\n"
     g = noexec_dir / "other"
     shutil.copy(progs["tool"], g)
-    assert enforce.run([str(progs["tool"]), "mmapx", str(g)]).returncode == KILLED
+    # Untrusted: killed where the failure happens under mmap_lock (6.18); older kernels refuse
+    # before taking the lock. Either way nothing of it was mapped executable.
+    r = enforce.run([str(progs["tool"]), "mmapx", str(g)])
+    assert r.returncode == KILLED or r.stdout == "mmapx failed\n"
 
 
 def test_mprotect_of_trusted_file_runs(enforce: Confined, progs: dict[str, Path]) -> None:
