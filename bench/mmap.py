@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -145,13 +147,12 @@ def main() -> int:
                 f"{statistics.median(with_):.0f} ns with: x{statistics.median(ratios):.3f}"
             )
     finally:
+        shutil.rmtree(work, ignore_errors=True)
         for _ in range(50):
             try:
                 cg.rmdir()
                 break
             except OSError:
-                import time
-
                 time.sleep(0.05)
     return 0
 
