@@ -193,6 +193,10 @@ def _module_bytes(path: Path) -> bytes:
     return data
 
 
+GUEST_TMPFS = ("/tmp", "/run", "/var/tmp", "/dev/shm")
+"""Fresh tmpfs mounts in the guest (INIT_SCRIPT mounts these): host files below them are hidden
+unless shared explicitly, which `run` does for the repository and the working directory."""
+
 # PID 1 of the guest. Mounts everything, runs $RESULTS/run.sh chrooted into the host's /, writes
 # its exit status to $RESULTS/rc, powers off. The settings come from $RESULTS/vm.conf.
 INIT_SCRIPT = r"""#!/bin/busybox sh
@@ -213,7 +217,7 @@ $B mount -t sysfs sys $R/sys
 $B mount -t devtmpfs dev $R/dev
 $B mkdir -p $R/dev/pts $R/dev/shm
 $B mount -t devpts devpts $R/dev/pts
-for d in /tmp /run /var/tmp /dev/shm; do $B mount -t tmpfs -o mode=1777 tmpfs $R$d; done
+for d in """ + " ".join(GUEST_TMPFS) + r"""; do $B mount -t tmpfs -o mode=1777 tmpfs $R$d; done
 $B mount -t cgroup2 cgroup2 $R/sys/fs/cgroup
 $B mount -t securityfs securityfs $R/sys/kernel/security
 $B mount -t bpf bpf $R/sys/fs/bpf
@@ -385,6 +389,10 @@ def run(
     """
     kernel = find_kernel(series)
     shares = [Path(os.path.realpath(s)) for s in shares]
+    # A checkout under /tmp (CI clones anywhere) would vanish under the guest's tmpfs.
+    for d in (Path(os.path.realpath(REPO)), Path(os.path.realpath(cwd))):
+        if _under(d, GUEST_TMPFS) and not any(d.is_relative_to(s) for s in shares):
+            shares.append(d)
     results = Path(tempfile.mkdtemp(prefix="trustdb-vm-"))
     try:
         exports = " ".join(f"td_share{i}={_check_path(s)}" for i, s in enumerate(shares))
@@ -398,6 +406,10 @@ def run(
         return _boot(cmd, results, timeout, echo)
     finally:
         shutil.rmtree(results, ignore_errors=True)
+
+
+def _under(path: Path, tops: Sequence[str]) -> bool:
+    return any(path.is_relative_to(t) for t in tops)
 
 
 def _boot(cmd: list[str], results: Path, timeout: float, echo: bool) -> VmResult:
