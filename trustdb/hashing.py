@@ -104,16 +104,19 @@ def hash_file(
     except OSError as e:
         raise HashingError(f"cannot open: {e.strerror}") from e
     try:
-        return _hash_fd(
+        return hash_fd(
             fd, want_sha256=want_sha256, want_md5=want_md5, executable_only=executable_only
         )
     finally:
         os.close(fd)
 
 
-def _hash_fd(
-    fd: int, *, want_sha256: bool, want_md5: bool, executable_only: bool = False
+def hash_fd(
+    fd: int, *, want_sha256: bool = False, want_md5: bool = False, executable_only: bool = False
 ) -> HashedFile:
+    """Hash an already open file (the fanotify event's fd: reopening its path would raise a new
+    permission event). Reads from the fd's current offset, so pass a fresh fd; the caller keeps
+    ownership of it."""
     started = time.time()
     before = os.fstat(fd)
     if not statmod.S_ISREG(before.st_mode):

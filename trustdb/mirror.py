@@ -52,7 +52,7 @@ from typing import Protocol
 
 from trustdb.backends.interface import KeySink
 from trustdb.db import DatabaseError
-from trustdb.hashing import HashedFile, HashingError, _hash_fd, hash_file, hash_many
+from trustdb.hashing import HashedFile, HashingError, hash_fd, hash_file, hash_many
 from trustdb.model import FileDigests, InodeKey
 
 # --- filesystem identity --------------------------------------------------------------------
@@ -726,7 +726,7 @@ class Mirror:
                 raise HashingError("changed while being hashed")
             return hashed
         os.lseek(target, 0, os.SEEK_SET)
-        return _hash_fd(target, want_sha256=False, want_md5=False, executable_only=True)
+        return hash_fd(target, executable_only=True)
 
 
 __all__ = [
