@@ -27,6 +27,11 @@ Prewarm = Callable[[str | int], InodeKey | None]
 """Given an open fd (or a path) of a file about to be executed that the kernel map may not
 know, verify its content and insert its key if trusted; return the key or None."""
 
+Prepare = Callable[[Backend], "Prewarm | None"]
+"""Runs once the programs are loaded and before they attach: fill the trusted-inode map (the
+mirror's first sync) and return the pre-warm callback, if any. Attaching first would deny
+everything in scope until the map is full: on a system-wide engine, every exec on the machine."""
+
 
 class Engine:
     def __init__(
@@ -35,6 +40,7 @@ class Engine:
         *,
         backend: str | Backend | None = None,
         prewarm: Prewarm | None = None,
+        prepare: Prepare | None = None,
         allow_system_wide: bool = False,
     ) -> None:
         """`backend`: a name (`--backend`), an instance, or None for the strongest the kernel
@@ -45,6 +51,7 @@ class Engine:
         self.config = config
         self._choice = backend
         self._prewarm = prewarm
+        self._prepare = prepare
         self._backend: Backend | None = None
         self._prewarmer: object | None = None
 
@@ -58,10 +65,13 @@ class Engine:
         )
         try:
             backend.load(self.config)
-            if self._prewarm is not None:
+            prewarm = self._prewarm
+            if self._prepare is not None:
+                prewarm = self._prepare(backend) or prewarm
+            if prewarm is not None:
                 from trustdb.fanotify import ExecPrewarmer
 
-                pw = ExecPrewarmer(self._prewarm, backend, scope=self.config.scope)
+                pw = ExecPrewarmer(prewarm, backend, scope=self.config.scope)
                 pw.start()
                 self._prewarmer = pw
             backend.attach()

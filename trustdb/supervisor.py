@@ -29,13 +29,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from trustdb import confine
 from trustdb.abi import Hook, Mode, Verdict
-from trustdb.backends.interface import BackendError, EngineConfig, Scope
+from trustdb.backends.interface import Backend, BackendError, EngineConfig, Scope
 from trustdb.db import DEFAULT_DB
 from trustdb.events import Decision
+
+if TYPE_CHECKING:
+    from trustdb.engine import Prewarm
 
 KILL_GRACE_S = 2.0
 """After forwarding SIGINT/SIGTERM, how long CMD gets before the tree is killed. CMD is the init
@@ -133,43 +136,39 @@ class DenialReporter:
 
 
 class EngineSession:
-    """Backend + mirror + decision log, in the order that never denies by accident: load the
-    programs, fill their map from the database, then attach (an empty map attached system-wide
-    would kill everything), then read decisions. Closing releases every fd: nothing is pinned."""
+    """Engine + mirror + decision log. `engine.Engine` keeps the order that never denies by
+    accident (load, fill the map from the database, then attach); this adds the database, the
+    mirror's refreshes and the ring buffer. Closing releases every fd: nothing is pinned."""
 
     def __init__(self, config: EngineConfig, db: Path, backend: str | None,
-                 consume: Callable[[Decision], None]) -> None:
-        from trustdb import backends, events
+                 consume: Callable[[Decision], None], *, allow_system_wide: bool = False) -> None:
+        from trustdb import events
         from trustdb.db import DatabaseError, TrustDB
+        from trustdb.engine import Engine as BackendEngine
         from trustdb.libbpf import LibbpfError, RingBuffer
-        from trustdb.mirror import Mirror
 
         self._closers: list[Callable[[], None]] = []
         self._next_refresh = 0.0
+        self._config = config
+        self._db_path = db
         try:
             try:
                 self._db = TrustDB.open(db, write=True)
             except DatabaseError as e:
                 raise SupervisorError(f"trust database {db}: {e}") from e
             self._closers.append(self._db.close)
-            self._backend = backends.select(backend)
-            self._closers.append(self._backend.detach)
-            self._backend.load(config)
-            protect = getattr(self._backend, "protect_database", None)
-            if protect is not None and not config.scope.system_wide:
-                protect(db)  # lsm: the kernel itself refuses the confined tree any DB change
-            self._mirror = Mirror(self._db, self._backend.trusted_inodes)
-            self._mirror.sync()
-            self._start_prewarm(config)
-            self._backend.attach()
+            self._engine = BackendEngine(config, backend=backend, prepare=self._prepare,
+                                         allow_system_wide=allow_system_wide)
+            self._closers.append(self._engine.stop)
+            self._engine.start()
             try:
                 self._logger = events.Logger.create("file")
             except OSError:
                 self._logger = events.Logger.create("null")
             self._closers.append(self._logger.close)
-            self._sink = events.EventSink(self._backend.name, self._logger.log, consume)
+            self._sink = events.EventSink(self._engine.backend_name, self._logger.log, consume)
             try:
-                self._ring = RingBuffer(self._backend.events_fd, self._on_sample)
+                self._ring = RingBuffer(self._engine.events_fd, self._on_sample)
             except LibbpfError as e:
                 raise BackendError(f"ring buffer: {e}") from e
             self._closers.append(self._ring.close)
@@ -177,26 +176,27 @@ class EngineSession:
             self.close()
             raise
 
-    def _start_prewarm(self, config: EngineConfig) -> None:
-        """First-seen files (a copy or a chmod of trusted content): hash before the kernel
-        decides, through fanotify, when that module is present."""
-        try:
-            from trustdb.fanotify import ExecPrewarmer
-        except ImportError:
-            return
-        pw = ExecPrewarmer(self._mirror.verify_file, self._backend, scope=config.scope)
-        pw.start()
-        self._closers.append(pw.stop)
+    def _prepare(self, backend: Backend) -> Prewarm:
+        """Between load and attach: protect the database (lsm, runs only), fill the map, and
+        hand the mirror's first-seen check to the exec pre-warm."""
+        from trustdb.mirror import Mirror
+
+        protect = getattr(backend, "protect_database", None)
+        if protect is not None and not self._config.scope.system_wide:
+            protect(self._db_path)  # lsm: the kernel itself refuses the confined tree any DB change
+        self._mirror = Mirror(self._db, backend.trusted_inodes)
+        self._mirror.sync()
+        return self._mirror.verify_file
 
     def _on_sample(self, data: bytes) -> None:
         self._sink.on_sample(data)
 
     @property
     def backend_name(self) -> str:
-        return self._backend.name
+        return self._engine.backend_name
 
     def confine(self, pidfd: int) -> None:
-        self._backend.confine(pidfd)
+        self._engine.confine(pidfd)
 
     def fileno(self) -> int:
         return self._ring.epoll_fd
@@ -221,6 +221,13 @@ def default_engine(
     config: EngineConfig, db: Path, backend: str | None, consume: Callable[[Decision], None]
 ) -> Engine:
     return EngineSession(config, db, backend, consume)
+
+
+def daemon_engine(
+    config: EngineConfig, db: Path, backend: str | None, consume: Callable[[Decision], None]
+) -> Engine:
+    """The only engine allowed to enforce on the whole machine (the service)."""
+    return EngineSession(config, db, backend, consume, allow_system_wide=True)
 
 
 # --- run ----------------------------------------------------------------------------------------
@@ -389,7 +396,7 @@ def _log_dirs() -> list[str]:
 
 
 def daemon(*, db: Path, mode: Mode, backend: str | None,
-           engine_factory: EngineFactory = default_engine, stderr: TextIO | None = None) -> int:
+           engine_factory: EngineFactory = daemon_engine, stderr: TextIO | None = None) -> int:
     """System-wide enforcement until SIGTERM/SIGINT (the service: only a user starts it)."""
     if os.geteuid() != 0:
         raise SupervisorError("trustdb daemon needs root (it loads BPF programs)")
