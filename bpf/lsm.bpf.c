@@ -52,20 +52,7 @@ static __always_inline void lsm_emit(struct task_struct *task, __u8 hook, __u8 v
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e)
 		return;
-	__builtin_memset(e, 0, sizeof(*e));
-	e->time_ns = bpf_ktime_get_boot_ns();
-	e->pid = BPF_CORE_READ(task, pid);
-	e->tgid = BPF_CORE_READ(task, tgid);
-	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
-	e->uid = BPF_CORE_READ(task, cred, uid.val);
-	if (key)
-		e->file = *key;
-	e->hook = hook;
-	e->verdict = verdict;
-	e->mode = td_cfg.mode;
-	e->backend = td_cfg.backend;
-	e->reason = reason;
-	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	td_event_init(e, task, hook, verdict, reason, key);
 	if (bpf_d_path((struct path *)&file->f_path, e->path, sizeof(e->path)) < 0)
 		bpf_probe_read_kernel_str(e->path, sizeof(e->path),
 					  BPF_CORE_READ(file, f_path.dentry, d_name.name));
