@@ -30,9 +30,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from debian import deb822
+from trustdb_importers.interface import DigestCache, ImporterError, SourceInfo
+from trustdb_importers.ondisk import FileClaim, OnDiskImporter, PackageClaims, ProgressFn
 
-from importers.interface import DigestCache, ImporterError, SourceInfo
-from importers.ondisk import FileClaim, OnDiskImporter, PackageClaims, ProgressFn
 from trustdb.model import SkippedEntry, TrustEntry
 
 DEFAULT_ADMINDIR = "var/lib/dpkg"

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from importers.interface import DigestCache, Importer
+from trustdb_importers.interface import DigestCache, Importer
+
 from trustdb.hashing import HashingError, classify, hash_file
 from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, TrustEntry
 

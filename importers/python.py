@@ -23,8 +23,9 @@ import os
 from collections.abc import Iterator
 from email.parser import BytesHeaderParser
 
-from importers.interface import DigestCache, ImporterError, SourceInfo
-from importers.ondisk import FileClaim, OnDiskImporter, PackageClaims, ProgressFn
+from trustdb_importers.interface import DigestCache, ImporterError, SourceInfo
+from trustdb_importers.ondisk import FileClaim, OnDiskImporter, PackageClaims, ProgressFn
+
 from trustdb.model import SkippedEntry, TrustEntry
 
 SITE_GLOBS = (

@@ -38,9 +38,8 @@ from dataclasses import dataclass
 from typing import IO
 
 import zstandard
-
-from importers.interface import DigestCache, Importer, ImporterError, SourceInfo
-from importers.ondisk import (
+from trustdb_importers.interface import DigestCache, Importer, ImporterError, SourceInfo
+from trustdb_importers.ondisk import (
     MISMATCH,
     SIZE_MISMATCH,
     FileClaim,
@@ -49,6 +48,7 @@ from importers.ondisk import (
     PackageClaims,
     ProgressFn,
 )
+
 from trustdb.hashing import classify, hash_bytes
 from trustdb.model import FileKind, SkippedEntry, TrustEntry
 

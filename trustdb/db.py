@@ -811,7 +811,7 @@ class TrustDB:
         )
 
     def digest_cache(self) -> DigestCacheView:
-        """A read-only `importers.interface.DigestCache` over cached verifications."""
+        """A read-only `trustdb_importers.interface.DigestCache` over cached verifications."""
         return DigestCacheView(self)
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from trustdb_importers.interface import Importer, NoCache
 
-from importers.interface import Importer, NoCache
 from trustdb.model import SkippedEntry, TrustEntry
 
 ELF_SOURCE = Path("/usr/bin/true")

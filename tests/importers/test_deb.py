@@ -11,10 +11,17 @@ from pathlib import Path
 
 import blake3
 import pytest
+from trustdb_importers import ondisk
+from trustdb_importers.deb import DebImporter, DebImporterError
+from trustdb_importers.ondisk import (
+    CONFIG_CHANGED,
+    MISMATCH,
+    MISSING,
+    NOT_REGULAR,
+    UNVERIFIABLE,
+    Root,
+)
 
-from importers import ondisk
-from importers.deb import DebImporter, DebImporterError
-from importers.ondisk import CONFIG_CHANGED, MISMATCH, MISSING, NOT_REGULAR, UNVERIFIABLE, Root
 from tests.importers.conftest import collect_all, dpkg, trustdb
 from trustdb.db import TrustDB
 from trustdb.model import FileKind, InodeKey, SkippedEntry, TrustEntry

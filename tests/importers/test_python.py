@@ -9,9 +9,9 @@ from pathlib import Path
 
 import blake3
 import pytest
+from trustdb_importers.ondisk import MISMATCH
+from trustdb_importers.python import PythonImporter, PythonImporterError
 
-from importers.ondisk import MISMATCH
-from importers.python import PythonImporter, PythonImporterError
 from tests.importers.conftest import collect_all, trustdb
 from trustdb.db import TrustDB
 from trustdb.model import FileKind, SkippedEntry, TrustEntry

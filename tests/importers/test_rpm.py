@@ -11,15 +11,15 @@ from pathlib import Path
 
 import blake3
 import pytest
-
-from importers.ondisk import CONFIG_CHANGED, MISMATCH, SIZE_MISMATCH
-from importers.rpm import (
+from trustdb_importers.ondisk import CONFIG_CHANGED, MISMATCH, SIZE_MISMATCH
+from trustdb_importers.rpm import (
     RpmDbImporter,
     RpmFileImporter,
     RpmImporterError,
     package_header,
     parse_header_blob,
 )
+
 from tests.importers.conftest import ELF_SOURCE, SCRIPT, RpmFiles, collect_all, run_tool, trustdb
 from trustdb.db import TrustDB
 from trustdb.model import FileKind

@@ -1,6 +1,6 @@
 """Engine verbs: `run` (confine one command), `daemon` (system-wide service), `backends`.
 
-Each verb parses its options and calls one function of trustdb.supervisor; the stage errors
+Each verb parses its options and calls one function (trustdb.supervisor, daemon, state); the stage errors
 become one line and exit code 1 (common.fatal). `run` exits with CMD's status.
 """
 
@@ -86,15 +86,16 @@ def daemon(
     Only ever started by a person or by the service unit: nothing else in trustdb enforces
     outside a cgroup it created.
     """
-    from trustdb import supervisor
+    from trustdb import daemon as service
+    from trustdb.session import SupervisorError
 
     if mode not in ("enforce", "audit"):
         fatal(f"--mode must be enforce or audit, not {mode!r}")
     try:
-        status = supervisor.daemon(
+        status = service.daemon(
             db=db, mode=Mode.ENFORCE if mode == "enforce" else Mode.AUDIT, backend=backend
         )
-    except supervisor.SupervisorError as e:
+    except SupervisorError as e:
         fatal(str(e))
     raise typer.Exit(code=status)
 
@@ -104,16 +105,16 @@ def backends(as_json: JsonOption = False) -> None:
     """List the enforcement backends, strongest first, with what this kernel says of each."""
     import json
 
-    from trustdb import supervisor
+    from trustdb import state
 
-    rows = supervisor.probe_backends()
+    rows = state.probe_backends()
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
         return
     for r in rows:
         mark = "*" if r.selected else " "
-        state = "ok" if r.ok else "unavailable"
-        typer.echo(f"{mark} {r.name:<11} {state:<12} {r.reason}")
+        word = "ok" if r.ok else "unavailable"
+        typer.echo(f"{mark} {r.name:<11} {word:<12} {r.reason}")
     if not any(r.selected for r in rows):
         fatal("no backend works on this kernel")
 
@@ -121,12 +122,12 @@ def backends(as_json: JsonOption = False) -> None:
 def engine_status() -> dict[str, str]:
     """`trustdb status` lines: each engine running now (daemon, runs) with its backend, or the
     backend this kernel would get when none runs."""
-    from trustdb import supervisor
+    from trustdb import state
 
-    running = supervisor.running_engines()
+    running = state.running_engines()
     if running:
-        return {f"engine {s.kind} (pid {s.pid})": supervisor.describe(s) for s in running}
-    chosen = next((r for r in supervisor.probe_backends() if r.selected), None)
+        return {f"engine {s.kind} (pid {s.pid})": state.describe(s) for s in running}
+    chosen = next((r for r in state.probe_backends() if r.selected), None)
     return {"engine": "not running",
             "backend": f"{chosen.name} (selected)" if chosen else "none works on this kernel"}
 

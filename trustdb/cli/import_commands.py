@@ -21,8 +21,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from importers import (
+from trustdb_importers import (
     DebImporter,
     Importer,
     ImporterError,
@@ -31,7 +30,8 @@ from importers import (
     RpmDbImporter,
     RpmFileImporter,
 )
-from importers.ondisk import OnDiskImporter
+from trustdb_importers.ondisk import OnDiskImporter
+
 from trustdb.cli import app
 from trustdb.cli.common import DEFAULT_DB_PATH, DbOption, JsonOption, fatal
 from trustdb.db import DatabaseError, TrustDB, WriteStats

@@ -1,0 +1,208 @@
+"""One engine session: the backend loaded and attached, the mirror filling its map, the ring
+buffer of decisions, and the stderr line a person reads for each denial. `trustdb run`
+(trustdb.supervisor) and `trustdb daemon` (trustdb.daemon) each hold one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TextIO
+
+from trustdb.abi import Hook, Verdict
+from trustdb.backends.interface import Backend, BackendError, EngineConfig
+from trustdb.db import DEFAULT_DB
+from trustdb.events import Decision
+
+if TYPE_CHECKING:
+    from trustdb.engine import Prewarm
+
+REFRESH_INTERVAL_S = 1.0
+"""How often the mirror checks the DB generation (a `trustdb trust` from outside shows up)."""
+
+
+class SupervisorError(Exception):
+    """`trustdb run` / `trustdb daemon` could not start (one line)."""
+
+
+class Engine(Protocol):
+    """What the supervisor needs from the engine stage (trustdb.engine)."""
+
+    @property
+    def backend_name(self) -> str: ...
+
+    def confine(self, pidfd: int) -> None: ...
+
+    def fileno(self) -> int:
+        """Readable when decisions are waiting."""
+        ...
+
+    def pump(self) -> None:
+        """Deliver waiting decisions to the consumers; follow database changes."""
+        ...
+
+    def close(self) -> None: ...
+
+
+EngineFactory = Callable[[EngineConfig, Path, str | None, Callable[[Decision], None]], Engine]
+"""(config, db path, backend name or None for the strongest, consumer of decisions) -> Engine,
+loaded and attached."""
+
+
+# --- what a person reads on stderr ------------------------------------------------------------
+
+_HOOK_WORDS = {
+    Hook.EXEC: "exec",
+    Hook.MMAP: "executable mapping",
+    Hook.MPROTECT: "mprotect(PROT_EXEC)",
+}
+
+
+@dataclass
+class DenialReporter:
+    """Turns denials into one stderr line each, with the command that would trust the file."""
+
+    db: Path
+    command: str = ""
+    """The resolved CMD: a denial of it means CMD itself is not trusted."""
+    command_pid: int = 0
+    """The host pid of the confined init: its first exec is CMD."""
+    out: TextIO = field(default_factory=lambda: sys.stderr)
+    seen: set[tuple[int, int, int]] = field(default_factory=set)
+    count: int = 0
+
+    def __call__(self, d: Decision) -> None:
+        if not d.denied:
+            return
+        key = (d.tgid, d.dev, d.ino) if d.hook != Hook.TAMPER else (d.tgid, -1, hash(d.reason))
+        if key in self.seen:  # one line per (process, file): a library mapped twice is one
+            return
+        self.seen.add(key)
+        self.count += 1
+        print(self.line(d), file=self.out, flush=True)
+
+    def line(self, d: Decision) -> str:
+        who = f"pid {d.tgid}, comm {d.comm}"
+        if d.hook == Hook.TAMPER:
+            what = d.reason.removeprefix("tamper_").replace("_", " ")
+            return f"trustdb: killed {who}: tried to lift its confinement ({what})"
+        verb = "denied" if d.verdict == Verdict.DENY else "would deny (audit)"
+        hook = _HOOK_WORDS.get(d.hook, d.hook.name.lower())
+        path = d.path or f"inode {d.dev >> 20}:{d.dev & 0xFFFFF}/{d.ino}"
+        is_command = self.command and d.hook == Hook.EXEC and (
+            path == self.command or (d.tgid == self.command_pid and
+                                     os.path.basename(self.command) == os.path.basename(path)))
+        if is_command:
+            path = self.command
+        text = f"trustdb: {verb} {hook} of {path} ({who}): not in the trust database."
+        if is_command:
+            text += " It is the command you asked to run: it must be trusted itself."
+        db = "" if self.db == DEFAULT_DB else f" --db {self.db}"
+        if path.startswith("/"):
+            text += f" To trust it: trustdb trust{db} {path}"
+        elif d.ino:
+            text += (f" To trust it: trustdb trust{db} PATH, where PATH is the file with inode "
+                     f"{d.ino} on device {d.dev >> 20}:{d.dev & 0xFFFFF}")
+        return text
+
+
+# --- the engine, assembled from the stages -----------------------------------------------------
+
+
+class EngineSession:
+    """Engine + mirror + decision log. `engine.Engine` keeps the order that never denies by
+    accident (load, fill the map from the database, then attach); this adds the database, the
+    mirror's refreshes and the ring buffer. Closing releases every fd: nothing is pinned."""
+
+    def __init__(self, config: EngineConfig, db: Path, backend: str | None,
+                 consume: Callable[[Decision], None], *, allow_system_wide: bool = False) -> None:
+        from trustdb import events
+        from trustdb.db import DatabaseError, TrustDB
+        from trustdb.engine import Engine as BackendEngine
+        from trustdb.libbpf import LibbpfError, RingBuffer
+
+        self._closers: list[Callable[[], None]] = []
+        self._next_refresh = 0.0
+        self._config = config
+        self._db_path = db
+        try:
+            try:
+                self._db = TrustDB.open(db, write=True)
+            except DatabaseError as e:
+                raise SupervisorError(f"trust database {db}: {e}") from e
+            self._closers.append(self._db.close)
+            self._engine = BackendEngine(config, backend=backend, prepare=self._prepare,
+                                         allow_system_wide=allow_system_wide)
+            self._closers.append(self._engine.stop)
+            self._engine.start()
+            try:
+                self._logger = events.Logger.create("file")
+            except OSError:
+                self._logger = events.Logger.create("null")
+            self._closers.append(self._logger.close)
+            self._sink = events.EventSink(self._engine.backend_name, self._logger.log, consume)
+            try:
+                self._ring = RingBuffer(self._engine.events_fd, self._on_sample)
+            except LibbpfError as e:
+                raise BackendError(f"ring buffer: {e}") from e
+            self._closers.append(self._ring.close)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, backend: Backend) -> Prewarm:
+        """Between load and attach: protect the database (lsm, runs only), fill the map, and
+        hand the mirror's first-seen check to the exec pre-warm."""
+        from trustdb.mirror import Mirror
+
+        protect = getattr(backend, "protect_database", None)
+        if protect is not None and not self._config.scope.system_wide:
+            protect(self._db_path)  # lsm: the kernel itself refuses the confined tree any DB change
+        self._mirror = Mirror(self._db, backend.trusted_inodes)
+        self._mirror.sync()
+        return self._mirror.verify_file
+
+    def _on_sample(self, data: bytes) -> None:
+        self._sink.on_sample(data)
+
+    @property
+    def backend_name(self) -> str:
+        return self._engine.backend_name
+
+    def confine(self, pidfd: int) -> None:
+        self._engine.confine(pidfd)
+
+    def fileno(self) -> int:
+        return self._ring.epoll_fd
+
+    def pump(self) -> None:
+        self._ring.consume()
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self._next_refresh = now + REFRESH_INTERVAL_S
+            self._mirror.refresh()
+
+    def close(self) -> None:
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception as e:  # noqa: BLE001 - the next closer must still run
+                print(f"trustdb: cleanup: {e}", file=sys.stderr)
+
+
+def default_engine(
+    config: EngineConfig, db: Path, backend: str | None, consume: Callable[[Decision], None]
+) -> Engine:
+    return EngineSession(config, db, backend, consume)
+
+
+def daemon_engine(
+    config: EngineConfig, db: Path, backend: str | None, consume: Callable[[Decision], None]
+) -> Engine:
+    """The only engine allowed to enforce on the whole machine (the service)."""
+    return EngineSession(config, db, backend, consume, allow_system_wide=True)

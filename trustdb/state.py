@@ -1,0 +1,101 @@
+"""What is running, for `trustdb status` and `trustdb backends`: one JSON file per running
+engine, and the backend table probed on this kernel."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE_DIR = Path(os.environ.get("TRUSTDB_RUN_DIR", "/run/trustdb"))
+"""One JSON file per running engine (`<pid>.json`), removed when it stops; a file whose pid is
+gone is stale (the process was killed) and is ignored and removed."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineState:
+    pid: int
+    kind: str
+    """`run` or `daemon`."""
+    backend: str
+    mode: str
+    scope: str
+    """The cgroup path, or `system-wide`."""
+    command: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {"pid": self.pid, "kind": self.kind, "backend": self.backend,
+                "mode": self.mode, "scope": self.scope, "command": self.command}
+
+
+def _state_path(pid: int) -> Path:
+    return STATE_DIR / f"{pid}.json"
+
+
+def publish_state(state: EngineState) -> None:
+    import json
+
+    try:
+        STATE_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = STATE_DIR / f".{state.pid}.tmp"
+        tmp.write_text(json.dumps(state.to_dict()))
+        tmp.replace(_state_path(state.pid))
+    except OSError:
+        pass  # status is a convenience; never fail a run for it
+
+
+def withdraw_state(pid: int) -> None:
+    try:
+        _state_path(pid).unlink()
+    except OSError:
+        pass
+
+
+def running_engines() -> list[EngineState]:
+    import json
+
+    found = []
+    for p in sorted(STATE_DIR.glob("*.json")):
+        try:
+            d = json.loads(p.read_text())
+            state = EngineState(**d)
+        except (OSError, ValueError, TypeError):
+            continue
+        if Path(f"/proc/{state.pid}").exists():
+            found.append(state)
+        else:
+            withdraw_state(state.pid)
+    return found
+
+
+def describe(s: EngineState) -> str:
+    scope = s.scope if s.kind == "daemon" else f"cgroup {s.scope}: {s.command}"
+    return f"{s.mode} with the {s.backend} backend, {scope}"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRow:
+    name: str
+    ok: bool
+    reason: str
+    selected: bool
+    guarantees: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "ok": self.ok, "reason": self.reason,
+                "selected": self.selected, "guarantees": self.guarantees}
+
+
+def probe_backends() -> list[BackendRow]:
+    """Every compiled-in backend, strongest first, probed on this kernel; the first that works
+    is the one `run` and `daemon` pick by default."""
+    from trustdb import backends
+
+    rows = []
+    chosen = False
+    for cls in sorted(backends.COMPILED, key=lambda b: -b.strength):
+        probe = cls().probe()
+        rows.append(BackendRow(cls.name, probe.ok, probe.reason, probe.ok and not chosen,
+                               getattr(cls, "guarantees", "")))
+        chosen = chosen or probe.ok
+    return rows
