@@ -1,55 +1,8 @@
 """The trust database: stores and looks up, decides nothing (Santa's SNTRuleTable).
 
-SCHEMA (version 1). This docstring is the one place the on-disk format is described.
-
-One LMDB environment in a directory (default /var/lib/trustdb; `--db` / `TRUSTDB_DB`), holding
-`data.mdb` and `lock.mdb`, plus `writer.lock` (see "Writers" below). All tables live in LMDB's
-main database, each under a one-byte key prefix: named sub-databases would need a write
-transaction just to open their handles, which would make every writable open wait behind a
-running writer. Integers in keys are big-endian so that keys sort numerically; integers in
-values are little-endian. Paths are raw bytes (`os.fsencode`: names that are not UTF-8 survive).
-
-    M meta      "M" + b"schema"      -> u32   schema version; a newer one is refused (SchemaError)
-                "M" + b"generation"  -> u64   +1 on every commit that changes what is trusted
-                "M" + b"next_sid"    -> u32   next source id to hand out
-    S sources   "S" + label (utf-8)  -> <u32 sid, u64 entries, f64 updated> + kind (utf-8)
-    I source_id "I" + sid (u32)      -> label (utf-8)
-    E entries   "E" + EK             -> digest[32] + <f64 trusted_at, u16 len(path)> + path + origin
-                EK ("entry key") = PK + 0x00 + sid (u32). One (path, source) fact: "source SID
-                vouches for content DIGEST at PATH". PK ("path key") is the path itself when it
-                is at most 400 bytes, else its first 360 bytes + 0xFF + BLAKE3(path)[:16] (LMDB
-                keys are limited to 511 bytes). So entries sort by path, and the value always
-                holds the full path.
-    D by digest "D" + digest[32] + EK -> ""   who vouches for this content
-    O by source "O" + sid (u32) + EK  -> ""   what a source vouches for
-    C content   "C" + digest[32]     -> <u64 size, u8 kind, u8 flags, 6 pad, f64 first, f64 last>
-                                        [+ sha256[32] if flags & 1]
-                Present exactly while at least one entry names the digest: removing the last
-                entry of a digest removes its content record in the same transaction.
-    V verified  "V" + <dev u64, ino u64>
-                                     -> <i64 ctime_sec, u32 ctime_nsec, u64 size> + blake3[32]
-                                        + <u8 kind, u8 flags, f64 hashed_at>
-                                        [+ sha256[32] if flags & 1] [+ md5[16] if flags & 2]
-                A cache of the last read of each on-disk inode: a lookup hits only when ctime
-                and size still match (`InodeKey` + size), so an unchanged file is not read
-                again, and a newer version simply overwrites the record. Not trust: a cached
-                file is trusted only through `C`.
-
-Transactions. Every write method is exactly one LMDB write transaction: all or nothing, also
-under `kill -9` (LMDB never overwrites the last committed state). Readers never block and
-never wait for writers (MVCC). The map grows fourfold when a transaction fills it; the
-whole transaction is then retried from the (recorded) input.
-
-Writers. LMDB serialises writers by blocking the second one until the first commits, which
-for a long import means an unexplained hang. A writer therefore first takes a non-blocking
-`flock` on `writer.lock` (which records its pid and command) and fails with BusyError naming
-the holder, after waiting at most `busy_timeout` seconds (default 0: fail at once). The lock
-is held for one write method call. `record_verification` is only a cache write: when the lock
-is busy it skips the write instead of failing.
-
-Generation. Bumped only by commits that change trust (entries, content, sources): a write
-that changes nothing is aborted and leaves the generation as it was, and verification-cache
-writes never bump it (the mirror caches as it goes and must not wake itself up).
+The on-disk format (SCHEMA), with the rules for transactions, writers and the generation, is
+described in `trustdb.dbschema`; the bookkeeping of one write transaction is `trustdb.dbwrite`.
+This module is the public face: `TrustDB`, its records and its errors.
 """
 
 from __future__ import annotations
@@ -57,7 +10,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import struct
 import sys
 import time
 from collections import Counter
@@ -67,36 +19,60 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self, TypeVar
 
-import blake3
 import lmdb
 
+from trustdb.dbschema import (
+    _BY_DIGEST,
+    _BY_SOURCE,
+    _CONTENT,
+    _CONTENT_T,
+    _ENTRIES,
+    _FLAG_SHA256,
+    _META,
+    _SOURCE,
+    _SOURCE_IDS,
+    _SOURCES,
+    _U32,
+    _U64LE,
+    _VERIFIED_T,
+    SCHEMA_VERSION,
+    _decode_entry,
+    _decode_verified,
+    _entry_key,
+    _has_prefix,
+    _matching_keys,
+    _read_generation,
+    _scan,
+    _verified_key,
+    _verified_version,
+    path_key,
+)
+from trustdb.dbwrite import _Replayable, _Txn
 from trustdb.hashing import FRESH_CTIME_SECONDS
 from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, TrustEntry
 
+__all__ = [
+    "DEFAULT_DB",
+    "FRESH_CTIME_SECONDS",
+    "SCHEMA_VERSION",
+    "BusyError",
+    "ContentRecord",
+    "DatabaseError",
+    "DatabaseStatus",
+    "DiskFullError",
+    "PathRecord",
+    "SchemaError",
+    "SourceRecord",
+    "TrustDB",
+    "WriteStats",
+    "path_key",
+]
+
 DEFAULT_DB = Path("/var/lib/trustdb")
-SCHEMA_VERSION = 1
 
 INITIAL_MAP_SIZE = 1 << 30
 """Starting map size: room for about a million entries. On Linux the file only takes the pages
 it uses (the map is address space), and a full map means redoing the whole transaction."""
-
-_MAX_DIRECT_PATH_KEY = 400
-_LONG_PATH_PREFIX = 360
-
-_U32 = struct.Struct(">I")
-_U64LE = struct.Struct("<Q")
-_SOURCE = struct.Struct("<IQd")
-_ENTRY = struct.Struct("<dH")
-_CONTENT = struct.Struct("<QBB6xdd")
-_VERIFIED_KEY = struct.Struct(">QQ")
-_VERIFIED_VERSION = struct.Struct("<qIQ")
-_VERIFIED = struct.Struct("<BBd")
-_FLAG_SHA256 = 1
-_FLAG_MD5 = 2
-
-# Table prefixes (see SCHEMA).
-_META, _SOURCES, _SOURCE_IDS, _ENTRIES = b"M", b"S", b"I", b"E"
-_BY_DIGEST, _BY_SOURCE, _CONTENT_T, _VERIFIED_T = b"D", b"O", b"C", b"V"
 
 R = TypeVar("R")
 
@@ -178,57 +154,6 @@ class DatabaseStatus:
     map_size: int
 
 
-def path_key(path: str) -> bytes:
-    """The sortable LMDB key part for a path (see SCHEMA: PK)."""
-    raw = os.fsencode(path)
-    if len(raw) <= _MAX_DIRECT_PATH_KEY:
-        return raw
-    return raw[:_LONG_PATH_PREFIX] + b"\xff" + blake3.blake3(raw).digest()[:16]
-
-
-def _entry_key(path: str, sid: int) -> bytes:
-    """EK (see SCHEMA), without the table prefix."""
-    return path_key(path) + b"\0" + _U32.pack(sid)
-
-
-def _decode_entry(value: bytes) -> tuple[bytes, float, str, str]:
-    """-> digest, trusted_at, path, origin."""
-    trusted_at, plen = _ENTRY.unpack_from(value, 32)
-    start = 32 + _ENTRY.size
-    path = os.fsdecode(value[start : start + plen])
-    origin = value[start + plen :].decode("utf-8", "replace")
-    return value[:32], trusted_at, path, origin
-
-
-def _encode_entry(digest: bytes, trusted_at: float, path: str, origin: str) -> bytes:
-    raw = os.fsencode(path)
-    return digest + _ENTRY.pack(trusted_at, len(raw)) + raw + origin.encode()
-
-
-def _verified_key(key: InodeKey) -> bytes:
-    return _VERIFIED_T + _VERIFIED_KEY.pack(key.dev, key.ino)
-
-
-def _verified_version(key: InodeKey, size: int) -> bytes:
-    return _VERIFIED_VERSION.pack(key.ctime_sec, key.ctime_nsec, size)
-
-
-def _scan(txn: lmdb.Transaction[bytes], prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """Every (key, value) whose key starts with `prefix`, in key order."""
-    cur = txn.cursor()
-    if not cur.set_range(prefix):
-        return
-    for k, v in cur:
-        if not k.startswith(prefix):
-            return
-        yield k, v
-
-
-def _has_prefix(txn: lmdb.Transaction[bytes], prefix: bytes) -> bool:
-    cur = txn.cursor()
-    return cur.set_range(prefix) and cur.key().startswith(prefix)
-
-
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -248,187 +173,6 @@ def _translate(e: lmdb.Error, where: Path) -> DatabaseError:
     if "No space left" in text or ("Input/output error" in text and _disk_full(where)):
         return DiskFullError(f"disk full writing {where}; nothing was changed")
     return DatabaseError(f"database {where}: {text}")
-
-
-class _Replayable:
-    """Iterate a stream once while recording it, so a retried transaction sees the same items."""
-
-    def __init__(self, items: Iterable[TrustEntry | SkippedEntry]) -> None:
-        self._source: Iterator[TrustEntry | SkippedEntry] | None = iter(items)
-        self._seen: list[tuple[TrustEntry | SkippedEntry, float]] = []
-
-    def __iter__(self) -> Iterator[tuple[TrustEntry | SkippedEntry, float]]:
-        """Yield (item, time it was received): the receive time bounds the hash time."""
-        yield from self._seen
-        if self._source is None:
-            return
-        for item in self._source:
-            pair = (item, time.time())
-            self._seen.append(pair)
-            yield pair
-        self._source = None
-
-
-class _Txn:
-    """The write operations of one transaction (all the bookkeeping of SCHEMA lives here)."""
-
-    def __init__(self, txn: lmdb.Transaction[bytes]) -> None:
-        self.txn = txn
-        self.now = time.time()
-        self.changed = False
-
-    # --- sources ---
-    def source_id(self, label: str, kind: str, *, create: bool) -> int | None:
-        raw = self.txn.get(_SOURCES + label.encode())
-        if raw is not None:
-            return int(_SOURCE.unpack_from(raw)[0])
-        if not create:
-            return None
-        next_raw = self.txn.get(_META + b"next_sid")
-        sid = _U32.unpack(next_raw)[0] if next_raw else 1
-        self.txn.put(_META + b"next_sid", _U32.pack(sid + 1))
-        self.txn.put(_SOURCE_IDS + _U32.pack(sid), label.encode())
-        self.txn.put(_SOURCES + label.encode(), _SOURCE.pack(sid, 0, self.now) + kind.encode())
-        self.changed = True
-        return sid
-
-    def adjust_source(
-        self, label: str, kind: str | None, delta: int, *, drop_if_empty: bool = False
-    ) -> None:
-        key = _SOURCES + label.encode()
-        raw = self.txn.get(key)
-        if raw is None:
-            return
-        sid, count, _updated = _SOURCE.unpack_from(raw)
-        count += delta
-        if count <= 0 and drop_if_empty:
-            self.drop_source(label, sid)
-            return
-        kind = kind or raw[_SOURCE.size :].decode()
-        self.txn.put(key, _SOURCE.pack(sid, max(count, 0), self.now) + kind.encode())
-
-    def drop_source(self, label: str, sid: int) -> None:
-        self.txn.delete(_SOURCES + label.encode())
-        self.txn.delete(_SOURCE_IDS + _U32.pack(sid))
-        self.changed = True
-
-    # --- entries and content ---
-    def put_entry(self, sid: int, ek: bytes, entry: TrustEntry) -> tuple[bool, bool]:
-        """Record one fact. -> (written, new): written if the fact changed, new if it is new."""
-        old = self.txn.get(_ENTRIES + ek)
-        if old is not None:
-            old_digest = old[:32]
-            if old_digest == entry.digest and _decode_entry(old)[3] == entry.origin:
-                return False, False
-            if old_digest != entry.digest:
-                self.unlink_digest(old_digest, ek)
-        else:
-            self.txn.put(_BY_SOURCE + _U32.pack(sid) + ek, b"")
-        value = _encode_entry(entry.digest, self.now, entry.path, entry.origin)
-        self.txn.put(_ENTRIES + ek, value)
-        if old is None or old[:32] != entry.digest:
-            self.txn.put(_BY_DIGEST + entry.digest + ek, b"")
-            self.touch_content(entry)
-        self.changed = True
-        return True, old is None
-
-    def touch_content(self, entry: TrustEntry) -> None:
-        key = _CONTENT_T + entry.digest
-        raw = self.txn.get(key)
-        first = self.now
-        sha256 = entry.sha256
-        if raw is not None:
-            first = _CONTENT.unpack_from(raw)[3]
-            if sha256 is None and len(raw) > _CONTENT.size:
-                sha256 = raw[_CONTENT.size :]
-        flags = _FLAG_SHA256 if sha256 else 0
-        value = _CONTENT.pack(entry.size, int(entry.kind), flags, first, self.now)
-        self.txn.put(key, value + (sha256 or b""))
-
-    def unlink_digest(self, digest: bytes, ek: bytes) -> None:
-        """Forget that entry `ek` names `digest`; drop the content if nobody else does."""
-        self.txn.delete(_BY_DIGEST + digest + ek)
-        if not _has_prefix(self.txn, _BY_DIGEST + digest):
-            self.txn.delete(_CONTENT_T + digest)
-
-    def delete_entry(self, ek: bytes) -> bool:
-        raw = self.txn.pop(_ENTRIES + ek)
-        if raw is None:
-            return False
-        self.unlink_digest(raw[:32], ek)
-        self.txn.delete(_BY_SOURCE + ek[-4:] + ek)
-        self.changed = True
-        return True
-
-    def source_entry_keys(self, sid: int) -> list[bytes]:
-        prefix = _BY_SOURCE + _U32.pack(sid)
-        return [k[len(prefix) :] for k, _v in _scan(self.txn, prefix)]
-
-    # --- verification cache ---
-    def cache_entry(self, entry: TrustEntry, hashed_at: float) -> None:
-        """Cache an entry's verification, unless the cache already knows all of it (the common
-        case of a re-import, checked on the raw bytes: this runs once per entry)."""
-        assert entry.inode is not None
-        vk = _verified_key(entry.inode)
-        version = _verified_version(entry.inode, entry.size)
-        old = self.txn.get(vk)
-        if old is not None and old.startswith(version + entry.digest):
-            have = old[len(version) + 33]  # the flags byte, after blake3 and kind
-            need = (_FLAG_SHA256 if entry.sha256 else 0) | (_FLAG_MD5 if entry.md5 else 0)
-            if not need & ~have:
-                return
-        self._cache(entry.inode, _entry_digests(entry), hashed_at, vk, old)
-
-    def cache(self, key: InodeKey, digests: FileDigests, hashed_at: float) -> None:
-        vk = _verified_key(key)
-        self._cache(key, digests, hashed_at, vk, self.txn.get(vk))
-
-    def _cache(
-        self, key: InodeKey, digests: FileDigests, hashed_at: float, vk: bytes, old: bytes | None
-    ) -> None:
-        """Store a verification under `vk`, whose current value is `old`."""
-        ctime = key.ctime_sec + key.ctime_nsec / 1e9
-        if hashed_at - ctime < FRESH_CTIME_SECONDS:
-            return  # see FRESH_CTIME_SECONDS
-        version = _verified_version(key, digests.size)
-        if old is not None and old.startswith(version):
-            known = _decode_verified(old, digests.size)
-            digests = _merge_digests(known, digests)
-            if digests == known:
-                return  # nothing new: an unchanged re-import writes no cache page
-        flags = (_FLAG_SHA256 if digests.sha256 else 0) | (_FLAG_MD5 if digests.md5 else 0)
-        value = (
-            version
-            + digests.blake3
-            + _VERIFIED.pack(int(digests.kind), flags, hashed_at)
-            + (digests.sha256 or b"")
-            + (digests.md5 or b"")
-        )
-        if value != old:
-            self.txn.put(vk, value)
-
-
-def _decode_verified(value: bytes, size: int) -> FileDigests:
-    """The digests of a V value (whose version prefix the caller has matched)."""
-    at = _VERIFIED_VERSION.size
-    kind, flags, _hashed_at = _VERIFIED.unpack_from(value, at + 32)
-    rest = value[at + 32 + _VERIFIED.size :]
-    sha256 = rest[:32] if flags & _FLAG_SHA256 else None
-    md5 = rest[32 if sha256 else 0 :][:16] if flags & _FLAG_MD5 else None
-    blake = value[at : at + 32]
-    return FileDigests(blake3=blake, size=size, kind=FileKind(kind), sha256=sha256, md5=md5)
-
-
-def _merge_digests(old: FileDigests, new: FileDigests) -> FileDigests:
-    if old.blake3 != new.blake3:
-        return new
-    return FileDigests(
-        blake3=new.blake3,
-        size=new.size,
-        kind=new.kind,
-        sha256=new.sha256 or old.sha256,
-        md5=new.md5 or old.md5,
-    )
 
 
 class TrustDB:
@@ -833,30 +577,6 @@ class DigestCacheView:
         if (want_sha256 and digests.sha256 is None) or (want_md5 and digests.md5 is None):
             return None
         return digests
-
-
-def _matching_keys(txn: lmdb.Transaction[bytes], path: str, *, recursive: bool) -> list[bytes]:
-    """EKs recorded at `path` (and, with recursive, below it)."""
-    exact = _ENTRIES + path_key(path) + b"\0"
-    keys = [k[1:] for k, _v in _scan(txn, exact) if len(k) == len(exact) + 4]
-    if recursive:
-        below = os.fsencode(path.rstrip("/") + "/")
-        for k, v in _scan(txn, _ENTRIES + below[:_LONG_PATH_PREFIX]):
-            if os.fsencode(_decode_entry(v)[2]).startswith(below):
-                keys.append(k[1:])
-    return keys
-
-
-def _entry_digests(entry: TrustEntry) -> FileDigests:
-    # md5: the deb importer asks the cache for it (dpkg records only MD5); see TrustEntry.md5.
-    return FileDigests(
-        blake3=entry.digest, size=entry.size, kind=entry.kind, sha256=entry.sha256, md5=entry.md5
-    )
-
-
-def _read_generation(txn: lmdb.Transaction[bytes]) -> int:
-    raw = txn.get(_META + b"generation")
-    return int(_U64LE.unpack(raw)[0]) if raw else 0
 
 
 def _map_size_for(path: Path) -> int:

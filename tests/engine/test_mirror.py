@@ -350,7 +350,7 @@ def test_coarse_ctime_defers_until_the_tick_passed(
     # A coarse clock 50 ms behind (a long tick): the file is surely inside the current tick
     # however slowly this shared machine runs the next lines.
     lag = 50_000_000
-    monkeypatch.setattr("trustdb.mirror.coarse_now_ns", lambda: coarse_now_ns() - lag)
+    monkeypatch.setattr("trustdb.fskeys.coarse_now_ns", lambda: coarse_now_ns() - lag)
     os.utime(f)  # ctime = now
     sink = ListSink()
     started = time.monotonic()

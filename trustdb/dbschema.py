@@ -1,0 +1,182 @@
+"""The trust database's on-disk format: keys, values and their encoding (used by `trustdb.db`).
+
+SCHEMA (version 1). This docstring is the one place the on-disk format is described.
+
+One LMDB environment in a directory (default /var/lib/trustdb; `--db` / `TRUSTDB_DB`), holding
+`data.mdb` and `lock.mdb`, plus `writer.lock` (see "Writers" below). All tables live in LMDB's
+main database, each under a one-byte key prefix: named sub-databases would need a write
+transaction just to open their handles, which would make every writable open wait behind a
+running writer. Integers in keys are big-endian so that keys sort numerically; integers in
+values are little-endian. Paths are raw bytes (`os.fsencode`: names that are not UTF-8 survive).
+
+    M meta      "M" + b"schema"      -> u32   schema version; a newer one is refused (SchemaError)
+                "M" + b"generation"  -> u64   +1 on every commit that changes what is trusted
+                "M" + b"next_sid"    -> u32   next source id to hand out
+    S sources   "S" + label (utf-8)  -> <u32 sid, u64 entries, f64 updated> + kind (utf-8)
+    I source_id "I" + sid (u32)      -> label (utf-8)
+    E entries   "E" + EK             -> digest[32] + <f64 trusted_at, u16 len(path)> + path + origin
+                EK ("entry key") = PK + 0x00 + sid (u32). One (path, source) fact: "source SID
+                vouches for content DIGEST at PATH". PK ("path key") is the path itself when it
+                is at most 400 bytes, else its first 360 bytes + 0xFF + BLAKE3(path)[:16] (LMDB
+                keys are limited to 511 bytes). So entries sort by path, and the value always
+                holds the full path.
+    D by digest "D" + digest[32] + EK -> ""   who vouches for this content
+    O by source "O" + sid (u32) + EK  -> ""   what a source vouches for
+    C content   "C" + digest[32]     -> <u64 size, u8 kind, u8 flags, 6 pad, f64 first, f64 last>
+                                        [+ sha256[32] if flags & 1]
+                Present exactly while at least one entry names the digest: removing the last
+                entry of a digest removes its content record in the same transaction.
+    V verified  "V" + <dev u64, ino u64>
+                                     -> <i64 ctime_sec, u32 ctime_nsec, u64 size> + blake3[32]
+                                        + <u8 kind, u8 flags, f64 hashed_at>
+                                        [+ sha256[32] if flags & 1] [+ md5[16] if flags & 2]
+                A cache of the last read of each on-disk inode: a lookup hits only when ctime
+                and size still match (`InodeKey` + size), so an unchanged file is not read
+                again, and a newer version simply overwrites the record. Not trust: a cached
+                file is trusted only through `C`.
+
+Transactions. Every write method is exactly one LMDB write transaction: all or nothing, also
+under `kill -9` (LMDB never overwrites the last committed state). Readers never block and
+never wait for writers (MVCC). The map grows fourfold when a transaction fills it; the
+whole transaction is then retried from the (recorded) input.
+
+Writers. LMDB serialises writers by blocking the second one until the first commits, which
+for a long import means an unexplained hang. A writer therefore first takes a non-blocking
+`flock` on `writer.lock` (which records its pid and command) and fails with BusyError naming
+the holder, after waiting at most `busy_timeout` seconds (default 0: fail at once). The lock
+is held for one write method call. `record_verification` is only a cache write: when the lock
+is busy it skips the write instead of failing.
+
+Generation. Bumped only by commits that change trust (entries, content, sources): a write
+that changes nothing is aborted and leaves the generation as it was, and verification-cache
+writes never bump it (the mirror caches as it goes and must not wake itself up).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+
+import blake3
+import lmdb
+
+from trustdb.model import FileDigests, FileKind, InodeKey, TrustEntry
+
+SCHEMA_VERSION = 1
+
+_MAX_DIRECT_PATH_KEY = 400
+_LONG_PATH_PREFIX = 360
+
+_U32 = struct.Struct(">I")
+_U64LE = struct.Struct("<Q")
+_SOURCE = struct.Struct("<IQd")
+_ENTRY = struct.Struct("<dH")
+_CONTENT = struct.Struct("<QBB6xdd")
+_VERIFIED_KEY = struct.Struct(">QQ")
+_VERIFIED_VERSION = struct.Struct("<qIQ")
+_VERIFIED = struct.Struct("<BBd")
+_FLAG_SHA256 = 1
+_FLAG_MD5 = 2
+
+# Table prefixes (see SCHEMA).
+_META, _SOURCES, _SOURCE_IDS, _ENTRIES = b"M", b"S", b"I", b"E"
+_BY_DIGEST, _BY_SOURCE, _CONTENT_T, _VERIFIED_T = b"D", b"O", b"C", b"V"
+
+
+def path_key(path: str) -> bytes:
+    """The sortable LMDB key part for a path (see SCHEMA: PK)."""
+    raw = os.fsencode(path)
+    if len(raw) <= _MAX_DIRECT_PATH_KEY:
+        return raw
+    return raw[:_LONG_PATH_PREFIX] + b"\xff" + blake3.blake3(raw).digest()[:16]
+
+
+def _entry_key(path: str, sid: int) -> bytes:
+    """EK (see SCHEMA), without the table prefix."""
+    return path_key(path) + b"\0" + _U32.pack(sid)
+
+
+def _decode_entry(value: bytes) -> tuple[bytes, float, str, str]:
+    """-> digest, trusted_at, path, origin."""
+    trusted_at, plen = _ENTRY.unpack_from(value, 32)
+    start = 32 + _ENTRY.size
+    path = os.fsdecode(value[start : start + plen])
+    origin = value[start + plen :].decode("utf-8", "replace")
+    return value[:32], trusted_at, path, origin
+
+
+def _encode_entry(digest: bytes, trusted_at: float, path: str, origin: str) -> bytes:
+    raw = os.fsencode(path)
+    return digest + _ENTRY.pack(trusted_at, len(raw)) + raw + origin.encode()
+
+
+def _verified_key(key: InodeKey) -> bytes:
+    return _VERIFIED_T + _VERIFIED_KEY.pack(key.dev, key.ino)
+
+
+def _verified_version(key: InodeKey, size: int) -> bytes:
+    return _VERIFIED_VERSION.pack(key.ctime_sec, key.ctime_nsec, size)
+
+
+def _scan(txn: lmdb.Transaction[bytes], prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) whose key starts with `prefix`, in key order."""
+    cur = txn.cursor()
+    if not cur.set_range(prefix):
+        return
+    for k, v in cur:
+        if not k.startswith(prefix):
+            return
+        yield k, v
+
+
+def _has_prefix(txn: lmdb.Transaction[bytes], prefix: bytes) -> bool:
+    cur = txn.cursor()
+    return cur.set_range(prefix) and cur.key().startswith(prefix)
+
+
+def _decode_verified(value: bytes, size: int) -> FileDigests:
+    """The digests of a V value (whose version prefix the caller has matched)."""
+    at = _VERIFIED_VERSION.size
+    kind, flags, _hashed_at = _VERIFIED.unpack_from(value, at + 32)
+    rest = value[at + 32 + _VERIFIED.size :]
+    sha256 = rest[:32] if flags & _FLAG_SHA256 else None
+    md5 = rest[32 if sha256 else 0 :][:16] if flags & _FLAG_MD5 else None
+    blake = value[at : at + 32]
+    return FileDigests(blake3=blake, size=size, kind=FileKind(kind), sha256=sha256, md5=md5)
+
+
+def _merge_digests(old: FileDigests, new: FileDigests) -> FileDigests:
+    if old.blake3 != new.blake3:
+        return new
+    return FileDigests(
+        blake3=new.blake3,
+        size=new.size,
+        kind=new.kind,
+        sha256=new.sha256 or old.sha256,
+        md5=new.md5 or old.md5,
+    )
+
+
+def _matching_keys(txn: lmdb.Transaction[bytes], path: str, *, recursive: bool) -> list[bytes]:
+    """EKs recorded at `path` (and, with recursive, below it)."""
+    exact = _ENTRIES + path_key(path) + b"\0"
+    keys = [k[1:] for k, _v in _scan(txn, exact) if len(k) == len(exact) + 4]
+    if recursive:
+        below = os.fsencode(path.rstrip("/") + "/")
+        for k, v in _scan(txn, _ENTRIES + below[:_LONG_PATH_PREFIX]):
+            if os.fsencode(_decode_entry(v)[2]).startswith(below):
+                keys.append(k[1:])
+    return keys
+
+
+def _entry_digests(entry: TrustEntry) -> FileDigests:
+    # md5: the deb importer asks the cache for it (dpkg records only MD5); see TrustEntry.md5.
+    return FileDigests(
+        blake3=entry.digest, size=entry.size, kind=entry.kind, sha256=entry.sha256, md5=entry.md5
+    )
+
+
+def _read_generation(txn: lmdb.Transaction[bytes]) -> int:
+    raw = txn.get(_META + b"generation")
+    return int(_U64LE.unpack(raw)[0]) if raw else 0

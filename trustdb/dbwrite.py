@@ -1,0 +1,194 @@
+"""The write side of the trust database: one LMDB write transaction's bookkeeping (see the
+schema in `trustdb.dbschema`). `trustdb.db.TrustDB` runs these under its writer lock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+import lmdb
+
+from trustdb.dbschema import (
+    _BY_DIGEST,
+    _BY_SOURCE,
+    _CONTENT,
+    _CONTENT_T,
+    _ENTRIES,
+    _FLAG_MD5,
+    _FLAG_SHA256,
+    _META,
+    _SOURCE,
+    _SOURCE_IDS,
+    _SOURCES,
+    _U32,
+    _VERIFIED,
+    _decode_entry,
+    _decode_verified,
+    _encode_entry,
+    _entry_digests,
+    _has_prefix,
+    _merge_digests,
+    _scan,
+    _verified_key,
+    _verified_version,
+)
+from trustdb.hashing import FRESH_CTIME_SECONDS
+from trustdb.model import FileDigests, InodeKey, SkippedEntry, TrustEntry
+
+
+class _Replayable:
+    """Iterate a stream once while recording it, so a retried transaction sees the same items."""
+
+    def __init__(self, items: Iterable[TrustEntry | SkippedEntry]) -> None:
+        self._source: Iterator[TrustEntry | SkippedEntry] | None = iter(items)
+        self._seen: list[tuple[TrustEntry | SkippedEntry, float]] = []
+
+    def __iter__(self) -> Iterator[tuple[TrustEntry | SkippedEntry, float]]:
+        """Yield (item, time it was received): the receive time bounds the hash time."""
+        yield from self._seen
+        if self._source is None:
+            return
+        for item in self._source:
+            pair = (item, time.time())
+            self._seen.append(pair)
+            yield pair
+        self._source = None
+
+
+class _Txn:
+    """The write operations of one transaction (all the bookkeeping of SCHEMA lives here)."""
+
+    def __init__(self, txn: lmdb.Transaction[bytes]) -> None:
+        self.txn = txn
+        self.now = time.time()
+        self.changed = False
+
+    # --- sources ---
+    def source_id(self, label: str, kind: str, *, create: bool) -> int | None:
+        raw = self.txn.get(_SOURCES + label.encode())
+        if raw is not None:
+            return int(_SOURCE.unpack_from(raw)[0])
+        if not create:
+            return None
+        next_raw = self.txn.get(_META + b"next_sid")
+        sid = _U32.unpack(next_raw)[0] if next_raw else 1
+        self.txn.put(_META + b"next_sid", _U32.pack(sid + 1))
+        self.txn.put(_SOURCE_IDS + _U32.pack(sid), label.encode())
+        self.txn.put(_SOURCES + label.encode(), _SOURCE.pack(sid, 0, self.now) + kind.encode())
+        self.changed = True
+        return sid
+
+    def adjust_source(
+        self, label: str, kind: str | None, delta: int, *, drop_if_empty: bool = False
+    ) -> None:
+        key = _SOURCES + label.encode()
+        raw = self.txn.get(key)
+        if raw is None:
+            return
+        sid, count, _updated = _SOURCE.unpack_from(raw)
+        count += delta
+        if count <= 0 and drop_if_empty:
+            self.drop_source(label, sid)
+            return
+        kind = kind or raw[_SOURCE.size :].decode()
+        self.txn.put(key, _SOURCE.pack(sid, max(count, 0), self.now) + kind.encode())
+
+    def drop_source(self, label: str, sid: int) -> None:
+        self.txn.delete(_SOURCES + label.encode())
+        self.txn.delete(_SOURCE_IDS + _U32.pack(sid))
+        self.changed = True
+
+    # --- entries and content ---
+    def put_entry(self, sid: int, ek: bytes, entry: TrustEntry) -> tuple[bool, bool]:
+        """Record one fact. -> (written, new): written if the fact changed, new if it is new."""
+        old = self.txn.get(_ENTRIES + ek)
+        if old is not None:
+            old_digest = old[:32]
+            if old_digest == entry.digest and _decode_entry(old)[3] == entry.origin:
+                return False, False
+            if old_digest != entry.digest:
+                self.unlink_digest(old_digest, ek)
+        else:
+            self.txn.put(_BY_SOURCE + _U32.pack(sid) + ek, b"")
+        value = _encode_entry(entry.digest, self.now, entry.path, entry.origin)
+        self.txn.put(_ENTRIES + ek, value)
+        if old is None or old[:32] != entry.digest:
+            self.txn.put(_BY_DIGEST + entry.digest + ek, b"")
+            self.touch_content(entry)
+        self.changed = True
+        return True, old is None
+
+    def touch_content(self, entry: TrustEntry) -> None:
+        key = _CONTENT_T + entry.digest
+        raw = self.txn.get(key)
+        first = self.now
+        sha256 = entry.sha256
+        if raw is not None:
+            first = _CONTENT.unpack_from(raw)[3]
+            if sha256 is None and len(raw) > _CONTENT.size:
+                sha256 = raw[_CONTENT.size :]
+        flags = _FLAG_SHA256 if sha256 else 0
+        value = _CONTENT.pack(entry.size, int(entry.kind), flags, first, self.now)
+        self.txn.put(key, value + (sha256 or b""))
+
+    def unlink_digest(self, digest: bytes, ek: bytes) -> None:
+        """Forget that entry `ek` names `digest`; drop the content if nobody else does."""
+        self.txn.delete(_BY_DIGEST + digest + ek)
+        if not _has_prefix(self.txn, _BY_DIGEST + digest):
+            self.txn.delete(_CONTENT_T + digest)
+
+    def delete_entry(self, ek: bytes) -> bool:
+        raw = self.txn.pop(_ENTRIES + ek)
+        if raw is None:
+            return False
+        self.unlink_digest(raw[:32], ek)
+        self.txn.delete(_BY_SOURCE + ek[-4:] + ek)
+        self.changed = True
+        return True
+
+    def source_entry_keys(self, sid: int) -> list[bytes]:
+        prefix = _BY_SOURCE + _U32.pack(sid)
+        return [k[len(prefix) :] for k, _v in _scan(self.txn, prefix)]
+
+    # --- verification cache ---
+    def cache_entry(self, entry: TrustEntry, hashed_at: float) -> None:
+        """Cache an entry's verification, unless the cache already knows all of it (the common
+        case of a re-import, checked on the raw bytes: this runs once per entry)."""
+        assert entry.inode is not None
+        vk = _verified_key(entry.inode)
+        version = _verified_version(entry.inode, entry.size)
+        old = self.txn.get(vk)
+        if old is not None and old.startswith(version + entry.digest):
+            have = old[len(version) + 33]  # the flags byte, after blake3 and kind
+            need = (_FLAG_SHA256 if entry.sha256 else 0) | (_FLAG_MD5 if entry.md5 else 0)
+            if not need & ~have:
+                return
+        self._cache(entry.inode, _entry_digests(entry), hashed_at, vk, old)
+
+    def cache(self, key: InodeKey, digests: FileDigests, hashed_at: float) -> None:
+        vk = _verified_key(key)
+        self._cache(key, digests, hashed_at, vk, self.txn.get(vk))
+
+    def _cache(
+        self, key: InodeKey, digests: FileDigests, hashed_at: float, vk: bytes, old: bytes | None
+    ) -> None:
+        """Store a verification under `vk`, whose current value is `old`."""
+        ctime = key.ctime_sec + key.ctime_nsec / 1e9
+        if hashed_at - ctime < FRESH_CTIME_SECONDS:
+            return  # see FRESH_CTIME_SECONDS
+        version = _verified_version(key, digests.size)
+        if old is not None and old.startswith(version):
+            known = _decode_verified(old, digests.size)
+            digests = _merge_digests(known, digests)
+            if digests == known:
+                return  # nothing new: an unchanged re-import writes no cache page
+        flags = (_FLAG_SHA256 if digests.sha256 else 0) | (_FLAG_MD5 if digests.md5 else 0)
+        value = (
+            version
+            + digests.blake3
+            + _VERIFIED.pack(int(digests.kind), flags, hashed_at)
+            + (digests.sha256 or b"")
+            + (digests.md5 or b"")
+        )
+        if value != old:
+            self.txn.put(vk, value)
