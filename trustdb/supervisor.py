@@ -34,6 +34,7 @@ from typing import TextIO
 from trustdb import confine
 from trustdb.abi import Mode
 from trustdb.backends.interface import BackendError, EngineConfig, Scope
+from trustdb.confine.pty import TerminalRelay
 from trustdb.db import DEFAULT_DB
 from trustdb.session import (
     REFRESH_INTERVAL_S,
@@ -57,6 +58,8 @@ class RunOptions:
     backend: str | None = None
     read_only: Sequence[str] = ()
     """More paths the confined tree may read but not write (besides the defaults)."""
+    allow_jit: Sequence[str] = ()
+    """Trusted programs allowed anonymous executable memory; none: the tree runs under W^X."""
 
 
 class _Signals:
@@ -109,11 +112,20 @@ def run(options: RunOptions, *, engine_factory: EngineFactory = default_engine,
     cgroup = confine.RunCgroup.create()
     child: confine.ConfinedChild | None = None
     engine: Engine | None = None
+    relay: TerminalRelay | None = None
     released = False
     try:
         confine.start_watcher(cgroup)
         plan = confine.MountPlan.for_run(db, [*_log_dirs(), *options.read_only])
-        child = confine.spawn(options.argv, cgroup, plan)
+        relay = TerminalRelay.open_if_terminal()
+        setup = confine.ExecSetup(
+            deny_write_execute=not options.allow_jit,
+            terminal=relay.slave if relay else -1,
+            terminal_replaces=relay.replaced if relay else (),
+        )
+        child = confine.spawn(options.argv, cgroup, plan, setup=setup)
+        if relay is not None:
+            relay.start()
         reporter.command = confine.resolve_command(options.argv, dict(os.environ))
         reporter.command_pid = child.pid
         config = EngineConfig(
@@ -129,7 +141,7 @@ def run(options: RunOptions, *, engine_factory: EngineFactory = default_engine,
         signals.child = child
         child.release()
         released = True
-        return _supervise(child, engine, signals)
+        return _supervise(child, engine, signals, relay)
     except BackendError as e:
         raise SupervisorError(str(e)) from e
     except confine.ConfineError as e:
@@ -146,13 +158,16 @@ def run(options: RunOptions, *, engine_factory: EngineFactory = default_engine,
                 engine.close()
                 withdraw_state(os.getpid())
             signals.restore()
+            if relay is not None:
+                relay.close()
 
 
-def _supervise(child: confine.ConfinedChild, engine: Engine, signals: _Signals) -> int:
+def _supervise(child: confine.ConfinedChild, engine: Engine, signals: _Signals,
+               relay: TerminalRelay | None) -> int:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wake_w)  # a signal ends the poll at once
     try:
-        return _supervise_loop(child, engine, signals, wake_r)
+        return _supervise_loop(child, engine, signals, wake_r, relay)
     finally:
         signal.set_wakeup_fd(old_wakeup)
         os.close(wake_r)
@@ -160,18 +175,29 @@ def _supervise(child: confine.ConfinedChild, engine: Engine, signals: _Signals) 
 
 
 def _supervise_loop(child: confine.ConfinedChild, engine: Engine, signals: _Signals,
-                    wake: int) -> int:
+                    wake: int, relay: TerminalRelay | None) -> int:
     poller = select.poll()
     poller.register(child.pidfd, select.POLLIN)
     poller.register(engine.fileno(), select.POLLIN)
     poller.register(wake, select.POLLIN)
+    relayed = set(relay.fds()) if relay else set()
+    for fd in relayed:
+        poller.register(fd, select.POLLIN)
     while True:
         timeout = REFRESH_INTERVAL_S
         if signals.kill_at is not None:
             timeout = max(0.0, min(timeout, signals.kill_at - time.monotonic()))
             if timeout == 0.0:
                 _kill(child)
-        ready = {fd for fd, _ in poller.poll(int(timeout * 1000))}
+        events = poller.poll(int(timeout * 1000))
+        ready = {fd for fd, _ in events}
+        if relay is not None:
+            for fd, ev in events:
+                if fd in relayed:
+                    relay.on_ready(fd)
+                    if ev & (select.POLLHUP | select.POLLERR) and fd == 0:
+                        poller.unregister(0)  # the user's terminal went away
+                        relayed.discard(0)
         if wake in ready:
             while os.read(wake, 512) == 512:
                 pass
@@ -179,6 +205,8 @@ def _supervise_loop(child: confine.ConfinedChild, engine: Engine, signals: _Sign
         if child.pidfd in ready:
             break
     status = child.wait()
+    if relay is not None:
+        relay.drain()
     engine.pump()  # the decisions that explain why CMD died
     if signals.received and status == 128 + signal.SIGKILL:
         return 128 + signals.received

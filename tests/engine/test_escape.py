@@ -19,7 +19,7 @@ import pytest
 
 from tests.engine import test_run as base
 from tests.engine.test_run import TRUSTDB, run_confined, run_unconfined
-from trustdb import seccomp
+from trustdb.confine import seccomp
 from trustdb.db import TrustDB
 from trustdb.hashing import hash_file
 
@@ -202,7 +202,7 @@ def test_seccomp_filter_unit() -> None:
     never reached, ordinary fork and FIFO creation still work."""
     code = (
         "import ctypes, errno, os\n"
-        "from trustdb import seccomp\n"
+        "from trustdb.confine import seccomp\n"
         "seccomp.install(seccomp.build_filter())\n"
         "l = ctypes.CDLL(None, use_errno=True)\n"
         "def e(nr, *a):\n"

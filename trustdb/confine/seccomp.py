@@ -105,7 +105,20 @@ X86_64 = {
     "pidfd_getfd": 438,
     "mount_setattr": 442,
     "clone": 56,
+    "ioctl": 16,
+    "adjtimex": 159,
+    "chroot": 161,
+    "settimeofday": 164,
+    "clock_settime": 227,
+    "clock_adjtime": 305,
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
 }
+# x86_64 has no stime(2): glibc's stime() is settimeofday.
+
+TIOCSTI = 0x5412
+TIOCLINUX = 0x541C
 
 DENIED: dict[str, str] = {
     # Switching the engine off or rewriting its state.
@@ -145,7 +158,28 @@ DENIED: dict[str, str] = {
     "request_key": "makes the kernel run /sbin/request-key as root outside the confined tree",
     # Kernel-exploit primitives with no use for a confined command.
     "userfaultfd": "stalls kernel copies at will: the usual way to win kernel races",
+    # The clock: an inode key holds ctime, and ctime follows CLOCK_REALTIME. Setting the clock
+    # back, rewriting a trusted file and setting it again would forge the old key (issue 8,
+    # route 4). CAP_SYS_TIME is dropped too (trustdb.confine.hardening); this is the second lock.
+    "clock_settime": "set CLOCK_REALTIME back to forge a trusted file's ctime",
+    "settimeofday": "set CLOCK_REALTIME back to forge a trusted file's ctime",
+    "adjtimex": "step or slew the clock (forge ctime)",
+    "clock_adjtime": "step or slew the clock (forge ctime)",
+    # chroot: a root of its own supplies its own /lib64/ld-linux-x86-64.so.2 and /etc/ld.so.*
+    # to every exec (issue 8, route 2); it also moves the path the covers are judged at.
+    "chroot": "supply a private ELF interpreter and library paths to exec",
+    # io_uring performs opens, reads and writes from kernel workers, outside this filter and
+    # outside the per-syscall view of every other check.
+    "io_uring_setup": "run syscalls from kernel workers, out of this filter's sight",
+    "io_uring_enter": "run syscalls from kernel workers, out of this filter's sight",
+    "io_uring_register": "run syscalls from kernel workers, out of this filter's sight",
 }
+
+DENIED_IOCTLS: dict[int, str] = {
+    TIOCSTI: "TIOCSTI: push keystrokes into a terminal (the user's shell runs them after run)",
+    TIOCLINUX: "TIOCLINUX: paste the console selection into a terminal's input",
+}
+"""ioctl(2) requests denied whatever the fd (issue 8, route 6)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +248,11 @@ def _argument_checks(nr: dict[str, int]) -> list[list[Instruction]]:
             allow,
         ],
     )
+    # ioctl(fd, request): the request is an unsigned int; compare its low 32 bits.
+    body = [_stmt(BPF_LD_W_ABS, _arg_lo(1))]
+    for i, request in enumerate(DENIED_IOCTLS):
+        body.append(Instruction(BPF_JEQ_K, len(DENIED_IOCTLS) - i, 0, request))
+    block("ioctl", [*body, allow, eperm])
     return blocks
 
 

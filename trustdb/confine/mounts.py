@@ -1,0 +1,144 @@
+"""The mount namespace the confined tree sees: covers over the trust DB and bpffs, a minimal
+/dev, a read-only /proc and /sys, read-only binds of what must not change."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from trustdb.confine.syscalls import (
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    attach_mount,
+    clone_mount,
+    mount,
+    read_only_tree,
+)
+
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+"""Character devices the confined tree keeps; everything else under /dev disappears."""
+
+KERNEL_HELPER_CONFIG = (
+    "/etc/modprobe.d",
+    "/lib/modprobe.d",
+    "/usr/lib/modprobe.d",
+    "/etc/request-key.conf",
+    "/etc/request-key.d",
+)
+"""Read by programs the *kernel* starts as root outside any cgroup (modprobe on a
+request_module, request-key): an `install` line there would run untrusted code unconfined."""
+
+
+
+@dataclass(frozen=True)
+class MountPlan:
+    """What the confined tree must not reach through the filesystem."""
+
+    hidden: tuple[str, ...]
+    """Covered by an empty read-only tmpfs: the trust DB directory, /sys/fs/bpf."""
+    read_only: tuple[str, ...] = ()
+    """Bind-mounted read-only: the decision log, trustdb's own code, kernel-helper configs."""
+
+    @classmethod
+    def for_run(cls, db: Path, extra_read_only: Sequence[str] = ()) -> MountPlan:
+        package = str(Path(__file__).resolve().parents[1])
+        return cls(
+            hidden=(str(db.resolve()), "/sys/fs/bpf"),
+            read_only=(package, "/etc/trustdb", *KERNEL_HELPER_CONFIG, *extra_read_only),
+        )
+
+
+def _minimal_dev() -> None:
+    """Replace /dev with a tmpfs holding only DEV_NODES, a private /dev/pts and a private
+    /dev/shm: no disk, /dev/mem or /dev/kmsg to go around the covers with, and no path to the
+    user's terminal (its /dev/pts/N lives in the host's devpts instance, not in ours)."""
+    kept = {name: clone_mount(f"/dev/{name}") for name in DEV_NODES if os.path.exists(f"/dev/{name}")}
+    mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+    for name, fd in kept.items():
+        os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
+        attach_mount(fd, f"/dev/{name}")
+    os.mkdir("/dev/pts")
+    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+    os.symlink("pts/ptmx", "/dev/ptmx")
+    os.mkdir("/dev/shm", 0o1777)
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"/dev/{name}")
+    mount(None, "/dev", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+
+
+def _bind_read_only(path: str) -> None:
+    mount(path, path, None, MS_BIND | MS_REC)
+    read_only_tree(path)
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _under(path: str, top: str) -> bool:
+    return top == "/" or path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def mount_aliases(path: str) -> list[str]:
+    """Other paths that reach the directory `path`: its filesystem mounted, or bind-mounted,
+    somewhere else too (a cover on one path would leave the other open)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == dev:
+                mounts.append((_unescape(fields[3]), _unescape(fields[4])))
+    holders = [m for m in mounts if _under(path, m[1])]
+    if not holders:
+        return []
+    own = max(holders, key=lambda m: len(m[1]))
+    in_fs = os.path.normpath(os.path.join(own[0], os.path.relpath(path, own[1])))
+    aliases = []
+    for root, mountpoint in mounts:
+        if (root, mountpoint) != own and _under(in_fs, root):
+            alias = os.path.normpath(os.path.join(mountpoint, os.path.relpath(in_fs, root)))
+            if alias != path and os.path.isdir(alias):
+                aliases.append(alias)
+    return sorted(set(aliases))
+
+
+def apply_mount_plan(plan: MountPlan) -> None:
+    """Build the confined view. Runs in the child, after unshare(CLONE_NEWNS), as the init of the
+    new PID namespace (so the new /proc shows only the confined tree)."""
+    hidden = [a for p in plan.hidden for a in (p, *mount_aliases(p))]
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
+    _minimal_dev()
+    # Read-only: no write open of /proc/PID/mem (a forced write over read-only text, which no
+    # exec or mmap hook sees), of /proc/PID/attr, or of any other proc file (issue 8, route 5).
+    mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    # core_pattern, modprobe, binfmt_misc and sysrq would each run code outside the tree.
+    for p in ("/proc/sys", "/proc/sysrq-trigger"):
+        if os.path.exists(p):
+            _bind_read_only(p)
+    # cgroup files (moves, freeze, kill), uevent_helper, tracefs, securityfs: read-only.
+    read_only_tree("/sys")
+    for p in hidden:
+        if os.path.isdir(p):
+            mount("tmpfs", p, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   "mode=0555,size=4k")
+        elif os.path.exists(p):
+            mount("/dev/null", p, None, MS_BIND)
+    for p in plan.read_only:
+        if os.path.exists(p):
+            _bind_read_only(p)
