@@ -93,7 +93,7 @@ def test_sources_list_status_untrust(tmp_path: Path, cli_env: dict[str, str]) ->
     copy.write_bytes((root / "bin" / "tool").read_bytes())
     assert run(cli_env, "trust", str(root)).returncode == 0
     assert run(cli_env, "trust", "--source", "ci:build", str(copy)).returncode == 0
-    sources = {s["label"]: (s["kind"], s["entries"]) for s in run_json(cli_env, "sources")}
+    sources = {s["source"]: (s["kind"], s["entries"]) for s in run_json(cli_env, "sources")}
     assert sources == {f"dir:{root}": ("dir", 2), "ci:build": ("ci", 1)}
     listed = run_json(cli_env, "list", "--source", "ci:build")
     assert [r["path"] for r in listed] == [str(copy)]
@@ -104,7 +104,7 @@ def test_sources_list_status_untrust(tmp_path: Path, cli_env: dict[str, str]) ->
         2,
         2,
     )
-    assert status["database"] == cli_env["TRUSTDB_DB"] and status["size on disk"] > 0
+    assert status["database"] == cli_env["TRUSTDB_DB"] and status["size_on_disk"] > 0
 
     # removing one source leaves content the other still trusts
     assert run(cli_env, "untrust", "--source", f"dir:{root}").returncode == 0
@@ -138,7 +138,7 @@ def test_bad_input_is_reported_and_the_rest_recorded(
     out = run(
         cli_env, "trust", str(root / "bin"), str(root / "bin" / "loop"), str(tmp_path / "gone")
     )
-    assert out.returncode == 1
+    assert out.returncode == 3  # partial: the rest was recorded
     assert f"trustdb: {root}/bin/loop: symlink loop" in out.stderr.splitlines()
     assert f"trustdb: {tmp_path}/gone: no such file" in out.stderr.splitlines()
     assert "2 of 2 files recorded" in out.stdout and "FIFO (not read)" in out.stdout
@@ -152,7 +152,7 @@ def test_unreadable_file_fails_the_command_but_not_the_rest(
     root = project(tmp_path / "proj")
     (root / "bin" / "run.sh").chmod(0)
     out = run(cli_env, "trust", "--json", str(root), prefix=NO_DAC)
-    assert out.returncode == 1, out.stderr
+    assert out.returncode == 3, out.stderr
     summary = json.loads(out.stdout)
     assert summary["problems"] == [
         {"path": f"{root}/bin/run.sh", "reason": "unreadable (permission denied)"}
@@ -164,7 +164,7 @@ def test_unreadable_file_fails_the_command_but_not_the_rest(
 def test_missing_db_and_schema_too_new(tmp_path: Path, cli_env: dict[str, str]) -> None:
     env = dict(cli_env, TRUSTDB_DB=str(tmp_path / "none"))
     out = run(env, "check", "/bin/sh")
-    assert out.returncode == 1 and out.stderr.startswith("trustdb: error: no trust database at ")
+    assert out.returncode == 4 and out.stderr.startswith("trustdb: error: no trust database at ")
     assert run(cli_env, "trust", "/bin/sh").returncode == 0
     lenv = lmdb.open(cli_env["TRUSTDB_DB"])
     with lenv.begin(write=True) as txn:
@@ -172,7 +172,7 @@ def test_missing_db_and_schema_too_new(tmp_path: Path, cli_env: dict[str, str]) 
     lenv.close()
     for verb in (["status"], ["trust", "/bin/ls"], ["check", "/bin/sh"]):
         out = run(cli_env, *verb)
-        assert out.returncode == 1
+        assert out.returncode == 7
         assert out.stderr.count("\n") == 1 and "has schema 7, newer than" in out.stderr
 
 
@@ -223,7 +223,7 @@ def test_second_writer_fails_fast_readers_proceed(tmp_path: Path, cli_env: dict[
     finally:
         proc.kill()
         proc.wait()
-    assert second.returncode == 1
+    assert second.returncode == 6  # busy
     assert second.stderr.startswith(
         f"trustdb: error: another writer holds {cli_env['TRUSTDB_DB']} (pid {proc.pid}"
     )
@@ -243,7 +243,7 @@ def test_full_disk_is_one_line_and_db_intact(tmp_path: Path, small_disk: Path) -
     for i in range(6000):
         (many / f"f{i:05d}").write_bytes(b"#!/bin/sh\n# %d\n" % i)
     out = run(env, "trust", str(many))
-    assert out.returncode == 1
+    assert out.returncode == 7
     assert out.stderr.startswith("trustdb: error: disk full writing ")
     assert out.stderr.count("\n") == 1
     assert snapshot(env) == before

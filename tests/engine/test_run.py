@@ -217,21 +217,21 @@ def test_audit_mode_reports_and_allows(trusted_db: Path, run_env: dict[str, str]
 def test_missing_command(trusted_db: Path, run_env: dict[str, str]) -> None:
     p = subprocess.run([*TRUSTDB, "run", "--db", str(trusted_db), "--", "no-such-cmd-xyz"],
                        env=run_env, check=False, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1
+    assert p.returncode == 127
     assert p.stderr.strip() == "trustdb: error: no-such-cmd-xyz: command not found"
 
 
 def test_unknown_backend_fails_cleanly(trusted_db: Path, run_env: dict[str, str]) -> None:
-    """An engine that cannot load: one line, exit 1, the waiting child killed, cgroup gone."""
+    """An engine that cannot load: one line, exit 7, the waiting child killed, cgroup gone."""
     got = run_confined(trusted_db, "echo must-not-run", run_env, "--backend", "nope")
-    assert got.code == 1
+    assert got.code == 7
     assert got.out == ""
     assert got.err.startswith("trustdb: error: unknown backend")
 
 
 def test_no_database(tmp_path: Path, run_env: dict[str, str]) -> None:
     got = run_confined(tmp_path / "nodb", "true", run_env)
-    assert got.code == 1 and "no trust database" in got.err
+    assert got.code == 4 and "no trust database" in got.err
 
 
 # --- the supervisor ending: whatever way, the tree and the programs go with it -----------------
@@ -323,8 +323,9 @@ def test_status_names_the_running_engine(trusted_db: Path, run_env: dict[str, st
         p = subprocess.run([*TRUSTDB, "status", "--json", "--db", str(trusted_db)], env=run_env,
                            check=False, capture_output=True, text=True, timeout=60)
         info = json.loads(p.stdout)
-        line = info[f"engine run (pid {proc.pid})"]
-        assert "enforce with the tracepoint backend" in line and str(cgroup) in line
+        (engine,) = [e for e in info["engines"] if e["pid"] == proc.pid]
+        assert engine["kind"] == "run" and engine["mode"] == "enforce"
+        assert engine["backend"] == "tracepoint" and engine["scope"] == str(cgroup)
     finally:
         proc.kill()
         proc.wait()
@@ -334,7 +335,7 @@ def test_daemon_rejects_unknown_mode(run_env: dict[str, str]) -> None:
     """(The daemon itself enforces system-wide: never started by the test suite.)"""
     p = subprocess.run([*TRUSTDB, "daemon", "--mode", "permissive"], env=run_env, check=False,
                        capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1
+    assert p.returncode == 2
     assert p.stderr.strip() == "trustdb: error: --mode must be enforce or audit, not 'permissive'"
 
 

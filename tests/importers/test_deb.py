@@ -182,7 +182,7 @@ def test_cli_import_reimport_tamper_and_remove(deb_root: Path, cli_env: dict[str
     first = trustdb(cli_env, "import", "deb", "--root", str(deb_root), "--json")
     assert first.returncode == 0, first.stderr
     (src,) = json.loads(first.stdout)["sources"]
-    assert src["label"] == f"deb:{deb_root}" and src["write"]["added"] == 8
+    assert src["source"] == f"deb:{deb_root}" and src["write"]["added"] == 8
     generation = src["write"]["generation"]
 
     # Nothing changed: nothing written, and (ctime permitting) nothing re-read.
@@ -217,7 +217,7 @@ def test_cli_refuses_a_broken_database_and_writes_nothing(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
     result = trustdb(cli_env, "import", "deb", "--root", str(tmp_path))
-    assert result.returncode == 1
+    assert result.returncode == 7
     assert result.stderr.startswith("trustdb: error: no dpkg database")
 
 
@@ -228,7 +228,7 @@ def test_this_machines_dpkg_database(cli_env: dict[str, str]) -> None:
     result = trustdb(cli_env, "import", "deb", "--json")
     assert result.returncode in (0, 3), result.stderr
     (src,) = json.loads(result.stdout)["sources"]
-    assert src["label"] == "deb:/" and src["stats"]["packages"] > 100
+    assert src["source"] == "deb:/" and src["stats"]["packages"] > 100
     bash = Path("/usr/bin/bash").read_bytes()
     with TrustDB.open(Path(cli_env["TRUSTDB_DB"])) as db:
         assert db.is_trusted(blake3.blake3(bash).digest())

@@ -90,7 +90,7 @@ def test_cli_import_reimport_and_uninstall(venv: Path, cli_env: dict[str, str]) 
     first = trustdb(cli_env, "import", "python", str(venv), "--json")
     assert first.returncode == 0, first.stderr
     (src,) = json.loads(first.stdout)["sources"]
-    assert src["label"] == f"python:{venv}" and src["write"]["added"] > 0
+    assert src["source"] == f"python:{venv}" and src["write"]["added"] > 0
     again = trustdb(cli_env, "import", "python", str(venv), "--json")
     (src2,) = json.loads(again.stdout)["sources"]
     assert src2["write"]["added"] == 0 and src2["write"]["removed"] == 0

@@ -1,31 +1,178 @@
-"""What every CLI verb shares: the database option and the one way to fail."""
+"""What every CLI verb shares: the exit codes, the global options, the database option and the
+one way to fail.
+
+Global options (--db, --json, --quiet, --verbose) are accepted before the verb
+(`trustdb --db X status`) and after it (`trustdb status --db X`). The root callback stores the
+ones given before the verb as click's default_map for every verb that has the same option, so
+each verb still reads its own parameter; a value given after the verb wins.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-from trustdb.db import DEFAULT_DB
+from trustdb.db import DEFAULT_DB, BusyError, DatabaseError, DiskFullError, SchemaError
+
+
+class ExitCode(IntEnum):
+    """The exit status of every verb (README: "Exit codes"). `run` exits with CMD's own
+    status instead, or 126, 127, 128+n (see RUN_*)."""
+
+    OK = 0
+    """Done; every file asked about is trusted."""
+    UNTRUSTED = 1
+    """A file is not trusted (check, verify), a command was denied, nothing matched."""
+    USAGE = 2
+    """Bad options or arguments (click's own code for usage errors)."""
+    PARTIAL = 3
+    """Imported or trusted, but some files failed verification and were not trusted."""
+    NO_DATABASE = 4
+    """No trust database at the path given (read verbs never create one)."""
+    NO_PERMISSION = 5
+    """The database, log or kernel interface is not accessible to this user."""
+    BUSY = 6
+    """Another writer holds the database."""
+    FAILED = 7
+    """Any other error: bad input, disk full, the kernel refused, no backend works."""
+
+
+RUN_NOT_EXECUTABLE = 126
+RUN_NOT_FOUND = 127
+RUN_SIGNAL_BASE = 128
+
+
+@dataclass(slots=True)
+class GlobalOptions:
+    """Options given before the verb (None: not given there)."""
+
+    db: Path | None = None
+    json: bool = False
+    quiet: bool = False
+    verbose: bool = False
+
+
+GLOBAL = GlobalOptions()
+"""Set by the root callback at each invocation (trustdb.cli.root)."""
+
+DEFAULT_DB_PATH = Path(os.environ.get("TRUSTDB_DB", str(DEFAULT_DB)))
 
 DbOption = Annotated[
     Path,
     typer.Option(
         "--db",
-        envvar="TRUSTDB_DB",
-        help="Trust database directory.",
+        metavar="DIR",
+        help="Trust database directory (also TRUSTDB_DB).",
         show_default=True,
     ),
 ]
-DEFAULT_DB_PATH = Path(os.environ.get("TRUSTDB_DB", str(DEFAULT_DB)))
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Machine-readable output (schemas/ in the source tree).")
+]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print only problems and errors.")
+]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Also list skipped files and other details.")
+]
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+_GLOBAL_FLAGS = {"--db": "db", "--json": "json", "--quiet": "quiet", "--verbose": "verbose"}
 
 
-def fatal(message: str, code: int = 1) -> NoReturn:
+def push_global_defaults(ctx: typer.Context, options: GlobalOptions) -> None:
+    """Make the global options the defaults of every verb's own --db/--json/--quiet/--verbose
+    (click looks options up in ctx.default_map, by parameter name, per subcommand).
+
+    Duck-typed on click's Group/Option: typer 0.2x carries its own copy of click."""
+    given = {flag: getattr(options, attr) for flag, attr in _GLOBAL_FLAGS.items()}
+    given = {flag: v for flag, v in given.items() if v not in (None, False)}
+    if given and hasattr(ctx.command, "list_commands"):
+        ctx.default_map = _defaults_for(ctx, ctx.command, given)
+
+
+def _defaults_for(ctx: typer.Context, group: Any, given: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        if cmd is None:
+            continue
+        if hasattr(cmd, "list_commands"):
+            tree[name] = _defaults_for(ctx, cmd, given)
+            continue
+        tree[name] = {
+            p.name: given[opt]
+            for p in cmd.params
+            if getattr(p, "param_type_name", "") == "option" and p.name
+            for opt in p.opts
+            if opt in given
+        }
+    return tree
+
+
+def fatal(message: str, code: int = ExitCode.FAILED) -> NoReturn:
     """One line on stderr, then exit non-zero (pip-audit's _fatal)."""
     print(f"trustdb: error: {message}", file=sys.stderr)
-    raise typer.Exit(code=code)
+    raise typer.Exit(code=int(code))
+
+
+def database_error_code(e: BaseException) -> ExitCode:
+    """The exit code for a database-stage error (its type, or its cause's errno)."""
+    if isinstance(e, BusyError):
+        return ExitCode.BUSY
+    if isinstance(e, (SchemaError, DiskFullError)):
+        return ExitCode.FAILED
+    cause = e.__cause__
+    if isinstance(cause, PermissionError) or getattr(cause, "errno", None) in (
+        errno.EACCES,
+        errno.EPERM,
+    ):
+        return ExitCode.NO_PERMISSION
+    if isinstance(e, DatabaseError) and "Permission denied" in str(e):
+        return ExitCode.NO_PERMISSION  # lmdb.Error carries no errno, only its text
+    return ExitCode.FAILED
+
+
+def require_database(db: Path) -> None:
+    """Read verbs: a path with no database is an error (exit 4), never a new database."""
+    if not (db / "data.mdb").exists():
+        if db.exists() and not os.access(db, os.X_OK):
+            fatal(f"cannot read {db}: permission denied", ExitCode.NO_PERMISSION)
+        fatal(
+            f"no trust database at {db} (create one with `trustdb trust` or "
+            "`trustdb import`, or name another with --db)",
+            ExitCode.NO_DATABASE,
+        )
+    if not os.access(db / "data.mdb", os.R_OK):
+        fatal(f"cannot read {db / 'data.mdb'}: permission denied", ExitCode.NO_PERMISSION)
+
+
+def prepare_new_database(db: Path, *, quiet: bool) -> None:
+    """Write verbs: create a database only where a directory for it exists, and say so.
+
+    `trust --db /typo/path` fails (no /typo) instead of creating a database nobody will ever
+    look at. An existing empty directory (the package's /var/lib/trustdb) is used silently; a
+    new directory inside an existing one is announced on stderr."""
+    if (db / "data.mdb").exists():
+        return
+    if db.is_dir():
+        if not os.access(db, os.W_OK | os.X_OK):
+            fatal(f"cannot create a database in {db}: permission denied", ExitCode.NO_PERMISSION)
+        return
+    if not db.parent.is_dir():
+        fatal(
+            f"no trust database at {db}, and {db.parent} does not exist (create the directory "
+            "first to start a new database there)",
+            ExitCode.NO_DATABASE,
+        )
+    if not os.access(db.parent, os.W_OK | os.X_OK):
+        fatal(f"cannot create a database in {db.parent}: permission denied",
+              ExitCode.NO_PERMISSION)
+    if not quiet:
+        print(f"trustdb: creating a new trust database at {db}", file=sys.stderr)

@@ -1,27 +1,44 @@
 """Database verbs: trust, untrust, check, list, sources, status, verify.
 
 Each verb parses its options, calls into walk/db/why, prints, and turns DatabaseError (and
-HashingError) into one line via common.fatal. Exit codes: 0 success; 1 a problem (a file not
-recorded, not trusted, changed or missing; or an error).
+HashingError) into one line and an exit code via common.fatal (common.ExitCode: 0 trusted,
+1 not trusted / changed / missing, 3 trusted but some files failed, 4 no database, 5 no
+permission, 6 busy, 7 other errors). Read verbs never create a database.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from trustdb.cli import app
-from trustdb.cli.common import DEFAULT_DB_PATH, DbOption, JsonOption, fatal
+from trustdb.cli.common import (
+    DEFAULT_DB_PATH,
+    DbOption,
+    ExitCode,
+    JsonOption,
+    QuietOption,
+    database_error_code,
+    fatal,
+    prepare_new_database,
+    require_database,
+)
+from trustdb.cli.output import (
+    human_size,
+    iso_time,
+    local_time,
+    path_record_json,
+    print_json,
+    source_record_json,
+)
 from trustdb.db import DatabaseError, TrustDB
 from trustdb.hashing import HashingError
 from trustdb.walk import ScanProgress, scan
@@ -29,14 +46,21 @@ from trustdb.why import Verdict, check_paths, verify
 
 T = TypeVar("T")
 
-STATUS_EXTRAS: list[Callable[[], dict[str, str]]] = []
-"""HOOK for other stages: functions returning extra `trustdb status` lines (name -> value).
-The engine registers one that names the running backend: `STATUS_EXTRAS.append(fn)`.
-A hook that raises is shown as `<name>: unavailable (<error>)`, never fails the verb."""
+STATUS_EXTRAS: list[Callable[[], dict[str, Any]]] = []
+"""HOOK for other stages: functions returning extra `trustdb status` fields (snake_case name ->
+JSON value; text output prints `name: value`, lists one item a line). The engine registers one
+that names the running engines and backend: `STATUS_EXTRAS.append(fn)`. A hook that raises is
+shown as `<name>: unavailable (<error>)`, never fails the verb. New fields belong in
+schemas/status.json."""
 
-PathsArg = Annotated[list[str], typer.Argument(help="Files or directories.", show_default=False)]
+PathsArg = Annotated[
+    list[str],
+    typer.Argument(metavar="PATH...", help="Files or directories.", show_default=False),
+]
 SourceOption = Annotated[
-    str | None, typer.Option("--source", "-s", help="Source label.", show_default=False)
+    str | None,
+    typer.Option("--source", "-s", metavar="SOURCE", help="Trust source (e.g. deb:/, "
+                 "dir:/home/u/build, manual).", show_default=False),
 ]
 AllFilesOption = Annotated[
     bool, typer.Option("--all-files", help="Every regular file, not only executable content.")
@@ -56,38 +80,16 @@ def source_kind(label: str) -> str:
     return label.split(":", 1)[0] if ":" in label else "manual"
 
 
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-
-
-def _print_json(value: Any) -> None:
-    """JSON on stdout; dataclasses become objects and digests hex strings."""
-
-    def default(o: object) -> object:
-        if isinstance(o, bytes):
-            return o.hex()
-        if is_dataclass(o) and not isinstance(o, type):
-            return asdict(o)
-        raise TypeError(f"cannot serialise {type(o).__name__}")
-
-    json.dump(value, sys.stdout, indent=2, default=default)
-    sys.stdout.write("\n")
-
-
 def _query(db: Path, read: Callable[[TrustDB], T]) -> T:
-    """One read of the database; a DatabaseError or HashingError is one line and exit 1."""
+    """One read of the database; a missing database is exit 4, a DatabaseError or HashingError
+    one line and its exit code."""
+    require_database(db)
     try:
         with TrustDB.open(db) as tdb:
             return read(tdb)
-    except (DatabaseError, HashingError) as e:
+    except DatabaseError as e:
+        fatal(str(e), database_error_code(e))
+    except HashingError as e:
         fatal(str(e))
 
 
@@ -135,13 +137,16 @@ def trust(
     source: SourceOption = None,
     all_files: AllFilesOption = False,
     json_output: JsonOption = False,
+    quiet: QuietOption = False,
     db: DbOption = DEFAULT_DB_PATH,
 ) -> None:
     """Hash files and directories (recursively) and trust their content.
 
     Records executable content only (ELF, exec bit, #!) unless --all-files. The default source
-    is `dir:<path>` for a single directory, `manual` otherwise. Problems are reported by path;
-    the rest is recorded in one transaction, and the exit code is 1."""
+    is `dir:PATH` for a single directory, `manual` otherwise. Problems are reported by path;
+    the rest is recorded in one transaction, and the exit status is 3. A new database is
+    created only inside an existing directory (and announced)."""
+    prepare_new_database(db, quiet=quiet or json_output)
     label, kind = (source, source_kind(source)) if source else default_source(paths)
     totals = ScanProgress(0, 0, 0)
 
@@ -160,16 +165,18 @@ def trust(
                 label, kind, scan(paths, all_files=all_files, on_progress=track)
             )
             skipped = tdb.last_skipped
-    except (DatabaseError, HashingError) as e:
+    except DatabaseError as e:
+        fatal(str(e), database_error_code(e))
+    except HashingError as e:
         fatal(str(e))
     except KeyboardInterrupt:
         fatal("interrupted; nothing was changed", code=130)
     problems = [s for s in skipped if s.fatal]
     benign = Counter(s.reason for s in skipped if not s.fatal)
     if json_output:
-        _print_json(
+        print_json(
             {
-                "db": str(db),
+                "database": str(db),
                 "source": label,
                 "generation": stats.generation,
                 "files": totals.files,
@@ -178,12 +185,13 @@ def trust(
                 "added": stats.added,
                 "unchanged": stats.unchanged,
                 "problems": [{"path": s.path, "reason": s.reason} for s in problems],
-                "skipped": dict(benign),
+                "skipped": [{"reason": r, "count": n} for r, n in sorted(benign.items())],
             }
         )
     else:
         for s in problems:
             _problem(s.path, s.reason)
+    if not json_output and not quiet:
         notes = "".join(f"; {n} skipped: {reason}" for reason, n in sorted(benign.items()))
         print(
             f"{label}: {totals.recorded} of {totals.files} files recorded "
@@ -192,13 +200,14 @@ def trust(
             + (f"; {len(problems)} problems" if problems else "")
         )
     if problems:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.PARTIAL)
 
 
 @app.command()
 def untrust(
     paths: Annotated[
-        list[str] | None, typer.Argument(help="Files or directories.", show_default=False)
+        list[str] | None,
+        typer.Argument(metavar="[PATH]...", help="Files or directories.", show_default=False),
     ] = None,
     source: SourceOption = None,
     json_output: JsonOption = False,
@@ -209,7 +218,8 @@ def untrust(
     With --source and no path, remove the whole source. Content another source still trusts
     stays trusted."""
     if not paths and not source:
-        fatal("name paths to untrust, or a --source to remove")
+        fatal("name paths to untrust, or a --source to remove", ExitCode.USAGE)
+    require_database(db)
     try:
         with TrustDB.open(db, write=True) as tdb:
             if paths:
@@ -219,13 +229,16 @@ def untrust(
                 assert source is not None
                 stats = tdb.remove_source(source)
     except DatabaseError as e:
-        fatal(str(e))
+        fatal(str(e), database_error_code(e))
     if json_output:
-        _print_json({"removed": stats.removed, "generation": stats.generation})
+        print_json({"removed": stats.removed, "generation": stats.generation})
     else:
         print(f"{stats.removed} entries removed")
     if stats.removed == 0:
-        fatal("nothing recorded there" + (f" for source {source!r}" if source else ""))
+        fatal(
+            "nothing recorded there" + (f" for source {source!r}" if source else ""),
+            ExitCode.UNTRUSTED,
+        )
 
 
 def _verdict_json(v: Verdict) -> dict[str, Any]:
@@ -244,6 +257,7 @@ def check(
     paths: PathsArg,
     all_files: AllFilesOption = False,
     json_output: JsonOption = False,
+    quiet: QuietOption = False,
     db: DbOption = DEFAULT_DB_PATH,
 ) -> None:
     """Is the current content of each file trusted? Exit 0 iff all are.
@@ -251,13 +265,15 @@ def check(
     Directories are checked for their executable content (every file with --all-files)."""
     verdicts = _query(db, lambda tdb: list(check_paths(tdb, paths, all_files=all_files)))
     if json_output:
-        _print_json([_verdict_json(v) for v in verdicts])
+        print_json([_verdict_json(v) for v in verdicts])
     else:
         for v in verdicts:
+            if quiet and v.trusted:
+                continue
             word = "trusted" if v.trusted else "NOT TRUSTED"
             print(f"{v.path}: {word}: {v.detail}")
     if not all(v.trusted for v in verdicts):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.UNTRUSTED)
 
 
 @app.command("list")
@@ -269,7 +285,7 @@ def list_entries(
     """List trusted paths (of one source), sorted by path."""
     records = _query(db, lambda tdb: list(tdb.iter_paths(source)))
     if json_output:
-        _print_json(records)
+        print_json([path_record_json(r) for r in records])
         return
     for r in records:
         origin = f"  {r.origin}" if r.origin else ""
@@ -281,10 +297,10 @@ def sources(json_output: JsonOption = False, db: DbOption = DEFAULT_DB_PATH) -> 
     """List trust sources with their entry counts."""
     records = _query(db, TrustDB.sources)
     if json_output:
-        _print_json(records)
+        print_json([source_record_json(s) for s in records])
         return
     for s in records:
-        print(f"{s.label}  {s.kind}  {s.entries} entries  updated {_when(s.updated)}")
+        print(f"{s.label}  {s.kind}  {s.entries} entries  updated {local_time(s.updated)}")
 
 
 @app.command()
@@ -298,8 +314,8 @@ def status(json_output: JsonOption = False, db: DbOption = DEFAULT_DB_PATH) -> N
         "entries": st.entries,
         "contents": st.contents,
         "sources": st.sources,
-        "cached verifications": st.cached_verifications,
-        "size on disk": st.size_on_disk if json_output else human_size(st.size_on_disk),
+        "cached_verifications": st.cached_verifications,
+        "size_on_disk": st.size_on_disk,
     }
     for extra in STATUS_EXTRAS:
         try:
@@ -307,10 +323,18 @@ def status(json_output: JsonOption = False, db: DbOption = DEFAULT_DB_PATH) -> N
         except Exception as e:  # noqa: BLE001  a hook must never break status
             info[getattr(extra, "__name__", "hook")] = f"unavailable ({e})"
     if json_output:
-        _print_json(info)
+        print_json(info)
         return
+    info["size_on_disk"] = human_size(st.size_on_disk)
     for key, value in info.items():
-        print(f"{key}: {value}")
+        name = key.replace("_", " ")
+        if isinstance(value, list):
+            print(f"{name}:" + ("" if value else " none"))
+            for item in value:
+                words = " ".join(f"{k}={v}" for k, v in item.items() if v not in ("", None))
+                print(f"  {words if isinstance(item, dict) else item}")
+        else:
+            print(f"{name}: {value}")
 
 
 @app.command("verify")
@@ -322,11 +346,12 @@ def verify_command(
     """Re-hash every recorded path (of one source); report missing and changed files."""
     checked, problems = _query(db, lambda tdb: verify(tdb, source))
     if json_output:
-        _print_json(
+        print_json(
             {
                 "paths": checked,
                 "problems": [
-                    {"path": p.record.path, "source": p.record.label, "reason": p.reason}
+                    {"path": p.record.path, "source": p.record.label, "reason": p.reason,
+                     "trusted_at": iso_time(p.record.trusted_at)}
                     for p in problems
                 ],
             }
@@ -335,8 +360,8 @@ def verify_command(
         for p in problems:
             _problem(
                 p.record.path,
-                f"{p.reason} (trusted by {p.record.label} at {_when(p.record.trusted_at)})",
+                f"{p.reason} (trusted by {p.record.label} at {local_time(p.record.trusted_at)})",
             )
         print(f"{checked} paths verified, {len(problems)} problems")
     if problems:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.UNTRUSTED)

@@ -1,11 +1,14 @@
 """Engine verbs: `run` (confine one command), `daemon` (system-wide service), `backends`.
 
-Each verb parses its options and calls one function (trustdb.supervisor, daemon, state); the stage errors
-become one line and exit code 1 (common.fatal). `run` exits with CMD's status.
+Each verb parses its options and calls one function (trustdb.supervisor, daemon, state); the
+stage errors become one line and an exit code (common.fatal, common.ExitCode). `run` exits with
+CMD's status, 126 when CMD is not executable, 127 when it is not found, 128+N when a signal
+killed it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +16,16 @@ import typer
 
 from trustdb.abi import Mode
 from trustdb.cli import app, db_commands
-from trustdb.cli.common import DEFAULT_DB_PATH, DbOption, JsonOption, fatal
+from trustdb.cli.common import (
+    DEFAULT_DB_PATH,
+    RUN_NOT_EXECUTABLE,
+    RUN_NOT_FOUND,
+    DbOption,
+    ExitCode,
+    JsonOption,
+    fatal,
+    require_database,
+)
 
 # trustdb.supervisor is imported inside each verb: it pulls in libbpf, which the other verbs
 # (and `--help`) must not need.
@@ -55,6 +67,10 @@ def run(
     under a seccomp filter (no bpf(), mount, ptrace, module loading, new namespaces), and the
     BPF mark follows every descendant wherever it moves. If trustdb dies, the tree dies.
     """
+    _check_command(command)
+    if os.geteuid() != 0:
+        fatal("trustdb run needs root (it loads BPF programs)", ExitCode.NO_PERMISSION)
+    require_database(db)
     from trustdb import supervisor
 
     options = supervisor.RunOptions(
@@ -71,6 +87,25 @@ def run(
     except KeyboardInterrupt:
         raise typer.Exit(code=130) from None
     raise typer.Exit(code=status)
+
+
+def _check_command(argv: list[str]) -> None:
+    """Exit 127 (not found) or 126 (found, not executable) like a shell, before any setup."""
+    if not argv:
+        fatal("no command given (usage: trustdb run -- CMD ARGS...)", ExitCode.USAGE)
+    name = argv[0]
+    if "/" in name:
+        candidates = [name]
+    else:
+        candidates = [os.path.join(d or ".", name)
+                      for d in os.environ.get("PATH", os.defpath).split(os.pathsep)]
+    found = [c for c in candidates if os.path.exists(c)]
+    if any(os.path.isfile(c) and os.access(c, os.X_OK) for c in found):
+        return
+    if not found:
+        fatal(f"{name}: command not found", RUN_NOT_FOUND)
+    why = "is a directory" if os.path.isdir(found[0]) else "permission denied (not executable)"
+    fatal(f"{found[0]}: {why}", RUN_NOT_EXECUTABLE)
 
 
 @app.command()
@@ -90,7 +125,7 @@ def daemon(
     from trustdb.session import SupervisorError
 
     if mode not in ("enforce", "audit"):
-        fatal(f"--mode must be enforce or audit, not {mode!r}")
+        fatal(f"--mode must be enforce or audit, not {mode!r}", ExitCode.USAGE)
     try:
         status = service.daemon(
             db=db, mode=Mode.ENFORCE if mode == "enforce" else Mode.AUDIT, backend=backend
@@ -119,17 +154,14 @@ def backends(as_json: JsonOption = False) -> None:
         fatal("no backend works on this kernel")
 
 
-def engine_status() -> dict[str, str]:
-    """`trustdb status` lines: each engine running now (daemon, runs) with its backend, or the
-    backend this kernel would get when none runs."""
+def engine_status() -> dict[str, object]:
+    """`trustdb status` fields: each engine running now (daemon, runs) with its backend, and the
+    backend this kernel gives a new engine (schemas/status.json)."""
     from trustdb import state
 
-    running = state.running_engines()
-    if running:
-        return {f"engine {s.kind} (pid {s.pid})": state.describe(s) for s in running}
     chosen = next((r for r in state.probe_backends() if r.selected), None)
-    return {"engine": "not running",
-            "backend": f"{chosen.name} (selected)" if chosen else "none works on this kernel"}
+    return {"engines": [s.to_dict() for s in state.running_engines()],
+            "backend": chosen.name if chosen else None}
 
 
 db_commands.STATUS_EXTRAS.append(engine_status)

@@ -1,11 +1,13 @@
 """`trustdb import rpm|deb|python`: run one importer per source, each in one transaction.
 
 Thin on purpose: build the importer, hand `importer.collect(db.digest_cache())` to
-`TrustDB.replace_source`, then report. Exit codes:
-  0  imported, every file the source names was verified (or benignly skipped)
-  1  refused: nothing was written for the source named in the error
-  3  imported, but some files failed verification (mismatch, unreadable): they are listed and
-     were not trusted
+`TrustDB.replace_source`, then report. Quiet where nothing is wrong: files that fail
+verification are always listed, benign skips (missing on disk, not executable) only with
+--verbose. Exit codes (common.ExitCode):
+  0    imported, every file the source names was verified (or benignly skipped)
+  3    imported, but some files failed verification (mismatch, unreadable): they are listed and
+       were not trusted
+  4-7  refused: nothing was written for the source named in the error (6: database busy)
 """
 
 from __future__ import annotations
@@ -21,6 +23,21 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trustdb.cli import app
+from trustdb.cli.common import (
+    DEFAULT_DB_PATH,
+    DbOption,
+    ExitCode,
+    JsonOption,
+    QuietOption,
+    VerboseOption,
+    database_error_code,
+    fatal,
+    prepare_new_database,
+)
+from trustdb.db import DatabaseError, TrustDB, WriteStats
+from trustdb.model import SkippedEntry, TrustEntry
 from trustdb_importers import (
     DebImporter,
     Importer,
@@ -32,25 +49,21 @@ from trustdb_importers import (
 )
 from trustdb_importers.ondisk import OnDiskImporter
 
-from trustdb.cli import app
-from trustdb.cli.common import DEFAULT_DB_PATH, DbOption, JsonOption, fatal
-from trustdb.db import DatabaseError, TrustDB, WriteStats
-from trustdb.model import SkippedEntry, TrustEntry
-
-EXIT_REFUSED = 1
-EXIT_UNVERIFIED = 3
+EXIT_REFUSED = ExitCode.FAILED
+EXIT_UNVERIFIED = ExitCode.PARTIAL
 
 import_app = typer.Typer(
     name="import",
     help="Trust the files a package manager installed, verified against its own digests.",
-    epilog="Exit status: 0 imported; 1 refused, nothing written for the source named; "
-    "3 imported, but the files listed as FAILED did not verify and are not trusted.",
+    epilog="Exit status: 0 imported; 3 imported, but the files listed as FAILED did not verify "
+    "and are not trusted; 4 or more: refused, nothing written for the source named.",
     no_args_is_help=True,
 )
 app.add_typer(import_app, name="import")
 
 RootOption = Annotated[
-    Path, typer.Option("--root", help="Root directory the package database describes.")
+    Path,
+    typer.Option("--root", metavar="DIR", help="Root directory the package database describes."),
 ]
 AllFilesOption = Annotated[
     bool,
@@ -60,25 +73,20 @@ AllFilesOption = Annotated[
     ),
 ]
 
-QuietOption = Annotated[
-    bool,
-    typer.Option(
-        "--quiet", "-q", help="List only files that failed verification, not benign skips."
-    ),
-]
-
 
 @dataclass(slots=True)
 class Outcome:
     """What importing one source did, for the summary."""
 
-    label: str
+    source: str
     kind: str
     stats: ImportStats | None = None
     write: WriteStats | None = None
     skipped: list[SkippedEntry] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    code: ExitCode = EXIT_REFUSED
+    """The exit code the error causes (6 for a busy database)."""
 
 
 @import_app.command("deb")
@@ -86,34 +94,39 @@ def import_deb(
     root: RootOption = Path("/"),
     admindir: Annotated[
         Path | None,
-        typer.Option("--admindir", help="dpkg database directory (default: ROOT/var/lib/dpkg)."),
+        typer.Option("--admindir", metavar="DIR",
+                     help="dpkg database directory (default: ROOT/var/lib/dpkg)."),
     ] = None,
     all_files: AllFilesOption = False,
     db: DbOption = DEFAULT_DB_PATH,
     json_out: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Installed Debian packages (dpkg status, md5sums): verify each file's MD5 on disk, then
     record its BLAKE3 and SHA-256. Mismatches are listed and not trusted."""
     admin = str(admindir) if admindir else None
-    _run([DebImporter(root=str(root), admindir=admin, all_files=all_files)], db, json_out, quiet)
+    _run([DebImporter(root=str(root), admindir=admin, all_files=all_files)], db, json_out, quiet, verbose)
 
 
 @import_app.command("rpm")
 def import_rpm(
     files: Annotated[
         list[Path] | None,
-        typer.Argument(help="Package files to import; without any, the installed rpmdb."),
+        typer.Argument(metavar="[RPM]...",
+                       help="Package files to import; without any, the installed rpmdb."),
     ] = None,
     root: RootOption = Path("/"),
     dbpath: Annotated[
         str | None,
-        typer.Option("--dbpath", help="rpmdb directory inside ROOT (default: where it is found)."),
+        typer.Option("--dbpath", metavar="DIR",
+                     help="rpmdb directory inside ROOT (default: where it is found)."),
     ] = None,
     all_files: AllFilesOption = False,
     db: DbOption = DEFAULT_DB_PATH,
     json_out: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """RPM packages: .rpm files (each member checked against its header digest; one source
     `rpmfile:NAME.ARCH` per package), or the installed rpmdb.sqlite of ROOT (each file verified
@@ -123,37 +136,47 @@ def import_rpm(
         importers = [RpmFileImporter(path=str(f), all_files=all_files) for f in files]
     else:
         importers = [RpmDbImporter(root=str(root), dbpath=dbpath, all_files=all_files)]
-    _run(importers, db, json_out, quiet)
+    _run(importers, db, json_out, quiet, verbose)
 
 
 @import_app.command("python")
 def import_python(
-    paths: Annotated[list[Path], typer.Argument(help="Venvs, prefixes or site-packages dirs.")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(metavar="DIR...", help="Venvs, prefixes or site-packages dirs."),
+    ],
     all_files: AllFilesOption = False,
     db: DbOption = DEFAULT_DB_PATH,
     json_out: JsonOption = False,
     quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Python environments: verify every file against its distribution's RECORD (SHA-256),
     record it as `name==version`. One source `python:PATH` per path."""
     importers: list[Importer] = [PythonImporter(path=str(p), all_files=all_files) for p in paths]
-    _run(importers, db, json_out, quiet)
+    _run(importers, db, json_out, quiet, verbose)
 
 
-def _run(importers: list[Importer], db_path: Path, json_out: bool, quiet: bool) -> None:
+def _run(
+    importers: list[Importer], db_path: Path, json_out: bool, quiet: bool, verbose: bool
+) -> None:
     """Import each source in its own transaction; a refused source does not stop the others."""
+    prepare_new_database(db_path, quiet=quiet or json_out)
     try:
         db = TrustDB.open(db_path, write=True)
     except DatabaseError as e:
-        fatal(str(e))
+        fatal(str(e), database_error_code(e))
     show = not json_out and sys.stderr.isatty()
     outcomes: list[Outcome] = []
+    codes: list[ExitCode] = []
     with db:
         for importer in importers:
             outcome = _import_one(db, importer, show)
             outcomes.append(outcome)
+            if outcome.error is not None:
+                codes.append(outcome.code)
             if not json_out:
-                _print_outcome(outcome, quiet)
+                _print_outcome(outcome, quiet=quiet, verbose=verbose)
     if json_out:
         print(json.dumps({"sources": [_json(o) for o in outcomes]}, indent=2))
     errors = [o.error for o in outcomes if o.error is not None]
@@ -161,7 +184,7 @@ def _run(importers: list[Importer], db_path: Path, json_out: bool, quiet: bool) 
         # One line per refused source; the other sources were imported (and printed) above.
         for error in errors[:-1]:
             print(f"trustdb: error: {error}", file=sys.stderr)
-        fatal(errors[-1], EXIT_REFUSED)
+        fatal(errors[-1], codes[-1] if codes else EXIT_REFUSED)
     if any(s.fatal for o in outcomes for s in o.skipped):
         raise typer.Exit(EXIT_UNVERIFIED)
 
@@ -171,8 +194,8 @@ def _import_one(db: TrustDB, importer: Importer, show: bool) -> Outcome:
     try:
         src = importer.source()
     except ImporterError as e:
-        return Outcome(label=f"{importer.name}:?", kind=importer.name, error=str(e))
-    outcome = Outcome(label=src.label, kind=src.kind, stats=getattr(importer, "stats", None))
+        return Outcome(source=f"{importer.name}:?", kind=importer.name, error=str(e))
+    outcome = Outcome(source=src.label, kind=src.kind, stats=getattr(importer, "stats", None))
     try:
         # Streamed into the transaction, not collected first: the database takes each entry's
         # arrival time as its hash time when it decides whether the inode may be cached.
@@ -182,6 +205,8 @@ def _import_one(db: TrustDB, importer: Importer, show: bool) -> Outcome:
     except (ImporterError, DatabaseError) as e:
         outcome.error = str(e)
         outcome.write = None
+        if isinstance(e, DatabaseError):
+            outcome.code = database_error_code(e)
     outcome.seconds = time.monotonic() - start
     return outcome
 
@@ -232,21 +257,24 @@ class _progress:
             self.bar.stop()
 
 
-def _print_outcome(o: Outcome, quiet: bool) -> None:
+def _print_outcome(o: Outcome, *, quiet: bool, verbose: bool) -> None:
     if o.error is not None:
         return  # printed once, at the end, with the exit code it causes
     for s in o.skipped:
-        if quiet and not s.fatal:
+        if not s.fatal and not verbose:
             continue
         mark = "FAILED " if s.fatal else "skipped"
         origin = f" [{s.origin}]" if s.origin else ""
         print(f"  {mark} {s.path}{origin}: {s.reason}")
     st, w = o.stats, o.write
-    parts = [f"{o.label}:"]
+    if quiet:
+        return
+    parts = [f"{o.source}:"]
     if st is not None:
         parts.append(
             f"{st.packages} packages, {st.files} files: {st.recorded} trusted, "
-            f"{st.not_executable} not executable, {st.skipped} skipped ({st.fatal} failed); "
+            f"{st.not_executable} not executable, {st.skipped} skipped ({st.fatal} failed"
+            f"{'' if verbose or st.skipped == st.fatal else '; --verbose lists them'}); "
             f"{st.bytes_hashed / 1e6:.1f} MB hashed, {st.cache_hits} unchanged files not re-read;"
         )
     if w is not None:
@@ -260,7 +288,7 @@ def _print_outcome(o: Outcome, quiet: bool) -> None:
 
 def _json(o: Outcome) -> dict[str, Any]:
     return {
-        "label": o.label,
+        "source": o.source,
         "kind": o.kind,
         "error": o.error,
         "seconds": round(o.seconds, 3),

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from trustdb.cli import app
-from trustdb.cli.common import JsonOption, fatal
+from trustdb.cli.common import ExitCode, JsonOption, fatal
 from trustdb.events import DEFAULT_LOG, LOG_ENV, follow_lines, parse_json_line, render_text
 
 LogFileOption = Annotated[
@@ -36,9 +36,10 @@ def log_command(
     try:
         _show(file, follow=follow, json_out=json_out)
     except FileNotFoundError:
-        fatal(f"no decision log at {file} (set --file or {LOG_ENV})")
+        fatal(f"no decision log at {file} (set --file or {LOG_ENV})", ExitCode.NO_DATABASE)
     except PermissionError:
-        fatal(f"cannot read {file}: permission denied (the log is readable by root)")
+        fatal(f"cannot read {file}: permission denied (the log is readable by root)",
+              ExitCode.NO_PERMISSION)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except BrokenPipeError:
