@@ -37,16 +37,14 @@ from trustdb.dbschema import (
     _VERIFIED_T,
     SCHEMA_VERSION,
     _decode_entry,
-    _decode_verified,
     _entry_key,
     _has_prefix,
     _matching_keys,
     _read_generation,
     _scan,
-    _verified_key,
-    _verified_version,
     path_key,
 )
+from trustdb.dbview import DigestCacheView, MirrorSnapshot
 from trustdb.dbwrite import _Replayable, _Txn
 from trustdb.hashing import FRESH_CTIME_SECONDS
 from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, TrustEntry
@@ -442,18 +440,25 @@ class TrustDB:
             os.close(fd)  # releases the flock
 
     # --- reads ---
-    @contextmanager
-    def _read(self) -> Iterator[lmdb.Transaction[bytes]]:
+    def _begin_read(self) -> lmdb.Transaction[bytes]:
         try:
-            txn = self._env.begin()
+            return self._env.begin()
         except lmdb.MapResizedError:
             # Another process grew the map: adopt its size and start again.
             self._env.set_mapsize(0)
-            txn = self._env.begin()
+            return self._env.begin()
+
+    @contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction[bytes]]:
+        txn = self._begin_read()
         try:
             yield txn
         finally:
             txn.abort()
+
+    def snapshot(self) -> MirrorSnapshot:
+        """One read transaction over what a mirror sync reads (see `trustdb.dbview`)."""
+        return MirrorSnapshot(self._begin_read())
 
     @property
     def generation(self) -> int:
@@ -556,27 +561,7 @@ class TrustDB:
 
     def digest_cache(self) -> DigestCacheView:
         """A read-only `trustdb_importers.interface.DigestCache` over cached verifications."""
-        return DigestCacheView(self)
-
-
-class DigestCacheView:
-    """Looks up cached verifications (each lookup is one short read transaction, so it also
-    works while the same process holds a write transaction, as an importer does)."""
-
-    def __init__(self, db: TrustDB) -> None:
-        self._db = db
-
-    def lookup(
-        self, key: InodeKey, size: int, *, want_sha256: bool = False, want_md5: bool = False
-    ) -> FileDigests | None:
-        with self._db._read() as txn:
-            raw = txn.get(_verified_key(key))
-        if raw is None or not raw.startswith(_verified_version(key, size)):
-            return None
-        digests = _decode_verified(raw, size)
-        if (want_sha256 and digests.sha256 is None) or (want_md5 and digests.md5 is None):
-            return None
-        return digests
+        return DigestCacheView(self._read)
 
 
 def _map_size_for(path: Path) -> int:

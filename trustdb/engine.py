@@ -60,11 +60,15 @@ class Engine:
     def start(self) -> None:
         if self._backend is not None:
             return
+        given = isinstance(self._choice, Backend)
         backend = (
-            self._choice if isinstance(self._choice, Backend) else backends.select(self._choice)
+            self._choice
+            if isinstance(self._choice, Backend)
+            else backends.select_loaded(self._choice, self.config)  # loads each object once
         )
         try:
-            backend.load(self.config)
+            if given:
+                backend.load(self.config)
             prewarm = self._prewarm
             if self._prepare is not None:
                 prewarm = self._prepare(backend) or prewarm

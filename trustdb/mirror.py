@@ -42,9 +42,8 @@ import os
 import stat as statmod
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from trustdb import fskeys
 from trustdb.backends.interface import KeySink
@@ -65,6 +64,13 @@ from trustdb.fskeys import (
     wait_for_coarse_clock,
 )
 from trustdb.hashing import HashedFile, HashingError, hash_fd, hash_file, hash_many
+from trustdb.mirrorsource import (
+    MirrorSource,
+    MirrorStats,
+    SkippedPath,
+    SyncSnapshot,
+    open_snapshot,
+)
 from trustdb.model import FileDigests, InodeKey
 
 MAX_FIRST_SEEN = 65536
@@ -80,87 +86,7 @@ REASON_CHANGED = "changed while being mirrored"
 REASON_UNSETTLED = "modified again and again within its ctime tick; retried on the next sync"
 
 
-# --- values --------------------------------------------------------------------------------
-
-
-class MirrorSource(Protocol):
-    """What the mirror reads from the trust database (`trustdb.db.TrustDB` provides it)."""
-
-    @property
-    def generation(self) -> int: ...
-
-    def iter_paths(self, label: str | None = None) -> Iterator[_PathRecordLike]: ...
-
-    def is_trusted(self, digest: bytes) -> bool: ...
-
-    def digest_cache(self) -> _DigestCacheLike: ...
-
-    def record_verification(self, key: InodeKey, digests: FileDigests) -> None: ...
-
-    def record_verifications(self, items: Iterable[tuple[InodeKey, FileDigests]]) -> None: ...
-
-
-class _PathRecordLike(Protocol):
-    @property
-    def path(self) -> str: ...
-
-
-class _DigestCacheLike(Protocol):
-    def lookup(self, key: InodeKey, size: int) -> FileDigests | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class SkippedPath:
-    """A recorded path the mirror did not insert, and why (a value, not an exception)."""
-
-    path: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorStats:
-    """What one `Mirror.sync` did."""
-
-    generation: int
-    """Database generation that was mirrored."""
-    paths: int
-    """Distinct recorded paths walked."""
-    inserted: int
-    """Keys added to the kernel map by this sync."""
-    removed: int
-    """Keys taken out (content no longer trusted, or the file changed)."""
-    mirrored: int
-    """Keys in the kernel map after the sync (paths plus first-seen files)."""
-    cached: int
-    """Paths whose digest came from the verification cache (no read)."""
-    hashed: int
-    """Paths that were read and hashed."""
-    deferred: int
-    """Paths that had to wait for their ctime tick to pass."""
-    skipped: tuple[SkippedPath, ...]
-    elapsed: float
-    """Seconds, wall clock."""
-
-    def skip_counts(self) -> dict[str, int]:
-        """Skipped paths counted by reason, most frequent first."""
-        counts: dict[str, int] = {}
-        for s in self.skipped:
-            counts[s.reason] = counts.get(s.reason, 0) + 1
-        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-    def summary(self) -> str:
-        """One line for a person: `mirrored 812 keys from 840 paths (...) in 0.21 s`."""
-        line = (
-            f"mirrored {self.mirrored} keys from {self.paths} paths"
-            f" (+{self.inserted} -{self.removed}; {self.cached} cached, {self.hashed} hashed"
-        )
-        if self.deferred:
-            line += f", {self.deferred} waited for their ctime tick"
-        line += f") in {self.elapsed:.2f} s"
-        if self.skipped:
-            reasons = "; ".join(f"{n} {r}" for r, n in self.skip_counts().items())
-            line += f"; {len(self.skipped)} skipped: {reasons}"
-        return line
+# --- one sync's scratch values ------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,15 +114,21 @@ _Outcome = _Verified | _Deferred | _ToHash | str
 class _Walk:
     """Counters and results of one sync walk (mutable scratch, not handed out)."""
 
+    snapshot: SyncSnapshot
     wanted: dict[InodeKey, bytes] = field(default_factory=dict)
     skipped: list[SkippedPath] = field(default_factory=list)
     verifications: list[tuple[InodeKey, FileDigests]] = field(default_factory=list)
     pending: list[InodeKey] = field(default_factory=list)
     """Verified keys not yet handed to the sink (flushed every `batch_size`)."""
-    to_hash: dict[str, _ToHash] = field(default_factory=dict)
-    """Paths to read, with their stat from before the read and their keys."""
-    deferred: dict[str, int] = field(default_factory=dict)
-    """Paths waiting for the coarse clock to pass this value."""
+    to_hash: dict[str, tuple[_ToHash, tuple[bytes, ...]]] = field(default_factory=dict)
+    """Paths to read: their stat from before the read, their keys, their recorded digests."""
+    deferred: dict[str, tuple[int, tuple[bytes, ...]]] = field(default_factory=dict)
+    """Paths waiting for the coarse clock to pass a value, with their recorded digests."""
+    path_keys: dict[str, tuple[InodeKey, ...]] = field(default_factory=dict)
+    """The keys each verified path gave (a refresh removes them when the path goes)."""
+    fs_types: dict[int, int] = field(default_factory=dict)
+    """st_dev -> statfs f_type: one statfs per filesystem, not per path (one st_dev is one
+    superblock)."""
     _overlays: list[OverlayMount] | None = None
 
     def overlay_mounts(self) -> list[OverlayMount]:
@@ -259,6 +191,8 @@ class Mirror:
         self._recent: dict[InodeKey, FileDigests] = {}
         """What `verify_file` read lately, trusted or not (bounded, oldest dropped first)."""
         self._generation: int | None = None
+        self._path_keys: dict[str, tuple[InodeKey, ...]] = {}
+        """The keys each recorded path gave at the last sync."""
         self.hash_count = 0
         """Files read and hashed over this mirror's life (tests and benchmarks use it)."""
 
@@ -287,26 +221,27 @@ class Mirror:
         """Walk every recorded path and make the sink match: add new keys, remove stale ones.
 
         Keys already in the sink are not inserted again; unchanged files hit the verification
-        cache, so a sync after a small database change costs a stat per path."""
+        cache, so a warm sync costs a stat and two lookups per path, all in one read
+        transaction (`open_snapshot`)."""
         started = time.monotonic()
-        generation = self._db.generation
-        cache = self._db.digest_cache()
-        walk = _Walk()
-        paths = 0
-        last = None
-        for record in self._db.iter_paths():
-            if record.path == last:  # one path, several sources
-                continue
-            last = record.path
-            paths += 1
-            self._take(record.path, self._examine(record.path, cache, walk), walk)
-        self._hash_queued(walk)
-        deferred_total = len(walk.deferred)
-        self._retry_deferred(cache, walk)
+        snapshot = open_snapshot(self._db)
+        try:
+            walk = _Walk(snapshot)
+            generation = snapshot.generation
+            paths = 0
+            for path, recorded in snapshot.paths():
+                paths += 1
+                self._take(path, self._examine(path, recorded, walk), walk, recorded)
+            self._hash_queued(walk)
+            deferred_total = len(walk.deferred)
+            self._retry_deferred(walk)
+        finally:
+            snapshot.close()  # before any write from this process (verifications below)
         self._flush(walk)
         removed = self._drop_stale(walk.wanted)
         self._record(walk.verifications + self._take_unrecorded())
         self._generation = generation
+        self._path_keys = walk.path_keys
         return MirrorStats(
             generation=generation,
             paths=paths,
@@ -320,37 +255,41 @@ class Mirror:
             elapsed=time.monotonic() - started,
         )
 
-    def _take(self, path: str, outcome: _Outcome, walk: _Walk) -> None:
+    def _take(self, path: str, outcome: _Outcome, walk: _Walk, recorded: tuple[bytes, ...]) -> None:
         """File one path's outcome: queue it for hashing or for later, insert it, or skip it."""
         if isinstance(outcome, _ToHash):
-            walk.to_hash[path] = outcome
+            walk.to_hash[path] = (outcome, recorded)
         elif isinstance(outcome, _Deferred):
-            walk.deferred[path] = outcome.until_ns
+            walk.deferred[path] = (outcome.until_ns, recorded)
         elif isinstance(outcome, _Verified):
             for key in outcome.keys:
                 walk.wanted[key] = outcome.digest
+            walk.path_keys[path] = outcome.keys
             walk.pending.extend(outcome.keys)
             if len(walk.pending) >= self._batch:
                 self._flush(walk)
         else:
             walk.skipped.append(SkippedPath(path, outcome))
 
-    def _retry_deferred(self, cache: _DigestCacheLike, walk: _Walk) -> None:
+    def _retry_deferred(self, walk: _Walk) -> None:
         """Wait out the ctime tick of files that were too fresh, then verify them again.
         A file written again meanwhile is deferred again, at most three rounds."""
         for _round in range(3):
             if not walk.deferred:
                 return
-            wait_for_coarse_clock(max(walk.deferred.values()))
+            wait_for_coarse_clock(max(until for until, _ in walk.deferred.values()))
             retry, walk.deferred = walk.deferred, {}
             for path in sorted(retry):
-                self._take(path, self._examine(path, cache, walk), walk)
+                recorded = retry[path][1]
+                self._take(path, self._examine(path, recorded, walk), walk, recorded)
             self._hash_queued(walk)
         walk.skipped.extend(SkippedPath(p, REASON_UNSETTLED) for p in sorted(walk.deferred))
         walk.deferred.clear()
 
-    def _examine(self, path: str, cache: _DigestCacheLike, walk: _Walk) -> _Outcome:
-        """Everything short of reading the file: stat, filesystem, ctime tick, cache."""
+    def _examine(self, path: str, recorded: tuple[bytes, ...], walk: _Walk) -> _Outcome:
+        """Everything short of reading the file: stat, filesystem, ctime tick, cache.
+        `recorded`: the digests the database records for this path (a cached digest among
+        them is trusted without another lookup: an entry implies its content record)."""
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -359,31 +298,40 @@ class Mirror:
             return f"cannot stat: {e.strerror}"
         if not statmod.S_ISREG(st.st_mode):
             return REASON_NOT_REGULAR
-        try:
-            magic = fs_magic(path)
-        except OSError as e:
-            return f"cannot statfs: {e.strerror}"
+        magic = walk.fs_types.get(st.st_dev)
+        if magic is None:
+            try:
+                magic = walk.fs_types[st.st_dev] = fs_magic(path)
+            except OSError as e:
+                return f"cannot statfs: {e.strerror}"
         keys = kernel_keys(path, st, magic, walk.overlay_mounts)
         if isinstance(keys, str):
             return keys
         if not self._settled(st, magic):
             return _Deferred(ctime_settled_at(st))
-        cached = cache.lookup(keys[0], st.st_size)
+        cached = walk.snapshot.cached_blake3(keys[0], st.st_size)
         if cached is None:
             return _ToHash(st, keys)
         walk.cached += 1
-        if not self._db.is_trusted(cached.blake3):
+        if cached not in recorded and not walk.snapshot.is_trusted(cached):
             return REASON_UNTRUSTED
-        return _Verified(keys, cached.blake3)
+        return _Verified(keys, cached)
 
     def _hash_queued(self, walk: _Walk) -> None:
         """Hash the queued files on a thread pool (blake3 and read release the GIL)."""
         queued, walk.to_hash = walk.to_hash, {}
         for path, result in hash_many(list(queued), follow_symlinks=True):
-            self._take(path, self._check_hashed(path, queued[path], result, walk), walk)
+            to_hash, recorded = queued[path]
+            outcome = self._check_hashed(path, to_hash, recorded, result, walk)
+            self._take(path, outcome, walk, recorded)
 
     def _check_hashed(
-        self, path: str, queued: _ToHash, result: HashedFile | HashingError, walk: _Walk
+        self,
+        path: str,
+        queued: _ToHash,
+        recorded: tuple[bytes, ...],
+        result: HashedFile | HashingError,
+        walk: _Walk,
     ) -> _Verified | str:
         if isinstance(result, HashingError):
             return str(result)
@@ -398,9 +346,10 @@ class Mirror:
         if not (_same_file(queued.stat, result.stat) and _same_file(result.stat, after)):
             return REASON_CHANGED
         walk.verifications.append((queued.keys[0], result.digests))
-        if not self._db.is_trusted(result.digests.blake3):
+        digest = result.digests.blake3
+        if digest not in recorded and not walk.snapshot.is_trusted(digest):
             return REASON_UNTRUSTED
-        return _Verified(queued.keys, result.digests.blake3)
+        return _Verified(queued.keys, digest)
 
     def _settled(self, st: os.stat_result, magic: int) -> bool:
         """Is a write from now on sure to change this file's ctime (and so its key)?"""
@@ -551,6 +500,7 @@ __all__ = [
     "MirrorStats",
     "OverlayMount",
     "SkippedPath",
+    "SyncSnapshot",
     "coarse_now_ns",
     "ctime_settled_at",
     "fs_magic",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class FileKind(enum.IntEnum):
@@ -25,14 +26,15 @@ class FileKind(enum.IntEnum):
     """Has an exec bit but is neither ELF nor `#!` (e.g. a binfmt_misc format)."""
 
 
-@dataclass(frozen=True, slots=True)
-class InodeKey:
+class InodeKey(NamedTuple):
     """The identity of one version of one inode, as the kernel's hooks see it.
 
     Any change to the file (content, chmod, rename, link, utime, xattr) changes ctime, so a key
     stops matching as soon as the file is touched. `dev` is the *kernel* encoding
     (major << 20 | minor), which differs from `os.stat().st_dev`; use `from_stat`.
     `ctime_nsec` never carries the multigrain flag bit (bit 31 on 6.13+), the BPF side masks it.
+    A NamedTuple, not a dataclass: the mirror hashes and compares keys several times per path,
+    and a tuple does that in C (a frozen dataclass's __hash__ is Python code; profiled).
     """
 
     dev: int
@@ -43,12 +45,8 @@ class InodeKey:
     @classmethod
     def from_stat(cls, st: os.stat_result) -> InodeKey:
         kdev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
-        return cls(
-            dev=kdev,
-            ino=st.st_ino,
-            ctime_sec=st.st_ctime_ns // 1_000_000_000,
-            ctime_nsec=st.st_ctime_ns % 1_000_000_000,
-        )
+        ctime_sec, ctime_nsec = divmod(st.st_ctime_ns, 1_000_000_000)
+        return cls(kdev, st.st_ino, ctime_sec, ctime_nsec)
 
 
 @dataclass(frozen=True, slots=True)

@@ -135,6 +135,7 @@ class EngineSession:
             except DatabaseError as e:
                 raise SupervisorError(f"trust database {db}: {e}") from e
             self._closers.append(self._db.close)
+            self._start_first_sync()
             self._engine = BackendEngine(config, backend=backend, prepare=self._prepare,
                                          allow_system_wide=allow_system_wide)
             self._closers.append(self._engine.stop)
@@ -157,14 +158,37 @@ class EngineSession:
     def _prepare(self, backend: Backend) -> Prewarm:
         """Between load and attach: protect the database (lsm, runs only), fill the map, and
         hand the mirror's first-seen check to the exec pre-warm."""
-        from trustdb.mirror import Mirror
-
         protect = getattr(backend, "protect_database", None)
         if protect is not None and not self._config.scope.system_wide:
             protect(self._db_path)  # lsm: the kernel itself refuses the confined tree any DB change
-        self._mirror = Mirror(self._db, backend.trusted_inodes)
-        self._mirror.sync()
+        self._first_sync.join()
+        if self._first_sync_error is not None:
+            raise self._first_sync_error
+        self._buffer.attach(backend.trusted_inodes)
         return self._mirror.verify_file
+
+    def _start_first_sync(self) -> None:
+        """The mirror's first sync (stat and database lookups, in Python) runs on a thread
+        while the engine loads the BPF object (the kernel verifier, GIL released); its keys
+        wait in a buffer until the map exists (`_prepare`). Nothing attaches before that."""
+        import threading
+
+        from trustdb.mirror import Mirror
+        from trustdb.mirrorsource import BufferedKeySink
+
+        self._buffer = BufferedKeySink()
+        self._mirror = Mirror(self._db, self._buffer)
+        self._first_sync_error: BaseException | None = None
+
+        def first_sync() -> None:
+            try:
+                self._mirror.sync()
+            except BaseException as e:  # noqa: BLE001 - re-raised by _prepare, on the caller's thread
+                self._first_sync_error = e
+
+        self._first_sync = threading.Thread(target=first_sync, name="first-sync", daemon=True)
+        self._first_sync.start()
+        self._closers.append(self._first_sync.join)  # never close the database under it
 
     def _on_sample(self, data: bytes) -> None:
         self._sink.on_sample(data)

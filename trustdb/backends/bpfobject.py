@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from trustdb.libbpf import BpfMap, BpfObject, LibbpfError
 from trustdb.model import InodeKey
 
 _TRUSTED = b"\x01"
+_KEY_BYTES = struct.Struct("=QQqI4x")
+"""`struct td_inode_key` (abi.CInodeKey) packed straight from an InodeKey tuple: the mirror
+inserts 137k keys at start-up, and a ctypes object per key cost more than the bpf() call."""
 _PIDFD_THREAD = os.O_EXCL  # pidfd of one thread (6.9+)
 
 
@@ -44,9 +48,8 @@ class MapKeySink:
         if not keys:
             return
         try:
-            self._map.update_batch(
-                [bytes(CInodeKey.from_key(k)) for k in keys], [_TRUSTED] * len(keys)
-            )
+            pack = _KEY_BYTES.pack
+            self._map.update_batch([pack(*k) for k in keys], [_TRUSTED] * len(keys))
         except LibbpfError as e:
             if e.errno == errno.E2BIG:
                 raise BackendError(
@@ -81,6 +84,10 @@ class BpfBackend(Backend):
         self._events_fd = -1
         self._attached = False
         self._scope_path = ""
+
+    @property
+    def probe_is_load(self) -> bool:  # type: ignore[override]
+        return not self.probe_programs
 
     @property
     def object_path(self) -> Path:

@@ -96,6 +96,9 @@ class Backend(abc.ABC):
     """One paragraph for `trustdb status`: what this backend enforces and how (EPERM/SIGKILL)."""
     refused: tuple[tuple[str, str], ...] = ()
     """Set by `select`: stronger backends this kernel refused, with the reason for each."""
+    probe_is_load: bool = False
+    """True when `probe` proves nothing a real `load` does not: `select_loaded` then skips it
+    and treats a failed load as the refusal (each object is loaded once)."""
 
     @abc.abstractmethod
     def probe(self) -> Probe:

@@ -38,16 +38,8 @@ from trustdb.cli.common import (
 )
 from trustdb.db import DatabaseError, TrustDB, WriteStats
 from trustdb.model import SkippedEntry, TrustEntry
-from trustdb_importers import (
-    DebImporter,
-    Importer,
-    ImporterError,
-    ImportStats,
-    PythonImporter,
-    RpmDbImporter,
-    RpmFileImporter,
-)
-from trustdb_importers.ondisk import OnDiskImporter
+from trustdb_importers.interface import Importer, ImporterError
+from trustdb_importers.ondisk import ImportStats, OnDiskImporter
 
 EXIT_REFUSED = ExitCode.FAILED
 EXIT_UNVERIFIED = ExitCode.PARTIAL
@@ -106,6 +98,8 @@ def import_deb(
     """Installed Debian packages (dpkg status, md5sums): verify each file's MD5 on disk, then
     record its BLAKE3 and SHA-256. Mismatches are listed and not trusted."""
     admin = str(admindir) if admindir else None
+    from trustdb_importers.deb import DebImporter  # each parser on first use (start-up time)
+
     _run([DebImporter(root=str(root), admindir=admin, all_files=all_files)], db, json_out, quiet, verbose)
 
 
@@ -131,6 +125,8 @@ def import_rpm(
     """RPM packages: .rpm files (each member checked against its header digest; one source
     `rpmfile:NAME.ARCH` per package), or the installed rpmdb.sqlite of ROOT (each file verified
     on disk)."""
+    from trustdb_importers.rpm import RpmDbImporter, RpmFileImporter
+
     importers: list[Importer]
     if files:
         importers = [RpmFileImporter(path=str(f), all_files=all_files) for f in files]
@@ -153,6 +149,8 @@ def import_python(
 ) -> None:
     """Python environments: verify every file against its distribution's RECORD (SHA-256),
     record it as `name==version`. One source `python:PATH` per path."""
+    from trustdb_importers.python import PythonImporter
+
     importers: list[Importer] = [PythonImporter(path=str(p), all_files=all_files) for p in paths]
     _run(importers, db, json_out, quiet, verbose)
 
