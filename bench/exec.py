@@ -4,10 +4,14 @@
 1. exec: a C loop of fork + execve(/bin/true) + wait, pinned to CPU 1, inside a test cgroup,
    with the strongest backend's programs attached in enforce mode vs the same cgroup with no
    programs attached; rounds alternate so that machine noise hits both sides alike.
-2. syscall tax: a C loop of getppid() *outside* the scope, with vs without the programs attached
+2. exec under `trustdb run` (programs, seccomp, the first-seen handler's fanotify marks on the
+   tree's own mounts and its ignore marks) vs the same loop run plainly, no programs.
+3. exec *outside* the tree while a `trustdb run` is active vs while none is: the marks are on
+   the tree's mounts only, so the rest of the machine should pay nothing.
+4. syscall tax: a C loop of getppid() *outside* the scope, with vs without the programs attached
    (a program on a syscall tracepoint would slow every syscall of every process).
-3. first seen: exec of fresh copies of a trusted binary (new inodes, trusted content), which the
-   kernel map cannot know: the cost of verifying them before the kernel decides.
+5. first seen: exec of fresh copies of a trusted binary (new inodes, trusted content) inside
+   `trustdb run`, which the kernel map cannot know: the cost of verifying each once.
 
 Goals: exec <= x1.02, syscall tax <= x1.02. Named baseline: fapolicyd 1.1.7 measured x1.48 on
 exec on this machine (KERNEL-NOTES.md). Needs root; enforces only inside the cgroup it creates.
@@ -31,7 +35,6 @@ from trustdb.abi import Mode
 from trustdb.backends.interface import EngineConfig, Scope
 from trustdb.confine import RunCgroup
 from trustdb.db import TrustDB
-from trustdb.fanotify import ExecPrewarmer
 from trustdb.hashing import hash_file
 from trustdb.mirror import Mirror
 from trustdb.model import TrustEntry
@@ -137,47 +140,76 @@ def measure(cmd: list[str], cgroup: RunCgroup | None) -> tuple[float, int]:
 class Attached:
     """The strongest backend, loaded in enforce mode on `scope`, its map filled from `db`."""
 
-    def __init__(self, scope: Scope, db: Path, *, prewarm: bool = True) -> None:
+    def __init__(self, scope: Scope, db: Path) -> None:
         self.backend = backends.select()
         self.backend.load(EngineConfig(mode=Mode.ENFORCE, scope=scope,
                                        supervisor_tgid=os.getpid()))
         self.db = TrustDB.open(db, write=True)
         self.mirror = Mirror(self.db, self.backend.trusted_inodes)
         self.mirror.sync()
-        # First-seen files (copies of trusted content) are verified before the kernel decides.
-        self.prewarm = None
-        if prewarm:
-            self.prewarm = ExecPrewarmer(self.mirror.verify_file, self.backend, scope=scope)
-            self.prewarm.start()
         self.backend.attach()
 
     def close(self) -> None:
         self.backend.detach()
-        if self.prewarm is not None:
-            self.prewarm.stop()
         self.db.close()
 
 
-def alternate(db: Path, scope: Scope, run: Callable[[], tuple[float, int]], *,
-              prewarm: bool = True) -> tuple[list[float], list[float], list[float], int]:
-    """ROUNDS pairs of (with programs, without), in ABBA order so that neither side always
-    runs right after the load; returns both series, the per-pair ratios, failures with."""
-    with_, without, ratios, failed = [], [], [], 0
-    for i in range(ROUNDS):
+TRUSTDB = [sys.executable, "-c", "from trustdb.cli import main; main()"]
+ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+
+
+def measure_in_run(db: Path, cmd: list[str]) -> tuple[float, int]:
+    """The loop as the command of one `trustdb run` (enforce)."""
+    out = subprocess.run([*TRUSTDB, "run", "--db", str(db), "--", "taskset", "-c", CPU, *cmd],
+                         capture_output=True, text=True, check=True, env=ENV).stdout.split()
+    return float(out[0]), int(out[1])
+
+
+class ActiveRun:
+    """A `trustdb run` idling in the background (its handler and marks in place)."""
+
+    def __init__(self, db: Path) -> None:
+        self.proc = subprocess.Popen([*TRUSTDB, "run", "--db", str(db), "--", "sh", "-c",
+                                      "echo ready; exec sleep 600"], stdout=subprocess.PIPE,
+                                     text=True, env=ENV)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline() != "ready\n":
+            raise RuntimeError("trustdb run did not start")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def paired(with_run: Callable[[], tuple[float, int]], without: Callable[[], tuple[float, int]],
+           rounds: int = ROUNDS) -> tuple[list[float], list[float], list[float], int]:
+    """`rounds` pairs in ABBA order; both series, the per-pair ratios, failures with."""
+    w, wo, ratios, failed = [], [], [], 0
+    for i in range(rounds):
         if i % 2:
-            base = run()[0]
-        eng = Attached(scope, db, prewarm=prewarm)
-        try:
-            t, f = run()
-        finally:
-            eng.close()
+            base = without()[0]
+        t, f = with_run()
         if not i % 2:
-            base = run()[0]
-        with_.append(t)
-        without.append(base)
+            base = without()[0]
+        w.append(t)
+        wo.append(base)
         ratios.append(t / base)
         failed += f
-    return with_, without, ratios, failed
+    return w, wo, ratios, failed
+
+
+def alternate(db: Path, scope: Scope, run: Callable[[], tuple[float, int]]
+              ) -> tuple[list[float], list[float], list[float], int]:
+    """ROUNDS pairs of (with programs, without), in ABBA order so that neither side always
+    runs right after the load; returns both series, the per-pair ratios, failures with."""
+    def attached() -> tuple[float, int]:
+        eng = Attached(scope, db)
+        try:
+            return run()
+        finally:
+            eng.close()
+
+    return paired(attached, run)
 
 
 def noise_floor(run: Callable[[], tuple[float, int]]) -> float:
@@ -205,16 +237,38 @@ def main() -> int:
         def exec_loop() -> tuple[float, int]:
             return measure([str(loops), "exec", str(EXECS), true], cgroup)
 
-        print(f"noise floor (identical runs, median |ratio - 1|): exec "
-              f"{noise_floor(exec_loop):.3f}")
-        for prewarm in (False, True):
-            w, wo, ratios, failed = alternate(db, scope, exec_loop, prewarm=prewarm)
-            what = "programs + fanotify pre-warm (as `run`)" if prewarm else "programs only"
-            print(f"exec /bin/true, {name} {what}, enforce, cgroup scope, CPU {CPU}, "
-                  f"{ROUNDS}x{EXECS}: {statistics.median(wo) / 1000:.0f} us without, "
-                  f"{statistics.median(w) / 1000:.0f} us with: x{statistics.median(ratios):.3f} "
-                  f"(median of paired ratios; goal <= x1.02; fapolicyd 1.1.7: "
-                  f"x{FAPOLICYD_EXEC_RATIO})" + (f"  [{failed} denied: BUG]" if failed else ""))
+        def host_loop() -> tuple[float, int]:
+            return measure([str(loops), "exec", str(EXECS), true], None)
+
+        floor = noise_floor(exec_loop)
+        print(f"noise floor (identical runs, median |ratio - 1|): exec {floor:.3f}")
+        w, wo, ratios, failed = alternate(db, scope, exec_loop)
+        print(f"exec /bin/true, {name} programs only, enforce, cgroup scope, CPU {CPU}, "
+              f"{ROUNDS}x{EXECS}: {statistics.median(wo) / 1000:.0f} us without, "
+              f"{statistics.median(w) / 1000:.0f} us with: x{statistics.median(ratios):.3f} "
+              f"(median of paired ratios; goal <= x1.02; fapolicyd 1.1.7: "
+              f"x{FAPOLICYD_EXEC_RATIO})" + (f"  [{failed} denied: BUG]" if failed else ""))
+        w, wo, ratios, failed = paired(
+            lambda: measure_in_run(db, [str(loops), "exec", str(EXECS), true]), host_loop)
+        print(f"exec /bin/true under `trustdb run` (programs, seccomp, first-seen handler with "
+              f"scoped and ignore marks) vs plain, no programs, {ROUNDS}x{EXECS}: "
+              f"{statistics.median(wo) / 1000:.0f} us without, {statistics.median(w) / 1000:.0f}"
+              f" us with: x{statistics.median(ratios):.3f} (noise floor {floor:.3f}; goal <= "
+              f"x1.05, target x1.02; before: x1.26-1.75)"
+              + (f"  [{failed} denied: BUG]" if failed else ""))
+
+        def host_loop_while_run_active() -> tuple[float, int]:
+            active = ActiveRun(db)
+            try:
+                return host_loop()
+            finally:
+                active.close()
+
+        w, wo, ratios, _ = paired(host_loop_while_run_active, host_loop, rounds=ROUNDS // 2)
+        print(f"exec /bin/true outside the tree while a `trustdb run` is active vs none, "
+              f"{ROUNDS // 2}x{EXECS}: {statistics.median(wo) / 1000:.0f} us without, "
+              f"{statistics.median(w) / 1000:.0f} us with: x{statistics.median(ratios):.3f} "
+              f"(noise floor {floor:.3f}; goal x1.00)")
 
         def getppid_loop() -> tuple[float, int]:
             return measure([str(loops), "getppid", str(GETPPIDS)], None)
@@ -229,12 +283,8 @@ def main() -> int:
             c = work / f"true-copy-{i}"
             shutil.copy2(true, c)
             copies.append(str(c))
-        eng = Attached(scope, db)
-        try:
-            t_first, denied = measure([str(loops), "exec", str(COPIES), *copies], cgroup)
-            t_known, _ = measure([str(loops), "exec", str(COPIES), true], cgroup)
-        finally:
-            eng.close()
+        t_first, denied = measure_in_run(db, [str(loops), "exec", str(COPIES), *copies])
+        t_known, _ = measure_in_run(db, [str(loops), "exec", str(COPIES), true])
         if denied:
             print(f"first-seen copies of a trusted binary: {denied}/{COPIES} denied: BUG")
         else:

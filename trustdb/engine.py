@@ -7,9 +7,12 @@
     # everything is detached here, whatever happened inside
 
 Nothing is pinned: every link and map lives in this process's fds, so when the process dies the
-kernel removes the programs too. The optional `prewarm` callback (the mirror's `verify_file`)
-runs from a fanotify exec-permission handler, before the kernel's exec check: a first-seen copy
-of trusted content gets its key inserted in time (trustdb/fanotify.py).
+kernel removes the programs too. With `first_seen` (how to open the trust database read-only),
+a forked handler process answers fanotify permission events before the kernel's checks: a
+first-seen copy of trusted content gets its key inserted in time, and an untrusted exec gets
+EPERM (trustdb.first_seen, trustdb.first_seen_handler). For a scoped engine it marks only the
+mounts of the confined task's own mount namespace, from `confine()` on; for a system-wide one,
+every filesystem from `start()` on.
 """
 
 from __future__ import annotations
@@ -20,17 +23,16 @@ from types import TracebackType
 from typing import Self
 
 from trustdb import backends
+from trustdb.abi import Mode
 from trustdb.backends.interface import Backend, BackendError, EngineConfig, KeySink
-from trustdb.model import InodeKey
+from trustdb.first_seen import NO_INTERPRETERS, Interpreters, OpenTrust
+from trustdb.first_seen_handler import FirstSeenHandler, HandlerConfig, HandlerError
 
-Prewarm = Callable[[str | int], InodeKey | None]
-"""Given an open fd (or a path) of a file about to be executed that the kernel map may not
-know, verify its content and insert its key if trusted; return the key or None."""
-
-Prepare = Callable[[Backend], "Prewarm | None"]
+Prepare = Callable[[Backend], "OpenTrust | None"]
 """Runs once the programs are loaded and before they attach: fill the trusted-inode map (the
-mirror's first sync) and return the pre-warm callback, if any. Attaching first would deny
-everything in scope until the map is full: on a system-wide engine, every exec on the machine."""
+mirror's first sync) and return how the first-seen handler opens the database, if any.
+Attaching first would deny everything in scope until the map is full: on a system-wide
+engine, every exec on the machine."""
 
 
 class Engine:
@@ -39,9 +41,11 @@ class Engine:
         config: EngineConfig,
         *,
         backend: str | Backend | None = None,
-        prewarm: Prewarm | None = None,
+        first_seen: OpenTrust | None = None,
         prepare: Prepare | None = None,
         allow_system_wide: bool = False,
+        interpreters: Interpreters = NO_INTERPRETERS,
+        db_option: str = "",
     ) -> None:
         """`backend`: a name (`--backend`), an instance, or None for the strongest the kernel
         accepts. `allow_system_wide` must be set to enforce on the whole machine (service
@@ -50,10 +54,14 @@ class Engine:
             raise BackendError("refusing system-wide enforcement without allow_system_wide")
         self.config = config
         self._choice = backend
-        self._prewarm = prewarm
+        self._first_seen = first_seen
         self._prepare = prepare
+        self._interpreters = interpreters
+        self._db_option = db_option
         self._backend: Backend | None = None
-        self._prewarmer: object | None = None
+        self._handler: FirstSeenHandler | None = None
+        self.first_seen_warning = ""
+        """Why no first-seen handler runs for a confined task (it shares our mounts)."""
 
     # ---- life cycle
 
@@ -69,33 +77,41 @@ class Engine:
         try:
             if given:
                 backend.load(self.config)
-            prewarm = self._prewarm
             if self._prepare is not None:
-                prewarm = self._prepare(backend) or prewarm
-            if prewarm is not None:
-                from trustdb.fanotify import ExecPrewarmer
-
-                pw = ExecPrewarmer(prewarm, backend, scope=self.config.scope)
-                pw.start()
-                self._prewarmer = pw
+                self._first_seen = self._prepare(backend) or self._first_seen
+            if self._first_seen is not None:
+                self._handler = self._new_handler(backend, self._first_seen)
+                if self.config.scope.system_wide:
+                    self._handler.start()
             backend.attach()
         except BaseException:
-            self._stop_prewarmer()
+            self._stop_handler()
             backend.detach()
             raise
         self._backend = backend
 
+    def _new_handler(self, backend: Backend, open_trust: OpenTrust) -> FirstSeenHandler:
+        is_confined = getattr(backend, "is_confined", None)
+        return FirstSeenHandler(HandlerConfig(
+            open_trust=open_trust,
+            keys=backend.trusted_inodes,  # type: ignore[arg-type]
+            is_confined=None if self.config.scope.system_wide else is_confined,
+            enforce=self.config.mode == Mode.ENFORCE,
+            interpreters=self._interpreters,
+            db_option=self._db_option,
+        ))
+
     def stop(self) -> None:
         """Detach everything (idempotent)."""
-        self._stop_prewarmer()
+        self._stop_handler()
         backend, self._backend = self._backend, None
         if backend is not None:
             backend.detach()
 
-    def _stop_prewarmer(self) -> None:
-        pw, self._prewarmer = self._prewarmer, None
-        if pw is not None:
-            pw.stop()  # type: ignore[attr-defined]
+    def _stop_handler(self) -> None:
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            handler.stop()
 
     def __enter__(self) -> Self:
         self.start()
@@ -126,8 +142,22 @@ class Engine:
     def events_fd(self) -> int:
         return self.backend.events_fd
 
+    @property
+    def first_seen(self) -> FirstSeenHandler | None:
+        """The running first-seen handler (its denial lines and counters), if any."""
+        h = self._handler
+        return h if h is not None and h.pid else None
+
     def confine(self, pidfd: int) -> None:
+        """Mark the task confined; the first time, the first-seen handler marks the mounts of
+        its mount namespace (before the task runs anything, if it waits at a gate)."""
         self.backend.confine(pidfd)
+        handler = self._handler
+        if handler is not None and not handler.pid:
+            try:
+                handler.start(tree_pid=_pid_of(pidfd))
+            except HandlerError as e:
+                self.first_seen_warning = str(e)
 
     def confine_pid(self, pid: int) -> None:
         """Confine by pid (racy if the pid can be reused: prefer `confine` with a pidfd held
@@ -137,3 +167,11 @@ class Engine:
             self.confine(fd)
         finally:
             os.close(fd)
+
+
+def _pid_of(pidfd: int) -> int:
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise HandlerError(f"fd {pidfd} is not a pidfd")

@@ -19,7 +19,9 @@ from trustdb.db import DEFAULT_DB
 from trustdb.events import Decision
 
 if TYPE_CHECKING:
-    from trustdb.engine import Prewarm
+    from trustdb.abi import Mode
+    from trustdb.first_seen import Interpreters, OpenTrust
+    from trustdb.first_seen_handler import Denial as FirstSeenDenial
 
 REFRESH_INTERVAL_S = 1.0
 """How often the mirror checks the DB generation (a `trustdb trust` from outside shows up)."""
@@ -119,10 +121,12 @@ class EngineSession:
     mirror's refreshes and the ring buffer. Closing releases every fd: nothing is pinned."""
 
     def __init__(self, config: EngineConfig, db: Path, backend: str | None,
-                 consume: Callable[[Decision], None], *, allow_system_wide: bool = False) -> None:
+                 consume: Callable[[Decision], None], *, allow_system_wide: bool = False,
+                 interpreters: Interpreters | None = None) -> None:
         from trustdb import events
         from trustdb.db import DatabaseError, TrustDB
         from trustdb.engine import Engine as BackendEngine
+        from trustdb.first_seen import NO_INTERPRETERS
         from trustdb.libbpf import LibbpfError, RingBuffer
 
         self._closers: list[Callable[[], None]] = []
@@ -137,7 +141,9 @@ class EngineSession:
             self._closers.append(self._db.close)
             self._start_first_sync()
             self._engine = BackendEngine(config, backend=backend, prepare=self._prepare,
-                                         allow_system_wide=allow_system_wide)
+                                         allow_system_wide=allow_system_wide,
+                                         db_option="" if db == DEFAULT_DB else f" --db {db}",
+                                         interpreters=interpreters or NO_INTERPRETERS)
             self._closers.append(self._engine.stop)
             self._engine.start()
             try:
@@ -155,9 +161,13 @@ class EngineSession:
             self.close()
             raise
 
-    def _prepare(self, backend: Backend) -> Prewarm:
+    def _prepare(self, backend: Backend) -> OpenTrust:
         """Between load and attach: protect the database (lsm, runs only), fill the map, and
-        hand the mirror's first-seen check to the exec pre-warm."""
+        tell the first-seen handler how to open the database (read-only, after its fork)."""
+        import functools
+
+        from trustdb.db import TrustDB
+
         protect = getattr(backend, "protect_database", None)
         if protect is not None and not self._config.scope.system_wide:
             protect(self._db_path)  # lsm: the kernel itself refuses the confined tree any DB change
@@ -165,7 +175,7 @@ class EngineSession:
         if self._first_sync_error is not None:
             raise self._first_sync_error
         self._buffer.attach(backend.trusted_inodes)
-        return self._mirror.verify_file
+        return functools.partial(TrustDB.open, self._db_path)
 
     def _start_first_sync(self) -> None:
         """The mirror's first sync (stat and database lookups, in Python) runs on a thread
@@ -205,6 +215,14 @@ class EngineSession:
 
     def pump(self) -> None:
         self._ring.consume()
+        handler = self._engine.first_seen
+        for denial in handler.denials() if handler is not None else ():
+            decision = _first_seen_decision(denial, self._config.mode, self._engine.backend_name)
+            for consume in self._sink.consumers:
+                try:
+                    consume(decision)
+                except Exception:  # noqa: BLE001 - as EventSink: keep delivering
+                    self._sink.failures += 1
         now = time.monotonic()
         if now >= self._next_refresh:
             self._next_refresh = now + REFRESH_INTERVAL_S
@@ -217,6 +235,21 @@ class EngineSession:
                 closer()
             except Exception as e:  # noqa: BLE001 - the next closer must still run
                 print(f"trustdb: cleanup: {e}", file=sys.stderr)
+
+
+def _first_seen_decision(d: FirstSeenDenial, mode: Mode, backend: str) -> Decision:
+    """A denial the fanotify handler answered (EPERM before the kernel's check), as a
+    Decision for the log and the stderr reporter."""
+    import datetime as dt
+
+    from trustdb.abi import Hook
+
+    return Decision(
+        time=dt.datetime.now(dt.UTC), pid=d.tgid, tgid=d.tgid, ppid=0, uid=0,
+        comm=os.path.basename(d.path)[:15], path=d.path, dev=d.dev, ino=d.ino, hook=Hook.EXEC,
+        verdict=Verdict.DENY if d.denied else Verdict.AUDIT_DENY, mode=mode,
+        backend=f"{backend}+fanotify",
+        reason="untrusted_exec" if d.what == "exec" else "untrusted_script", exe=d.path)
 
 
 def default_engine(

@@ -139,7 +139,13 @@ def run(options: RunOptions, *, engine_factory: EngineFactory = default_engine,
                                   shlex.join(options.argv)))
         engine.confine(child.pidfd)
         signals.child = child
-        child.release()
+        try:
+            child.release()
+        except confine.ConfineError:
+            engine.pump()  # CMD refused (EPERM) by the first-seen handler: its line says why
+            if reporter.count:
+                return 126
+            raise
         released = True
         return _supervise(child, engine, signals, relay)
     except BackendError as e:

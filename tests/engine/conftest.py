@@ -21,7 +21,8 @@ import pytest
 
 from trustdb.abi import Mode
 from trustdb.backends.interface import EngineConfig, Scope
-from trustdb.engine import Engine, Prewarm
+from trustdb.engine import Engine
+from trustdb.first_seen import OpenTrust
 from trustdb.model import InodeKey
 
 CGROUP2 = Path(os.environ.get("TRUSTDB_CGROUP2", "/sys/fs/cgroup/unified"))
@@ -139,7 +140,8 @@ def closure(binaries: Iterable[str]) -> list[str]:
 
 
 def make_engine(
-    cgroup: Path, bpf_object: Path, mode: Mode, *, prewarm: Prewarm | None = None, **kw: object
+    cgroup: Path, bpf_object: Path, mode: Mode, *, first_seen: OpenTrust | None = None,
+    **kw: object,
 ) -> Engine:
     """An engine on the tracepoint backend scoped to `cgroup`; `kw` go to EngineConfig."""
     from trustdb.backends.tracepoint import TracepointBackend
@@ -150,7 +152,8 @@ def make_engine(
         scope=Scope.for_cgroup(cgroup),
         **kw,  # type: ignore[arg-type]
     )
-    return Engine(config, backend=TracepointBackend(objdir=bpf_object.parent), prewarm=prewarm)
+    return Engine(config, backend=TracepointBackend(objdir=bpf_object.parent),
+                  first_seen=first_seen)
 
 
 @pytest.fixture

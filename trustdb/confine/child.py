@@ -40,6 +40,7 @@ class ConfinedChild:
         self._go = -1
         message = _read_all(self._status)
         os.close(self._status)
+        self._status = -1
         if message:
             raise ConfineError(message.decode(errors="replace"))
 

@@ -1,0 +1,240 @@
+"""The first-seen path of `trustdb run` (trustdb.first_seen, trustdb.first_seen_handler): a real
+`trustdb run` on the tracepoint backend, real fanotify marks on the tree's own mounts.
+
+Every case runs inside the cgroup and mount namespace one `trustdb run` creates; the handler
+only ever marks that namespace's mounts and only answers DENY to tasks carrying the run's
+confinement mark. What is attacked, and what must keep working:
+- trusted content under another inode (copy, chmod, rename, link; a copied library loaded by
+  ld.so and by ctypes.CDLL; a copy in the tree's own /dev/shm) runs: no false kill;
+- untrusted content executed directly, and a `#!` script run as `./x.sh`, fails with EPERM
+  and the line on the command's own stderr;
+- an interpreter told to load an untrusted script file is refused the open;
+- an exec outside the tree raises no event at all while a run is active;
+- with the handler killed, untrusted code is still killed by the BPF programs (fail-closed).
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.engine.test_run import TOOLS, TRUSTDB, _closure, trust_files
+from trustdb import session, supervisor
+from trustdb.abi import Mode
+from trustdb.first_seen import Interpreters
+from trustdb.model import InodeKey
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf]
+
+EXTRA_TOOLS = ("chmod", "mv", "ln", "rm", "touch", "sleep", "python3")
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0:
+        pytest.fail("first-seen tests need root (CI runs as root)")
+    d = tmp_path_factory.mktemp("first-seen") / "db"
+    tools = [shutil.which(t) for t in (*TOOLS, *EXTRA_TOOLS)]
+    trust_files(d, _closure([t for t in tools if t] + [sys.executable]))
+    return d
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The decision log and state files of each run in the test's own directory."""
+    (tmp_path / "log").mkdir()
+    return dict(os.environ, TRUSTDB_LOG=str(tmp_path / "log" / "decisions.jsonl"),
+                TRUSTDB_RUN_DIR=str(tmp_path / "state"))
+
+
+def run(db: Path, script: str, env: dict[str, str], shell: str = "bash",
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TRUSTDB, "run", "--db", str(db), "--", shell, "-c", script],
+                          env=env, check=False, capture_output=True, text=True, timeout=timeout)
+
+
+def untrusted_copy(src: str, dst: Path) -> Path:
+    dst.write_bytes(Path(src).read_bytes() + b"\0untrusted")
+    dst.chmod(0o755)
+    return dst
+
+
+# --- trusted content under new inodes runs -----------------------------------------------------
+
+
+def test_chmod_rename_link_right_before_exec_never_kill(db: Path, env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    """ctime is in the key and the ignore marks survive chmod/rename/link: each is followed at
+    once by an exec of the file, 3 x 100 times."""
+    t = tmp_path / "t"
+    shutil.copy2("/bin/true", t)
+    script = f"""cd {tmp_path}; ./t; ok=0; bad=0
+    for i in {{1..100}}; do
+      chmod 700 t; if ./t; then ok=$((ok+1)); else bad=$((bad+1)); fi
+      mv t t2; if ./t2; then ok=$((ok+1)); else bad=$((bad+1)); fi; mv t2 t
+      ln t t3; if ./t; then ok=$((ok+1)); else bad=$((bad+1)); fi; rm t3
+      chmod 755 t
+    done; echo ok=$ok bad=$bad"""
+    got = run(db, script, env)
+    assert got.stdout.strip().splitlines()[-1] == "ok=300 bad=0", got.stderr[-2000:]
+
+
+def test_copies_of_trusted_libraries_load(db: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """ld.so (LD_LIBRARY_PATH) and ctypes.CDLL open a copy whose inode the map never saw: the
+    open's permission event inserts its key before the mmap is checked."""
+    libdir = tmp_path / "lib"
+    libdir.mkdir()
+    libc = os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6")
+    shutil.copy(libc, libdir / "libc.so.6")
+    libm = os.path.realpath(f"/lib/x86_64-linux-gnu/{ctypes.util.find_library('m')}")
+    shutil.copy(libm, tmp_path / "libm-copy.so")
+    evil = untrusted_copy(libm, tmp_path / "libm-evil.so")
+    py = sys.executable
+    script = (f"LD_LIBRARY_PATH={libdir} /bin/true; echo ldso=$?; "
+              f"{py} -c 'import ctypes; ctypes.CDLL(\"{tmp_path}/libm-copy.so\"); print(1)'; "
+              f"echo cdll=$?; {py} -c 'import ctypes; ctypes.CDLL(\"{evil}\")'; echo evil=$?")
+    got = run(db, script, env)
+    assert "ldso=0\n1\ncdll=0\n" in got.stdout, got.stderr[-2000:]
+    assert "evil=137" in got.stdout  # mapped executable: the BPF mmap check kills it
+
+
+def test_copy_in_the_trees_dev_shm_runs(db: Path, env: dict[str, str]) -> None:
+    got = run(db, "cp /bin/true /dev/shm/t && /dev/shm/t; echo shm=$?", env)
+    assert got.stdout == "shm=0\n", got.stderr
+
+
+# --- untrusted content: EPERM, and a line the command itself reads -----------------------------
+
+
+def test_untrusted_exec_and_script_get_eperm_and_a_line(db: Path, env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    evil = untrusted_copy("/bin/true", tmp_path / "evil")
+    script = tmp_path / "evil.sh"
+    script.write_text("#!/bin/sh\necho ran\n")
+    script.chmod(0o755)
+    got = run(db, f"{evil} 2>{tmp_path}/err1; echo rc=$?; {script} 2>{tmp_path}/err2; "
+                  "echo sh=$?", env)
+    assert got.stdout == "rc=126\nsh=126\n", got.stderr  # EPERM, not SIGKILL (137)
+    for name, path in (("err1", evil), ("err2", script)):
+        text = (tmp_path / name).read_text()  # what the agent reading the command sees
+        assert f"trustdb: denied exec of {path}" in text, text
+        assert f"trustdb trust --db {db} {path}" in text
+    assert f"denied exec of {evil}" in got.stderr  # and the supervisor's stderr
+    log = [json.loads(x) for x in Path(env["TRUSTDB_LOG"]).read_text().splitlines()]
+    assert any(e["path"] == str(script) and e["verdict"] == "deny" for e in log), log
+
+
+def test_interpreter_refused_an_untrusted_script(db: Path, tmp_path: Path) -> None:
+    """sh (dash) is an interpreter; `sh evil.sh` opens evil.sh with a plain open, denied; a
+    trusted script runs."""
+    good = tmp_path / "good.sh"
+    good.write_text("echo good\n")
+    evil = tmp_path / "evil.sh"
+    evil.write_text("echo evil\n")
+    trust_files(db, [str(good)], label="scripts")
+    dash = InodeKey.from_stat(os.stat("/bin/sh"))
+    out = tmp_path / "out"
+
+    def factory(config, dbp, backend, consume):  # type: ignore[no-untyped-def]
+        return session.EngineSession(config, dbp, backend, consume,
+                                     interpreters=Interpreters(keys={dash}))
+
+    argv = ["/bin/bash", "-c", (f"/bin/sh {good} >{out}; echo good=$? >>{out}; "
+                                f"/bin/sh {evil} >>{out} 2>&1; echo evil=$? >>{out}")]
+    rc = supervisor.run(supervisor.RunOptions(argv=argv, db=db), engine_factory=factory)
+    text = out.read_text()
+    assert rc == 0 and "good\ngood=0\n" in text, text
+    assert "echo evil" not in text and "evil\n" not in text.replace("evil.sh", "")
+    assert "Operation not permitted" in text and "evil=2" in text, text
+
+
+# --- scope, cost and fail-closed ---------------------------------------------------------------
+
+
+def test_outside_the_tree_raises_no_event_and_handler_death_fails_closed(
+        db: Path, tmp_path: Path) -> None:
+    """While a run is active: execs and opens on the host raise no event (the marks are on
+    the tree's mounts only, which the handler's fdinfo shows); then the handler is killed and an
+    untrusted exec in the tree is still killed by the BPF programs."""
+    evil = untrusted_copy("/bin/true", tmp_path / "evil")
+    go = tmp_path / "go"
+    out = tmp_path / "out"
+    sessions: list[session.EngineSession] = []
+    seen: dict[str, object] = {}
+
+    def factory(config, dbp, backend, consume):  # type: ignore[no-untyped-def]
+        s = session.EngineSession(config, dbp, backend, consume)
+        sessions.append(s)
+        return s
+
+    def outside() -> None:
+        try:
+            deadline = time.monotonic() + 60
+            while not (sessions and sessions[0]._engine.first_seen):
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
+            handler = sessions[0]._engine.first_seen
+            assert handler is not None
+            time.sleep(0.5)
+            before = handler.stats()
+            for _ in range(20):
+                subprocess.run(["/bin/true"], check=True)
+                Path("/etc/hostname").read_bytes()
+            shutil.copy("/bin/true", tmp_path / "host-copy")
+            subprocess.run([str(tmp_path / "host-copy")], check=True)
+            after = handler.stats()
+            seen["delta"] = after["events"] - before["events"]
+            seen["mounts"] = _marked_mount_ids(handler.pid)
+            os.kill(handler.pid, signal.SIGKILL)
+            time.sleep(0.2)
+        finally:
+            go.write_text("go")
+
+    t = threading.Thread(target=outside)
+    t.start()
+    argv = ["/bin/bash", "-c", (f"while [ ! -e {go} ]; do sleep 0.1; done; {evil}; "
+                                f"echo rc=$? > {out}")]
+    try:
+        supervisor.run(supervisor.RunOptions(argv=argv, db=db), engine_factory=factory)
+    finally:
+        t.join()
+    assert seen.get("delta") == 0, seen
+    ours = {int(line.split()[0]) for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    assert seen["mounts"] and not set(seen["mounts"]) & ours  # type: ignore[arg-type]
+    assert out.read_text() == "rc=137\n"  # no handler: no EPERM, but the kernel still kills
+
+
+def _marked_mount_ids(pid: int) -> list[int]:
+    ids = []
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = info.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("fanotify mnt_id:"):
+                ids.append(int(line.split()[1].split(":")[1], 16))
+            elif line.startswith("fanotify sdev:"):
+                raise AssertionError(f"a filesystem mark in a run: {line}")
+    return ids
+
+
+def test_audit_mode_allows_and_reports(db: Path, env: dict[str, str], tmp_path: Path) -> None:
+    evil = untrusted_copy("/bin/true", tmp_path / "evil")
+    p = subprocess.run([*TRUSTDB, "run", "--db", str(db), "--audit", "--", "bash", "-c",
+                        f"{evil}; echo rc=$?"], env=env, check=False, capture_output=True,
+                       text=True, timeout=120)
+    assert p.stdout == "rc=0\n", p.stderr
+    assert "would deny (audit) exec of" in p.stderr
+    assert Mode.AUDIT  # the handler answers allow in audit mode

@@ -1,0 +1,538 @@
+"""The process that answers the tree's fanotify permission events (trustdb.first_seen decides).
+
+Why a process of its own: a permission handler that is a *thread* of a process which spawns
+subprocesses can deadlock on Debian's Python 3.11.2 (CPython gh-104372: the spawning thread
+holds the GIL while its child's exec waits in the permission event for our answer). This
+handler is forked once, before the tree runs, from a process that has finished loading; it
+never forks, execs or imports again. It holds the two fanotify groups, the BPF maps, and a
+read-only handle of the trust database that it opens itself after the fork.
+
+What is marked:
+- `trustdb run`: every mount of the confined child's own mount namespace (reached through
+  /proc/<pid>/root), FAN_MARK_MOUNT. Those mounts are copies only the tree uses, so an exec or
+  open anywhere else on the machine raises no event and pays nothing.
+- the service (`system_wide`): every exec-capable filesystem, FAN_MARK_FILESYSTEM.
+After a file is verified its inode gets an ignore mark: later opens and execs raise no event.
+The kernel clears ignore marks when the content is modified; chmod, chown, link, rename, utime
+and xattr change ctime (part of the key) without clearing them, so a second group watches each
+ignored inode for FAN_ATTRIB / FAN_MOVE_SELF and drops every ignore mark when one fires (the
+next open of each file asks again). A change of the database generation does the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import mmap
+import os
+import select
+import signal
+import stat as statmod
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from trustdb.fanotify import (
+    FAN_ATTRIB,
+    FAN_MOVE_SELF,
+    FAN_NOFD,
+    FAN_OPEN_EXEC_PERM,
+    FAN_OPEN_PERM,
+    Event,
+    Fanotify,
+    FanotifyError,
+    pidfd_getfd,
+)
+from trustdb.first_seen import (
+    NO_INTERPRETERS,
+    Checked,
+    FirstSeen,
+    Interpreters,
+    KeyMap,
+    OpenTrust,
+    Outcome,
+    answer,
+    is_script_for,
+)
+from trustdb.fskeys import fs_magic
+from trustdb.model import InodeKey
+
+PERM_MASK = FAN_OPEN_EXEC_PERM | FAN_OPEN_PERM
+CHANGE_MASK = FAN_ATTRIB | FAN_MOVE_SELF
+GENERATION_POLL_S = 1.0
+START_TIMEOUT_S = 30.0
+REALTIME_PRIORITY = 10
+FUSE_SUPER_MAGIC = 0x65735546
+
+SKIP_FSTYPES = frozenset(
+    {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "tracefs", "debugfs", "securityfs", "bpf",
+     "mqueue", "pstore", "configfs", "fusectl", "hugetlbfs", "autofs", "binfmt_misc",
+     "efivarfs", "rpc_pipefs", "nsfs", "devtmpfs"}
+)
+"""Filesystems nobody executes from (or that cannot be marked)."""
+
+_STATS = ("events", "exec_events", "unconfined", "hashed", "inserted", "denied", "ignored",
+          "ignore_flushes", "errors")
+_STATS_FMT = struct.Struct(f"={len(_STATS)}Q")
+_PR_SET_PDEATHSIG = 1
+
+
+class HandlerError(FanotifyError):
+    """The first-seen handler could not start (one line)."""
+
+
+# --- what to mark ---------------------------------------------------------------------------
+
+
+def _mountinfo(path: str) -> Iterator[tuple[str, str, list[str]]]:
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            mnt = fields[4].encode().decode("unicode_escape")
+            yield mnt, fields[sep + 1], fields[5].split(",")
+
+
+def tree_mounts(pid: int) -> list[str]:
+    """Paths (through /proc/<pid>/root) of the mounts in `pid`'s mount namespace that code can
+    be executed from. Refuses a task that shares our mount namespace: marking those mounts
+    would make the whole machine pay."""
+    if os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+        raise HandlerError(f"pid {pid} shares this process's mount namespace: not marking "
+                           "the host's mounts")
+    out: list[str] = []
+    for mnt, fstype, opts in _mountinfo(f"/proc/{pid}/mountinfo"):
+        if fstype in SKIP_FSTYPES or "noexec" in opts:
+            continue
+        out.append(f"/proc/{pid}/root{mnt}")
+    return out
+
+
+def host_filesystems(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """One mount point per exec-capable filesystem (the service marks whole filesystems)."""
+    seen: set[int] = set()
+    out: list[str] = []
+    for mnt, fstype, opts in _mountinfo(mountinfo):
+        if fstype in SKIP_FSTYPES or "noexec" in opts:
+            continue
+        try:
+            dev = os.stat(mnt).st_dev
+        except OSError:
+            continue
+        if dev not in seen:
+            seen.add(dev)
+            out.append(mnt)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """One answer FAN_DENY (or, in audit mode, one that would have been)."""
+
+    tgid: int
+    path: str
+    dev: int
+    """Kernel encoding, as in InodeKey."""
+    ino: int
+    what: str
+    """`exec` (untrusted content executed) or `script` (an interpreter loading it)."""
+    denied: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerConfig:
+    open_trust: OpenTrust
+    keys: KeyMap
+    is_confined: Callable[[int], bool] | None
+    """pidfd -> carries the confinement mark (None: every task counts, the service)."""
+    enforce: bool
+    interpreters: Interpreters = NO_INTERPRETERS
+    db_option: str = ""
+    """` --db PATH` for the `trustdb trust` command in denial lines ('' for the default)."""
+
+
+# --- the parent's side ------------------------------------------------------------------------
+
+
+class FirstSeenHandler:
+    """Forks the handler process and talks to it: ready, denial lines, counters, stop."""
+
+    def __init__(self, config: HandlerConfig) -> None:
+        self._config = config
+        self._pid = 0
+        self._ctl_w = -1
+        self._report_r = -1
+        self._stats = mmap.mmap(-1, mmap.PAGESIZE)
+        self._buffer = b""
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def start(self, *, tree_pid: int = 0) -> None:
+        """Mark the mounts of `tree_pid`'s namespace, or (0) every filesystem, and answer."""
+        targets = tree_mounts(tree_pid) if tree_pid else host_filesystems()
+        how = "mount" if tree_pid else "filesystem"
+        ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the handler: never returns
+            code = 1
+            try:
+                os.close(ctl_w)
+                os.close(report_r)
+                code = _Serve(self._config, self._stats, ctl_r, report_w).run(targets, how)
+            except BaseException as e:  # noqa: BLE001 - report, then leave without cleanup
+                with contextlib.suppress(OSError):
+                    os.write(report_w, f"E {type(e).__name__}: {e}\n".encode())
+            os._exit(code)
+        os.close(ctl_r)
+        os.close(report_w)
+        self._pid, self._ctl_w, self._report_r = pid, ctl_w, report_r
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._report_r], [], [], left)[0]:
+                self.stop()
+                raise HandlerError("first-seen handler did not start in time")
+            chunk = os.read(self._report_r, 4096)
+            if not chunk:
+                break
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        if line != b"R":
+            self.stop()
+            raise HandlerError(f"first-seen handler: {line[2:].decode(errors='replace')}"
+                               if line else "first-seen handler died at start")
+        os.set_blocking(self._report_r, False)
+
+    def fileno(self) -> int:
+        """Readable when denial lines are waiting (`denials()`)."""
+        return self._report_r
+
+    def denials(self) -> list[Denial]:
+        """The denials the handler made since the last call."""
+        if self._report_r < 0:
+            return []
+        with contextlib.suppress(BlockingIOError, OSError):
+            while chunk := os.read(self._report_r, 65536):
+                self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        return [Denial(**json.loads(ln[2:])) for ln in lines if ln.startswith(b"D ")]
+
+    def stats(self) -> dict[str, int]:
+        return dict(zip(_STATS, _STATS_FMT.unpack_from(self._stats, 0), strict=True))
+
+    def alive(self) -> bool:
+        if not self._pid:
+            return False
+        try:
+            return os.waitpid(self._pid, os.WNOHANG) == (0, 0)
+        except ChildProcessError:
+            return False
+
+    def stop(self) -> None:
+        """End the handler; the kernel then allows what is pending (the BPF programs still
+        decide). Idempotent."""
+        if self._ctl_w >= 0:
+            os.close(self._ctl_w)  # EOF: the handler leaves its loop
+            self._ctl_w = -1
+        if self._pid:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(self._pid, os.WNOHANG) != (0, 0):
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.005)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self._pid, 0)
+            self._pid = 0
+        if self._report_r >= 0:
+            os.close(self._report_r)
+            self._report_r = -1
+
+
+# --- the handler process ------------------------------------------------------------------------
+
+
+def _close_inherited(keep: set[int]) -> None:
+    """Close what the supervisor held (pipes of the confined child, BPF links and programs),
+    keeping BPF maps and `keep`: a handler must not keep the tree's gate or links alive."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd in keep:
+            continue
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:bpf-map":
+                continue
+            os.close(fd)
+        except OSError:
+            continue
+
+
+def _realtime() -> None:
+    """Run as a real-time task: a chmod, link or rename of a watched file is followed by an exec
+    within a fork's time, and the ignore marks must be gone before that exec opens the file.
+    The handler only ever sleeps in poll between events, and the kernel's RT throttling caps a
+    runaway anyway."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+
+
+def _forget_parent_lmdb_envs() -> None:
+    """py-lmdb refuses a second open of an environment "in this process" by remembering the
+    open ones in memory, which fork copies. LMDB's own rule is the opposite: a forked child
+    must not use the parent's environment (its fcntl locks stayed with the parent) and must
+    open its own. Key the guard by our pid so that this process's one open goes through."""
+    try:
+        import lmdb._envid as envid
+    except ImportError:  # an older py-lmdb: no such guard
+        return
+    pid = os.getpid()
+    envid.env_keys = lambda path, subdir: (("first-seen handler", pid, os.fsdecode(path)),)
+
+
+class _Serve:
+    def __init__(self, config: HandlerConfig, stats: mmap.mmap, ctl: int, report: int) -> None:
+        self.config = config
+        self.stats_map = stats
+        self.counts = dict.fromkeys(_STATS, 0)
+        self.ctl = ctl
+        self.report = report
+        self.reported: set[tuple[int, InodeKey | None]] = set()
+
+    def run(self, targets: list[str], how: str) -> int:
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:
+            return 1
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards ^C to the tree
+        _realtime()
+        perm = Fanotify.permission()
+        changes = Fanotify.inode_changes()
+        _close_inherited({self.ctl, self.report, perm.fd, changes.fd})
+        _forget_parent_lmdb_envs()
+        trust = self.config.open_trust()
+        self.first_seen = FirstSeen(trust, self.config.keys)
+        self.generation = trust.generation
+        marked = 0
+        for target in targets:
+            try:
+                if how == "mount":
+                    perm.mark_mount(target, PERM_MASK)
+                else:
+                    perm.mark_filesystem(target, PERM_MASK)
+                marked += 1
+            except FanotifyError:
+                continue  # an overmounted or vanished mount point
+        if not marked:
+            raise HandlerError("no mount could be marked")
+        self.perm, self.changes = perm, changes
+        os.write(self.report, b"R\n")
+        self._loop()
+        return 0
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        for fd in (self.ctl, self.changes.fd, self.perm.fd):
+            poller.register(fd, select.POLLIN)
+        next_gen = time.monotonic() + GENERATION_POLL_S
+        while True:
+            ready = {fd for fd, _ in poller.poll(int(GENERATION_POLL_S * 1000))}
+            if self.ctl in ready:
+                return
+            if self.changes.fd in ready:
+                self._on_changes()
+            if self.perm.fd in ready:
+                for ev in self.perm.read():
+                    self._on_permission(ev)
+            if time.monotonic() >= next_gen:
+                next_gen = time.monotonic() + GENERATION_POLL_S
+                self._check_generation()
+            _STATS_FMT.pack_into(self.stats_map, 0, *self.counts.values())
+
+    def _on_changes(self) -> None:
+        """A watched inode's ctime moved (chmod, link, rename, utime, xattr): its key is stale
+        and its ignore mark must go before its next exec. One flush drops them all (which
+        inode it was matters less than how fast the mark goes)."""
+        if any(True for _ in self.changes.read()):
+            self._flush()
+
+    def _flush(self) -> None:
+        self.perm.flush_inode_marks()
+        self.changes.flush_inode_marks()
+        self.counts["ignore_flushes"] += 1
+
+    def _check_generation(self) -> None:
+        try:
+            generation = self.first_seen.trust.generation
+        except Exception:  # noqa: BLE001 - a busy database: try again next time
+            return
+        if generation != self.generation:
+            self.generation = generation
+            self._flush()
+            self.first_seen.forget_untrusted()
+
+    def _on_permission(self, ev: Event) -> None:
+        if ev.fd == FAN_NOFD:
+            return
+        allow = True
+        try:
+            self.counts["events"] += 1
+            self.counts["exec_events"] += bool(ev.mask & FAN_OPEN_EXEC_PERM)
+            allow = self._decide(ev)
+        except Exception:  # noqa: BLE001 - never leave an open waiting
+            self.counts["errors"] += 1
+        finally:
+            try:
+                self.perm.respond(ev.fd, allow)
+            finally:
+                os.close(ev.fd)
+
+    def _decide(self, ev: Event) -> bool:
+        try:
+            pidfd = os.pidfd_open(ev.pid)
+        except OSError:
+            return True
+        try:
+            if self.config.is_confined is not None and not self.config.is_confined(pidfd):
+                self.counts["unconfined"] += 1
+                return True
+            is_exec = bool(ev.mask & FAN_OPEN_EXEC_PERM)
+            script = False
+            if not is_exec and self.config.interpreters and self._interpreter(ev.pid):
+                script = self._is_script(ev)
+            hashed = self.first_seen.hashed
+            checked = self.first_seen.check(ev.fd, code=script)
+            self.counts["hashed"] += self.first_seen.hashed - hashed
+            self.counts["inserted"] += checked.outcome == Outcome.INSERTED
+            verdict = answer(checked, is_exec=is_exec, enforce=self.config.enforce,
+                             script_for_interpreter=script, open_mask=FAN_OPEN_PERM,
+                             exec_mask=FAN_OPEN_EXEC_PERM)
+            mask = verdict.ignore_mask
+            if self.config.interpreters and checked.outcome not in (Outcome.KNOWN,
+                                                                     Outcome.INSERTED):
+                mask = 0  # a file read as data now may be loaded as a script later
+            if mask:
+                self._ignore(ev.fd, checked, mask)
+            if verdict.denial:
+                self._report(ev, pidfd, verdict.denial, checked, denied=not verdict.allow)
+            return verdict.allow
+        finally:
+            os.close(pidfd)
+
+    def _ignore(self, fd: int, checked: Checked, mask: int) -> None:
+        """Ignore later events of this inode, watched for ctime changes first; if its ctime
+        moved meanwhile, take the marks back (its key is already stale)."""
+        try:
+            self.changes.mark_inode_fd(fd, CHANGE_MASK)
+            self.perm.ignore_inode_fd(fd, mask)
+        except FanotifyError:
+            return  # e.g. a filesystem without file handles: keep asking
+        if checked.key is not None and InodeKey.from_stat(os.fstat(fd)) != checked.key:
+            self._flush()
+            return
+        self.counts["ignored"] += 1
+
+    def _interpreter(self, pid: int) -> bool:
+        interpreters = self.config.interpreters
+        try:
+            st = os.stat(f"/proc/{pid}/exe")  # stat, never open: that would ask ourselves
+        except OSError:
+            return False
+        key = InodeKey.from_stat(st)
+        if key in interpreters.keys:
+            return True
+        if interpreters.digests:
+            cached = self.first_seen.trust.digest_cache().lookup(key, st.st_size)
+            digest = cached.blake3 if cached else self.first_seen.inserted.get(key)
+            return digest in interpreters.digests
+        return False
+
+    def _is_script(self, ev: Event) -> bool:
+        try:
+            path = os.readlink(f"/proc/self/fd/{ev.fd}")
+            head = os.pread(ev.fd, 2, 0)
+            with open(f"/proc/{ev.pid}/cmdline", "rb") as f:
+                cmdline = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+        except OSError:
+            return False
+        return is_script_for(path, head, cmdline)
+
+    def _report(self, ev: Event, pidfd: int, what: str, checked: Checked, *,
+                denied: bool) -> None:
+        """Tell the supervisor (log, its stderr) and, once per process and file, the blocked
+        task itself: a shell retries an exec along $PATH."""
+        key = checked.key
+        once = (ev.pid, key)
+        if once in self.reported:
+            return
+        if len(self.reported) > 4096:
+            self.reported.clear()
+        self.reported.add(once)
+        path = _event_path(ev.fd)
+        self.counts["denied"] += denied
+        thing = "exec" if what == "exec" else "script load (by an interpreter)"
+        line = (f"trustdb: denied {thing} of {path} (pid {ev.pid}): its content is not in the "
+                f"trust database. To trust it: trustdb trust{self.config.db_option} {path}")
+        if denied:
+            _write_to_stderr_of(pidfd, line)
+        denial = Denial(ev.pid, path, key.dev if key else 0, key.ino if key else 0, what, denied)
+        with contextlib.suppress(OSError):
+            os.write(self.report, b"D " + json.dumps(_asdict(denial)).encode() + b"\n")
+
+
+def _asdict(d: Denial) -> dict[str, object]:
+    return {name: getattr(d, name) for name in Denial.__slots__}
+
+
+def _event_path(fd: int) -> str:
+    """The file's path as the tree sees it (the kernel prints it from the tree's root)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
+
+
+def _write_to_stderr_of(pidfd: int, line: str) -> None:
+    """Put the denial line on the blocked task's own stderr, which is what an agent reads.
+    Only where a write cannot block the handler: a pipe, socket or terminal with room, or a
+    regular file not on FUSE."""
+    try:
+        fd = pidfd_getfd(pidfd, 2)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        ours = os.fstat(2)
+        if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+            return  # the supervisor's own stderr: it prints the line there
+        if not (statmod.S_ISFIFO(st.st_mode) or statmod.S_ISSOCK(st.st_mode)
+                or statmod.S_ISCHR(st.st_mode) or statmod.S_ISREG(st.st_mode)):
+            return
+        if statmod.S_ISREG(st.st_mode):
+            if fs_magic(fd) == FUSE_SUPER_MAGIC:
+                return
+        elif not select.select([], [fd], [], 0)[1]:
+            return
+        os.write(fd, (line + "\n").encode()[:4000])
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+__all__ = ["FirstSeenHandler", "HandlerConfig", "HandlerError", "host_filesystems",
+           "tree_mounts"]
