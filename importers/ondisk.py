@@ -6,8 +6,9 @@ that claim on disk and turns it into a `TrustEntry` (the content matches) or a `
 (it does not, or cannot be checked). Three rules keep a whole-system import fast:
 
 - Only executable content is read in full: ELF objects, `#!` scripts and files with an exec bit
-  (what the kernel can execute or map executable). Everything else costs one `lstat` and a 4-byte
-  read, and is counted as `not_executable`. `all_files=True` verifies and records every file.
+  (what the kernel can execute or map executable), and script sources by name (`.py`, `.pl`,
+  `.sh`, ...: FileKind.SCRIPT_SOURCE, what a trusted interpreter loads). Everything else costs
+  one `lstat` and a 4-byte read, and is counted as `not_executable`. `all_files=True` verifies and records every file.
 - A file whose inode identity (dev, ino, ctime) and size are in the database's digest cache is not
   read at all: ctime moves on any change, so an unchanged key means unchanged content.
 - Each file is read once, for BLAKE3 and the package's digest together (`hash_file`); packages are
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 
 from trustdb_importers.interface import DigestCache, Importer
 
-from trustdb.hashing import HashingError, classify, hash_file
+from trustdb.hashing import HashingError, classify, hash_file, is_script_name, with_name
 from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, TrustEntry
 
 MAX_SYMLINKS = 40
@@ -231,9 +232,13 @@ def verify_claim(
             head = _head(real)
         except OSError as e:
             return _Outcome(SkippedEntry(path, f"unreadable: {e.strerror}", origin, fatal=True))
-        if classify(head, st.st_mode) is FileKind.OTHER:
+        if classify(head, st.st_mode, real) is FileKind.OTHER:
             return _Outcome(None)
     if claim.expected is None or claim.algo is None:
+        if not all_files and not st.st_mode & 0o111 and is_script_name(real):
+            # A script source the package lists without a digest (pip's RECORD lists the .pyc
+            # files it compiled at install so): nothing to verify; `trustdb trust` can vouch.
+            return _Outcome(None)
         return _Outcome(SkippedEntry(path, UNVERIFIABLE, origin, fatal=False))
     if claim.size is not None and claim.size != st.st_size:
         if claim.config:
@@ -258,13 +263,14 @@ def verify_claim(
             else (SkippedEntry(path, MISMATCH, origin, fatal=True))
         )
         return _Outcome(skip, hashed, cached)
-    if digests.kind is FileKind.OTHER and not all_files:
+    kind = with_name(digests.kind, real)  # a verification cached before SCRIPT_SOURCE existed
+    if kind is FileKind.OTHER and not all_files:
         return _Outcome(None, hashed, cached)
     entry = TrustEntry(
         path=path,
         digest=digests.blake3,
         size=digests.size,
-        kind=digests.kind,
+        kind=kind,
         sha256=digests.sha256,
         origin=origin,
         inode=key if cacheable else None,

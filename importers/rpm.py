@@ -367,7 +367,7 @@ class RpmFileImporter(Importer):
             return self._skip(SkippedEntry(path, SIZE_MISMATCH, hdr.nevra, fatal=True))
         if hashlib.new(algo, data).hexdigest() != hdr.digests[i].lower():
             return self._skip(SkippedEntry(path, MISMATCH, hdr.nevra, fatal=True))
-        kind = classify(data[:4], hdr.modes[i])
+        kind = classify(data[:4], hdr.modes[i], path)
         if kind is FileKind.OTHER and not self.all_files:
             self.stats.not_executable += 1
             return None

@@ -99,7 +99,7 @@ def test_sources_list_status_untrust(tmp_path: Path, cli_env: dict[str, str]) ->
     assert [r["path"] for r in listed] == [str(copy)]
     status = run_json(cli_env, "status")
     assert (status["schema"], status["entries"], status["contents"], status["sources"]) == (
-        1,
+        2,
         3,
         2,
         2,

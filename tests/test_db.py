@@ -16,6 +16,7 @@ import lmdb
 import pytest
 
 from trustdb.db import (
+    SCHEMA_VERSION,
     BusyError,
     DatabaseError,
     DiskFullError,
@@ -311,3 +312,41 @@ def test_disk_full_aborts_and_leaves_db_intact(small_disk: Path) -> None:
     with TrustDB.open(db_path, write=True) as db, pytest.raises(DiskFullError, match="full"):
         db.add_entries("s", "manual", more)
     assert snapshot(db_path) == before
+
+
+def test_schema_1_database_is_read_and_stamped_2_by_its_first_write(db_path: Path) -> None:
+    with TrustDB.open(db_path, write=True) as db:
+        db.add_entries("m", "manual", [entry("/bin/a", 1)])
+    with lmdb.open(str(db_path), subdir=True) as env, env.begin(write=True) as txn:
+        txn.put(b"Mschema", (1).to_bytes(4, "big"))  # what a version-1 trustdb wrote
+    with TrustDB.open(db_path, write=True) as db:
+        assert db.status().schema == 1 and db.is_trusted(digest(1))
+        db.add_entries("m", "manual", [entry("/bin/b", 2)])
+        assert db.status().schema == SCHEMA_VERSION == 2
+
+
+def test_change_log_lists_what_each_commit_changed(db_path: Path) -> None:
+    with TrustDB.open(db_path, write=True) as db:
+        db.add_entries("m", "manual", [entry("/bin/a", 1), entry("/bin/b", 2)])
+        start = db.generation
+        db.add_entries("m", "manual", [entry("/bin/c", 3)])
+        db.remove_paths(["/bin/a"])
+        db.record_verification(InodeKey(1, 2, 3, 4), FileDigests(digest(9), 9, FileKind.ELF))
+        with db.snapshot() as snap:
+            changes = snap.changes_since(start)
+            assert changes is not None and changes.generation == start + 2
+            assert changes.paths == {"/bin/a", "/bin/c"}
+            assert (changes.added, changes.removed) == ({digest(3)}, {digest(1)})
+            assert snap.changes_since(start + 2) is not None  # nothing since: empty set
+            assert snap.changes_since(start + 2).paths == frozenset()  # type: ignore[union-attr]
+            assert snap.recorded("/bin/b") == (digest(2),) and snap.recorded("/bin/a") == ()
+
+
+def test_change_log_keeps_a_bounded_window(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("trustdb.dbwrite.CHANGE_LOG_KEEP", 2)
+    with TrustDB.open(db_path, write=True) as db:
+        for i in range(5):
+            db.add_entries("m", "manual", [entry(f"/bin/x{i}", i + 1)])
+        with db.snapshot() as snap:
+            assert snap.changes_since(snap.generation - 2) is not None
+            assert snap.changes_since(snap.generation - 3) is None  # pruned: a full re-mirror

@@ -182,3 +182,19 @@ def test_scan_gives_settled_files_an_inode_key(tmp_path: Path) -> None:
     time.sleep(FRESH_CTIME_SECONDS + 0.05)
     settled = [e for e in scan([str(root)]) if isinstance(e, TrustEntry)]
     assert all(e.inode is not None for e in settled)
+
+
+def test_script_sources_are_recorded_by_default(tmp_path: Path) -> None:
+    """Issue 10: script content (by name) is its own kind, recorded without --all-files."""
+    from trustdb.model import FileKind
+
+    (tmp_path / "mod.py").write_text("print('hi')\n")
+    (tmp_path / "lib.pm").write_text("1;\n")
+    (tmp_path / "notes.txt").write_text("not code\n")
+    (tmp_path / "run").write_text("#!/bin/sh\necho\n")
+    got = {os.path.basename(e.path): e.kind for e in scan([str(tmp_path)]) if isinstance(e, TrustEntry)}
+    assert got == {
+        "mod.py": FileKind.SCRIPT_SOURCE,
+        "lib.pm": FileKind.SCRIPT_SOURCE,
+        "run": FileKind.SCRIPT,
+    }

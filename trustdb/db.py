@@ -394,13 +394,15 @@ class TrustDB:
         txn = self._env.begin(write=True)
         try:
             t = _Txn(txn)
-            if txn.get(_META + b"schema") is None:
-                txn.put(_META + b"schema", _U32.pack(SCHEMA_VERSION))
+            stamped = txn.get(_META + b"schema")
+            if stamped is None or _U32.unpack(stamped)[0] < SCHEMA_VERSION:
+                txn.put(_META + b"schema", _U32.pack(SCHEMA_VERSION))  # see SCHEMA: Versions
             result = body(t)
             gen = _read_generation(txn)
             if t.changed and bump:
                 gen += 1
                 txn.put(_META + b"generation", _U64LE.pack(gen))
+                t.write_change_record(gen)
             txn.commit()
             return result, gen
         except BaseException:

@@ -1,6 +1,6 @@
 """The trust database's on-disk format: keys, values and their encoding (used by `trustdb.db`).
 
-SCHEMA (version 1). This docstring is the one place the on-disk format is described.
+SCHEMA (version 2). This docstring is the one place the on-disk format is described.
 
 One LMDB environment in a directory (default /var/lib/trustdb; `--db` / `TRUSTDB_DB`), holding
 `data.mdb` and `lock.mdb`, plus `writer.lock` (see "Writers" below). All tables live in LMDB's
@@ -23,6 +23,7 @@ values are little-endian. Paths are raw bytes (`os.fsencode`: names that are not
     D by digest "D" + digest[32] + EK -> ""   who vouches for this content
     O by source "O" + sid (u32) + EK  -> ""   what a source vouches for
     C content   "C" + digest[32]     -> <u64 size, u8 kind, u8 flags, 6 pad, f64 first, f64 last>
+                                        (kind: model.FileKind; 4 = SCRIPT_SOURCE, new in v2)
                                         [+ sha256[32] if flags & 1]
                 Present exactly while at least one entry names the digest: removing the last
                 entry of a digest removes its content record in the same transaction.
@@ -34,6 +35,18 @@ values are little-endian. Paths are raw bytes (`os.fsencode`: names that are not
                 and size still match (`InodeKey` + size), so an unchanged file is not read
                 again, and a newer version simply overwrites the record. Not trust: a cached
                 file is trusted only through `C`.
+    L changes   "L" + generation (u64) -> <u32 paths, u32 removed, u32 added>
+                                        + removed digests[32 each] + added digests[32 each]
+                                        + the paths, NUL-separated (raw bytes)
+                What the commit that made this generation changed: the paths whose entries
+                were written or deleted, the digests whose content record disappeared or
+                appeared. `paths` = 0xFFFFFFFF: too many to list (a full re-mirror is needed).
+                The last CHANGE_LOG_KEEP generations are kept, so `Mirror.refresh` touches only
+                what changed; a reader further behind re-mirrors everything.
+
+Versions. 2 added FileKind.SCRIPT_SOURCE and the L table. Version 1 databases are read as they
+are and stamped 2 by their first write; a trustdb that knows only version 1 refuses a version 2
+database with its one-line SchemaError (it could not decode kind 4).
 
 Transactions. Every write method is exactly one LMDB write transaction: all or nothing, also
 under `kill -9` (LMDB never overwrites the last committed state). Readers never block and
@@ -63,7 +76,13 @@ import lmdb
 
 from trustdb.model import FileDigests, FileKind, InodeKey, TrustEntry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+CHANGE_LOG_KEEP = 256
+"""Generations whose change records are kept (older ones are deleted as new ones are written)."""
+
+MAX_LOGGED_PATHS = 200_000
+"""A commit that changes more paths is logged as "everything" (a full re-mirror is cheaper)."""
 
 _MAX_DIRECT_PATH_KEY = 400
 _LONG_PATH_PREFIX = 360
@@ -81,6 +100,9 @@ _FLAG_MD5 = 2
 
 # Table prefixes (see SCHEMA).
 _META, _SOURCES, _SOURCE_IDS, _ENTRIES = b"M", b"S", b"I", b"E"
+_CHANGES = b"L"
+_CHANGE_HEAD = struct.Struct("<III")
+_ALL_CHANGED = 0xFFFFFFFF
 _BY_DIGEST, _BY_SOURCE, _CONTENT_T, _VERIFIED_T = b"D", b"O", b"C", b"V"
 
 
@@ -180,3 +202,30 @@ def _entry_digests(entry: TrustEntry) -> FileDigests:
 def _read_generation(txn: lmdb.Transaction[bytes]) -> int:
     raw = txn.get(_META + b"generation")
     return int(_U64LE.unpack(raw)[0]) if raw else 0
+
+
+def _changes_key(generation: int) -> bytes:
+    return _CHANGES + struct.pack(">Q", generation)
+
+
+def _encode_changes(
+    paths: set[bytes], removed: set[bytes], added: set[bytes], *, everything: bool = False
+) -> bytes:
+    if everything or len(paths) > MAX_LOGGED_PATHS:
+        return _CHANGE_HEAD.pack(_ALL_CHANGED, 0, 0)
+    head = _CHANGE_HEAD.pack(len(paths), len(removed), len(added))
+    return head + b"".join(sorted(removed)) + b"".join(sorted(added)) + b"\0".join(sorted(paths))
+
+
+def _decode_changes(value: bytes) -> tuple[list[bytes], list[bytes], list[bytes]] | None:
+    """-> (paths, removed digests, added digests), or None for "everything changed"."""
+    npaths, nremoved, nadded = _CHANGE_HEAD.unpack_from(value)
+    if npaths == _ALL_CHANGED:
+        return None
+    at = _CHANGE_HEAD.size
+    removed = [value[at + 32 * i : at + 32 * i + 32] for i in range(nremoved)]
+    at += 32 * nremoved
+    added = [value[at + 32 * i : at + 32 * i + 32] for i in range(nadded)]
+    at += 32 * nadded
+    paths = value[at:].split(b"\0") if npaths else []
+    return paths, removed, added

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Self
 
 import lmdb
@@ -25,15 +26,31 @@ from trustdb.dbschema import (
     _VERIFIED_KEY,
     _VERIFIED_T,
     _VERIFIED_VERSION,
+    _changes_key,
+    _decode_changes,
     _decode_verified,
     _read_generation,
     _verified_key,
     _verified_version,
+    path_key,
 )
 from trustdb.model import FileDigests, InodeKey
 
 _ENTRY_PATH_AT = 32 + _ENTRY.size
 _V_DIGEST_AT = _VERIFIED_VERSION.size
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeSet:
+    """What changed between two generations (SCHEMA: L), for `Mirror.refresh`."""
+
+    generation: int
+    paths: frozenset[str]
+    """Paths whose entries were written or deleted."""
+    removed: frozenset[bytes]
+    """Digests no source trusts any more."""
+    added: frozenset[bytes]
+    """Digests newly trusted."""
 
 
 class DigestCacheView:
@@ -111,3 +128,45 @@ class MirrorSnapshot:
 
     def is_trusted(self, digest: bytes) -> bool:
         return self._txn.get(_CONTENT_T + digest) is not None
+
+    def recorded(self, path: str) -> tuple[bytes, ...]:
+        """The digests recorded for one path (empty: the path is not recorded)."""
+        exact = _ENTRIES + path_key(path) + b"\0"
+        cur = self._txn.cursor()
+        found: list[bytes] = []
+        if not cur.set_range(exact):
+            return ()
+        for k, v in cur.iternext():
+            if not k.startswith(exact):
+                break
+            if len(k) == len(exact) + 4:
+                found.append(v[:32])
+        return tuple(found)
+
+    def changes_since(self, generation: int) -> ChangeSet | None:
+        """What the commits after `generation` up to this snapshot's changed (SCHEMA: L), or
+        None when the log does not reach back that far or a commit changed too much to list."""
+        if generation > self.generation:
+            return None
+        paths: set[bytes] = set()
+        removed: set[bytes] = set()
+        added: set[bytes] = set()
+        for g in range(generation + 1, self.generation + 1):
+            raw = self._txn.get(_changes_key(g))
+            decoded = _decode_changes(raw) if raw is not None else None
+            if decoded is None:
+                return None
+            paths.update(decoded[0])
+            # A digest removed then added again (or the reverse) ends as its last state.
+            for d in decoded[1]:
+                removed.add(d)
+                added.discard(d)
+            for d in decoded[2]:
+                added.add(d)
+                removed.discard(d)
+        return ChangeSet(
+            generation=self.generation,
+            paths=frozenset(os.fsdecode(p) for p in paths),
+            removed=frozenset(removed),
+            added=frozenset(added),
+        )

@@ -3,6 +3,7 @@ schema in `trustdb.dbschema`). `trustdb.db.TrustDB` runs these under its writer 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 
@@ -14,6 +15,7 @@ from trustdb.dbschema import (
     _CONTENT,
     _CONTENT_T,
     _ENTRIES,
+    _ENTRY,
     _FLAG_MD5,
     _FLAG_SHA256,
     _META,
@@ -22,8 +24,12 @@ from trustdb.dbschema import (
     _SOURCES,
     _U32,
     _VERIFIED,
+    CHANGE_LOG_KEEP,
+    MAX_LOGGED_PATHS,
+    _changes_key,
     _decode_entry,
     _decode_verified,
+    _encode_changes,
     _encode_entry,
     _entry_digests,
     _has_prefix,
@@ -33,6 +39,8 @@ from trustdb.dbschema import (
     _verified_version,
 )
 from trustdb.hashing import FRESH_CTIME_SECONDS
+
+_ENTRY_PATH_AT = 32 + _ENTRY.size
 from trustdb.model import FileDigests, InodeKey, SkippedEntry, TrustEntry
 
 
@@ -62,6 +70,20 @@ class _Txn:
         self.txn = txn
         self.now = time.time()
         self.changed = False
+        # The change record of this commit (SCHEMA: L), bounded: past MAX_LOGGED_PATHS the
+        # record says "everything" and stops collecting.
+        self.changed_paths: set[bytes] = set()
+        self.all_changed = False
+        self.removed_digests: set[bytes] = set()
+        self.added_digests: set[bytes] = set()
+
+    def note_path(self, raw_path: bytes) -> None:
+        if self.all_changed:
+            return
+        self.changed_paths.add(raw_path)
+        if len(self.changed_paths) > MAX_LOGGED_PATHS:
+            self.all_changed = True
+            self.changed_paths = set()
 
     # --- sources ---
     def source_id(self, label: str, kind: str, *, create: bool) -> int | None:
@@ -115,6 +137,7 @@ class _Txn:
         if old is None or old[:32] != entry.digest:
             self.txn.put(_BY_DIGEST + entry.digest + ek, b"")
             self.touch_content(entry)
+            self.note_path(os.fsencode(entry.path))
         self.changed = True
         return True, old is None
 
@@ -123,7 +146,10 @@ class _Txn:
         raw = self.txn.get(key)
         first = self.now
         sha256 = entry.sha256
-        if raw is not None:
+        if raw is None:
+            self.added_digests.add(entry.digest)
+            self.removed_digests.discard(entry.digest)
+        else:
             first = _CONTENT.unpack_from(raw)[3]
             if sha256 is None and len(raw) > _CONTENT.size:
                 sha256 = raw[_CONTENT.size :]
@@ -136,6 +162,8 @@ class _Txn:
         self.txn.delete(_BY_DIGEST + digest + ek)
         if not _has_prefix(self.txn, _BY_DIGEST + digest):
             self.txn.delete(_CONTENT_T + digest)
+            self.removed_digests.add(digest)
+            self.added_digests.discard(digest)
 
     def delete_entry(self, ek: bytes) -> bool:
         raw = self.txn.pop(_ENTRIES + ek)
@@ -143,8 +171,22 @@ class _Txn:
             return False
         self.unlink_digest(raw[:32], ek)
         self.txn.delete(_BY_SOURCE + ek[-4:] + ek)
+        plen = _ENTRY.unpack_from(raw, 32)[1]
+        self.note_path(raw[_ENTRY_PATH_AT : _ENTRY_PATH_AT + plen])
         self.changed = True
         return True
+
+    def write_change_record(self, generation: int) -> None:
+        """SCHEMA: L. Called once per commit that bumps the generation."""
+        value = _encode_changes(
+            self.changed_paths,
+            self.removed_digests,
+            self.added_digests,
+            everything=self.all_changed,
+        )
+        self.txn.put(_changes_key(generation), value)
+        if generation > CHANGE_LOG_KEEP:
+            self.txn.delete(_changes_key(generation - CHANGE_LOG_KEEP))
 
     def source_entry_keys(self, sid: int) -> list[bytes]:
         prefix = _BY_SOURCE + _U32.pack(sid)

@@ -67,15 +67,46 @@ class HashedFile:
         return InodeKey.from_stat(self.stat)
 
 
-def classify(head: bytes, mode: int) -> FileKind:
-    """Executable kind from the first bytes and the mode bits."""
+SCRIPT_EXTENSIONS = (
+    ".py",
+    ".pyc",
+    ".pl",
+    ".pm",
+    ".rb",
+    ".sh",
+    ".bash",
+    ".js",
+    ".mjs",
+    ".cjs",
+    ".lua",
+    ".php",
+    ".tcl",
+)
+"""Names of script content an interpreter loads (FileKind.SCRIPT_SOURCE)."""
+
+
+def is_script_name(name: str) -> bool:
+    return name.endswith(SCRIPT_EXTENSIONS)
+
+
+def classify(head: bytes, mode: int, name: str | None = None) -> FileKind:
+    """Executable kind from the first bytes, the mode bits and (for script sources) the name."""
     if head.startswith(ELF_MAGIC):
         return FileKind.ELF
     if head.startswith(b"#!"):
         return FileKind.SCRIPT
     if mode & 0o111:
         return FileKind.EXECUTABLE
+    if name is not None and name.endswith(SCRIPT_EXTENSIONS):
+        return FileKind.SCRIPT_SOURCE
     return FileKind.OTHER
+
+
+def with_name(kind: FileKind, name: str) -> FileKind:
+    """A kind found without the file's name (a cached verification), completed by the name."""
+    if kind is FileKind.OTHER and name.endswith(SCRIPT_EXTENSIONS):
+        return FileKind.SCRIPT_SOURCE
+    return kind
 
 
 def hash_file(
@@ -105,29 +136,42 @@ def hash_file(
         raise HashingError(f"cannot open: {e.strerror}") from e
     try:
         return hash_fd(
-            fd, want_sha256=want_sha256, want_md5=want_md5, executable_only=executable_only
+            fd,
+            want_sha256=want_sha256,
+            want_md5=want_md5,
+            executable_only=executable_only,
+            name=path,
         )
     finally:
         os.close(fd)
 
 
 def hash_fd(
-    fd: int, *, want_sha256: bool = False, want_md5: bool = False, executable_only: bool = False
+    fd: int,
+    *,
+    want_sha256: bool = False,
+    want_md5: bool = False,
+    executable_only: bool = False,
+    name: str | None = None,
 ) -> HashedFile:
     """Hash an already open file (the fanotify event's fd: reopening its path would raise a new
     permission event). Reads from the fd's current offset, so pass a fresh fd; the caller keeps
-    ownership of it."""
+    ownership of it. `name` (the path, if known) lets script sources be classified as such."""
     started = time.time()
     before = os.fstat(fd)
     if not statmod.S_ISREG(before.st_mode):
         raise HashingError("not a regular file")
     try:
-        if executable_only and classify(os.pread(fd, 4, 0), before.st_mode) == FileKind.OTHER:
+        if executable_only and classify(os.pread(fd, 4, 0), before.st_mode, name) == FileKind.OTHER:
             raise NotExecutable("not executable content")
         if before.st_size <= SMALL_FILE:
-            digests, size = _hash_small(fd, before, want_sha256=want_sha256, want_md5=want_md5)
+            digests, size = _hash_small(
+                fd, before, name, want_sha256=want_sha256, want_md5=want_md5
+            )
         else:
-            digests, size = _hash_large(fd, before, want_sha256=want_sha256, want_md5=want_md5)
+            digests, size = _hash_large(
+                fd, before, name, want_sha256=want_sha256, want_md5=want_md5
+            )
     except OSError as e:
         raise HashingError(f"read error: {e.strerror}") from e
     after = os.fstat(fd)
@@ -142,7 +186,7 @@ def hash_fd(
 
 
 def _hash_small(
-    fd: int, st: os.stat_result, *, want_sha256: bool, want_md5: bool
+    fd: int, st: os.stat_result, name: str | None, *, want_sha256: bool, want_md5: bool
 ) -> tuple[FileDigests, int]:
     """One read() of size+1 bytes: a short or long result means the file changed. Sized reads
     matter: a fixed 1 MiB read would allocate (and mmap/munmap) a 1 MiB buffer per file."""
@@ -150,7 +194,7 @@ def _hash_small(
     digests = FileDigests(
         blake3=blake3.blake3(data).digest(),
         size=len(data),
-        kind=classify(data[:4], st.st_mode),
+        kind=classify(data[:4], st.st_mode, name),
         sha256=hashlib.sha256(data).digest() if want_sha256 else None,
         md5=hashlib.md5(data, usedforsecurity=False).digest() if want_md5 else None,
     )
@@ -158,7 +202,7 @@ def _hash_small(
 
 
 def _hash_large(
-    fd: int, st: os.stat_result, *, want_sha256: bool, want_md5: bool
+    fd: int, st: os.stat_result, name: str | None, *, want_sha256: bool, want_md5: bool
 ) -> tuple[FileDigests, int]:
     """Chunked reads into one reused buffer; every hasher releases the GIL on chunks this big.
     A very large file also lets blake3 use its own threads (it still reads the file once)."""
@@ -185,7 +229,7 @@ def _hash_large(
     digests = FileDigests(
         blake3=b3.digest(),
         size=size,
-        kind=classify(head, st.st_mode),
+        kind=classify(head, st.st_mode, name),
         sha256=sha.digest() if sha is not None else None,
         md5=md5.digest() if md5 is not None else None,
     )

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from trustdb import fskeys
 from trustdb.backends.interface import KeySink
 from trustdb.db import DatabaseError
+from trustdb.dbview import ChangeSet
 from trustdb.fskeys import (
     MULTIGRAIN_FS,
     OVERLAYFS_SUPER_MAGIC,
@@ -126,6 +127,8 @@ class _Walk:
     """Paths waiting for the coarse clock to pass a value, with their recorded digests."""
     path_keys: dict[str, tuple[InodeKey, ...]] = field(default_factory=dict)
     """The keys each verified path gave (a refresh removes them when the path goes)."""
+    untrusted: dict[bytes, set[str]] = field(default_factory=dict)
+    """Paths whose content no source trusts, by digest."""
     fs_types: dict[int, int] = field(default_factory=dict)
     """st_dev -> statfs f_type: one statfs per filesystem, not per path (one st_dev is one
     superblock)."""
@@ -192,7 +195,12 @@ class Mirror:
         """What `verify_file` read lately, trusted or not (bounded, oldest dropped first)."""
         self._generation: int | None = None
         self._path_keys: dict[str, tuple[InodeKey, ...]] = {}
-        """The keys each recorded path gave at the last sync."""
+        """The keys each recorded path gave (a refresh takes them out when the path goes)."""
+        self._key_refs: dict[InodeKey, int] = {}
+        """How many recorded paths gave each key (hard links share one)."""
+        self._untrusted: dict[bytes, set[str]] = {}
+        """Recorded paths whose content on disk no source trusts, by that content's digest:
+        a refresh verifies them again when the digest becomes trusted."""
         self.hash_count = 0
         """Files read and hashed over this mirror's life (tests and benchmarks use it)."""
 
@@ -204,13 +212,86 @@ class Mirror:
     # --- full and incremental sync ---
 
     def refresh(self) -> MirrorStats | None:
-        """Re-mirror if the database generation moved since the last sync; None otherwise.
-        Also writes the verifications `verify_file` queued (kept off the exec's critical path).
-        Cheap enough to call every second: one read transaction when nothing changed."""
-        if self._generation is not None and self._db.generation == self._generation:
+        """Follow the database. None when its generation has not moved (one read transaction;
+        also writes the verifications `verify_file` queued, off the exec's critical path).
+        Otherwise only what the commits since the last sync changed is applied (SCHEMA: L in
+        trustdb.dbschema): the changed paths are verified again, and the keys of removed paths
+        and of digests no source trusts any more are taken out, so a refresh costs in
+        proportion to the change. A full `sync` when the change log does not reach back that
+        far, or the source keeps none. Files that changed on disk without a database change are
+        the first-seen path's business (`verify_file`), or the next full sync's."""
+        if self._generation is None:
+            return self.sync()
+        snapshot = open_snapshot(self._db)
+        if snapshot.generation == self._generation:
+            snapshot.close()
             self._record(self._take_unrecorded())
             return None
-        return self.sync()
+        since = getattr(snapshot, "changes_since", None)
+        changes: ChangeSet | None = since(self._generation) if since is not None else None
+        if changes is None:
+            snapshot.close()
+            return self.sync()
+        return self._apply(snapshot, changes)
+
+    def _apply(self, snapshot: SyncSnapshot, changes: ChangeSet) -> MirrorStats:
+        started = time.monotonic()
+        try:
+            walk = _Walk(snapshot)
+            paths = set(changes.paths)
+            for digest in changes.added:  # paths skipped as untrusted may hold it
+                paths.update(self._untrusted.pop(digest, ()))
+            gone: list[InodeKey] = []
+            for path in sorted(paths):
+                gone.extend(self._path_keys.pop(path, ()))
+                recorded = snapshot.recorded(path)  # type: ignore[attr-defined]
+                if recorded:
+                    self._take(path, self._examine(path, recorded, walk), walk, recorded)
+            self._hash_queued(walk)
+            deferred_total = len(walk.deferred)
+            self._retry_deferred(walk)
+        finally:
+            snapshot.close()
+        self._flush(walk)
+        self._adopt_paths(walk)
+        removed = self._drop_changed(gone, changes.removed)
+        self._record(walk.verifications + self._take_unrecorded())
+        self._generation = changes.generation
+        return self._stats(walk, changes.generation, len(paths), removed, deferred_total, started)
+
+    def _adopt_paths(self, walk: _Walk) -> None:
+        """Remember which keys each verified path gave, and which paths held untrusted content."""
+        for keys in walk.path_keys.values():
+            for k in keys:
+                self._key_refs[k] = self._key_refs.get(k, 0) + 1
+        self._path_keys.update(walk.path_keys)
+        for digest, held in walk.untrusted.items():
+            self._untrusted.setdefault(digest, set()).update(held)
+
+    def _drop_changed(self, gone: list[InodeKey], untrusted: frozenset[bytes]) -> int:
+        """Remove the keys of paths that went (unless another path, or the first-seen set,
+        still holds them) and every key of content no longer trusted; returns how many."""
+        with self._lock:
+            drop: set[InodeKey] = set()
+            for k in gone:  # the path let go of k (a path verified again holds it anew)
+                refs = self._key_refs.get(k, 0) - 1
+                if refs > 0:
+                    self._key_refs[k] = refs
+                    continue
+                self._key_refs.pop(k, None)
+                if k not in self._first_seen:
+                    drop.add(k)
+            if untrusted:  # one pass over the mirrored keys, only when trust was taken away
+                drop.update(k for k, d in self._keys.items() if d in untrusted)
+                for k in [k for k, d in self._first_seen.items() if d in untrusted]:
+                    del self._first_seen[k]
+            stale = [k for k in drop if k in self._keys]
+            for start in range(0, len(stale), self._batch):
+                self._sink.remove(stale[start : start + self._batch])
+            for k in stale:
+                del self._keys[k]
+                self._key_refs.pop(k, None)
+        return len(stale)
 
     def _take_unrecorded(self) -> list[tuple[InodeKey, FileDigests]]:
         with self._lock:
@@ -241,7 +322,13 @@ class Mirror:
         removed = self._drop_stale(walk.wanted)
         self._record(walk.verifications + self._take_unrecorded())
         self._generation = generation
-        self._path_keys = walk.path_keys
+        self._path_keys, self._key_refs, self._untrusted = {}, {}, {}
+        self._adopt_paths(walk)
+        return self._stats(walk, generation, paths, removed, deferred_total, started)
+
+    def _stats(
+        self, walk: _Walk, generation: int, paths: int, removed: int, deferred: int, started: float
+    ) -> MirrorStats:
         return MirrorStats(
             generation=generation,
             paths=paths,
@@ -250,7 +337,7 @@ class Mirror:
             mirrored=len(self._keys),
             cached=walk.cached,
             hashed=walk.hashed,
-            deferred=deferred_total,
+            deferred=deferred,
             skipped=tuple(walk.skipped),
             elapsed=time.monotonic() - started,
         )
@@ -314,6 +401,7 @@ class Mirror:
             return _ToHash(st, keys)
         walk.cached += 1
         if cached not in recorded and not walk.snapshot.is_trusted(cached):
+            walk.untrusted.setdefault(cached, set()).add(path)
             return REASON_UNTRUSTED
         return _Verified(keys, cached)
 
@@ -348,6 +436,7 @@ class Mirror:
         walk.verifications.append((queued.keys[0], result.digests))
         digest = result.digests.blake3
         if digest not in recorded and not walk.snapshot.is_trusted(digest):
+            walk.untrusted.setdefault(digest, set()).add(path)
             return REASON_UNTRUSTED
         return _Verified(queued.keys, digest)
 

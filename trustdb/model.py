@@ -24,6 +24,10 @@ class FileKind(enum.IntEnum):
     """Starts with `#!`: run through its interpreter."""
     EXECUTABLE = 3
     """Has an exec bit but is neither ELF nor `#!` (e.g. a binfmt_misc format)."""
+    SCRIPT_SOURCE = 4
+    """Script content by name (`.py`, `.pyc`, `.pl`, `.sh`, ...: `hashing.SCRIPT_EXTENSIONS`)
+    without `#!` or an exec bit: what an interpreter loads (a stdlib module), recorded by default
+    so that interpreters can be judged by the content of what they load (issue 10)."""
 
 
 class InodeKey(NamedTuple):

@@ -152,7 +152,8 @@ def scan(
 ) -> Iterator[TrustEntry | SkippedEntry]:
     """Walk `paths`, hash what was found in parallel, and yield a TrustEntry per file to
     record: every regular file with `all_files`, else only executable content (ELF, exec bit,
-    `#!`). Each file is read once; a non-executable file is not read past its first bytes."""
+    `#!`) and script sources by name (FileKind.SCRIPT_SOURCE: `.py`, `.pl`, `.sh`, ...). Each
+    file is read once; any other file is not read past its first bytes."""
     skipped: list[SkippedEntry] = []
 
     def files_only() -> Iterator[str]:

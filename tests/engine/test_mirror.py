@@ -339,7 +339,11 @@ def test_batches_and_refresh(trust: Trust, tmp_path: Path) -> None:
     extra = write(tmp_path / "extra", b"\x7fELF extra")
     trust.trust(extra)
     stats = mirror.refresh()
-    assert stats is not None and (stats.inserted, stats.removed, stats.cached) == (1, 0, 4)
+    assert stats is not None and (stats.inserted, stats.removed) == (1, 0)
+    # The unchanged paths: re-examined (all cached) by a full sync; an LMDB database keeps a
+    # change log (SCHEMA: L), and its refresh looks at the one changed path only.
+    assert (stats.paths, stats.cached) == ((1, 0) if isinstance(trust.db, TrustDB) else (5, 4))
+    assert sink.present == {key_of(f) for f in [*files[1:], extra]}
 
 
 def test_coarse_ctime_defers_until_the_tick_passed(
@@ -679,3 +683,43 @@ def test_overlay_keys_match_the_kernel_for_exec_and_mmap(
     assert any(d.ino == evil_ino and d.denied for d in got), got  # the reader saw events
     tool_ino = os.stat(tool).st_ino
     assert not [d for d in got if d.ino == tool_ino and d.denied], got
+
+
+def test_refresh_applies_only_the_change(db_path: Path, tmp_path: Path) -> None:
+    """The change log (SCHEMA: L) drives refresh: removed paths lose their keys unless a hard
+    link still holds them, content trusted elsewhere lets an untrusted path in, and content no
+    source trusts any more takes every key holding it out."""
+    a = write(tmp_path / "a", b"\x7fELF a")
+    h1 = write(tmp_path / "h1", b"\x7fELF linked")
+    h2 = tmp_path / "h2"
+    os.link(h1, h2)
+    p = write(tmp_path / "p", b"\x7fELF p, trusted")
+    with TrustDB.open(db_path, write=True) as db:
+        trust = Trust(db)
+        trust.trust(a, h1, h2, p)
+        p.write_bytes(b"\x7fELF p, changed")  # recorded, but its content is trusted nowhere
+        q = write(tmp_path / "q", b"\x7fELF p, changed")
+        settle()
+        sink = ListSink()
+        mirror = Mirror(db, sink)
+        mirror.sync()
+        assert key_of(p) not in sink.present and key_of(h1) in sink.present
+
+        trust.untrust(a, h1)
+        stats = mirror.refresh()
+        assert stats is not None and stats.paths == 2 and stats.removed == 1
+        assert key_of(a) not in sink.present and key_of(h2) in sink.present  # h2 holds it
+
+        trust.trust(q)  # p's content is now trusted (through q): p gets its key too
+        stats = mirror.refresh()
+        assert stats is not None and stats.paths == 2
+        assert {key_of(p), key_of(q)} <= sink.present
+
+        trust.untrust(q)  # no source trusts that content any more: both keys go
+        stats = mirror.refresh()
+        assert stats is not None and stats.removed == 2
+        assert key_of(p) not in sink.present and key_of(q) not in sink.present
+        assert sink.present == mirror.keys == {key_of(h2)}
+        full = Mirror(db, ListSink())
+        full.sync()
+        assert full.keys == mirror.keys  # the same as a full sync would give

@@ -37,16 +37,17 @@ def test_console_script_is_verified_and_recorded(venv: Path) -> None:
     assert script.sha256 == hashlib.sha256(data).digest()
     # pip's own scripts come from pip's RECORD, with pip's provenance.
     assert entries[f"{venv}/bin/pip"].origin.startswith("pip==")
-    # A module is not executable by the kernel: left out unless asked for.
+    # A module is script content by name (FileKind.SCRIPT_SOURCE, issue 10): recorded by
+    # default, so that a trusted interpreter may load it.
     module = f"{site_packages(venv)}/tinypkg/__init__.py"
-    assert module not in entries
+    assert entries[module].kind is FileKind.SCRIPT_SOURCE
     assert not skipped
 
 
 def test_all_files_records_modules(venv: Path) -> None:
     entries, _ = collect(venv, all_files=True)
     module = entries[f"{site_packages(venv)}/tinypkg/__init__.py"]
-    assert module.kind is FileKind.OTHER and module.origin == "tinypkg==0.1"
+    assert module.kind is FileKind.SCRIPT_SOURCE and module.origin == "tinypkg==0.1"
 
 
 def test_site_packages_dir_directly(venv: Path) -> None:
@@ -101,6 +102,6 @@ def test_cli_import_reimport_and_uninstall(venv: Path, cli_env: dict[str, str]) 
     (venv / "bin/tinypkg-hello").unlink()
     third = trustdb(cli_env, "import", "python", str(venv), "--json")
     (src3,) = json.loads(third.stdout)["sources"]
-    assert src3["write"]["removed"] == 1
+    assert src3["write"]["removed"] == 2  # the console script and the module (SCRIPT_SOURCE)
     with TrustDB.open(Path(cli_env["TRUSTDB_DB"])) as db:
         assert not db.records_for_path(f"{venv}/bin/tinypkg-hello")
