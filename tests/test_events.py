@@ -322,7 +322,7 @@ def test_log_command_text_and_json(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
     )
-    assert missing.returncode == 1
+    assert missing.returncode == 4  # the exit-code table: 4 = no such file or database
     assert missing.stderr.strip() == (
         f"trustdb: error: no decision log at {tmp_path / 'none'} (set --file or TRUSTDB_LOG)"
     )
