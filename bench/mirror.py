@@ -9,7 +9,13 @@ Also the first-seen path: `Mirror.verify_file` on fresh copies of /usr/bin/git (
 a copied or chmod'ed trusted binary costs before the kernel decides), against the same call once
 the key is known (the fast path every other exec takes through the pre-warm hook).
 
-    python3 bench/mirror.py [--files N] [--rounds R]
+Then, at database sizes (--sizes, default 10k, 137k and 1M entries; files on disk under
+/var/tmp, tiny and distinct): the warm sync of a new mirror over the whole database (what the
+service and `trustdb run` do at start; goal: 137k in under 1 s), against a refresh after one
+`trust` of a new file and one `untrust` (goal: in proportion to the change, not the database),
+in alternating rounds.
+
+    python3 bench/mirror.py [--files N] [--rounds R] [--sizes 10000,137000,1000000]
 """
 
 from __future__ import annotations
@@ -99,11 +105,67 @@ def first_seen(root: Path, db: TrustDB, copies: int = 40) -> tuple[float, float]
     return statistics.median(unknown), statistics.median(known)
 
 
+def make_tree(root: Path, n: int) -> list[str]:
+    """n tiny files with distinct content, 1000 per directory."""
+    paths = []
+    for i in range(n):
+        d = root / f"d{i // 1000:04d}"
+        if i % 1000 == 0:
+            d.mkdir(parents=True)
+        p = f"{d}/f{i:07d}"
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
+        os.write(fd, b"\x7fELF %d" % i)
+        os.close(fd)
+        paths.append(p)
+    return paths
+
+
+def bench_sizes(sizes: list[int], rounds: int) -> None:
+    from trustdb.walk import scan
+
+    print(f"warm sync vs refresh by database size (load {os.getloadavg()[0]:.2f}, "
+          f"{os.cpu_count()} CPUs; medians of {rounds} alternating rounds)")
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="trustdb-bench-size-", dir="/var/tmp") as tmp:
+            root = Path(tmp)
+            make_tree(root / "files", n)
+            time.sleep(0.1)  # past the window in which the database will not cache
+            db = TrustDB.open(root / "db", write=True)
+            t0 = time.perf_counter()
+            db.add_entries("bench", "dir", scan([str(root / "files")], all_files=True))
+            built = time.perf_counter() - t0
+            mirror = Mirror(db, CountingSink())
+            mirror.sync()
+            syncs: list[float] = []
+            refreshes: list[float] = []
+            extra = root / "extra"
+            for r in range(rounds):
+                s = Mirror(db, CountingSink()).sync()
+                assert s.cached >= n - r - 1 and not s.skipped, s
+                syncs.append(s.elapsed)
+                f = extra / f"new{r}"
+                extra.mkdir(exist_ok=True)
+                f.write_bytes(b"\x7fELF new %d" % r)
+                db.add_entries("bench-extra", "dir", scan([str(f)], all_files=True))
+                db.remove_paths([f"{root}/files/d0000/f{r:07d}"])
+                t0 = time.perf_counter()
+                st = mirror.refresh()
+                refreshes.append(time.perf_counter() - t0)
+                assert st is not None and st.paths == 2 and st.inserted == 1 and st.removed == 1, st
+            db.close()
+        sm, rm = statistics.median(syncs), statistics.median(refreshes)
+        print(f"  {n:>9,} entries: warm sync {sm:7.3f} s ({sm / n * 1e6:4.1f} us/path)   "
+              f"refresh (+1 -1) {rm * 1e3:7.2f} ms   refresh/sync x{rm / sm:.4f}   "
+              f"(db built in {built:.1f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sizes", default="10000,137000,1000000")
     args = ap.parse_args()
+    bench_sizes([int(x) for x in args.sizes.split(",") if x], args.rounds)
     cold: list[float] = []
     warm: list[float] = []
     total_bytes = 0

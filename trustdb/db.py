@@ -534,6 +534,11 @@ class TrustDB:
                 out.append(SourceRecord(k[1:].decode(), kind, count, updated))
             return out
 
+    def entry_count(self) -> int:
+        """How many (path, source) facts there are, from the sources' counters (no scan)."""
+        with self._read() as txn:
+            return sum(_SOURCE.unpack_from(v)[1] for _k, v in _scan(txn, _SOURCES))
+
     def status(self) -> DatabaseStatus:
         with self._read() as txn:
             counts = {

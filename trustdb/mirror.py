@@ -77,6 +77,17 @@ from trustdb.model import FileDigests, InodeKey
 MAX_FIRST_SEEN = 65536
 """Keys inserted by `verify_file` that are kept (oldest dropped first)."""
 
+MIN_MAP_ENTRIES = 1 << 14
+
+
+def map_size_for(entries: int) -> int:
+    """Trusted-inode map size for a database of `entries` (path, source) facts: two keys per
+    path (overlayfs files give two), plus the first-seen keys (MAX_FIRST_SEEN), rounded up to a
+    power of two. A fixed size was either mostly empty or, past a million entries, too small."""
+    needed = max(MIN_MAP_ENTRIES, 2 * entries + MAX_FIRST_SEEN)
+    return 1 << (needed - 1).bit_length()
+
+
 MAX_RECENT = 4096
 """Digests `verify_file` remembers in memory, and verifications it queues for the database."""
 
@@ -594,6 +605,7 @@ __all__ = [
     "ctime_settled_at",
     "fs_magic",
     "kernel_has_multigrain",
+    "map_size_for",
     "overlay_mounts",
     "overlay_real_stat",
 ]

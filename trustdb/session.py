@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TextIO
 
@@ -139,6 +139,11 @@ class EngineSession:
             except DatabaseError as e:
                 raise SupervisorError(f"trust database {db}: {e}") from e
             self._closers.append(self._db.close)
+            if config.max_entries is None:  # the kernel map, sized from the database
+                from trustdb.mirror import map_size_for
+
+                config = replace(config, max_entries=map_size_for(self._db.entry_count()))
+                self._config = config
             self._start_first_sync()
             self._engine = BackendEngine(config, backend=backend, prepare=self._prepare,
                                          allow_system_wide=allow_system_wide,

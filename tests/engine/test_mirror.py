@@ -38,7 +38,7 @@ from trustdb.mirror import (
     kernel_has_multigrain,
     overlay_mounts,
 )
-from trustdb.model import FileDigests, InodeKey, TrustEntry
+from trustdb.model import FileDigests, FileKind, InodeKey, TrustEntry
 
 
 @dataclass
@@ -723,3 +723,18 @@ def test_refresh_applies_only_the_change(db_path: Path, tmp_path: Path) -> None:
         full = Mirror(db, ListSink())
         full.sync()
         assert full.keys == mirror.keys  # the same as a full sync would give
+
+
+def test_kernel_map_is_sized_from_the_database(db_path: Path) -> None:
+    from trustdb.mirror import MAX_FIRST_SEEN, map_size_for
+
+    assert map_size_for(0) == 1 << 16  # the first-seen keys alone
+    assert map_size_for(137_000) == 1 << 19  # two keys per path + first-seen, a power of two
+    assert map_size_for(1_000_000) == 1 << 21  # past the old fixed 1M
+    for n in (1, 5000, 300_000, 3_000_000):
+        assert map_size_for(n) >= 2 * n + MAX_FIRST_SEEN
+    with TrustDB.open(db_path, write=True) as db:
+        db.add_entries("a", "manual", [TrustEntry(f"/x/{i}", bytes([i]) * 32, 1, FileKind.ELF)
+                                       for i in range(3)])
+        db.add_entries("b", "manual", [TrustEntry("/x/0", bytes(32), 1, FileKind.ELF)])
+        assert db.entry_count() == 4 == db.status().entries

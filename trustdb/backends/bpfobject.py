@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trustdb.abi import BackendId, CConfig, CInodeKey, CTask, Mode
-from trustdb.backends.interface import Backend, BackendError, EngineConfig, KeySink, Probe, Scope
+from trustdb.backends.interface import (
+    DEFAULT_MAX_ENTRIES,
+    Backend,
+    BackendError,
+    EngineConfig,
+    KeySink,
+    Probe,
+    Scope,
+)
 from trustdb.libbpf import BpfMap, BpfObject, LibbpfError
 from trustdb.model import InodeKey
 
@@ -143,7 +151,7 @@ class BpfBackend(Backend):
             raise BackendError(f"{self.name}: scope cgroup {config.scope.cgroup_id} has no level")
         self._scope_path = config.scope.cgroup_path
         try:
-            self._obj = self._open(config, config.max_entries)
+            self._obj = self._open(config, config.max_entries or DEFAULT_MAX_ENTRIES)
             self._sink = MapKeySink(self._obj.map("trusted_inodes"))
             self._events_fd = self._obj.map("events").fd
         except LibbpfError as e:

@@ -65,12 +65,16 @@ class Scope:
         return cls(cgroup_id=st.st_ino, cgroup_path=str(Path(path).resolve()), cgroup_level=level)
 
 
+DEFAULT_MAX_ENTRIES = 1 << 20
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     mode: Mode
     scope: Scope
-    max_entries: int = 1 << 20
-    """Size of the trusted-inode map (set before load)."""
+    max_entries: int | None = None
+    """Size of the trusted-inode map (set before load). None: the engine session sizes it from
+    the database (`mirror.map_size_for`); a backend loaded without one uses DEFAULT_MAX_ENTRIES."""
     supervisor_tgid: int = 0
     """The trustdb process that confined tasks must not signal, trace or stop."""
     log_allows: bool = False
