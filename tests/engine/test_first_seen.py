@@ -238,3 +238,48 @@ def test_audit_mode_allows_and_reports(db: Path, env: dict[str, str], tmp_path: 
     assert p.stdout == "rc=0\n", p.stderr
     assert "would deny (audit) exec of" in p.stderr
     assert Mode.AUDIT  # the handler answers allow in audit mode
+
+
+# --- Debian's own Python 3.11.2 (CPython gh-104372) --------------------------------------------
+
+DEBIAN_PYTHON = Path("/usr/bin/python3")
+VENV = Path(__file__).resolve().parents[2] / "build" / "debian-python-venv"
+
+
+@pytest.fixture(scope="module")
+def debian_python() -> Path:
+    """A venv of /usr/bin/python3 with the project's dependencies from PyPI (made once, kept
+    under build/). Debian 12's python3 is 3.11.2, the version gh-104372 deadlocked."""
+    if not DEBIAN_PYTHON.exists():
+        pytest.fail("/usr/bin/python3 missing (Debian's python3 is in every Debian install)")
+    py = VENV / "bin" / "python"
+    if not py.exists():
+        import tomllib
+
+        deps = tomllib.loads((VENV.parents[1] / "pyproject.toml").read_text())["project"][
+            "dependencies"]
+        subprocess.run([str(DEBIAN_PYTHON), "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *deps], check=True)
+    return py
+
+
+def test_debian_python_runs_the_handler(debian_python: Path, db: Path, env: dict[str, str],
+                                        tmp_path: Path) -> None:
+    version = subprocess.run([str(debian_python), "-c", "import sys; print(sys.version_info[:3])"],
+                             capture_output=True, text=True, check=True).stdout
+    copy = tmp_path / "t"
+    shutil.copy2("/bin/true", copy)
+    evil = untrusted_copy("/bin/true", tmp_path / "evil")
+    env = dict(env, PYTHONPATH=str(VENV.parents[1]))
+    p = subprocess.run([str(debian_python), "-c", "from trustdb.cli import main; main()", "run",
+                        "--db", str(db), "--", "bash", "-c",
+                        (f"{copy}; echo copy=$?; chmod 700 {copy}; {copy}; echo chmod=$?; "
+                         f"{evil}; echo evil=$?")],
+                       env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert p.stdout == "copy=0\nchmod=0\nevil=126\n", (version, p.stderr)
+    probe = Path(__file__).with_name("gh104372_probe.py")
+    p = subprocess.run([str(debian_python), str(probe), str(db), "30"], env=env,
+                       capture_output=True, text=True, timeout=120, check=False)
+    words = p.stdout.split()
+    assert words[:2] == ["spawned", "30"], (version, p.stdout, p.stderr)
+    assert int(words[3]) >= 30  # each spawned exec waited in a permission event: no deadlock
