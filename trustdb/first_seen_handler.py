@@ -28,13 +28,13 @@ import mmap
 import os
 import select
 import signal
-import stat as statmod
 import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from trustdb.denial_stderr import write_to_stderr_of
 from trustdb.fanotify import (
     FAN_ATTRIB,
     FAN_MOVE_SELF,
@@ -44,7 +44,6 @@ from trustdb.fanotify import (
     Event,
     Fanotify,
     FanotifyError,
-    pidfd_getfd,
 )
 from trustdb.first_seen import (
     NO_INTERPRETERS,
@@ -57,7 +56,6 @@ from trustdb.first_seen import (
     answer,
     is_script_for,
 )
-from trustdb.fskeys import fs_magic
 from trustdb.model import InodeKey
 
 PERM_MASK = FAN_OPEN_EXEC_PERM | FAN_OPEN_PERM
@@ -65,7 +63,6 @@ CHANGE_MASK = FAN_ATTRIB | FAN_MOVE_SELF
 GENERATION_POLL_S = 1.0
 START_TIMEOUT_S = 30.0
 REALTIME_PRIORITY = 10
-FUSE_SUPER_MAGIC = 0x65735546
 
 SKIP_FSTYPES = frozenset(
     {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "tracefs", "debugfs", "securityfs", "bpf",
@@ -488,7 +485,7 @@ class _Serve:
         line = (f"trustdb: denied {thing} of {path} (pid {ev.pid}): its content is not in the "
                 f"trust database. To trust it: trustdb trust{self.config.db_option} {path}")
         if denied:
-            _write_to_stderr_of(pidfd, line)
+            write_to_stderr_of(pidfd, line)
         denial = Denial(ev.pid, path, key.dev if key else 0, key.ino if key else 0, what, denied)
         with contextlib.suppress(OSError):
             os.write(self.report, b"D " + json.dumps(_asdict(denial)).encode() + b"\n")
@@ -504,34 +501,6 @@ def _event_path(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return f"fd {fd}"
-
-
-def _write_to_stderr_of(pidfd: int, line: str) -> None:
-    """Put the denial line on the blocked task's own stderr, which is what an agent reads.
-    Only where a write cannot block the handler: a pipe, socket or terminal with room, or a
-    regular file not on FUSE."""
-    try:
-        fd = pidfd_getfd(pidfd, 2)
-    except OSError:
-        return
-    try:
-        st = os.fstat(fd)
-        ours = os.fstat(2)
-        if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
-            return  # the supervisor's own stderr: it prints the line there
-        if not (statmod.S_ISFIFO(st.st_mode) or statmod.S_ISSOCK(st.st_mode)
-                or statmod.S_ISCHR(st.st_mode) or statmod.S_ISREG(st.st_mode)):
-            return
-        if statmod.S_ISREG(st.st_mode):
-            if fs_magic(fd) == FUSE_SUPER_MAGIC:
-                return
-        elif not select.select([], [fd], [], 0)[1]:
-            return
-        os.write(fd, (line + "\n").encode()[:4000])
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 __all__ = ["FirstSeenHandler", "HandlerConfig", "HandlerError", "host_filesystems",

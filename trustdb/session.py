@@ -156,7 +156,12 @@ class EngineSession:
             except OSError:
                 self._logger = events.Logger.create("null")
             self._closers.append(self._logger.close)
-            self._sink = events.EventSink(self._engine.backend_name, self._logger.log, consume)
+            consumers = [self._logger.log, consume]
+            if isinstance(consume, DenialReporter) and not config.scope.system_wide:
+                from trustdb.denial_stderr import tree_stderr_consumer
+
+                consumers.append(tree_stderr_consumer(consume.line, config.scope.cgroup_path))
+            self._sink = events.EventSink(self._engine.backend_name, *consumers)
             try:
                 self._ring = RingBuffer(self._engine.events_fd, self._on_sample)
             except LibbpfError as e:

@@ -134,6 +134,21 @@ def test_untrusted_exec_and_script_get_eperm_and_a_line(db: Path, env: dict[str,
     assert any(e["path"] == str(script) and e["verdict"] == "deny" for e in log), log
 
 
+def test_bpf_kill_line_reaches_the_commands_stderr(db: Path, env: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    """An untrusted library mapped executable is killed by the BPF mmap check (no permission
+    event can refuse an mmap): the line still reaches the stderr the command's caller reads,
+    through the killed task's live parent."""
+    libm = os.path.realpath(f"/lib/x86_64-linux-gnu/{ctypes.util.find_library('m')}")
+    evil = untrusted_copy(libm, tmp_path / "libevil.so")
+    got = run(db, f"( {sys.executable} -c 'import ctypes; ctypes.CDLL(\"{evil}\")'; "
+                  f"echo rc=$? ) 2>{tmp_path}/err", env)
+    assert got.stdout == "rc=137\n", got.stderr
+    text = (tmp_path / "err").read_text()
+    assert f"denied executable mapping of {evil}" in text, (text, got.stderr)
+    assert f"trustdb trust --db {db} {evil}" in text
+
+
 def test_interpreter_refused_an_untrusted_script(db: Path, tmp_path: Path) -> None:
     """sh (dash) is an interpreter; `sh evil.sh` opens evil.sh with a plain open, denied; a
     trusted script runs."""
