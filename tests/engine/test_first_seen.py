@@ -138,11 +138,13 @@ def test_bpf_kill_line_reaches_the_commands_stderr(db: Path, env: dict[str, str]
                                                   tmp_path: Path) -> None:
     """An untrusted library mapped executable is killed by the BPF mmap check (no permission
     event can refuse an mmap): the line still reaches the stderr the command's caller reads,
-    through the killed task's live parent."""
+    through the killed task's live parent (best effort: see README)."""
     libm = os.path.realpath(f"/lib/x86_64-linux-gnu/{ctypes.util.find_library('m')}")
     evil = untrusted_copy(libm, tmp_path / "libevil.so")
+    # The parent lives on a moment (as a caller's shell does): the line is written after the
+    # kill, when the supervisor reads the kernel's event, so a holder must still exist.
     got = run(db, f"( {sys.executable} -c 'import ctypes; ctypes.CDLL(\"{evil}\")'; "
-                  f"echo rc=$? ) 2>{tmp_path}/err", env)
+                  f"echo rc=$?; sleep 1 ) 2>{tmp_path}/err", env)
     assert got.stdout == "rc=137\n", got.stderr
     text = (tmp_path / "err").read_text()
     assert f"denied executable mapping of {evil}" in text, (text, got.stderr)
