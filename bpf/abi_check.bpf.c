@@ -15,5 +15,6 @@ enum td_mode td_abi_mode;
 enum td_backend td_abi_backend;
 enum td_reason td_abi_reason;
 enum td_protect td_abi_protect;
+enum td_program_flag td_abi_program_flag;
 
 char LICENSE[] __attribute__((section("license"), used)) = "GPL";

@@ -38,6 +38,16 @@ struct {
 	__type(value, struct td_task);
 } confined SEC(".maps");
 
+/* Per-program exceptions (enum td_program_flag bits), keyed by the inode key of the program's
+ * executable (mm->exe_file): JITs that may use anonymous executable memory, interpreters whose
+ * script files must be trusted. Filled by userspace from the policy. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct td_inode_key);
+	__type(value, __u32);
+} program_flags SEC(".maps");
+
 const volatile struct td_config td_cfg = {};
 
 /* ---- inode keys ------------------------------------------------------------------------- */
@@ -89,6 +99,31 @@ static __always_inline void td_file_key(struct file *file, struct td_inode_key *
 static __always_inline bool td_is_trusted(const struct td_inode_key *key)
 {
 	return bpf_map_lookup_elem(&trusted_inodes, key) != NULL;
+}
+
+/* Flags of the program `task` runs (its mm->exe_file), 0 for none or a kernel thread. */
+static __always_inline __u32 td_program_flags(struct task_struct *task)
+{
+	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
+	struct td_inode_key key;
+	__u32 *flags;
+
+	if (!exe)
+		return 0;
+	td_file_key(exe, &key);
+	flags = bpf_map_lookup_elem(&program_flags, &key);
+	return flags ? *flags : 0;
+}
+
+/* Does the file have writers right now: an fd open for writing anywhere (i_writecount > 0;
+ * negative while it is being executed, which refuses writers), or a shared-writable mapping
+ * (i_mmap_writable > 0, whose stores never move ctime)? Its content can change under a check. */
+static __always_inline bool td_file_has_writers(struct file *file)
+{
+	struct inode *inode = BPF_CORE_READ(file, f_inode);
+
+	return BPF_CORE_READ(inode, i_writecount.counter) > 0 ||
+	       BPF_CORE_READ(inode, i_mapping, i_mmap_writable.counter) > 0;
 }
 
 /* ---- scope ------------------------------------------------------------------------------ */
@@ -330,18 +365,37 @@ static __always_inline __u8 td_deny(struct task_struct *task, __u8 hook, __u32 r
 	return verdict;
 }
 
-/* Decide on one file the current task executes or maps executable. */
+/* Decide on one file the current task executes or maps executable: its key must be trusted
+ * and nobody may be able to change its content while it runs (no writers). */
 static __always_inline __u8 td_check_file(struct task_struct *task, __u8 hook, struct file *file)
 {
 	struct td_inode_key key;
 
 	td_file_key(file, &key);
+	if (td_file_has_writers(file))
+		return td_deny(task, hook, TD_REASON_WRITABLE, &key, file);
 	if (td_is_trusted(&key)) {
 		if (td_cfg.log_allows)
 			td_emit(task, hook, TD_ALLOW, TD_REASON_TRUSTED, &key, file);
 		return TD_ALLOW;
 	}
 	return td_deny(task, hook, TD_REASON_UNTRUSTED, &key, file);
+}
+
+/* Is the current task, inside a `run` tree, allowed code it wrote itself (anonymous executable
+ * memory, W+X)? Only a program flagged TD_PROGRAM_JIT is. System-wide (service mode) this rule
+ * is off: every JIT on the machine would need a flag first. */
+static __always_inline bool td_self_code_allowed(struct task_struct *task)
+{
+	return td_cfg.scope_cgroup_id == 0 || (td_program_flags(task) & TD_PROGRAM_JIT);
+}
+
+/* Code the current task wrote itself is about to run: kill it unless it is a flagged JIT. */
+static __always_inline __u8 td_check_self(struct task_struct *task, __u8 hook)
+{
+	if (td_self_code_allowed(task))
+		return TD_ALLOW;
+	return td_deny(task, hook, TD_REASON_ANON_EXEC, NULL, NULL);
 }
 
 #endif /* __TRUSTDB_COMMON_BPF_H */

@@ -24,6 +24,8 @@ enum td_hook {
 	TD_HOOK_MMAP = 2,
 	TD_HOOK_MPROTECT = 3,
 	TD_HOOK_TAMPER = 4, /* a confined task tried to lift its confinement */
+	TD_HOOK_SCRIPT = 5, /* an interpreter opened a script file (lsm) */
+	TD_HOOK_WRITE = 6, /* a write to code: open for write, truncate, shared-writable map */
 };
 
 /* Why a decision was taken (td_event.reason). */
@@ -39,6 +41,18 @@ enum td_reason {
 	TD_REASON_RAW_DEVICE = 8, /* a confined task opened a block device for writing (lsm) */
 	TD_REASON_SYSCTL = 9, /* a confined task opened /proc/sys for writing (lsm) */
 	TD_REASON_KERNEL_LOAD = 10, /* a confined task loaded a module, kexec image or policy (lsm) */
+	TD_REASON_WRITABLE = 11, /* code that has writers right now (an fd open for write, a
+				  * shared-writable mapping), or a write to trusted or mapped code */
+	TD_REASON_ANON_EXEC = 12, /* code the process wrote itself: anonymous executable memory,
+				   * an executable stack, W+X or written-then-executable pages */
+	TD_REASON_UNTRUSTED_SCRIPT = 13, /* an interpreter opened an untrusted script (lsm) */
+	TD_REASON_PROC_MEM = 14, /* a confined task opened /proc/PID/mem for writing (lsm) */
+};
+
+/* Value bits of the `program_flags` map (key: the td_inode_key of a program's executable). */
+enum td_program_flag {
+	TD_PROGRAM_JIT = 1, /* may use anonymous executable memory (node, java, pypy, luajit) */
+	TD_PROGRAM_INTERPRETER = 2, /* may open script files only if they are trusted (lsm) */
 };
 
 /* Value bits of the lsm backend's `protected_inodes` map (key: td_inode_key, ctime zero). */

@@ -20,6 +20,8 @@ class Hook(enum.IntEnum):
     MMAP = 2
     MPROTECT = 3
     TAMPER = 4
+    SCRIPT = 5
+    WRITE = 6
 
 
 class Reason(enum.IntEnum):
@@ -34,6 +36,10 @@ class Reason(enum.IntEnum):
     RAW_DEVICE = 8
     SYSCTL = 9
     KERNEL_LOAD = 10
+    WRITABLE = 11
+    ANON_EXEC = 12
+    UNTRUSTED_SCRIPT = 13
+    PROC_MEM = 14
 
 
 class Protect(enum.IntFlag):
@@ -42,6 +48,15 @@ class Protect(enum.IntFlag):
     CONTENT = 1
     NAME = 2
     ENTRIES = 4
+
+
+class ProgramFlag(enum.IntFlag):
+    """Value bits of the `program_flags` map, keyed by a program's executable (its inode key)."""
+
+    JIT = 1
+    """May use anonymous executable memory (node, java, pypy, luajit)."""
+    INTERPRETER = 2
+    """May open a script file (.py, .sh, ...) only if its content is trusted (lsm)."""
 
 
 class Verdict(enum.IntEnum):

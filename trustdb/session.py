@@ -61,6 +61,16 @@ _HOOK_WORDS = {
     Hook.EXEC: "exec",
     Hook.MMAP: "executable mapping",
     Hook.MPROTECT: "mprotect(PROT_EXEC)",
+    Hook.SCRIPT: "script",
+    Hook.WRITE: "write to code",
+}
+# Why, for the reasons that are not "this content is not trusted" (abi.Reason names, lowered).
+_REASON_WORDS = {
+    "writable": "it has writers (open for writing or mapped shared-writable), or it is code",
+    "anon_exec": "code the process wrote itself (anonymous executable memory, W+X, an "
+                 "executable stack); only a program allowed as a JIT may",
+    "unverifiable": "the mapping could not be inspected (denied, failing closed)",
+    "proc_mem": "/proc/PID/mem is not writable inside the tree",
 }
 
 
@@ -100,6 +110,9 @@ class DenialReporter:
                                      os.path.basename(self.command) == os.path.basename(path)))
         if is_command:
             path = self.command
+        if d.reason in _REASON_WORDS:
+            where = path if d.path or d.ino else "memory"
+            return f"trustdb: {verb} {hook} of {where} ({who}): {_REASON_WORDS[d.reason]}."
         text = f"trustdb: {verb} {hook} of {path} ({who}): not in the trust database."
         if is_command:
             text += " It is the command you asked to run: it must be trusted itself."

@@ -80,10 +80,12 @@ class BackendRow:
     reason: str
     selected: bool
     guarantees: str = ""
+    holes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "ok": self.ok, "reason": self.reason,
-                "selected": self.selected, "guarantees": self.guarantees}
+                "selected": self.selected, "guarantees": self.guarantees,
+                "holes": list(self.holes)}
 
 
 def probe_backends() -> list[BackendRow]:
@@ -96,6 +98,6 @@ def probe_backends() -> list[BackendRow]:
     for cls in sorted(backends.COMPILED, key=lambda b: -b.strength):
         probe = cls().probe()
         rows.append(BackendRow(cls.name, probe.ok, probe.reason, probe.ok and not chosen,
-                               getattr(cls, "guarantees", "")))
+                               getattr(cls, "guarantees", ""), tuple(cls.holes)))
         chosen = chosen or probe.ok
     return rows

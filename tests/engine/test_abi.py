@@ -33,6 +33,7 @@ ENUMS: dict[str, tuple[type[enum.IntEnum | enum.IntFlag], str]] = {
     "td_backend": (abi.BackendId, "TD_BACKEND_"),
     "td_reason": (abi.Reason, "TD_REASON_"),
     "td_protect": (abi.Protect, "TD_PROTECT_"),
+    "td_program_flag": (abi.ProgramFlag, "TD_PROGRAM_"),
 }
 
 

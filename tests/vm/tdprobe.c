@@ -11,8 +11,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ipc.h>
 #include <sys/mman.h>
+#include <sys/personality.h>
 #include <sys/ptrace.h>
+#include <sys/shm.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -115,6 +118,131 @@ static int write_text(const char *path, const char *text)
 	return report(write(fd, text, strlen(text)) < 0 ? -1 : 0);
 }
 
+/* ---- code the process writes itself, and writes to code (issue 8, routes 1, 3, 4) ---- */
+
+/* x86_64: mov eax, 42; ret */
+static const unsigned char ret42[] = {0xb8, 0x2a, 0x00, 0x00, 0x00, 0xc3};
+
+/* Run the bytes at `code`: prints `ran 42` if they ran. */
+static int run_code(void *code)
+{
+	int (*fn)(void) = (int (*)(void))code;
+
+	printf("ran %d\n", fn());
+	return 0;
+}
+
+/* Anonymous memory, written, then made executable: by mmap(RWX), by mprotect(RX) after the
+ * write, or shared anonymous memory mapped RWX. */
+static int self_code(const char *how)
+{
+	int rwx = PROT_READ | PROT_WRITE | PROT_EXEC, shared = !strcmp(how, "shared");
+	int flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_ANONYMOUS;
+	int first = !strcmp(how, "mprotect") ? PROT_READ | PROT_WRITE : rwx;
+	unsigned char *p = mmap(NULL, 4096, first, flags, -1, 0);
+
+	if (p == MAP_FAILED)
+		return report(-1);
+	memcpy(p, ret42, sizeof(ret42));
+	if (first != rwx && mprotect(p, 4096, PROT_READ | PROT_EXEC))
+		return report(-1);
+	return run_code(p);
+}
+
+/* A private mapping of a (trusted) file, written, then executed: `wx` maps it RWX at once,
+ * `written` maps it RW, writes, then mprotects it RX (copy-on-write pages are the task's own). */
+static int file_self_code(const char *how, const char *path)
+{
+	int fd = open_or_die(path, O_RDONLY);
+	int prot = !strcmp(how, "wx") ? PROT_READ | PROT_WRITE | PROT_EXEC : PROT_READ | PROT_WRITE;
+	unsigned char *p = mmap(NULL, 4096, prot, MAP_PRIVATE, fd, 0);
+
+	if (p == MAP_FAILED)
+		return report(-1);
+	memcpy(p, ret42, sizeof(ret42));
+	if (!(prot & PROT_EXEC) && mprotect(p, 4096, PROT_READ | PROT_EXEC))
+		return report(-1);
+	return run_code(p);
+}
+
+/* SysV shared memory attached with SHM_EXEC. */
+static int shm_exec(void)
+{
+	int id = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
+	void *p;
+
+	if (id < 0)
+		return report(-1);
+	p = shmat(id, NULL, SHM_EXEC);
+	shmctl(id, IPC_RMID, NULL);
+	if (p == (void *)-1)
+		return report(-1);
+	memcpy(p, ret42, sizeof(ret42));
+	return run_code(p);
+}
+
+/* personality(READ_IMPLIES_EXEC): every readable private mapping and the heap run. */
+static int read_implies_exec(void)
+{
+	unsigned char *p;
+
+	if (personality(READ_IMPLIES_EXEC) < 0)
+		return report(-1);
+	p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		return report(-1);
+	memcpy(p, ret42, sizeof(ret42));
+	return run_code(p);
+}
+
+/* A shared-writable mapping of a file: at once, or read-only first and then mprotect'ed. */
+static int map_shared_writable(const char *path, int later)
+{
+	int fd = open_or_die(path, O_RDWR);
+	int prot = later ? PROT_READ : PROT_READ | PROT_WRITE;
+	void *p = mmap(NULL, 4096, prot, MAP_SHARED, fd, 0);
+
+	if (p == MAP_FAILED)
+		return report(-1);
+	if (later)
+		return report(mprotect(p, 4096, PROT_READ | PROT_WRITE));
+	return report(0);
+}
+
+/* Route 1: leave an address-search record with mremap(MREMAP_MAYMOVE), then mmap `path`
+ * executable at a free hint address, which needs no search of its own. */
+static int stale_search_record(const char *path)
+{
+	int fd = open_or_die(path, O_RDONLY);
+	void *hint = mmap(NULL, 1 << 20, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	void *a = mmap(NULL, 4 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	void *b, *p;
+
+	if (hint == MAP_FAILED || a == MAP_FAILED || munmap(hint, 1 << 20))
+		return report(-1);
+	b = mremap(a, 4 * 4096, 64 * 4096, MREMAP_MAYMOVE);
+	if (b == MAP_FAILED)
+		return report(-1);
+	p = mmap(hint, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE, fd, 0);
+	if (p == MAP_FAILED)
+		return report(-1);
+	printf("mapped %s\n", p == hint ? "at the hint" : "elsewhere");
+	return 0;
+}
+
+/* Open `path` for writing and wait (a writer that exists while others check the file). */
+static int hold_writer(const char *path, const char *until)
+{
+	int fd = open_or_die(path, O_WRONLY);
+
+	printf("holding\n");
+	fflush(stdout);
+	while (access(until, F_OK))
+		usleep(20000);
+	close(fd);
+	return 0;
+}
+
 /* Benchmark loops (bench/exec_lsm.py): print the elapsed nanoseconds of N iterations. */
 static long long now_ns(void)
 {
@@ -213,6 +341,22 @@ int main(int argc, char **argv)
 		return getppid_loop(atoi(arg));
 	if (!strcmp(cmd, "module"))
 		return load_module();
+	if (!strcmp(cmd, "selfcode"))
+		return self_code(arg);
+	if (!strcmp(cmd, "fileselfcode"))
+		return file_self_code(arg, argv[3]);
+	if (!strcmp(cmd, "shmexec"))
+		return shm_exec();
+	if (!strcmp(cmd, "readimpliesexec"))
+		return read_implies_exec();
+	if (!strcmp(cmd, "mapshared"))
+		return map_shared_writable(arg, 0);
+	if (!strcmp(cmd, "mprotectshared"))
+		return map_shared_writable(arg, 1);
+	if (!strcmp(cmd, "stale"))
+		return stale_search_record(arg);
+	if (!strcmp(cmd, "holdwriter"))
+		return hold_writer(arg, argv[3]);
 	fprintf(stderr, "tdprobe: unknown command %s\n", cmd);
 	return 2;
 }

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from trustdb.abi import BackendId, CConfig, CInodeKey, CTask, Mode
+from trustdb.abi import BackendId, CConfig, CInodeKey, CTask, Mode, ProgramFlag
 from trustdb.backends.interface import (
     DEFAULT_MAX_ENTRIES,
     Backend,
@@ -223,6 +223,26 @@ class BpfBackend(Backend):
             self._obj.map("confined").update(bytes(ctypes.c_int(pidfd)), bytes(CTask(confined=1)))
         except LibbpfError as e:
             raise BackendError(f"{self.name}: cannot confine pidfd {pidfd}: {e.strerror}") from e
+
+    def set_program_flags(self, items: Sequence[tuple[InodeKey, int]]) -> None:
+        """Give programs, by the inode key of their executable, ProgramFlag bits: JIT (may use
+        anonymous executable memory), INTERPRETER (lsm: may open script files only if they are
+        trusted). A flag of 0 removes the program. Call after load(); takes effect at once."""
+        if self._obj is None:
+            raise BackendError(f"{self.name}: set_program_flags before load")
+        m = self._obj.map("program_flags")
+        known = int(ProgramFlag.JIT | ProgramFlag.INTERPRETER)
+        for key, flags in items:
+            if flags & ~known:
+                raise BackendError(f"{self.name}: unknown program flags {flags:#x}")
+            ckey = bytes(CInodeKey.from_key(key))
+            try:
+                if flags:
+                    m.update(ckey, int(flags).to_bytes(4, "little"))
+                else:
+                    m.delete(ckey)
+            except LibbpfError as e:
+                raise BackendError(f"{self.name}: cannot set program flags: {e.strerror}") from e
 
     def is_confined(self, pidfd: int) -> bool:
         """Whether the task behind `pidfd` carries the confinement mark."""

@@ -19,6 +19,19 @@ from trustdb.abi import Mode
 from trustdb.model import InodeKey
 
 
+# Holes both backends share (bpf/lsm_script.bpf.h, bpf/common.bpf.h say why).
+COMMON_HOLES: tuple[str, ...] = (
+    "inline-code: python3 -c, bash -c, node -e, code on an interpreter's stdin and eval() are "
+    "never a file: no backend judges them",
+    "unconfined-writers: in a `run` scope a process outside the tree can still write into a "
+    "file the tree has mapped; exec and mmap refuse files with writers only at that moment",
+    "wx-system-wide: anonymous executable memory (JITs) is refused inside `run` only; the "
+    "system-wide service leaves it to the policy's seccomp/MDWE",
+    "overlayfs: mappings on overlayfs or FUSE passthrough are backed by another file than the "
+    "fd's; the tracepoint backend fails closed on them, and (dev, ino) keys there are unreliable",
+)
+
+
 class BackendError(Exception):
     """Base error of the enforcement stage: one line, shown to the user as is."""
 
@@ -98,6 +111,9 @@ class Backend(abc.ABC):
     """Higher is stronger; the engine tries backends from the strongest down."""
     guarantees: str = ""
     """One paragraph for `trustdb status`: what this backend enforces and how (EPERM/SIGKILL)."""
+    holes: tuple[str, ...] = ()
+    """Routes to untrusted code this backend cannot close, each `name: why` (one line), shown
+    by `trustdb backends` and listed in the README: no silent gaps."""
     refused: tuple[tuple[str, str], ...] = ()
     """Set by `select`: stronger backends this kernel refused, with the reason for each."""
     probe_is_load: bool = False

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from trustdb.abi import BackendId, CInodeKey, Protect
 from trustdb.backends.bpfobject import BpfBackend, _first_line
-from trustdb.backends.interface import BackendError, Probe
+from trustdb.backends.interface import COMMON_HOLES, BackendError, Probe
 from trustdb.libbpf import LibbpfError
 from trustdb.model import InodeKey
 
@@ -38,6 +38,28 @@ class LsmBackend(BpfBackend):
     object_name = "lsm.bpf.o"
     backend_id = BackendId.LSM
     probe_programs = ("handle_exec",)
+    guarantees = (
+        "exec (the script itself for #!), executable mappings (shared libraries, ld.so ./x, "
+        "LD_PRELOAD, dlopen, the ELF interpreter) and mprotect(PROT_EXEC) of untrusted content "
+        "or of files with writers get EPERM before anything runs; in `run`: code the process "
+        "wrote itself (anonymous exec memory, W+X, SHM_EXEC) gets EPERM and an executable stack "
+        "is killed, unless the program is flagged JIT; writes to trusted or mapped code and to "
+        "/proc/PID/mem get EPERM; interpreters flagged so open only trusted scripts; no bpf(), "
+        "no signal or ptrace to the supervisor or unconfined tasks, no write to the trust "
+        "database, no cgroup escape, no module load, no sysctl or raw device write."
+    )
+    holes = (
+        "script-names: an interpreter's script is judged only when its file is named like one "
+        "(.py .pyc .pl .pm .rb .sh .bash .js .mjs .cjs .lua .php .tcl); `python3 x` of a file "
+        "named otherwise, or one handed over through a pipe, is not",
+        "execstack-kill: an executable stack is found after exec's point of no return: the "
+        "process is killed (SIGKILL), not refused with EPERM",
+        "exec-inodes-lru: files mapped executable in the tree are remembered in a 65536-entry "
+        "LRU; past that the oldest lose their write protection (trusted files keep theirs)",
+        "read-implies-exec-brk: after personality(READ_IMPLIES_EXEC) the heap grown by brk() is "
+        "executable with no LSM hook on it; `run`'s seccomp refuses personality()",
+        *COMMON_HOLES,
+    )
 
     def probe(self) -> Probe:
         try:

@@ -150,6 +150,8 @@ def backends(as_json: JsonOption = False) -> None:
         mark = "*" if r.selected else " "
         word = "ok" if r.ok else "unavailable"
         typer.echo(f"{mark} {r.name:<11} {word:<12} {r.reason}")
+        for hole in r.holes:
+            typer.echo(f"    hole {hole}")
     if not any(r.selected for r in rows):
         fatal("no backend works on this kernel")
 
