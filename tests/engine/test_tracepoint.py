@@ -686,3 +686,26 @@ def test_key_matches_kernel_for_new_file(
 
 
 # First-seen files (the fanotify handler): tests/engine/test_first_seen.py
+
+
+def test_select_loaded_loads_the_chosen_object_once(cgroup: Path, bpf_object: Path) -> None:
+    """`trustdb run` start-up: the real load is the probe (no second load), the stronger
+    backend's refusal is still named, and a spare loaded meanwhile is not left behind."""
+    from trustdb.backends import select_loaded
+    from trustdb.engine import Engine
+
+    config = EngineConfig(mode=Mode.AUDIT, scope=Scope.for_cgroup(cgroup))
+    before = held_program_ids()
+    with Engine(config) as engine:  # loads through select_loaded
+        held = held_program_ids() - before
+        assert engine.backend.refused == select(None).refused
+    assert held_program_ids() - before == set()
+    b = select_loaded(None, config)
+    try:
+        # Loaded, not attached: only the chosen object's programs are held (no probe copy, no
+        # spare), the same number an attached engine holds.
+        assert len(held_program_ids() - before) == len(held)
+        assert [n for n, _ in b.refused] == [n for n, _ in select(None).refused]
+    finally:
+        b.detach()
+    assert held_program_ids() - before == set()

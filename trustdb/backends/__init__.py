@@ -73,23 +73,69 @@ def select_loaded(name: str | None, config: EngineConfig) -> Backend:
     """Like `select`, but returns the backend already loaded with `config`, and loads each
     object once: for a backend whose probe is only a load (`probe_is_load`), the real load is
     the probe. `trustdb run` used to load the chosen object twice (probe, then load: about
-    0.1 s each on this machine)."""
+    0.1 s each on this machine).
+
+    While a stronger backend runs its own probe, the next one (if its probe is its load) is
+    loaded on a thread at the same time, so a kernel that refuses the stronger one does not
+    pay for both in turn; if the stronger probe succeeds, the spare is closed unused (loaded,
+    never attached: it decides nothing)."""
     table = _candidates(name)
     refused: list[tuple[str, str]] = []
-    for cls in table:
-        backend = cls()
-        if not backend.probe_is_load:
-            probe = backend.probe()
-            if not probe.ok:
-                refused.append((cls.name, probe.reason))
+    spare: _SpareLoad | None = None
+    try:
+        for i, cls in enumerate(table):
+            if spare is not None and spare.cls is cls:
+                backend, error = spare.result()
+                spare = None
+            else:
+                backend, error = cls(), None
+                if not backend.probe_is_load:
+                    nxt = table[i + 1] if i + 1 < len(table) else None
+                    if nxt is not None and nxt().probe_is_load:
+                        spare = _SpareLoad(nxt, config)
+                    probe = backend.probe()
+                    if not probe.ok:
+                        refused.append((cls.name, probe.reason))
+                        continue
+                try:
+                    backend.load(config)
+                except BackendError as e:
+                    error = e
+            if error is not None:
+                refused.append((cls.name, str(error).splitlines()[0]))
                 continue
-        try:
-            backend.load(config)
-        except BackendError as e:
-            refused.append((cls.name, str(e).splitlines()[0]))
-            continue
-        backend.refused = tuple(refused)
-        return backend
+            backend.refused = tuple(refused)
+            return backend
+    finally:
+        if spare is not None:  # the stronger backend won: the spare is never attached
+            spare.discard()
     raise BackendError(
         "no enforcement backend works on this kernel: " + "; ".join(r for _, r in refused)
     )
+
+
+class _SpareLoad:
+    """One backend loading on a thread (the libbpf load releases the GIL)."""
+
+    def __init__(self, cls: type[Backend], config: EngineConfig) -> None:
+        import threading
+
+        self.cls = cls
+        self._backend = cls()
+        self._error: BackendError | None = None
+        self._thread = threading.Thread(target=self._load, args=(config,), name="spare-load")
+        self._thread.start()
+
+    def _load(self, config: EngineConfig) -> None:
+        try:
+            self._backend.load(config)
+        except BackendError as e:
+            self._error = e
+
+    def result(self) -> tuple[Backend, BackendError | None]:
+        self._thread.join()
+        return self._backend, self._error
+
+    def discard(self) -> None:
+        self._thread.join()
+        self._backend.detach()
