@@ -220,6 +220,11 @@ class Mirror:
         with self._lock:
             return frozenset(self._keys)
 
+    def keys_for(self, digest: bytes) -> list[InodeKey]:
+        """The mirrored keys whose trusted content is `digest` (a policy names a JIT by it)."""
+        with self._lock:
+            return [k for k, d in self._keys.items() if d == digest]
+
     # --- full and incremental sync ---
 
     def refresh(self) -> MirrorStats | None:

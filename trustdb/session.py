@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TextIO
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from trustdb.abi import Mode
     from trustdb.first_seen import Interpreters, OpenTrust
     from trustdb.first_seen_handler import Denial as FirstSeenDenial
+    from trustdb.policy import ProgramRef
 
 REFRESH_INTERVAL_S = 1.0
 """How often the mirror checks the DB generation (a `trustdb trust` from outside shows up)."""
@@ -135,7 +136,8 @@ class EngineSession:
 
     def __init__(self, config: EngineConfig, db: Path, backend: str | None,
                  consume: Callable[[Decision], None], *, allow_system_wide: bool = False,
-                 interpreters: Interpreters | None = None) -> None:
+                 interpreters: Interpreters | None = None,
+                 programs: Sequence[tuple[ProgramRef, int]] = ()) -> None:
         from trustdb import events
         from trustdb.db import DatabaseError, TrustDB
         from trustdb.engine import Engine as BackendEngine
@@ -146,6 +148,8 @@ class EngineSession:
         self._next_refresh = 0.0
         self._config = config
         self._db_path = db
+        self._programs = programs
+        """The policy's JITs and interpreters, flagged in the kernel after the first sync."""
         try:
             try:
                 self._db = TrustDB.open(db, write=True)
@@ -198,6 +202,14 @@ class EngineSession:
         if self._first_sync_error is not None:
             raise self._first_sync_error
         self._buffer.attach(backend.trusted_inodes)
+        if self._programs:
+            from trustdb.confine.programs import resolve_program_flags
+
+            flags = resolve_program_flags(self._programs, self._mirror,
+                                          lambda m: print(f"trustdb: {m}", file=sys.stderr))
+            set_flags = getattr(backend, "set_program_flags", None)  # kernel side: bpfobject
+            if set_flags is not None:
+                set_flags(flags)
         return functools.partial(TrustDB.open, self._db_path)
 
     def _start_first_sync(self) -> None:
@@ -276,9 +288,11 @@ def _first_seen_decision(d: FirstSeenDenial, mode: Mode, backend: str) -> Decisi
 
 
 def default_engine(
-    config: EngineConfig, db: Path, backend: str | None, consume: Callable[[Decision], None]
+    config: EngineConfig, db: Path, backend: str | None, consume: Callable[[Decision], None],
+    *, programs: Sequence[tuple[ProgramRef, int]] = (), interpreters: Interpreters | None = None,
 ) -> Engine:
-    return EngineSession(config, db, backend, consume)
+    return EngineSession(config, db, backend, consume, programs=programs,
+                         interpreters=interpreters)
 
 
 def daemon_engine(

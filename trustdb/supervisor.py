@@ -19,6 +19,7 @@ process dies, the confined tree dies with it.
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import shlex
@@ -32,10 +33,15 @@ from types import FrameType
 from typing import TextIO
 
 from trustdb import confine
+from trustdb import policy as policies
 from trustdb.abi import Mode
 from trustdb.backends.interface import BackendError, EngineConfig, Scope
+from trustdb.confine.filesystem import plan_for
+from trustdb.confine.programs import interpreter_digests, program_refs
 from trustdb.confine.pty import TerminalRelay
 from trustdb.db import DEFAULT_DB
+from trustdb.first_seen import Interpreters
+from trustdb.policy import Policy
 from trustdb.session import (
     REFRESH_INTERVAL_S,
     DenialReporter,
@@ -56,10 +62,10 @@ class RunOptions:
     db: Path = DEFAULT_DB
     mode: Mode = Mode.ENFORCE
     backend: str | None = None
-    read_only: Sequence[str] = ()
-    """More paths the confined tree may read but not write (besides the defaults)."""
-    allow_jit: Sequence[str] = ()
-    """Trusted programs allowed anonymous executable memory; none: the tree runs under W^X."""
+    policy: Policy | None = None
+    """What the tree may reach (default: the `agent` policy), with the run's one-off additions."""
+    workdir: str | None = None
+    """$WORKDIR of the policy and the command's cwd (default: ours)."""
 
 
 class _Signals:
@@ -97,7 +103,7 @@ class _Signals:
             self.kill_at = time.monotonic()
 
 
-def run(options: RunOptions, *, engine_factory: EngineFactory = default_engine,
+def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
         stderr: TextIO | None = None) -> int:
     """Run one command confined; returns its exit status."""
     if os.geteuid() != 0:
@@ -109,6 +115,14 @@ def run(options: RunOptions, *, engine_factory: EngineFactory = default_engine,
     _sweep_stale_cgroups()
     signals = _Signals()
     signals.install()
+    policy = options.policy or policies.load(policies.DEFAULT_POLICY)
+    workdir = options.workdir or os.getcwd()
+    fs = plan_for(policy, db, workdir, _log_dirs())
+    if engine_factory is None:
+        engine_factory = functools.partial(
+            default_engine, programs=program_refs(policy),
+            interpreters=Interpreters(digests=interpreter_digests(policy))
+            if policy.interpreters.scripts == policies.ScriptJudgement.TRUSTED else None)
     cgroup = confine.RunCgroup.create()
     child: confine.ConfinedChild | None = None
     engine: Engine | None = None
@@ -116,14 +130,15 @@ def run(options: RunOptions, *, engine_factory: EngineFactory = default_engine,
     released = False
     try:
         confine.start_watcher(cgroup)
-        plan = confine.MountPlan.for_run(db, [*_log_dirs(), *options.read_only])
         relay = TerminalRelay.open_if_terminal()
         setup = confine.ExecSetup(
-            deny_write_execute=not options.allow_jit,
+            deny_write_execute=not policy.jit,
+            filesystem=fs.build,
+            cwd=workdir,
             terminal=relay.slave if relay else -1,
             terminal_replaces=relay.replaced if relay else (),
         )
-        child = confine.spawn(options.argv, cgroup, plan, setup=setup)
+        child = confine.spawn(options.argv, cgroup, fs.plan, setup=setup)
         if relay is not None:
             relay.start()
         reporter.command = confine.resolve_command(options.argv, dict(os.environ))
@@ -139,6 +154,10 @@ def run(options: RunOptions, *, engine_factory: EngineFactory = default_engine,
                                   shlex.join(options.argv)))
         engine.confine(child.pidfd)
         signals.child = child
+        memory = ("W^X (no JIT allowed)" if not policy.jit
+                  else "JITs allowed: " + ", ".join(map(str, policy.jit)))
+        print(f"trustdb: policy {policy.name}; {fs.mechanism}; {memory}", file=reporter.out,
+              flush=True)
         try:
             child.release()
         except confine.ConfineError:
@@ -240,3 +259,20 @@ def _log_dirs() -> list[str]:
     from trustdb import events
 
     return [str(events.default_log_path().parent)]
+
+
+_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'trustdb'; "
+         "from trustdb.cli import main; main()")
+
+
+def reexec_isolated() -> None:
+    """Re-exec this command under `python -I` unless already isolated: no PYTHON* variable, no
+    user site-packages, no current directory on the supervisor's import path; only the root
+    trustdb was imported from (read-only inside the tree, like the stdlib and site-packages).
+    Keeps the pid (cgroup names and callers' pids stay right)."""
+    if sys.flags.isolated:
+        return
+    root = str(Path(__file__).resolve().parents[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-I", "-c", _BOOT, root, *sys.argv[1:]])

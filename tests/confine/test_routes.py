@@ -94,7 +94,7 @@ def test_tiocsti_denied_and_terminal_relayed(trusted_db: Path, run_env: dict[str
     master, slave = pty.openpty()
     try:
         # Unconfined, as root, TIOCSTI on a terminal works (that is the attack).
-        p = subprocess.run(["sh", "-c", _tiocsti("0")], stdin=slave, capture_output=True,
+        p = subprocess.run(["sh", "-c", _tiocsti("0")], check=False, stdin=slave, capture_output=True,
                            text=True, env=run_env, timeout=30)
         assert p.stdout.split()[:2] == ["sti", "ok"], p
         os.read(master, 100)  # the injected byte
@@ -153,3 +153,50 @@ def test_proc_self_mem_write_refused(trusted_db: Path, run_env: dict[str, str]) 
     got = run_confined(trusted_db, f"{PROC_MEM}; echo rc=$?", run_env)
     assert "wrote" not in got.out and "rc=1" in got.out, got
     assert "Read-only file system" in got.err, got
+
+
+def test_own_install_read_only(trusted_db: Path, run_env: dict[str, str]) -> None:
+    """Route 7: a .pth file or a module written into site-packages, the stdlib or trustdb's
+    own package would run at the next unconfined `trustdb` start. Read-only inside; and the
+    supervisor itself runs isolated (python -I: no PYTHON* variables, no cwd on its path)."""
+    import site
+
+    import trustdb
+
+    targets = [Path(site.getsitepackages()[0]) / "trustdb-evil.pth",
+               Path(os.__file__).parent / "trustdb_evil.py",
+               Path(trustdb.__file__).parent / "trustdb_evil.py"]
+    script = "; ".join(f"echo 'import os' > {t}; echo rc=$?" for t in targets)
+    probe = targets[0].with_name("trustdb-probe.pth")
+    try:
+        assert run_unconfined(f"echo > {probe}; echo rc=$?", run_env).out == "rc=0\n"
+    finally:
+        probe.unlink(missing_ok=True)
+    got = run_confined(trusted_db, script, run_env)
+    assert got.out.split() == ["rc=2"] * 3, got
+    assert not any(t.exists() for t in targets)
+
+
+def test_supervisor_runs_isolated(trusted_db: Path, run_env: dict[str, str]) -> None:
+    proc = subprocess.Popen([*TRUSTDB, "run", "--db", str(trusted_db), "--", "sleep", "30"],
+                            env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=base.workdir_of(run_env))
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+            if b"-I" in cmdline:
+                break
+            time.sleep(0.05)
+        assert b"-I" in cmdline, cmdline  # re-exec'd in place: same pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_allow_jit_lifts_write_execute_only_for_named(trusted_db: Path,
+                                                     run_env: dict[str, str]) -> None:
+    """--allow-jit names a trusted program; the run says so, and W^X is off for the tree
+    (PR_SET_MDWE is per process tree; the per-program rule is the backend's ProgramFlag.JIT)."""
+    got = run_confined(trusted_db, "true", run_env, "--allow-jit", PY)
+    assert f"JITs allowed: {PY}" in got.err and got.code == 0, got

@@ -102,8 +102,15 @@ class Outcome:
 def run_confined(db: Path, script: str, env: dict[str, str], *extra: str,
                  timeout: float = 60) -> Outcome:
     p = subprocess.run([*TRUSTDB, "run", "--db", str(db), *extra, "--", "sh", "-c", script],
-                       env=env, check=False, capture_output=True, text=True, timeout=timeout)
+                       env=env, check=False, capture_output=True, text=True, timeout=timeout,
+                       cwd=workdir_of(env))
     return Outcome(p.returncode, p.stdout, p.stderr)
+
+
+def workdir_of(env: dict[str, str]) -> Path:
+    """The test's own directory (run_env put the log there): the confined command's $WORKDIR,
+    so the files a test plants there are inside, and the rest of /tmp is not."""
+    return Path(env["TRUSTDB_LOG"]).parents[1]
 
 
 def run_unconfined(script: str, env: dict[str, str], timeout: float = 60) -> Outcome:
@@ -157,7 +164,7 @@ def test_exit_status_is_the_commands(trusted_db: Path, run_env: dict[str, str],
 
 
 def test_trusted_commands_run(trusted_db: Path, run_env: dict[str, str]) -> None:
-    script = "id -u; echo hello | cat; ls / >/dev/null && echo listed; bash -c 'echo bash ok'"
+    script = "id -u; echo hello | cat; ls /usr >/dev/null && echo listed; bash -c 'echo bash ok'"
     want = "0\nhello\nlisted\nbash ok\n"
     assert run_unconfined(script, run_env).out == want
     got = run_confined(trusted_db, script, run_env)
@@ -190,7 +197,8 @@ def test_untrusted_binary_denied_and_named(trusted_db: Path, run_env: dict[str, 
 def test_untrusted_command_itself(trusted_db: Path, run_env: dict[str, str],
                                   untrusted: Path) -> None:
     p = subprocess.run([*TRUSTDB, "run", "--db", str(trusted_db), "--", str(untrusted)],
-                       env=run_env, check=False, capture_output=True, text=True, timeout=60)
+                       env=run_env, check=False, capture_output=True, text=True, timeout=60,
+                       cwd=workdir_of(run_env))
     assert p.returncode == 126  # its exec failed with EPERM (the first-seen handler)
     assert "It is the command you asked to run" in p.stderr
     assert f"trustdb trust --db {trusted_db} {untrusted}" in p.stderr

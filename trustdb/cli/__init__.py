@@ -76,6 +76,7 @@ from trustdb.cli import (
     engine_commands,  # noqa: F401  run, daemon/engine, backends
     import_commands,  # noqa: F401  import rpm|deb|python
     log_commands,  # noqa: F401  log
+    policy_commands,  # noqa: F401  policy list|show|check
 )
 
 

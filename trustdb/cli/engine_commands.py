@@ -54,31 +54,65 @@ def run(
         bool, typer.Option("--audit", help="Log and report what would be denied; deny nothing.")
     ] = False,
     backend: BackendOption = None,
-    read_only: Annotated[
+    policy_name: Annotated[
+        str,
+        typer.Option("--policy", help="Policy NAME (`trustdb policy list`) or FILE.",
+                     show_default=True),
+    ] = "agent",
+    allow_read: Annotated[
         list[Path] | None,
-        typer.Option("--read-only", help="Another path the command may read but not change."),
+        typer.Option("--allow-read", "--read-only",
+                     help="Another path the command may read but not change."),
+    ] = None,
+    allow_write: Annotated[
+        list[Path] | None,
+        typer.Option("--allow-write", help="Another path the command may read and change."),
+    ] = None,
+    allow_jit: Annotated[
+        list[Path] | None,
+        typer.Option("--allow-jit",
+                     help="A trusted program that may use anonymous executable memory (node)."),
+    ] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", help="$WORKDIR of the policy (default: the current directory)."),
     ] = None,
     db: DbOption = DEFAULT_DB_PATH,
 ) -> None:
-    """Run CMD in a fresh cgroup, confined to the trust database; exit with CMD's status.
+    """Run CMD in a fresh cgroup, confined to the trust database and a policy; exit with CMD's
+    status.
 
-    The confined tree cannot switch enforcement off, even as root: it runs in its own PID and
-    mount namespaces (the supervisor is invisible, the database and /sys/fs/bpf are covered),
-    under a seccomp filter (no bpf(), mount, ptrace, module loading, new namespaces), and the
-    BPF mark follows every descendant wherever it moves. If trustdb dies, the tree dies.
+    The policy (default: agent) says what CMD may read, write and connect to, which JITs may
+    have executable memory, and whether denials are enforced. The confined tree cannot switch
+    any of it off, even as root: it runs in its own PID and mount namespaces (the supervisor is
+    invisible, the database and /sys/fs/bpf are covered), under Landlock and a seccomp filter
+    (no bpf(), mount, ptrace, module loading, new namespaces, clock changes), and the BPF mark
+    follows every descendant wherever it moves. If trustdb dies, the tree dies.
     """
     _check_command(command)
     if os.geteuid() != 0:
         fatal("trustdb run needs root (it loads BPF programs)", ExitCode.NO_PERMISSION)
     require_database(db)
+    from trustdb import policy as policies
     from trustdb import supervisor
 
+    try:
+        chosen = policies.load(policy_name).with_additions(
+            read=[str(p.absolute()) for p in allow_read or ()],
+            write=[str(p.absolute()) for p in allow_write or ()],
+            jit=[str(p.absolute()) for p in allow_jit or ()],
+            audit=audit,
+        )
+    except policies.PolicyError as e:
+        fatal(str(e), ExitCode.USAGE)
+    supervisor.reexec_isolated()
     options = supervisor.RunOptions(
         argv=command,
         db=db,
-        mode=Mode.AUDIT if audit else Mode.ENFORCE,
+        mode=Mode.AUDIT if chosen.mode == policies.Enforcement.AUDIT else Mode.ENFORCE,
         backend=backend,
-        read_only=[str(p) for p in read_only or ()],
+        policy=chosen,
+        workdir=str((workdir or Path.cwd()).absolute()),
     )
     try:
         status = supervisor.run(options)

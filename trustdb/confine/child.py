@@ -174,14 +174,14 @@ def _child(executable: str, argv: list[str], env: dict[str, str], cgroup: RunCgr
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         hardening.new_session(setup.terminal, setup.terminal_replaces)
-        keep = sorted({0, 1, 2, status})
-        for lo, hi in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
-            os.closerange(lo + 1, hi)
         hardening.drop_capabilities()
         if setup.deny_write_execute:
             hardening.deny_write_execute()
         if restrict_filesystem is not None:
-            restrict_filesystem()
+            restrict_filesystem()  # Landlock: closes its ruleset fd once enforced
+        keep = sorted({0, 1, 2, status})
+        for lo, hi in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
+            os.closerange(lo + 1, hi)
         seccomp.install(filter_prog)
         os.execve(executable, argv, env)
     except BaseException as e:  # noqa: BLE001 - the supervisor shows it; the child must die

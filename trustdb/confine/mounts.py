@@ -41,19 +41,31 @@ request_module, request-key): an `install` line there would run untrusted code u
 
 @dataclass(frozen=True)
 class MountPlan:
-    """What the confined tree must not reach through the filesystem."""
+    """What the confined tree sees of the filesystem (built in the child's mount namespace)."""
 
     hidden: tuple[str, ...]
-    """Covered by an empty read-only tmpfs: the trust DB directory, /sys/fs/bpf."""
+    """Covered by an empty read-only tmpfs (or /dev/null for a file): the trust DB directory,
+    /sys/fs/bpf, and the policy's no-access paths that a grant would otherwise reach."""
     read_only: tuple[str, ...] = ()
-    """Bind-mounted read-only: the decision log, trustdb's own code, kernel-helper configs."""
+    """Bind-mounted read-only: the decision log, trustdb's own code and interpreter,
+    kernel-helper configs."""
+    private: tuple[str, ...] = ()
+    """A fresh empty writable tmpfs for the tree alone: /tmp and /var/tmp (the private tmp)."""
+    keep: tuple[str, ...] = ()
+    """Granted paths: where one lies below a cover or a private tmp, it is re-attached there
+    (the workdir under /tmp, an --allow-read path under a hidden directory)."""
+    read_write: tuple[str, ...] = ()
+    """Only without Landlock: everything else is made read-only, these stay writable."""
+    everything_read_only: bool = False
+    """The mount-namespace fallback when Landlock is missing."""
 
     @classmethod
-    def for_run(cls, db: Path, extra_read_only: Sequence[str] = ()) -> MountPlan:
+    def for_run(cls, db: Path, extra_read_only: Sequence[str] = (), **more: object) -> MountPlan:
         package = str(Path(__file__).resolve().parents[1])
         return cls(
-            hidden=(str(db.resolve()), "/sys/fs/bpf"),
+            hidden=(str(db.resolve()), "/sys/fs/bpf", *more.pop("hidden", ())),  # type: ignore[misc]
             read_only=(package, "/etc/trustdb", *KERNEL_HELPER_CONFIG, *extra_read_only),
+            **more,  # type: ignore[arg-type]
         )
 
 
@@ -118,6 +130,30 @@ def mount_aliases(path: str) -> list[str]:
     return sorted(set(aliases))
 
 
+def _strictly_under(path: str, top: str) -> bool:
+    return path != top and _under(path, top)
+
+
+def _cover(path: str, fstype_data: str, flags: int, inner: list[tuple[str, int, bool]]) -> None:
+    """Mount an empty tmpfs (a directory) or /dev/null (a file) over `path`, then re-attach the
+    kept mounts `inner` (path, detached clone, is_dir) below it, then apply `flags`."""
+    if not os.path.lexists(path):
+        return  # under an earlier cover (a DB below the private /tmp): already out of sight
+    if not os.path.isdir(path):
+        mount("/dev/null", path, None, MS_BIND)
+        return
+    mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, fstype_data)
+    for target, fd, is_dir in inner:
+        if is_dir:
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
+        attach_mount(fd, target)
+    if flags & MS_RDONLY:
+        read_only_tree(path, recursive=False)
+
+
 def apply_mount_plan(plan: MountPlan) -> None:
     """Build the confined view. Runs in the child, after unshare(CLONE_NEWNS), as the init of the
     new PID namespace (so the new /proc shows only the confined tree)."""
@@ -133,12 +169,31 @@ def apply_mount_plan(plan: MountPlan) -> None:
             _bind_read_only(p)
     # cgroup files (moves, freeze, kill), uevent_helper, tracefs, securityfs: read-only.
     read_only_tree("/sys")
-    for p in hidden:
-        if os.path.isdir(p):
-            mount("tmpfs", p, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                   "mode=0555,size=4k")
-        elif os.path.exists(p):
-            mount("/dev/null", p, None, MS_BIND)
+    covers = [(p, True) for p in plan.private if os.path.isdir(p)]
+    covers += [(p, False) for p in hidden if os.path.lexists(p) and p not in plan.keep]
+    # Outermost first, so that a cover inside another one is mounted on top of it.
+    covers.sort(key=lambda c: c[0].count("/"))
+    # Clone every kept path below a cover before the cover hides it.
+    inner: dict[str, list[tuple[str, int, bool]]] = {c: [] for c, _ in covers}
+    for keep in plan.keep:
+        holder = max((c for c, _ in covers if _strictly_under(keep, c)), key=len, default=None)
+        if holder is not None and os.path.exists(keep):
+            inner[holder].append((keep, clone_mount(keep, recursive=True), os.path.isdir(keep)))
+    for path, private in covers:
+        if private:
+            _cover(path, "mode=1777", 0, inner[path])
+        else:
+            _cover(path, "mode=0555,size=4k", MS_RDONLY, inner[path])
+    if plan.everything_read_only:
+        # No Landlock: what is not granted becomes read-only (not invisible), and the grants
+        # are made writable again one by one (binds of themselves; mounts below keep theirs).
+        read_only_tree("/")
+        for p in (*plan.read_write, *(c for c, private in covers if private), "/dev/shm",
+                  "/dev/pts"):
+            if os.path.isdir(p):
+                if not os.path.ismount(p):
+                    mount(p, p, None, MS_BIND | MS_REC)
+                read_only_tree(p, read_only=False, recursive=False)
     for p in plan.read_only:
         if os.path.exists(p):
             _bind_read_only(p)

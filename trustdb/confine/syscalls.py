@@ -58,11 +58,13 @@ class MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def read_only_tree(path: str) -> None:
-    """Make the mount at `path` and every mount below it read-only (in this namespace only)."""
-    attr = MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
-    check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), AT_RECURSIVE,
-                         ctypes.byref(attr), ctypes.sizeof(attr)), f"read-only {path}")
+def read_only_tree(path: str, *, read_only: bool = True, recursive: bool = True) -> None:
+    """Make the mount at `path` (and, if `recursive`, every mount below it) read-only, or
+    writable again (in this namespace only)."""
+    attr = MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0) if read_only else MountAttr(0, MOUNT_ATTR_RDONLY, 0, 0)
+    check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), AT_RECURSIVE if recursive else 0,
+                       ctypes.byref(attr), ctypes.sizeof(attr)),
+          f"{'read-only' if read_only else 'writable'} {path}")
 
 
 def clone_mount(path: str, recursive: bool = False) -> int:

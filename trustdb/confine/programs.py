@@ -1,0 +1,87 @@
+"""The policy's JIT and interpreter entries as the kernel sees them: inode keys with flag bits,
+resolved after the mirror's first sync and handed to the backend (`set_program_flags`).
+
+A program named by path counts only if its current content is trusted (the mirror verifies it,
+as for an exec); a program named by digest counts wherever that trusted content lives.
+"""
+
+from __future__ import annotations
+
+import enum
+import glob
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from trustdb.model import InodeKey
+from trustdb.policy import Policy, ProgramRef
+
+try:
+    from trustdb.abi import ProgramFlag  # type: ignore[attr-defined]
+except ImportError:  # stub until the kernel side lands on main (same names and values)
+
+    class ProgramFlag(enum.IntFlag):  # type: ignore[no-redef]
+        JIT = 1
+        INTERPRETER = 2
+
+
+class _Mirror(Protocol):
+    def verify_file(self, target: str | int) -> InodeKey | None: ...
+
+    def keys_for(self, digest: bytes) -> list[InodeKey]: ...
+
+
+def program_refs(policy: Policy) -> list[tuple[ProgramRef, int]]:
+    refs = [(r, int(ProgramFlag.JIT)) for r in policy.jit]
+    refs += [(r, int(ProgramFlag.INTERPRETER)) for r in policy.interpreters.programs]
+    return refs
+
+
+def _paths(ref: ProgramRef) -> list[str]:
+    assert ref.path is not None
+    pattern = os.path.expanduser(ref.path)
+    found = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
+    return sorted({os.path.realpath(p) for p in found if os.path.isfile(p)})
+
+
+def resolve_program_flags(refs: Iterable[tuple[ProgramRef, int]], mirror: _Mirror,
+                          warn: Callable[[str], None]) -> list[tuple[InodeKey, int]]:
+    """(key, flags) for every trusted program the refs name; untrusted or missing ones are
+    left out (`warn` says so for JITs: the user asked for them)."""
+    flags: dict[InodeKey, int] = {}
+    for ref, flag in refs:
+        if ref.digest is not None:
+            keys: Sequence[InodeKey] = mirror.keys_for(bytes.fromhex(ref.digest))
+            if not keys and flag & ProgramFlag.JIT:
+                warn(f"JIT {ref}: no trusted file has this content; not allowed")
+        else:
+            keys = []
+            for path in _paths(ref):
+                key = mirror.verify_file(path)
+                if key is None:
+                    if flag & ProgramFlag.JIT:
+                        warn(f"JIT {path}: its content is not trusted; not allowed "
+                             f"(trustdb trust {path})")
+                    continue
+                keys.append(key)
+        for key in keys:
+            flags[key] = flags.get(key, 0) | flag
+    return sorted(flags.items(), key=lambda kv: (kv[0].dev, kv[0].ino))
+
+
+def interpreter_digests(policy: Policy) -> frozenset[bytes]:
+    """Content digests of the policy's interpreters (for the first-seen handler's script rule:
+    an interpreter is known by its content, wherever it is copied)."""
+    from trustdb.hashing import HashingError, hash_file
+
+    digests = set()
+    for ref in policy.interpreters.programs:
+        if ref.digest is not None:
+            digests.add(bytes.fromhex(ref.digest))
+            continue
+        for path in _paths(ref):
+            try:
+                digests.add(hash_file(path).digests.blake3)
+            except (HashingError, OSError):
+                continue
+    return frozenset(digests)
