@@ -84,7 +84,10 @@ def test_supervisor_cannot_be_signalled_or_traced(trusted_db: Path, run_env: dic
     # Outside, the pid is real: signal 0 reaches it.
     os.kill(proc.pid, 0)
     pidfile.write_text(str(proc.pid))
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # a hung run must not outlive the test
     assert proc.returncode == 3, err
     assert "stop=1" in out and "kill=1" in out, (out, err)
     assert "ptrace -1 1" in out  # EPERM
