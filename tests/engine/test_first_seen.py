@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.test_run import TOOLS, TRUSTDB, _closure, trust_files
+from tests.engine.test_run import TOOLS, TRUSTDB, _closure, trust_files, workdir_of
 from trustdb import session, supervisor
 from trustdb.abi import Mode
 from trustdb.first_seen import Interpreters
@@ -60,7 +60,8 @@ def env(tmp_path: Path) -> dict[str, str]:
 def run(db: Path, script: str, env: dict[str, str], shell: str = "bash",
         timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*TRUSTDB, "run", "--db", str(db), "--", shell, "-c", script],
-                          env=env, check=False, capture_output=True, text=True, timeout=timeout)
+                          env=env, check=False, capture_output=True, text=True, timeout=timeout,
+                          cwd=workdir_of(env))
 
 
 def untrusted_copy(src: str, dst: Path) -> Path:
@@ -168,7 +169,8 @@ def test_interpreter_refused_an_untrusted_script(db: Path, tmp_path: Path) -> No
 
     argv = ["/bin/bash", "-c", (f"/bin/sh {good} >{out}; echo good=$? >>{out}; "
                                 f"/bin/sh {evil} >>{out} 2>&1; echo evil=$? >>{out}")]
-    rc = supervisor.run(supervisor.RunOptions(argv=argv, db=db), engine_factory=factory)
+    rc = supervisor.run(supervisor.RunOptions(argv=argv, db=db, workdir=str(tmp_path)),
+                        engine_factory=factory)
     text = out.read_text()
     assert rc == 0 and "good\ngood=0\n" in text, text
     assert "echo evil" not in text and "evil\n" not in text.replace("evil.sh", "")
@@ -223,7 +225,8 @@ def test_outside_the_tree_raises_no_event_and_handler_death_fails_closed(
     argv = ["/bin/bash", "-c", (f"while [ ! -e {go} ]; do sleep 0.1; done; {evil}; "
                                 f"echo rc=$? > {out}")]
     try:
-        supervisor.run(supervisor.RunOptions(argv=argv, db=db), engine_factory=factory)
+        supervisor.run(supervisor.RunOptions(argv=argv, db=db, workdir=str(tmp_path)),
+                       engine_factory=factory)
     finally:
         t.join()
     assert seen.get("delta") == 0, seen
@@ -251,7 +254,7 @@ def test_audit_mode_allows_and_reports(db: Path, env: dict[str, str], tmp_path: 
     evil = untrusted_copy("/bin/true", tmp_path / "evil")
     p = subprocess.run([*TRUSTDB, "run", "--db", str(db), "--audit", "--", "bash", "-c",
                         f"{evil}; echo rc=$?"], env=env, check=False, capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=120, cwd=tmp_path)
     assert p.stdout == "rc=0\n", p.stderr
     assert "would deny (audit) exec of" in p.stderr
     assert Mode.AUDIT  # the handler answers allow in audit mode

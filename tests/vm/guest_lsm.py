@@ -432,6 +432,7 @@ def _trustdb(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [TRUSTDB, *args], capture_output=True, text=True, timeout=300, check=False,
         env=dict(os.environ, TRUSTDB_DB=str(db)),
+        cwd=db.parent,  # run's $WORKDIR: the test files (the rest of /tmp is private to a run)
     )  # fmt: skip
 
 
