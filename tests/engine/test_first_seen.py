@@ -295,7 +295,8 @@ def test_debian_python_runs_the_handler(debian_python: Path, db: Path, env: dict
                         "--db", str(db), "--", "bash", "-c",
                         (f"{copy}; echo copy=$?; chmod 700 {copy}; {copy}; echo chmod=$?; "
                          f"{evil}; echo evil=$?")],
-                       env=env, capture_output=True, text=True, timeout=120, check=False)
+                       env=env, capture_output=True, text=True, timeout=120, check=False,
+                       cwd=tmp_path)
     assert p.stdout == "copy=0\nchmod=0\nevil=126\n", (version, p.stderr)
     probe = Path(__file__).with_name("gh104372_probe.py")
     p = subprocess.run([str(debian_python), str(probe), str(db), "30"], env=env,
