@@ -207,7 +207,7 @@ class EngineSession:
 
             flags = resolve_program_flags(self._programs, self._mirror,
                                           lambda m: print(f"trustdb: {m}", file=sys.stderr))
-            set_flags = getattr(backend, "set_program_flags", None)  # kernel side: bpfobject
+            set_flags = getattr(backend, "set_program_flags", None)  # bpfobject backends
             if set_flags is not None:
                 set_flags(flags)
         return functools.partial(TrustDB.open, self._db_path)

@@ -36,6 +36,7 @@ from trustdb import confine
 from trustdb import policy as policies
 from trustdb.abi import Mode
 from trustdb.backends.interface import BackendError, EngineConfig, Scope
+from trustdb.confine import hardening
 from trustdb.confine.filesystem import plan_for
 from trustdb.confine.programs import interpreter_digests, program_refs
 from trustdb.confine.pty import TerminalRelay
@@ -123,6 +124,7 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
             default_engine, programs=program_refs(policy),
             interpreters=Interpreters(digests=interpreter_digests(policy))
             if policy.interpreters.scripts == policies.ScriptJudgement.TRUSTED else None)
+    mdwe = hardening.mdwe_supported()
     cgroup = confine.RunCgroup.create()
     child: confine.ConfinedChild | None = None
     engine: Engine | None = None
@@ -132,7 +134,7 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
         confine.start_watcher(cgroup)
         relay = TerminalRelay.open_if_terminal()
         setup = confine.ExecSetup(
-            deny_write_execute=not policy.jit,
+            deny_write_execute=not policy.jit and mdwe,
             filesystem=fs.build,
             cwd=workdir,
             terminal=relay.slave if relay else -1,
@@ -154,8 +156,12 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
                                   shlex.join(options.argv)))
         engine.confine(child.pidfd)
         signals.child = child
-        memory = ("W^X (no JIT allowed)" if not policy.jit
-                  else "JITs allowed: " + ", ".join(map(str, policy.jit)))
+        if policy.jit:
+            memory = "JITs allowed: " + ", ".join(map(str, policy.jit))
+        elif mdwe:
+            memory = "W^X (no JIT allowed)"
+        else:
+            memory = "W^X by the kernel programs only (no PR_SET_MDWE before Linux 6.3)"
         print(f"trustdb: policy {policy.name}; {fs.mechanism}; {memory}", file=reporter.out,
               flush=True)
         try:

@@ -194,9 +194,12 @@ def test_supervisor_runs_isolated(trusted_db: Path, run_env: dict[str, str]) -> 
         proc.wait()
 
 
-def test_allow_jit_lifts_write_execute_only_for_named(trusted_db: Path,
-                                                     run_env: dict[str, str]) -> None:
-    """--allow-jit names a trusted program; the run says so, and W^X is off for the tree
-    (PR_SET_MDWE is per process tree; the per-program rule is the backend's ProgramFlag.JIT)."""
-    got = run_confined(trusted_db, "true", run_env, "--allow-jit", PY)
-    assert f"JITs allowed: {PY}" in got.err and got.code == 0, got
+def test_allow_jit_only_for_the_named_program(trusted_db: Path, run_env: dict[str, str]) -> None:
+    """--allow-jit names a trusted program: W^X (PR_SET_MDWE, per process tree) is off, and the
+    kernel programs allow anonymous executable memory to that program alone (ProgramFlag.JIT,
+    by its inode key). Python named: the shellcode runs. /bin/true named: Python is still
+    refused by the BPF programs (tracepoint: killed, or EPERM)."""
+    got = run_confined(trusted_db, f"{RWX}; echo rc=$?", run_env, "--allow-jit", PY)
+    assert f"JITs allowed: {PY}" in got.err and "ran 42" in got.out, got
+    got = run_confined(trusted_db, f"{RWX}; echo rc=$?", run_env, "--allow-jit", "/bin/true")
+    assert "ran 42" not in got.out and "rc=0" not in got.out, got

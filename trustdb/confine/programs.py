@@ -7,22 +7,14 @@ as for an exec); a program named by digest counts wherever that trusted content 
 
 from __future__ import annotations
 
-import enum
 import glob
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
+from trustdb.abi import ProgramFlag
 from trustdb.model import InodeKey
 from trustdb.policy import Policy, ProgramRef
-
-try:
-    from trustdb.abi import ProgramFlag  # type: ignore[attr-defined]
-except ImportError:  # stub until the kernel side lands on main (same names and values)
-
-    class ProgramFlag(enum.IntFlag):  # type: ignore[no-redef]
-        JIT = 1
-        INTERPRETER = 2
 
 
 class _Mirror(Protocol):
