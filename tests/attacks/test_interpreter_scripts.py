@@ -1,0 +1,90 @@
+"""Interpreters loading untrusted script files (issue 10, section 3), tracepoint backend.
+
+The first-seen handler judges a file an interpreter opens as a script when its name has a
+script suffix, it starts with `#!`, or it is *named* on the interpreter's command line
+(`trustdb.first_seen.is_script_for`). The last test compares names, not files: the same file
+reached under another name is read as data and runs. Each hole test plants an untrusted script
+(no `#!`, no script suffix) in the workdir and runs it inside `trustdb run`; the script prints a
+marker, so the test sees whether untrusted code ran.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.engine.test_run import run_confined, workdir_of
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf]
+
+MARK = "UNTRUSTED-SCRIPT-RAN"
+PYTHON = "/usr/bin/python3"
+
+
+def _plant(workdir: Path) -> None:
+    """Untrusted scripts with names no rule matches, and symlinks to them."""
+    (workdir / "evil.data").write_text(f'print("{MARK}")\n')
+    (workdir / "evil.shdata").write_text(f"echo {MARK}\n")
+    (workdir / "evil.pdata").write_text(f'print "{MARK}\\n";\n')
+    (workdir / "evil.awkdata").write_text(f'BEGIN {{ print "{MARK}" }}\n')
+    for link, target in (("pylink", "evil.data"), ("shlink", "evil.shdata"),
+                         ("plink", "evil.pdata")):
+        (workdir / link).symlink_to(target)
+    with zipfile.ZipFile(workdir / "evil.zip", "w") as z:
+        z.writestr("evilmod.py", f'print("{MARK}")\n')
+
+
+def _attack(db: Path, env: dict[str, str], script: str) -> str:
+    _plant(workdir_of(env))
+    got = run_confined(db, script, env)
+    return got.out + got.err
+
+
+def test_named_script_is_refused(interpreters_db: Path, run_env: dict[str, str]) -> None:
+    """Control: the same untrusted files, named directly, are refused, while the trusted
+    stdlib loads (so the holes below are not an interpreter failing to start)."""
+    out = _attack(interpreters_db, run_env,
+                  f"{PYTHON} -c 'import json, email; print(\"stdlib-ok\")'; "
+                  f"{PYTHON} evil.data; bash evil.shdata; sh evil.shdata; perl evil.pdata")
+    assert "stdlib-ok" in out
+    assert MARK not in out
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "HOLE: the script rule matches the interpreter's argv by name; a symlink (any name) to an "
+    "untrusted script is read as data and runs (trustdb.first_seen.is_script_for)"))
+@pytest.mark.parametrize("command", [f"{PYTHON} pylink", "bash shlink", "sh shlink",
+                                     "perl plink"])
+def test_script_through_a_symlink(interpreters_db: Path, run_env: dict[str, str],
+                                  command: str) -> None:
+    out = _attack(interpreters_db, run_env, command)
+    assert MARK not in out, out
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "HOLE: a script named as /dev/fd/N (or /proc/self/fd/N) is opened under its real path, "
+    "which is not the argument: read as data, runs"))
+@pytest.mark.parametrize("command", [f"{PYTHON} /dev/fd/3 3<evil.data",
+                                     "bash /proc/self/fd/3 3<evil.shdata"])
+def test_script_through_a_descriptor_path(interpreters_db: Path, run_env: dict[str, str],
+                                          command: str) -> None:
+    out = _attack(interpreters_db, run_env, command)
+    assert MARK not in out, out
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "HOLE: python imports modules from a .zip on its path (zipimport); .zip is no script "
+    "suffix and the archive is not on the command line: its modules run untrusted"))
+def test_module_from_a_zip_on_the_path(interpreters_db: Path, run_env: dict[str, str]) -> None:
+    out = _attack(interpreters_db, run_env, f"PYTHONPATH=evil.zip {PYTHON} -m evilmod")
+    assert MARK not in out, out
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "HOLE: awk (and sed, make, gdb, vim ...) run program files but are not interpreters in "
+    "the agent policy: `awk -f untrusted` runs, and awk's system() starts any trusted binary"))
+def test_awk_program_file(interpreters_db: Path, run_env: dict[str, str]) -> None:
+    out = _attack(interpreters_db, run_env, "awk -f evil.awkdata")
+    assert MARK not in out, out
