@@ -1,0 +1,48 @@
+"""A way out through files the user's own tools run later, outside the tree: the workdir's git
+hooks and git config (core.fsmonitor, core.pager, aliases run commands on every `git status`).
+The agent policy grants the workdir read-write as a whole, so the tree plants them and the
+user's next unconfined `git status` in that directory runs untrusted code with no trustdb
+around it. Anthropic's sandbox-runtime denies writes to these paths even inside a writable
+directory (its mandatory deny list: .git/hooks, .git/config, shell rc files, ...).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.engine.test_run import run_confined, workdir_of
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf]
+
+
+@pytest.fixture
+def repo(run_env: dict[str, str]) -> Path:
+    git = shutil.which("git")
+    if git is None:
+        pytest.fail("git is missing (packaging/apt-packages.txt installs it)")
+    workdir = workdir_of(run_env)
+    subprocess.run([git, "init", "-q", str(workdir)], check=True)
+    return workdir
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "HOLE: the workdir's .git/config and .git/hooks are writable from inside; the user's next "
+    "unconfined git command runs what the tree put there (no mandatory-deny list inside "
+    "read-write grants)"))
+def test_git_config_planted_from_inside(interpreters_db: Path, run_env: dict[str, str],
+                                        repo: Path) -> None:
+    marker = repo / "ran-outside"
+    script = (f"printf '[core]\\n\\tfsmonitor = \"touch {marker}; false\"\\n' >> .git/config; "
+              "echo config=$?; printf '#!/bin/sh\\ntrue\\n' > .git/hooks/pre-commit; "
+              "echo hook=$?")
+    got = run_confined(interpreters_db, script, run_env)
+    assert "config=" in got.out, (got.out, got.err)
+    # What the user does next, outside any run:
+    subprocess.run(["git", "-C", str(repo), "status", "--short"], capture_output=True,
+                   check=False, timeout=30)
+    assert not marker.exists(), "the user's git status ran a command planted by the tree"
+    assert "config=0" not in got.out
