@@ -43,7 +43,6 @@ import stat as statmod
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from trustdb import fskeys
 from trustdb.backends.interface import KeySink
@@ -72,6 +71,7 @@ from trustdb.mirrorsource import (
     SyncSnapshot,
     open_snapshot,
 )
+from trustdb.mirrorwalk import _Deferred, _Outcome, _ToHash, _Verified, _Walk
 from trustdb.model import FileDigests, InodeKey
 
 MAX_FIRST_SEEN = 65536
@@ -96,64 +96,6 @@ REASON_NOT_REGULAR = "not a regular file"
 REASON_UNTRUSTED = "content not trusted (changed since it was trusted?)"
 REASON_CHANGED = "changed while being mirrored"
 REASON_UNSETTLED = "modified again and again within its ctime tick; retried on the next sync"
-
-
-# --- one sync's scratch values ------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Verified:
-    keys: tuple[InodeKey, ...]
-    digest: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _Deferred:
-    until_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class _ToHash:
-    stat: os.stat_result
-    keys: tuple[InodeKey, ...]
-
-
-_Outcome = _Verified | _Deferred | _ToHash | str
-"""What examining one path gave: a key, a wait, a read to do, or the reason it is skipped."""
-
-
-@dataclass
-class _Walk:
-    """Counters and results of one sync walk (mutable scratch, not handed out)."""
-
-    snapshot: SyncSnapshot
-    wanted: dict[InodeKey, bytes] = field(default_factory=dict)
-    skipped: list[SkippedPath] = field(default_factory=list)
-    verifications: list[tuple[InodeKey, FileDigests]] = field(default_factory=list)
-    pending: list[InodeKey] = field(default_factory=list)
-    """Verified keys not yet handed to the sink (flushed every `batch_size`)."""
-    to_hash: dict[str, tuple[_ToHash, tuple[bytes, ...]]] = field(default_factory=dict)
-    """Paths to read: their stat from before the read, their keys, their recorded digests."""
-    deferred: dict[str, tuple[int, tuple[bytes, ...]]] = field(default_factory=dict)
-    """Paths waiting for the coarse clock to pass a value, with their recorded digests."""
-    path_keys: dict[str, tuple[InodeKey, ...]] = field(default_factory=dict)
-    """The keys each verified path gave (a refresh removes them when the path goes)."""
-    untrusted: dict[bytes, set[str]] = field(default_factory=dict)
-    """Paths whose content no source trusts, by digest."""
-    fs_types: dict[int, int] = field(default_factory=dict)
-    """st_dev -> statfs f_type: one statfs per filesystem, not per path (one st_dev is one
-    superblock)."""
-    _overlays: list[OverlayMount] | None = None
-
-    def overlay_mounts(self) -> list[OverlayMount]:
-        """The overlay mounts, read once per sync (only if an overlay file is met)."""
-        if self._overlays is None:
-            self._overlays = overlay_mounts()
-        return self._overlays
-
-    inserted: int = 0
-    cached: int = 0
-    hashed: int = 0
 
 
 # --- the mirror ----------------------------------------------------------------------------
