@@ -230,7 +230,9 @@ def main() -> int:
         true = os.path.realpath(shutil.which("true") or "/bin/true")
         taskset = shutil.which("taskset") or "/usr/bin/taskset"
         db = work / "db"
-        make_db(db, closure([str(loops), true, taskset]))
+        sh = os.path.realpath(shutil.which("sh") or "/bin/sh")
+        sleep = os.path.realpath(shutil.which("sleep") or "/bin/sleep")
+        make_db(db, closure([str(loops), true, taskset, sh, sleep]))
         scope = Scope.for_cgroup(cgroup.path)
         name = backends.select().name
 

@@ -99,6 +99,7 @@ class Engine:
             enforce=self.config.mode == Mode.ENFORCE,
             interpreters=self._interpreters,
             db_option=self._db_option,
+            deny_trusted_writes=not self.config.scope.system_wide,
         ))
 
     def stop(self) -> None:

@@ -10,7 +10,9 @@ which later events of this inode need no round trip (the ignore mark):
 
 | outcome                    | answer (confined, enforce)       | later events of the inode      |
 | -------------------------- | -------------------------------- | ------------------------------ |
-| key in the map / inserted  | allow                            | ignored (open and exec)        |
+| key in the map / inserted  | allow                            | ignored (open and exec; only   |
+|                            |                                  | exec on a writable mount)      |
+| trusted, opened for write  | DENY (EPERM)                     | asked again                    |
 | not executable content     | allow                            | ignored (open and exec)        |
 | untrusted executable       | exec: DENY (EPERM); open: allow  | opens ignored, execs still ask |
 | script of an interpreter   | DENY the interpreter's open      | asked again                    |
@@ -251,12 +253,18 @@ NO_INTERPRETERS = Interpreters()
 
 
 def answer(checked: Checked, *, is_exec: bool, enforce: bool, script_for_interpreter: bool,
-           open_mask: int, exec_mask: int) -> Answer:
-    """What to reply to the permission event of a confined task (see the module table)."""
+           open_mask: int, exec_mask: int, write_open: bool = False,
+           writable_mount: bool = False) -> Answer:
+    """What to reply to the permission event of a confined task (see the module table).
+    `write_open`: the opener asks for write access; `writable_mount`: the file's mount in the
+    tree is not read-only, so a later open could write it."""
     both = open_mask | exec_mask
     o = checked.outcome
     if o in (Outcome.KNOWN, Outcome.INSERTED):
-        return Answer(True, both)
+        if write_open:
+            return Answer(not enforce, 0, "write")
+        # Where it can be written, keep seeing its opens (a write open must be refused).
+        return Answer(True, exec_mask if writable_mount else both)
     if o == Outcome.NOT_EXECUTABLE:
         return Answer(True, both)
     if o == Outcome.UNTRUSTED:

@@ -54,9 +54,11 @@ from trustdb.first_seen import (
     OpenTrust,
     Outcome,
     answer,
+    has_writers,
     is_script_for,
 )
 from trustdb.model import InodeKey
+from trustdb.write_opens import opening_for_write
 
 PERM_MASK = FAN_OPEN_EXEC_PERM | FAN_OPEN_PERM
 CHANGE_MASK = FAN_ATTRIB | FAN_MOVE_SELF
@@ -149,6 +151,9 @@ class HandlerConfig:
     interpreters: Interpreters = NO_INTERPRETERS
     db_option: str = ""
     """` --db PATH` for the `trustdb trust` command in denial lines ('' for the default)."""
+    deny_trusted_writes: bool = False
+    """Refuse confined tasks write opens of trusted files (runs only: the service would refuse
+    the whole machine, package managers included)."""
 
 
 # --- the parent's side ------------------------------------------------------------------------
@@ -415,9 +420,13 @@ class _Serve:
             checked = self.first_seen.check(ev.fd, code=script)
             self.counts["hashed"] += self.first_seen.hashed - hashed
             self.counts["inserted"] += checked.outcome == Outcome.INSERTED
+            known = checked.outcome in (Outcome.KNOWN, Outcome.INSERTED)
+            writable = known and self.config.deny_trusted_writes and _watch_writes(ev.fd)
             verdict = answer(checked, is_exec=is_exec, enforce=self.config.enforce,
                              script_for_interpreter=script, open_mask=FAN_OPEN_PERM,
-                             exec_mask=FAN_OPEN_EXEC_PERM)
+                             exec_mask=FAN_OPEN_EXEC_PERM,
+                             write_open=writable and not is_exec and self._write_open(ev),
+                             writable_mount=writable)
             mask = verdict.ignore_mask
             if self.config.interpreters and checked.outcome not in (Outcome.KNOWN,
                                                                      Outcome.INSERTED):
@@ -442,6 +451,14 @@ class _Serve:
             self._flush()
             return
         self.counts["ignored"] += 1
+
+    def _write_open(self, ev: Event) -> bool:
+        """A confined task opening trusted content for writing (route 3: the bytes a trusted
+        key vouches for must not change under it). Its write access is already taken while it
+        waits here, so a read lease is refused; the syscall's flags say it is the opener."""
+        if not self.config.deny_trusted_writes or not has_writers(ev.fd):
+            return False
+        return bool(opening_for_write(ev.pid))
 
     def _interpreter(self, pid: int) -> bool:
         interpreters = self.config.interpreters
@@ -481,14 +498,35 @@ class _Serve:
         self.reported.add(once)
         path = _event_path(ev.fd)
         self.counts["denied"] += denied
-        thing = "exec" if what == "exec" else "script load (by an interpreter)"
-        line = (f"trustdb: denied {thing} of {path} (pid {ev.pid}): its content is not in the "
-                f"trust database. To trust it: trustdb trust{self.config.db_option} {path}")
+        if what == "write":
+            line = (f"trustdb: denied write open of {path} (pid {ev.pid}): its content is "
+                    "trusted, and trusted files may not be modified inside trustdb run (write a "
+                    "new file instead)")
+        else:
+            thing = "exec" if what == "exec" else "script load (by an interpreter)"
+            line = (f"trustdb: denied {thing} of {path} (pid {ev.pid}): its content is not in "
+                    f"the trust database. To trust it: trustdb trust{self.config.db_option} "
+                    f"{path}")
         if denied:
             write_to_stderr_of(pidfd, line)
         denial = Denial(ev.pid, path, key.dev if key else 0, key.ino if key else 0, what, denied)
         with contextlib.suppress(OSError):
             os.write(self.report, b"D " + json.dumps(_asdict(denial)).encode() + b"\n")
+
+
+SYSTEM_TREES = ("/usr/", "/lib/", "/lib64/", "/lib32/", "/libx32/", "/bin/", "/sbin/", "/etc/",
+                "/opt/")
+"""Trusted files here keep full ignore marks even on a writable mount: every exec opens
+them, so watching their opens for writes would put round trips on every exec. Refusing writes
+there is the mount plan's job (read-only system trees inside `run`)."""
+
+
+def _watch_writes(fd: int) -> bool:
+    """Keep seeing opens of this trusted file (to refuse write opens): its mount in the tree is
+    writable and it lies outside the system trees (the workdir, tmp, /dev/shm, a home)."""
+    if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+        return False
+    return not _event_path(fd).startswith(SYSTEM_TREES)
 
 
 def _asdict(d: Denial) -> dict[str, object]:

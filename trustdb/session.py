@@ -56,6 +56,9 @@ EngineFactory = Callable[[EngineConfig, Path, str | None, Callable[[Decision], N
 loaded and attached."""
 
 
+WRITE_TRUSTED = "write_trusted"
+"""Reason of a write open of trusted content refused by the first-seen handler."""
+
 # --- what a person reads on stderr ------------------------------------------------------------
 
 _HOOK_WORDS = {
@@ -104,6 +107,9 @@ class DenialReporter:
             what = d.reason.removeprefix("tamper_").replace("_", " ")
             return f"trustdb: killed {who}: tried to lift its confinement ({what})"
         verb = "denied" if d.verdict == Verdict.DENY else "would deny (audit)"
+        if d.reason == WRITE_TRUSTED:
+            return (f"trustdb: {verb} write open of {d.path} ({who}): its content is trusted, "
+                    "and trusted files may not be modified inside trustdb run")
         hook = _HOOK_WORDS.get(d.hook, d.hook.name.lower())
         path = d.path or f"inode {d.dev >> 20}:{d.dev & 0xFFFFF}/{d.ino}"
         is_command = self.command and d.hook == Hook.EXEC and (
@@ -284,7 +290,8 @@ def _first_seen_decision(d: FirstSeenDenial, mode: Mode, backend: str) -> Decisi
         comm=os.path.basename(d.path)[:15], path=d.path, dev=d.dev, ino=d.ino, hook=Hook.EXEC,
         verdict=Verdict.DENY if d.denied else Verdict.AUDIT_DENY, mode=mode,
         backend=f"{backend}+fanotify",
-        reason="untrusted_exec" if d.what == "exec" else "untrusted_script", exe=d.path)
+        reason={"exec": "untrusted_exec", "write": WRITE_TRUSTED}.get(d.what, "untrusted_script"),
+        exe=d.path)
 
 
 def default_engine(

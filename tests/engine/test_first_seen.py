@@ -36,7 +36,7 @@ from trustdb.model import InodeKey
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
-EXTRA_TOOLS = ("chmod", "mv", "ln", "rm", "touch", "sleep", "python3")
+EXTRA_TOOLS = ("chmod", "mv", "ln", "rm", "touch", "sleep", "python3", "dd")
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,33 @@ def test_bpf_kill_line_reaches_the_commands_stderr(db: Path, env: dict[str, str]
     text = (tmp_path / "err").read_text()
     assert f"denied executable mapping of {evil}" in text, (text, got.stderr)
     assert f"trustdb trust --db {db} {evil}" in text
+
+
+OPENAT2 = """
+import ctypes, os, struct, sys
+how = struct.pack("=QQQ", os.O_RDWR, 0, 0)
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.syscall(437, -100, sys.argv[1].encode(), how, len(how))
+print("openat2", "EPERM" if fd < 0 and ctypes.get_errno() == 1 else fd)
+"""
+
+
+def test_trusted_file_cannot_be_opened_for_write(db: Path, env: dict[str, str],
+                                                tmp_path: Path) -> None:
+    """Route 3 (tracepoint side): a trusted binary in the tree's workdir is rewritten in place
+    (O_TRUNC, dd conv=notrunc, O_RDWR through openat2): each write open fails with EPERM, a
+    read open works, and the file still runs as itself."""
+    t = tmp_path / "t"
+    shutil.copy2("/bin/true", t)
+    probe = tmp_path / "openat2.py"
+    probe.write_text(OPENAT2)
+    script = (f"cd {tmp_path}; ./t; echo run=$?; cat /bin/false > t; echo trunc=$?; "
+              f"dd if=/bin/false of=t conv=notrunc status=none; echo dd=$?; "
+              f"{sys.executable} {probe} t; cat t > /dev/null; echo read=$?; ./t; echo again=$?")
+    got = run(db, script, env)
+    assert got.stdout == ("run=0\ntrunc=1\ndd=1\nopenat2 EPERM\nread=0\nagain=0\n"), got.stderr
+    assert t.read_bytes() == Path("/bin/true").read_bytes()
+    assert f"denied write open of {t}" in got.stderr
 
 
 def test_interpreter_refused_an_untrusted_script(db: Path, tmp_path: Path) -> None:
