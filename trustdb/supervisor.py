@@ -53,6 +53,9 @@ from trustdb.session import (
 )
 from trustdb.state import EngineState, publish_state, withdraw_state
 
+SYSTEM_TREES = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/opt", "/boot")
+"""Never inside a workdir: a policy's $WORKDIR is writable."""
+
 KILL_GRACE_S = 2.0
 """After forwarding SIGINT/SIGTERM, how long CMD gets before the tree is killed. CMD is the init
 of its PID namespace, and an init ignores every signal it has no handler for."""
@@ -117,7 +120,10 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
     signals = _Signals()
     signals.install()
     policy = options.policy or policies.load(policies.DEFAULT_POLICY)
-    workdir = options.workdir or os.getcwd()
+    workdir = os.path.realpath(options.workdir or os.getcwd())
+    if any(t == workdir or t.startswith(workdir.rstrip("/") + "/") for t in SYSTEM_TREES):
+        raise SupervisorError(f"the workdir {workdir} holds system trees (it would be writable "
+                              "inside): start run in a project directory, or give --workdir DIR")
     fs = plan_for(policy, db, workdir, _log_dirs())
     if engine_factory is None:
         engine_factory = functools.partial(

@@ -240,3 +240,9 @@ def test_mount_fallback(lab: Lab, tmp_path: Path, run_env: dict[str, str],
     assert "out=2" in text and "home=0" in text and "tmp=2" in text and "usr=2" in text, text
     assert text[text.index("tmp=2") + 1] == "0", text  # the DB directory is covered
     assert not (lab.outside / "new").exists() and (lab.home / "f").exists()
+
+
+def test_workdir_holding_system_trees_refused(trusted_db: Path, run_env: dict[str, str]) -> None:
+    """`cd / && trustdb run` would make the whole system the writable workdir: refused."""
+    got = run_confined(trusted_db, "true", run_env, "--workdir", "/")
+    assert got.code == 7 and "holds system trees" in got.err, got  # ExitCode.FAILED
