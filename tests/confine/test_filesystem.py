@@ -246,3 +246,22 @@ def test_workdir_holding_system_trees_refused(trusted_db: Path, run_env: dict[st
     """`cd / && trustdb run` would make the whole system the writable workdir: refused."""
     got = run_confined(trusted_db, "true", run_env, "--workdir", "/")
     assert got.code == 7 and "holds system trees" in got.err, got  # ExitCode.FAILED
+
+
+def test_mount_fallback_agent_keeps_the_interpreter(tmp_path: Path) -> None:
+    """agent without Landlock covers /root and /home; the interpreter and trustdb's own
+    install below them (a pyenv under /root here) are re-attached, nested ones once."""
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    setup = plan_for(policy.load("agent"), tmp_path / "db", str(work), abi=0)
+    cg = confine.RunCgroup.create()
+    try:
+        child = confine.spawn(["sh", "-c", f"{PY} -c 'print(42)' > {out} 2>&1"], cg, setup.plan,
+                              dict(os.environ), confine.ExecSetup(cwd=str(work)))
+        child.release()
+        assert child.wait() == 0, out.read_text() if out.exists() else ""
+        child.close()
+    finally:
+        cg.remove()
+    assert out.read_text() == "42\n"

@@ -177,6 +177,10 @@ def apply_mount_plan(plan: MountPlan) -> None:
     inner: dict[str, list[tuple[str, int, bool]]] = {c: [] for c, _ in covers}
     for keep in plan.keep:
         holder = max((c for c, _ in covers if _strictly_under(keep, c)), key=len, default=None)
+        # A keep inside another keep below the same cover comes along with that one's clone.
+        if any(_strictly_under(keep, k) and _strictly_under(k, holder) for k in plan.keep
+               if holder is not None):
+            continue
         if holder is not None and os.path.exists(keep):
             inner[holder].append((keep, clone_mount(keep, recursive=True), os.path.isdir(keep)))
     for path, private in covers:
