@@ -265,3 +265,24 @@ def test_mount_fallback_agent_keeps_the_interpreter(tmp_path: Path) -> None:
     finally:
         cg.remove()
     assert out.read_text() == "42\n"
+
+
+def test_workdir_git_config_and_hooks_protected(trusted_db: Path, run_env: dict[str, str],
+                                               lab: Lab) -> None:
+    """The user's own git would run a planted core.fsmonitor or hook at the next `git status`
+    outside the run: .git/config and .git/hooks are read-only inside, and .git itself is a
+    mount point (it cannot be renamed away and replaced). The rest of the repo stays writable."""
+    git = shutil.which("git") or "git"
+    work = lab.work
+    assert os.system(f"{git} init -q {work}") == 0
+    script = ("echo '[core]' >> .git/config; echo config=$?; "
+              "echo x > .git/hooks/pre-commit; echo hook=$?; "
+              f"{PY} -c 'import os\ntry: os.rename(\".git\", \".git-old\"); print(\"moved\")\n"
+              "except OSError as e: print(\"rename\", e.errno)'; "
+              "echo x > .git/description; echo desc=$?; echo y > file; echo file=$?")
+    got = run_confined(trusted_db, script, run_env)
+    words = got.out.split()
+    assert words[:2] == ["config=2", "hook=2"], got
+    assert words[2:4] == ["rename", "16"], got  # EBUSY: a mount point
+    assert words[4:] == ["desc=0", "file=0"], got
+    assert (work / ".git").is_dir() and "[core]\n[core]" not in (work / ".git/config").read_text()

@@ -49,7 +49,7 @@ def _bad(tmp_path: Path, text: str) -> str:
 
 def test_errors_name_file_and_line(tmp_path: Path) -> None:
     assert _bad(tmp_path, "[policy]\nname = 'x'\n\n[filesystem]\nread_wirte = []\n") == (
-        "FILE:5: unknown key 'filesystem.read_wirte' (known: no_access, private_tmp, "
+        "FILE:5: unknown key 'filesystem.read_wirte' (known: no_access, private_tmp, protected, "
         "read_only, read_write)")
     assert _bad(tmp_path, "[polcy]\n").startswith("FILE:1: unknown key 'polcy'")
     assert _bad(tmp_path, "[network]\nmode = 'some'\n") == (

@@ -69,9 +69,9 @@ def plan_for(policy: Policy, db: Path, workdir: str, extra_read_only: Sequence[s
     hidden = tuple(p for p in fs.no_access
                    if p not in granted and (abi < 1 or _under_any(p, granted)))
     plan = MountPlan.for_run(
-        db, [*runtime, *extra_read_only], hidden=hidden, private=private,
+        db, [*runtime, *extra_read_only, *fs.protected], hidden=hidden, private=private,
         keep=tuple(p for p in granted if p not in PRIVATE_TMP),
-        read_write=read_write, everything_read_only=abi < 1)
+        read_write=read_write, everything_read_only=abi < 1, pinned=fs.pinned)
     net = policy.network
     if abi < 1:
         return FilesystemSetup(plan, None, "filesystem: mount namespace (no Landlock on this "

@@ -58,6 +58,9 @@ class MountPlan:
     """Only without Landlock: everything else is made read-only, these stay writable."""
     everything_read_only: bool = False
     """The mount-namespace fallback when Landlock is missing."""
+    pinned: tuple[str, ...] = ()
+    """Bind-mounted onto themselves, still writable: a mount point cannot be renamed or removed,
+    so a directory holding protected files (`.git`) cannot be swapped for another one."""
 
     @classmethod
     def for_run(cls, db: Path, extra_read_only: Sequence[str] = (), **more: object) -> MountPlan:
@@ -198,6 +201,9 @@ def apply_mount_plan(plan: MountPlan) -> None:
                 if not os.path.ismount(p):
                     mount(p, p, None, MS_BIND | MS_REC)
                 read_only_tree(p, read_only=False, recursive=False)
+    for p in plan.pinned:
+        if os.path.isdir(p):
+            mount(p, p, None, MS_BIND | MS_REC)
     for p in plan.read_only:
         if os.path.exists(p):
             _bind_read_only(p)

@@ -197,7 +197,7 @@ def parse(text: str, source: str = "<policy>", default_name: str = "policy") -> 
         if not isinstance(value, str):
             raise c.fail(("policy", key), f"policy.{key} must be a string")
     fs = c.table(top.get("filesystem", {}), ("filesystem",),
-                 {"read_write", "read_only", "no_access", "private_tmp"})
+                 {"read_write", "read_only", "no_access", "private_tmp", "protected"})
     net = c.table(top.get("network", {}), ("network",), {"mode", "connect_tcp", "bind_tcp"})
     network = NetworkRules(
         mode=c.choice(net, ("network", "mode"), NetworkMode, NetworkMode.NONE),
@@ -220,6 +220,7 @@ def parse(text: str, source: str = "<policy>", default_name: str = "policy") -> 
             read_only=c.paths(fs, ("filesystem", "read_only")),
             no_access=c.paths(fs, ("filesystem", "no_access")),
             private_tmp=c.boolean(fs, ("filesystem", "private_tmp"), True),
+            protected=c.strings(fs, ("filesystem", "protected")),
         ),
         network=network,
         jit=c.programs(jit, ("jit", "programs")),

@@ -62,6 +62,10 @@ class FilesystemRules:
     """Hidden even where a read rule would reach them (an empty cover is mounted on each)."""
     private_tmp: bool = True
     """A fresh, empty /tmp and /var/tmp for the tree, gone when the run ends."""
+    protected: tuple[str, ...] = ()
+    """Read-only even inside a read-write grant: names relative to each grant (`.git/config`,
+    `.git/hooks`), or `~` paths (shell rc files): what the user's own tools run later, outside
+    the tree."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,8 @@ class Policy:
             "source": self.source,
             "mode": self.mode.value,
             "filesystem": {"read_write": list(fs.read_write), "read_only": list(fs.read_only),
-                           "no_access": list(fs.no_access), "private_tmp": fs.private_tmp},
+                           "no_access": list(fs.no_access), "private_tmp": fs.private_tmp,
+                           "protected": list(fs.protected)},
             "network": {"mode": net.mode.value, "connect_tcp": list(net.connect_tcp),
                         "bind_tcp": list(net.bind_tcp)},
             "jit": {"programs": [str(r) for r in self.jit]},

@@ -20,6 +20,10 @@ class ResolvedFilesystem:
     read_only: tuple[str, ...]
     no_access: tuple[str, ...]
     private_tmp: bool
+    protected: tuple[str, ...] = ()
+    """Existing paths inside the read-write grants that stay read-only."""
+    pinned: tuple[str, ...] = ()
+    """Directories holding protected paths (`.git` for `.git/config`): kept in place."""
 
 
 def user_homes() -> list[str]:
@@ -60,8 +64,25 @@ def resolve(rules: FilesystemRules, workdir: str, *, homes: list[str] | None = N
             found += expand(p, variables, homes[:1] if only_first_home else homes)
         return tuple(dict.fromkeys(found))
 
+    read_write = all_of(rules.read_write, True)
+    protected: list[str] = []
+    pinned: list[str] = []
+    for name in rules.protected:
+        if name.startswith(("/", "~", "$")):
+            protected += expand(name, variables, homes)
+        else:
+            for grant in read_write:
+                found = expand(os.path.join(grant, name), variables, homes)
+                protected += found
+                top = name.split("/", 1)[0]
+                if found and top != name:
+                    pinned += expand(os.path.join(grant, top), variables, homes)
+    inside = [p for p in protected
+              if any(p.startswith(g.rstrip("/") + "/") for g in read_write)]
     return ResolvedFilesystem(
-        read_write=all_of(rules.read_write, True),
+        read_write=read_write,
+        protected=tuple(dict.fromkeys(inside)),
+        pinned=tuple(dict.fromkeys(pinned)),
         read_only=all_of(rules.read_only, True),
         no_access=all_of(rules.no_access, False),
         private_tmp=rules.private_tmp,
