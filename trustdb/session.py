@@ -214,8 +214,15 @@ class EngineSession:
             flags = resolve_program_flags(self._programs, self._mirror,
                                           lambda m: print(f"trustdb: {m}", file=sys.stderr))
             set_flags = getattr(backend, "set_program_flags", None)  # bpfobject backends
-            if set_flags is not None:
-                set_flags(flags)
+            try:
+                if set_flags is None:
+                    raise BackendError("no program flags")
+                if flags:
+                    set_flags(flags)
+            except Exception as e:  # noqa: BLE001 - fails closed: unflagged JITs stay refused
+                print(f"trustdb: {backend.name}: JIT and interpreter programs not flagged in the "
+                      f"kernel ({e}); anonymous executable memory stays refused to all",
+                      file=sys.stderr)
         return functools.partial(TrustDB.open, self._db_path)
 
     def _start_first_sync(self) -> None:
