@@ -29,10 +29,6 @@ def repo(run_env: dict[str, str]) -> Path:
     return workdir
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: the workdir's .git/config and .git/hooks are writable from inside; the user's next "
-    "unconfined git command runs what the tree put there (no mandatory-deny list inside "
-    "read-write grants)"))
 def test_git_config_planted_from_inside(interpreters_db: Path, run_env: dict[str, str],
                                         repo: Path) -> None:
     marker = repo / "ran-outside"
@@ -45,4 +41,4 @@ def test_git_config_planted_from_inside(interpreters_db: Path, run_env: dict[str
     subprocess.run(["git", "-C", str(repo), "status", "--short"], capture_output=True,
                    check=False, timeout=30)
     assert not marker.exists(), "the user's git status ran a command planted by the tree"
-    assert "config=0" not in got.out
+    assert "config=0" not in got.out and "hook=0" not in got.out  # policy: [filesystem] protected
