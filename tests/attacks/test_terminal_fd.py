@@ -37,9 +37,6 @@ def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
     return buf
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: without a terminal on stdin the tree inherits the user's terminal on stdout/stderr "
-    "(no relayed pty) and reads the user's keystrokes from it"))
 def test_keystrokes_read_through_inherited_stdout(interpreters_db: Path,
                                                  run_env: dict[str, str]) -> None:
     master, slave = pty.openpty()

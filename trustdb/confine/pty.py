@@ -37,29 +37,37 @@ class TerminalRelay:
 
     @classmethod
     def open_if_terminal(cls) -> TerminalRelay | None:
-        """A relay when stdin is a terminal, else None (pipes and files pass through as they
-        are: the tree gets no controlling terminal at all)."""
-        if not os.isatty(0):
-            return None
+        """A relay when any of stdin, stdout, stderr is a terminal, else None (pipes and files
+        pass through as they are: the tree gets no controlling terminal at all). Keys are
+        relayed only when stdin is the terminal: a tree given the terminal on stdout alone must
+        not read what the user types there."""
         replaced = tuple(fd for fd in STD_FDS if os.isatty(fd))
-        out = next((fd for fd in (1, 2) if fd in replaced), 1)
+        if not replaced:
+            return None
+        out = next((fd for fd in (1, 2) if fd in replaced), replaced[0])
         master, slave = os.openpty()
         os.set_inheritable(slave, False)
         os.set_blocking(master, False)
         try:
-            termios.tcsetattr(slave, termios.TCSANOW, termios.tcgetattr(0))
+            termios.tcsetattr(slave, termios.TCSANOW, termios.tcgetattr(replaced[0]))
         except termios.error:
             pass
         relay = cls(master=master, slave=slave, replaced=replaced, out=out)
         relay._copy_window_size()
         return relay
 
+    @property
+    def _keys(self) -> bool:
+        return 0 in self.replaced
+
     def start(self) -> None:
-        """After the child is forked: drop our slave fd, make the user's terminal raw."""
+        """After the child is forked: drop our slave fd, make the user's terminal raw (only
+        when it is our stdin: the keys go to the tree's line discipline)."""
         os.close(self.slave)
         self.slave = -1
-        self._saved = termios.tcgetattr(0)
-        tty.setraw(0, termios.TCSANOW)
+        if self._keys:
+            self._saved = termios.tcgetattr(0)
+            tty.setraw(0, termios.TCSANOW)
         self._old_winch = signal.signal(signal.SIGWINCH, self._on_winch)
 
     def _on_winch(self, sig: int, frame: FrameType | None) -> None:
@@ -67,14 +75,14 @@ class TerminalRelay:
 
     def _copy_window_size(self) -> None:
         try:
-            size = fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8)
+            size = fcntl.ioctl(self.replaced[0], termios.TIOCGWINSZ, b"\0" * 8)
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
         except OSError:
             pass
 
-    def fds(self) -> tuple[int, int]:
-        """Poll these for input: the user's keys (0) and the tree's output (master)."""
-        return (0, self.master)
+    def fds(self) -> tuple[int, ...]:
+        """Poll these for input: the user's keys (0, if a terminal) and the tree's output."""
+        return (0, self.master) if self._keys else (self.master,)
 
     def on_ready(self, fd: int) -> None:
         if fd == self.master:
