@@ -1,57 +1,146 @@
-"""`trustdb daemon`: system-wide enforcement, the process the service unit runs."""
+"""`trustdb daemon`: system-wide enforcement, the process the service unit runs.
+
+Life of the process (packaging/trustdb.service):
+1. refuse to enforce what would lock the machine up (trustdb.service.preflight): a missing or
+   empty database, or one that does not trust the service itself, its hooks, or what boot and
+   login run. Nothing is loaded or attached when it refuses.
+2. adopt the pinned engine or load, fill and pin a fresh one (trustdb.service.engine); then
+   READY=1 for systemd.
+3. loop: decisions from the ring buffer, the database watch (a commit reaches the kernel map
+   within a turn), the watchdog ping; SIGHUP re-reads the database (full re-sync) and stays up.
+4. SIGTERM/SIGINT: close this process's fds and exit. The pins stay, so the kernel goes on
+   deciding; only `trustdb service stop` unpins.
+"""
 
 from __future__ import annotations
 
+# Every C extension the daemon will ever need is mapped now, before the preflight reads
+# /proc/self/maps: one loaded after enforcing starts, untrusted, would be denied (and kill the
+# daemon). hashlib (the object hash) and json (the pin record) are the ones imported lazily.
+import hashlib  # noqa: F401
+import json  # noqa: F401
 import os
 import select
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
 from trustdb.abi import Mode
 from trustdb.backends.interface import BackendError, EngineConfig, Scope
-from trustdb.session import (
-    REFRESH_INTERVAL_S,
-    DenialReporter,
-    EngineFactory,
-    SupervisorError,
-    daemon_engine,
-)
+from trustdb.db import DatabaseError
+from trustdb.service import preflight
+from trustdb.service.engine import ServiceEngine
+from trustdb.service.installers import InstallerTrust
+from trustdb.service.notify import Notifier
+from trustdb.service.watch import DatabaseWatch
+from trustdb.session import DenialReporter, SupervisorError
 from trustdb.state import EngineState, publish_state, withdraw_state
 
+_SIGNAL_FLAGS: dict[int, str] = {signal.SIGHUP: "reload", signal.SIGUSR1: "installers"}
+"""SIGHUP: re-read the database; SIGUSR1: an installer window opened or closed."""
 
-def daemon(*, db: Path, mode: Mode, backend: str | None,
-           engine_factory: EngineFactory = daemon_engine, stderr: TextIO | None = None) -> int:
-    """System-wide enforcement until SIGTERM/SIGINT (the service: only a user starts it)."""
+FALLBACK_CHECK_S = 5.0
+"""A generation check (one read transaction, no scan) in case an inotify event was missed."""
+
+
+def daemon(*, db: Path, mode: Mode, backend: str | None, stderr: TextIO | None = None,
+           skip_preflight: bool = False) -> int:
+    """System-wide enforcement until SIGTERM/SIGINT (the service: only a person starts it)."""
     if os.geteuid() != 0:
         raise SupervisorError("trustdb daemon needs root (it loads BPF programs)")
     out = stderr or sys.stderr
-    stop: list[int] = []
+    db = db.resolve()
+    if mode == Mode.ENFORCE and not skip_preflight:
+        refusal = preflight.refusal(db)
+        if refusal:
+            raise SupervisorError(refusal)
+    flags: dict[str, bool] = {"stop": False, "reload": False, "installers": False}
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def _stop(sig: int, frame: FrameType | None) -> None:
-        stop.append(sig)
+    def _on_signal(sig: int, frame: FrameType | None) -> None:
+        flags[_SIGNAL_FLAGS.get(sig, "stop")] = True
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop)
-    reporter = DenialReporter(db=db.resolve(), out=out)
-    config = EngineConfig(mode=mode, scope=Scope(), supervisor_tgid=os.getpid())
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, _on_signal)
+    signal.set_wakeup_fd(wake_w)
+    notifier = Notifier()
+    reporter = DenialReporter(db=db, out=out)
+    # supervisor_tgid 0: the pinned programs outlive this pid, which may be reused.
+    config = EngineConfig(mode=mode, scope=Scope(), supervisor_tgid=0)
+    installers = InstallerTrust.from_environment()
     try:
-        engine = engine_factory(config, db.resolve(), backend, reporter)
+        engine = ServiceEngine(config, db, backend, reporter,
+                               prewarm_hook=installers.wrap_prewarm if installers else None)
     except BackendError as e:
         raise SupervisorError(str(e)) from e
+    watch = DatabaseWatch(db)
     publish_state(EngineState(os.getpid(), "daemon", engine.backend_name, mode.name.lower(),
                               "system-wide"))
-    print(f"trustdb: enforcing system-wide ({mode.name.lower()}) with the "
-          f"{engine.backend_name} backend", file=out, flush=True)
+    assert engine.report is not None
+    how = "adopted the pinned engine" if engine.report.adopted else "loaded and pinned"
+    status = (f"enforcing system-wide ({mode.name.lower()}) with the {engine.backend_name} "
+              f"backend: {how} in {engine.report.seconds * 1000:.0f} ms")
+    print(f"trustdb: {status}", file=out, flush=True)
+    notifier.ready(status)
     try:
-        poller = select.poll()
-        poller.register(engine.fileno(), select.POLLIN)
-        while not stop:
-            poller.poll(int(REFRESH_INTERVAL_S * 1000))
-            engine.pump()
+        if installers:
+            installers.start(engine)
+        _loop(engine, watch, notifier, flags, wake_r, out, installers)
     finally:
-        engine.close()
+        notifier.stopping()
+        if installers:
+            installers.stop()
+        watch.close()
+        engine.close()  # our fds only: the pins keep the kernel deciding
         withdraw_state(os.getpid())
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
     return 0
+
+
+def _loop(engine: ServiceEngine, watch: DatabaseWatch, notifier: Notifier,
+          flags: dict[str, bool], wake_r: int, out: TextIO,
+          installers: InstallerTrust | None) -> None:
+    poller = select.poll()
+    poller.register(engine.fileno(), select.POLLIN)
+    poller.register(watch.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    if installers is not None:
+        poller.register(installers.fileno(), select.POLLIN)
+    tick = min(FALLBACK_CHECK_S, notifier.watchdog_interval_s or FALLBACK_CHECK_S)
+    next_check = time.monotonic() + FALLBACK_CHECK_S
+    while not flags["stop"]:
+        ready = {fd for fd, _ in poller.poll(int(tick * 1000))}
+        if wake_r in ready:
+            try:
+                os.read(wake_r, 512)
+            except BlockingIOError:
+                pass
+        engine.pump()
+        if installers is not None and installers.fileno() in ready:
+            installers.pump()
+        now = time.monotonic()
+        if installers is not None and (flags["installers"] or now >= next_check):
+            flags["installers"] = False
+            installers.sync_windows()
+        if flags["reload"]:
+            flags["reload"] = False
+            notifier.reloading()
+            _refresh(engine, out, full=True)
+            notifier.ready("reloaded the trust database")
+        elif (watch.fileno() in ready and watch.changed()) or now >= next_check:
+            next_check = now + FALLBACK_CHECK_S
+            _refresh(engine, out, full=False)
+        notifier.watchdog()
+
+
+def _refresh(engine: ServiceEngine, out: TextIO, *, full: bool) -> None:
+    try:
+        engine.refresh(full=full)
+    except (DatabaseError, BackendError, OSError) as e:
+        # The map keeps its last state (fail closed); say so and try again on the next wake.
+        print(f"trustdb: cannot follow the trust database: {e}", file=out, flush=True)

@@ -10,7 +10,8 @@ object, each step one method (libbpf-bootstrap's order):
         obj.attach_all()                         # links are kept by the object
         m = obj.map("trusted_inodes"); m.update(key, value)
         rb = RingBuffer(obj.map("events").fd, on_record); rb.poll(100)
-    # close() destroys links and the object: nothing stays attached (no pins are made)
+    # close() destroys links and the object: nothing stays attached, unless pinned
+    # (pin_links, pin_map: the system-wide service's fail-closed lifetime, trustdb.service.pins)
 
 Errors are `LibbpfError` (an OSError carrying errno) with libbpf's last log lines, which include
 the verifier's complaint when a load fails.
@@ -38,6 +39,7 @@ __all__ = [
     "LibbpfError",
     "RingBuffer",
     "held_program_ids",
+    "open_pinned_map",
 ]
 
 BPF_ANY = 0
@@ -158,6 +160,10 @@ _fn("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _p, _p)
 _fn("bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, _p)
 _fn("bpf_map_get_next_key", ctypes.c_int, ctypes.c_int, _p, _p)
 _fn("bpf_map_update_batch", ctypes.c_int, ctypes.c_int, _p, _p, ctypes.POINTER(ctypes.c_uint32), _p)
+_fn("bpf_link__pin", ctypes.c_int, _p, ctypes.c_char_p)
+_fn("bpf_map__pin", ctypes.c_int, _p, ctypes.c_char_p)
+_fn("bpf_obj_get", ctypes.c_int, ctypes.c_char_p)
+_fn("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _p, ctypes.POINTER(ctypes.c_uint32))
 _fn("bpf_map_delete_batch", ctypes.c_int, ctypes.c_int, _p, ctypes.POINTER(ctypes.c_uint32), _p)
 _RB_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, _p, _p, ctypes.c_size_t)
 _fn("ring_buffer__new", _p, ctypes.c_int, _RB_SAMPLE_FN, _p, _p)
@@ -173,6 +179,20 @@ class _BtfType(ctypes.Structure):
 
 class _BtfVarSecinfo(ctypes.Structure):
     _fields_ = [("type", ctypes.c_uint32), ("offset", ctypes.c_uint32), ("size", ctypes.c_uint32)]
+
+
+class _MapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info (the kernel fills what fits in the size we pass)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
 
 
 class _BatchOpts(ctypes.Structure):
@@ -268,6 +288,7 @@ class BpfObject:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._links: list[int] = []
+        self._link_names: list[str] = []
         _clear_log()
         ctypes.set_errno(0)
         self._obj: int | None = _check_ptr(
@@ -361,6 +382,7 @@ class BpfObject:
             _lib.bpf_program__attach(self._prog_ptr(prog_name)), f"attach {prog_name}"
         )
         self._links.append(link)
+        self._link_names.append(prog_name)
 
     def attach_all(self, names: Sequence[str] | None = None) -> None:
         """Attach `names` (default: every program), all or nothing."""
@@ -374,7 +396,26 @@ class BpfObject:
     def detach(self) -> None:
         """Destroy every link (idempotent). The programs stay loaded until close()."""
         while self._links:
+            self._link_names.pop()
+            # A pinned link only loses this process's fd here: the pin keeps it attached.
             _lib.bpf_link__destroy(self._links.pop())
+
+    # -- pins (bpffs): what outlives this process
+
+    def pin_links(self, directory: str | os.PathLike[str]) -> list[Path]:
+        """Pin every attached link as `directory/<program>`: each stays attached, deciding,
+        after this process exits, until its pin is removed (unlink)."""
+        out = []
+        for name, link in zip(self._link_names, self._links, strict=True):
+            path = Path(directory) / name
+            _check(_lib.bpf_link__pin(link, os.fsencode(path)), f"pin link {name} at {path}")
+            out.append(path)
+        return out
+
+    def pin_map(self, name: str, path: str | os.PathLike[str]) -> Path:
+        """Pin one map at `path` (a file on bpffs); it then outlives this process."""
+        _check(_lib.bpf_map__pin(self._map_ptr(name), os.fsencode(path)), f"pin map {name}")
+        return Path(path)
 
     def map(self, name: str) -> BpfMap:
         ptr = self._map_ptr(name)
@@ -401,6 +442,20 @@ class BpfObject:
         # At interpreter shutdown libbpf may be gone already; the kernel frees the fds anyway.
         with contextlib.suppress(Exception):
             self.close()
+
+
+def open_pinned_map(path: str | os.PathLike[str]) -> BpfMap:
+    """A map pinned on bpffs (by this or an earlier process), used by a new fd."""
+    fd = _lib.bpf_obj_get(os.fsencode(path))
+    if fd < 0:
+        raise LibbpfError(-fd, f"open pinned map {path}")
+    info = _MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    ret = _lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
+    if ret < 0:
+        os.close(fd)
+        _check(ret, f"map info {path}")
+    return BpfMap(fd, info.name.decode(errors="replace"), info.key_size, info.value_size)
 
 
 def held_program_ids(pid: int | str = "self") -> set[int]:

@@ -251,6 +251,24 @@ class Mirror:
                 self._key_refs.pop(k, None)
         return len(stale)
 
+    def adopt(self, generation: int, keys: Iterable[InodeKey]) -> None:
+        """Take over a sink an earlier mirror filled at `generation` (the service's pinned map,
+        after a restart): its keys count as this mirror's, so the next `refresh` only changes
+        what the database changed since, and drops keys that are no longer trusted."""
+        with self._lock:
+            for k in keys:
+                self._keys.setdefault(k, b"")
+            self._generation = generation
+
+    @property
+    def sink(self) -> KeySink:
+        return self._sink
+
+    @property
+    def generation(self) -> int | None:
+        """The database generation the sink matches (None before the first sync)."""
+        return self._generation
+
     def _take_unrecorded(self) -> list[tuple[InodeKey, FileDigests]]:
         with self._lock:
             queued, self._unrecorded = self._unrecorded, []

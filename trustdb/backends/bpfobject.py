@@ -200,6 +200,23 @@ class BpfBackend(Backend):
         if obj is not None:
             obj.close()
 
+    PINNED_MAPS = ("trusted_inodes", "events", "confined")
+    """The maps a later process needs to adopt a pinned engine (trustdb.service.pins)."""
+
+    def pin(self, directory: Path) -> None:
+        """Pin the links (directory/links/<program>) and maps (directory/maps/<name>) on bpffs,
+        so that the programs keep deciding with the last map when this process dies."""
+        if self._obj is None or not self._attached:
+            raise BackendError(f"{self.name}: pin before attach")
+        try:
+            for sub in ("links", "maps"):
+                (directory / sub).mkdir(parents=True, exist_ok=True)
+            for m in self.PINNED_MAPS:
+                self._obj.pin_map(m, directory / "maps" / m)
+            self._obj.pin_links(directory / "links")
+        except (LibbpfError, OSError) as e:
+            raise BackendError(f"{self.name}: cannot pin under {directory}: {e}") from e
+
     @property
     def attached(self) -> bool:
         return self._attached

@@ -77,6 +77,7 @@ from trustdb.cli import (
     import_commands,  # noqa: F401  import rpm|deb|python
     log_commands,  # noqa: F401  log
     policy_commands,  # noqa: F401  policy list|show|check
+    service_commands,  # noqa: F401  service stop|preflight|status|audit-summary
 )
 
 

@@ -1,0 +1,97 @@
+"""System-wide service tier: boot Debian 6.12 in QEMU and run tests/vm/guest_service.py in it,
+once per backend the guest offers: `lsm` (booted with bpf in lsm=) and `tracepoint` (booted
+without it, as Ubuntu is). Everything system-wide (pins under /sys/fs/bpf, enforcement on every
+task) happens in the guest only. The guest prints `METRIC backend name value` lines: restart to
+enforcing, trust/untrust to kernel map latency; this test prints them for the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.vm import runner
+from tests.vm.test_lsm import _junit_failures, build_artifacts, guest_python
+
+HERE = Path(__file__).resolve().parent
+KERNEL = os.environ.get("TRUSTDB_VM_KERNELS", "6.12").split(",")[-1]
+MIN_CASES = 12
+BACKENDS = {
+    "lsm": runner.LSM_LIST,
+    "tracepoint": "lockdown,capability,landlock,yama",
+}
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+
+PACKAGE_DIR = "/var/tmp/tdsvc-pkg"
+"""Where the test package installs its binary (a tmpfs in the guest, so dpkg can write)."""
+
+
+def build_test_deb(dest: Path) -> Path:
+    """tdsvc-test: one new binary (content no database has seen) and a postinst that runs it
+    right after dpkg unpacked it: the trusted-installer case."""
+    root = dest / "deb-root"
+    (root / "DEBIAN").mkdir(parents=True)
+    bindir = root / PACKAGE_DIR.lstrip("/")
+    bindir.mkdir(parents=True)
+    subprocess.run(["cc", "-O2", '-DVARIANT="from-deb"', "-o", str(bindir / "tdnew"),
+                    str(HERE / "tdprobe.c")], check=True)
+    (root / "DEBIAN" / "control").write_text(
+        "Package: tdsvc-test\nVersion: 1.0\nArchitecture: amd64\nMaintainer: trustdb tests "
+        "<tests@invalid>\nDescription: trustdb service test package\n")
+    postinst = root / "DEBIAN" / "postinst"
+    postinst.write_text(f"#!/bin/sh\nset -e\n{PACKAGE_DIR}/tdnew hello\n")
+    postinst.chmod(0o755)
+    digest = hashlib.md5((bindir / "tdnew").read_bytes()).hexdigest()
+    (root / "DEBIAN" / "md5sums").write_text(f"{digest}  {PACKAGE_DIR.lstrip('/')}/tdnew\n")
+    deb = dest / "tdsvc-test.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)],
+                   check=True, capture_output=True)
+    return deb
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dest = tmp_path_factory.mktemp("service-vm")
+    build_artifacts(dest)
+    build_test_deb(dest)
+    return dest
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_service_in_vm(backend: str, artifacts: Path) -> None:
+    for obj in ("lsm.bpf.o", "tracepoint.bpf.o"):
+        assert (runner.REPO / "build" / "bpf" / obj).exists(), f"{obj} missing: run `make bpf`"
+    try:
+        runner.find_kernel(KERNEL)
+    except runner.VmError as e:
+        pytest.fail(str(e))
+    xml = artifacts / f"junit-service-{backend}.xml"
+    xml.unlink(missing_ok=True)
+    result = runner.run(
+        KERNEL,
+        [guest_python(), "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-x",
+         str(HERE / "guest_service.py"), f"--junitxml={xml}"],
+        shares=[artifacts],
+        env={"TD_VM_ARTIFACTS": str(artifacts), "TD_VM_GUEST": "1", "TD_VM_BACKEND": backend,
+             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(runner.REPO)},
+        lsm=BACKENDS[backend],
+        timeout=900,
+    )  # fmt: skip
+    tail = "\n".join(result.console.splitlines()[-80:])
+    for line in result.console.splitlines():
+        if line.startswith("METRIC "):
+            print(line)
+    assert not result.timed_out, f"{backend}: VM timed out after {result.seconds:.0f}s\n{tail}"
+    assert xml.exists(), f"{backend}: the guest wrote no results (exit {result.returncode})\n{tail}"
+    total, problems = _junit_failures(xml)
+    assert not problems, f"{backend}: {len(problems)} of {total} cases:\n" + "\n".join(problems) \
+        + "\n" + tail
+    assert result.returncode == 0, f"{backend}: guest pytest exited {result.returncode}\n{tail}"
+    assert total >= MIN_CASES, f"{backend}: only {total} cases ran"
+    print(f"{backend}: {total} service cases passed in the {KERNEL} VM ({result.seconds:.0f}s)")

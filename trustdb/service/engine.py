@@ -1,0 +1,263 @@
+"""The service's engine: system-wide enforcement whose BPF state outlives the daemon (pins.py).
+
+Start-up takes one of two roads:
+- **adopt**: pins from the same backend, mode and BPF object are there (a restart after a crash,
+  kill -9, OOM kill or upgrade of the Python side). New fds for the pinned maps, the mirror takes
+  the map's keys as its own, and only if the database generation moved since the pins were last
+  synced does it re-sync (keys already in the map stay: only changes are written). Nothing is
+  loaded and nothing is detached: there is no gap.
+- **fresh**: load the object, fill the map from the database, attach (trustdb.engine.Engine
+  keeps that order), pin, record, and only then remove older pins (another mode or object).
+
+Either way the first-seen pre-warm (fanotify) and the decision ring buffer are this process's,
+and closing releases only this process's fds: the pins stay until `trustdb service stop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from trustdb import backends
+from trustdb.abi import CInodeKey, Mode
+from trustdb.backends.bpfobject import BpfBackend, MapKeySink
+from trustdb.backends.interface import Backend, BackendError, EngineConfig, KeySink
+from trustdb.db import TrustDB
+from trustdb.engine import Prewarm
+from trustdb.events import Decision
+from trustdb.libbpf import RingBuffer
+from trustdb.service.pins import PinError, PinRecord, PinStore, object_sha256
+from trustdb.session import SupervisorError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StartReport:
+    adopted: bool
+    backend: str
+    seconds: float
+    """From the start of __init__ to enforcing (READY)."""
+    resynced: bool
+    """Whether the database had changed since the pins were last synced."""
+
+
+class _PinnedKeys:
+    """The pre-warm's view of an adopted engine: only the trusted-inode map."""
+
+    def __init__(self, sink: MapKeySink) -> None:
+        self.trusted_inodes: KeySink = sink
+
+
+def _backend_class(name: str) -> type[Backend]:
+    for cls in backends.COMPILED:
+        if cls.name == name:
+            return cls
+    raise BackendError(f"unknown backend {name!r} (known: {', '.join(backends.names())})")
+
+
+class ServiceEngine:
+    """What trustdb.daemon runs: the `session.Engine` protocol over pinned state."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        db_path: Path,
+        backend: str | None,
+        consume: Callable[[Decision], None],
+        *,
+        pins: PinStore | None = None,
+        prewarm_hook: Callable[[Prewarm], Prewarm] | None = None,
+    ) -> None:
+        """`prewarm_hook` wraps the mirror's first-seen check (trusted installers add theirs)."""
+        from trustdb import events
+        from trustdb.db import DatabaseError
+        from trustdb.libbpf import LibbpfError
+
+        started = time.monotonic()
+        self._pins = pins or PinStore()
+        self._config = config
+        self._consume = consume
+        self._prewarm_hook = prewarm_hook
+        self._closers: list[Callable[[], None]] = []
+        self._record: PinRecord | None = None
+        self._ring: RingBuffer | None = None
+        self.report: StartReport | None = None
+        try:
+            try:
+                self._db = TrustDB.open(db_path, write=True)
+            except DatabaseError as e:
+                raise SupervisorError(f"trust database {db_path}: {e}") from e
+            self._closers.append(self._db.close)
+            record = self._adoptable(backend)
+            resynced = False
+            events_fd = -1
+            if record is not None:
+                try:
+                    events_fd, resynced = self._adopt(record)
+                except PinError as e:  # half-removed pins: load a fresh engine over them
+                    print(f"trustdb: {e}; loading a fresh engine", file=sys.stderr, flush=True)
+                    record = None
+            if record is None:
+                events_fd = self._fresh(backend)
+            try:
+                self._logger = events.Logger.create("file")
+            except OSError:
+                self._logger = events.Logger.create("null")
+            self._closers.append(self._logger.close)
+            assert self._record is not None
+            self._sink = events.EventSink(self._record.backend, self._logger.log, consume)
+            try:
+                self._ring = RingBuffer(events_fd, self._sink.on_sample)
+            except LibbpfError as e:
+                raise BackendError(f"ring buffer: {e}") from e
+            self._closers.append(self._ring.close)
+        except BaseException:
+            self.close()
+            raise
+        self.report = StartReport(record is not None, self._record.backend,
+                                  time.monotonic() - started, resynced)
+
+    # --- the two roads
+
+    def _adoptable(self, backend: str | None) -> PinRecord | None:
+        record = self._pins.current()
+        if record is None:
+            return None
+        if backend is not None and backend != record.backend:
+            return None
+        if record.mode != self._config.mode.name.lower():
+            return None
+        try:
+            cls = _backend_class(record.backend)
+            path = cls().object_path  # type: ignore[attr-defined]
+            if object_sha256(path) != record.object_sha256:
+                return None  # the BPF object was upgraded: load the new one, then swap
+        except (BackendError, OSError):
+            return None
+        return record
+
+    def _adopt(self, record: PinRecord) -> tuple[int, bool]:
+        from trustdb.mirror import Mirror
+
+        maps = self._pins.open_maps(record, ("trusted_inodes", "events"))
+        for m in maps.values():
+            self._closers.append(functools.partial(os.close, m.fd))
+        sink = MapKeySink(maps["trusted_inodes"])
+        self._mirror = Mirror(self._db, sink)
+        pinned = maps["trusted_inodes"].keys()  # a BpfMap, not a dict: one bpf() call per key
+        keys = [CInodeKey.from_buffer_copy(k).to_key() for k in pinned]
+        self._mirror.adopt(record.generation, keys)
+        self._record = dataclasses.replace(record, daemon_pid=os.getpid())
+        self._start_prewarmer(_PinnedKeys(sink))
+        resynced = self._mirror.refresh() is not None
+        self._save()
+        return maps["events"].fd, resynced
+
+    def _fresh(self, backend: str | None) -> int:
+        from trustdb.engine import Engine
+
+        chosen = backends.select(backend)
+        if not isinstance(chosen, BpfBackend):
+            raise BackendError(f"{chosen.name}: cannot be pinned")
+        engine = Engine(self._config, backend=chosen, prepare=self._prepare,
+                        allow_system_wide=True)
+        engine.start()
+        self._closers.append(engine.stop)  # closes our fds only: the pins hold the programs
+        try:
+            instance, where = self._pins.new_instance()
+            chosen.pin(where)
+        except (PinError, BackendError) as e:
+            raise SupervisorError(f"cannot pin the engine: {e}") from e
+        self._record = PinRecord(
+            instance=instance,
+            backend=chosen.name,
+            mode=self._config.mode.name.lower(),
+            object_sha256=object_sha256(chosen.object_path),
+            generation=self._mirror.generation or 0,
+            pinned_at=time.time(),
+            daemon_pid=os.getpid(),
+        )
+        self._save()
+        self._pins.remove_others(keep=instance)
+        return chosen.events_fd
+
+    def _prepare(self, backend: Backend) -> Prewarm:
+        from trustdb.mirror import Mirror
+
+        self._mirror = Mirror(self._db, backend.trusted_inodes)
+        self._mirror.sync()
+        return self._wrap(self._mirror.verify_file)
+
+    def _wrap(self, prewarm: Prewarm) -> Prewarm:
+        return self._prewarm_hook(prewarm) if self._prewarm_hook else prewarm
+
+    def _start_prewarmer(self, keys: _PinnedKeys) -> None:
+        from trustdb.backends.interface import Scope
+        from trustdb.fanotify import ExecPrewarmer
+
+        pw = ExecPrewarmer(self._wrap(self._mirror.verify_file),
+                           keys, scope=Scope())  # type: ignore[arg-type]  # duck: trusted_inodes
+        pw.start()
+        self._closers.append(pw.stop)
+
+    def _save(self) -> None:
+        if self._record is None:
+            return
+        gen = self._mirror.generation
+        if gen is not None and gen != self._record.generation:
+            self._record = dataclasses.replace(self._record, generation=gen)
+        try:
+            self._pins.write(self._record)
+        except OSError as e:
+            print(f"trustdb: cannot record the pins: {e}", file=sys.stderr, flush=True)
+
+    # --- the session.Engine protocol
+
+    @property
+    def backend_name(self) -> str:
+        assert self._record is not None
+        return self._record.backend
+
+    @property
+    def mode(self) -> Mode:
+        return self._config.mode
+
+    @property
+    def db(self) -> TrustDB:
+        """The daemon's one handle on the database (LMDB allows one per process)."""
+        return self._db
+
+    @property
+    def key_sink(self) -> KeySink:
+        """The kernel's trusted-inode map."""
+        return self._mirror.sink
+
+    def confine(self, pidfd: int) -> None:
+        raise BackendError("the service enforces on every task; there is nothing to confine")
+
+    def fileno(self) -> int:
+        assert self._ring is not None
+        return self._ring.epoll_fd
+
+    def pump(self) -> None:
+        assert self._ring is not None
+        self._ring.consume()
+
+    def refresh(self, *, full: bool = False) -> bool:
+        """Follow the database (the live wake-up calls this); a full re-sync on SIGHUP.
+        True when the kernel map was changed."""
+        stats = self._mirror.sync() if full else self._mirror.refresh()
+        self._save()
+        return stats is not None
+
+    def close(self) -> None:
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception as e:  # noqa: BLE001 - the next closer must still run
+                print(f"trustdb: cleanup: {e}", file=sys.stderr)

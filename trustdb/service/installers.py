@@ -1,0 +1,317 @@
+"""Trusted installers ("managed installer"): what a trusted package manager writes during a
+transaction is trusted when it closes the file, and verified against its package database when
+the transaction ends.
+
+The window: dpkg's `pre-invoke` hook (packaging/hooks/dpkg/trustdb) runs `trustdb service
+installer-begin`, which drops a token in /run/trustdb/installers/ and signals the daemon
+(SIGUSR1); the daemon marks every executable filesystem with FAN_CLOSE_WRITE in a *notification*
+group (it never answers anything: nothing can be denied or held up by it) and acknowledges.
+`installer-end` (dpkg's `post-invoke`) imports the package database, then closes the window: the
+daemon removes the marks and drops the `installer:*` source, so what the package database did
+not vouch for loses its trust at once, and each such file is reported.
+
+For each close-after-write in the window: the writer's /proc/PID/exe must be one of INSTALLERS
+*and* its inode key must be in the trusted map (a renamed copy of dpkg is not dpkg); the event's
+fd, opened by the kernel on the very inode that was closed, is hashed, and the digest is added
+under `installer:<name>`. A file written by any other program is ignored (stays untrusted).
+Race-free for the postinst case: the close-write event is queued when dpkg closes the file,
+before it can exec it, so the first-seen pre-warm (which runs before the kernel's exec check)
+drains the queue on a miss and looks again (`wrap_prewarm`).
+
+Limit (documented in the README): between dpkg's close and the daemon's read, another root
+writer could change the content; the end-of-transaction import revokes any file whose content
+dpkg's md5sums do not vouch for. Compiler outputs (`built-by:`) are not implemented here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trustdb.fanotify import Fanotify, FanotifyError, exec_filesystems
+from trustdb.hashing import HashingError, NotExecutable, hash_fd
+from trustdb.model import InodeKey, TrustEntry
+from trustdb.state import STATE_DIR
+
+if TYPE_CHECKING:
+    from trustdb.engine import Prewarm
+    from trustdb.service.engine import ServiceEngine
+
+FAN_CLASS_NOTIF = 0x00
+FAN_CLOEXEC = 0x01
+FAN_NONBLOCK = 0x02
+FAN_CLOSE_WRITE = 0x08
+FAN_MARK_REMOVE = 0x02
+FAN_MARK_FILESYSTEM = 0x100
+FAN_NOFD = -1
+
+INSTALLERS: dict[str, str] = {
+    "/usr/bin/dpkg": "dpkg",
+    "/bin/dpkg": "dpkg",
+    "/usr/bin/rpm": "rpm",
+    "/bin/rpm": "rpm",
+}
+"""Executables whose writes are trusted while a window is open (by real path)."""
+
+WINDOW_DIR = STATE_DIR / "installers"
+SOURCE_KIND = "installer"
+ENABLE_ENV = "TRUSTDB_TRUSTED_INSTALLERS"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    token: str
+    installer_pid: int
+
+
+def open_windows(directory: Path = WINDOW_DIR) -> list[Window]:
+    """Windows whose installer process still lives (a crashed dpkg closes its window)."""
+    out = []
+    for p in sorted(directory.glob("*.open")) if directory.is_dir() else []:
+        try:
+            pid = int(p.read_text().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if pid and Path(f"/proc/{pid}").exists():
+            out.append(Window(p.stem, pid))
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return out
+
+
+class InstallerTrust:
+    """The daemon's side: the notification group, the window, the installer source."""
+
+    def __init__(self) -> None:
+        self._fan = Fanotify(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK)
+        self._marked: list[str] = []
+        self._lock = threading.Lock()
+        self._engine: ServiceEngine | None = None
+        self.trusted: dict[str, bytes] = {}
+        """Path -> digest added in the current window."""
+        self.reports: list[str] = []
+
+    @classmethod
+    def from_environment(cls) -> InstallerTrust | None:
+        if os.environ.get(ENABLE_ENV, "1") == "0":
+            return None
+        try:
+            return cls()
+        except FanotifyError as e:
+            print(f"trustdb: trusted installers off: {e}", file=sys.stderr, flush=True)
+            return None
+
+    def start(self, engine: ServiceEngine) -> None:
+        self._engine = engine
+        WINDOW_DIR.mkdir(parents=True, exist_ok=True)
+        self.sync_windows()
+
+    def stop(self) -> None:
+        self._unmark()
+        self._fan.close()
+
+    def fileno(self) -> int:
+        return self._fan.fd
+
+    # --- the window
+
+    def sync_windows(self) -> None:
+        """Open or close the window to match the tokens (SIGUSR1, and every fallback check)."""
+        windows = open_windows()
+        if windows and not self._marked:
+            for fs in exec_filesystems():
+                try:
+                    self._fan.mark_filesystem(fs, FAN_CLOSE_WRITE)
+                    self._marked.append(fs)
+                except FanotifyError:
+                    continue  # a filesystem without an fsid: nothing dpkg writes lives there
+        elif not windows and self._marked:
+            self.pump()
+            self._unmark()
+            self._close_window()
+        for w in windows:
+            with contextlib.suppress(OSError):
+                (WINDOW_DIR / f"{w.token}.ack").write_text(str(os.getpid()))
+
+    def _unmark(self) -> None:
+        from trustdb.fanotify import _libc
+
+        for fs in self._marked:
+            _libc.fanotify_mark(self._fan.fd, FAN_MARK_REMOVE | FAN_MARK_FILESYSTEM,
+                                FAN_CLOSE_WRITE, -100, os.fsencode(fs))
+        self._marked = []
+
+    def _close_window(self) -> None:
+        """Drop the installer sources: only what the package database vouches for stays."""
+        from trustdb.db import DatabaseError
+
+        if not self.trusted or self._engine is None:
+            return
+        db = self._engine.db  # one LMDB environment per process: the engine's
+        try:
+            for src in db.sources():
+                if src.kind == SOURCE_KIND:
+                    db.remove_source(src.label)
+            revoked = [p for p, d in self.trusted.items() if not db.is_trusted(d)]
+        except DatabaseError as e:
+            print(f"trustdb: cannot close the installer window: {e}", file=sys.stderr, flush=True)
+            return
+        for p in revoked:
+            line = (f"trustdb: revoked {p}: written by a package manager, but its content is not "
+                    "what the package database records")
+            self.reports.append(line)
+            print(line, file=sys.stderr, flush=True)
+        self.trusted.clear()
+        if self._engine is not None:
+            self._engine.refresh()
+
+    # --- events
+
+    def pump(self) -> int:
+        """Trust what installers closed since the last call; returns how many files."""
+        with self._lock:
+            entries: dict[str, tuple[str, TrustEntry]] = {}
+            while True:
+                try:
+                    events = list(self._fan.read(65536))
+                except BlockingIOError:
+                    break
+                if not events:
+                    break
+                for ev in events:
+                    if ev.fd == FAN_NOFD:
+                        continue
+                    try:
+                        found = self._entry(ev.fd, ev.pid)
+                        if found is not None:
+                            entries[found[1].path] = found
+                    finally:
+                        os.close(ev.fd)
+            if entries:
+                self._record(list(entries.values()))
+            return len(entries)
+
+    def _entry(self, fd: int, pid: int) -> tuple[str, TrustEntry] | None:
+        installer = self._installer(pid)
+        if installer is None:
+            return None
+        try:
+            hashed = hash_fd(fd, executable_only=True)
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except (NotExecutable, HashingError, OSError):
+            return None
+        if not path.startswith("/") or path.endswith(" (deleted)"):
+            return None
+        d = hashed.digests
+        return installer, TrustEntry(path=path, digest=d.blake3, size=d.size, kind=d.kind,
+                                     origin=f"installed-by:{installer}")
+
+    def _installer(self, pid: int) -> str | None:
+        """The installer's name if `pid` runs a trusted installer binary, else None."""
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+            st = os.stat(f"/proc/{pid}/exe")
+        except OSError:
+            return None  # gone already: cannot tell, so not trusted
+        name = INSTALLERS.get(exe)
+        if name is None or self._engine is None:
+            return None
+        sink = self._engine.key_sink
+        contains = getattr(sink, "__contains__", None)
+        if contains is None or not contains(InodeKey.from_stat(st)):
+            return None  # a dpkg whose content the kernel does not trust is not an installer
+        return name
+
+    def _record(self, found: list[tuple[str, TrustEntry]]) -> None:
+        from trustdb.db import DatabaseError
+
+        assert self._engine is not None
+        by_installer: dict[str, list[TrustEntry]] = {}
+        for name, entry in found:
+            by_installer.setdefault(name, []).append(entry)
+        try:
+            for name, entries in by_installer.items():
+                self._engine.db.add_entries(f"{SOURCE_KIND}:{name}", SOURCE_KIND, entries)
+        except DatabaseError as e:
+            print(f"trustdb: cannot record installed files: {e}", file=sys.stderr, flush=True)
+            return
+        for _, entry in found:
+            self.trusted[entry.path] = entry.digest
+
+    # --- the first-seen path
+
+    def wrap_prewarm(self, prewarm: Prewarm) -> Prewarm:
+        """On a miss while a window is open, take in what installers closed, then look again:
+        the close-write event of a file is queued before its installer can exec it."""
+
+        def prewarm_with_installers(target: str | int) -> InodeKey | None:
+            key = prewarm(target)
+            if key is None and self._marked and self.pump():
+                key = prewarm(target)
+            return key
+
+        return prewarm_with_installers
+
+
+# --- the hooks' side (`trustdb service installer-begin|end`) -----------------------------------
+
+
+def installer_pid() -> int:
+    """The package manager that runs this hook: the parent of the hook's shell."""
+    ppid = os.getppid()
+    try:
+        stat = Path(f"/proc/{ppid}/stat").read_text()
+        grand = int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return ppid
+    try:
+        exe = os.readlink(f"/proc/{ppid}/exe")
+    except OSError:
+        exe = ""
+    return ppid if exe in INSTALLERS else grand
+
+
+def begin(daemon_pids: list[int], timeout_s: float = 10.0) -> bool:
+    """Open a window and wait until the daemon has marked the filesystems; False if no daemon
+    answered (nothing is enforcing, or it is not running: then new files stay untrusted)."""
+    WINDOW_DIR.mkdir(parents=True, exist_ok=True)
+    token = f"w{os.getpid()}-{time.time_ns()}"
+    (WINDOW_DIR / f"{token}.open").write_text(str(installer_pid()))
+    return _signal_and_wait(daemon_pids, WINDOW_DIR / f"{token}.ack", timeout_s)
+
+
+def end(daemon_pids: list[int], timeout_s: float = 30.0) -> bool:
+    """Close this installer's windows (call after the package database was imported)."""
+    pid = installer_pid()
+    for w in open_windows():
+        if w.installer_pid == pid:
+            with contextlib.suppress(OSError):
+                (WINDOW_DIR / f"{w.token}.open").unlink()
+            with contextlib.suppress(OSError):
+                (WINDOW_DIR / f"{w.token}.ack").unlink()
+    return _signal_and_wait(daemon_pids, None, timeout_s)
+
+
+def _signal_and_wait(pids: list[int], ack: Path | None, timeout_s: float) -> bool:
+    import signal
+
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+            alive.append(pid)
+    if not alive or ack is None:
+        return bool(alive)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ack.exists():
+            return True
+        time.sleep(0.01)
+    return False
