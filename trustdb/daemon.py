@@ -17,6 +17,7 @@ from __future__ import annotations
 # Every C extension the daemon will ever need is mapped now, before the preflight reads
 # /proc/self/maps: one loaded after enforcing starts, untrusted, would be denied (and kill the
 # daemon). hashlib (the object hash) and json (the pin record) are the ones imported lazily.
+import faulthandler
 import hashlib  # noqa: F401
 import json  # noqa: F401
 import os
@@ -35,6 +36,7 @@ from trustdb.service import preflight
 from trustdb.service.engine import ServiceEngine
 from trustdb.service.installers import InstallerTrust
 from trustdb.service.notify import Notifier
+from trustdb.service.pins import PinStore
 from trustdb.service.watch import DatabaseWatch
 from trustdb.session import DenialReporter, SupervisorError
 from trustdb.state import EngineState, publish_state, withdraw_state
@@ -53,7 +55,10 @@ def daemon(*, db: Path, mode: Mode, backend: str | None, stderr: TextIO | None =
         raise SupervisorError("trustdb daemon needs root (it loads BPF programs)")
     out = stderr or sys.stderr
     db = db.resolve()
-    if mode == Mode.ENFORCE and not skip_preflight:
+    pinned = PinStore().current()
+    # Already enforcing from pins (a restart after a crash): refusing now would not stop the
+    # kernel, only the first-seen path; the preflight guards the switch, not the restart.
+    if mode == Mode.ENFORCE and not skip_preflight and not (pinned and pinned.mode == "enforce"):
         refusal = preflight.refusal(db)
         if refusal:
             raise SupervisorError(refusal)
@@ -65,6 +70,7 @@ def daemon(*, db: Path, mode: Mode, backend: str | None, stderr: TextIO | None =
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, _on_signal)
+    faulthandler.register(signal.SIGUSR2, file=out, all_threads=True)  # where is it stuck?
     signal.set_wakeup_fd(wake_w)
     notifier = Notifier()
     reporter = DenialReporter(db=db, out=out)
@@ -73,7 +79,7 @@ def daemon(*, db: Path, mode: Mode, backend: str | None, stderr: TextIO | None =
     installers = InstallerTrust.from_environment()
     try:
         engine = ServiceEngine(config, db, backend, reporter,
-                               prewarm_hook=installers.wrap_prewarm if installers else None)
+                               trust_hook=installers.wrap_trust if installers else None)
     except BackendError as e:
         raise SupervisorError(str(e)) from e
     watch = DatabaseWatch(db)
@@ -109,8 +115,12 @@ def _loop(engine: ServiceEngine, watch: DatabaseWatch, notifier: Notifier,
     poller.register(engine.fileno(), select.POLLIN)
     poller.register(watch.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
+    handler_fd = engine.handler_fileno()
+    if handler_fd is not None:
+        poller.register(handler_fd, select.POLLIN)
     if installers is not None:
-        poller.register(installers.fileno(), select.POLLIN)
+        for fd in installers.filenos():
+            poller.register(fd, select.POLLIN)
     tick = min(FALLBACK_CHECK_S, notifier.watchdog_interval_s or FALLBACK_CHECK_S)
     next_check = time.monotonic() + FALLBACK_CHECK_S
     while not flags["stop"]:
@@ -121,8 +131,8 @@ def _loop(engine: ServiceEngine, watch: DatabaseWatch, notifier: Notifier,
             except BlockingIOError:
                 pass
         engine.pump()
-        if installers is not None and installers.fileno() in ready:
-            installers.pump()
+        if installers is not None:
+            installers.on_ready(ready)
         now = time.monotonic()
         if installers is not None and (flags["installers"] or now >= next_check):
             flags["installers"] = False
@@ -130,8 +140,11 @@ def _loop(engine: ServiceEngine, watch: DatabaseWatch, notifier: Notifier,
         if flags["reload"]:
             flags["reload"] = False
             notifier.reloading()
+            started = time.monotonic()
             _refresh(engine, out, full=True)
-            notifier.ready("reloaded the trust database")
+            took = f"reloaded the trust database in {(time.monotonic() - started) * 1000:.0f} ms"
+            print(f"trustdb: {took}", file=out, flush=True)
+            notifier.ready(took)
         elif (watch.fileno() in ready and watch.changed()) or now >= next_check:
             next_check = now + FALLBACK_CHECK_S
             _refresh(engine, out, full=False)

@@ -145,6 +145,10 @@ class Fanotify:
         """Remove every inode mark (and ignore mark) of this group; mount marks stay."""
         self._mark(FAN_MARK_FLUSH, 0, _AT_FDCWD, None, "flush")
 
+    def flush_filesystem_marks(self) -> None:
+        """Remove every filesystem mark of this group (the service's installer window)."""
+        self._mark(FAN_MARK_FLUSH | FAN_MARK_FILESYSTEM, 0, _AT_FDCWD, None, "flush filesystems")
+
     def read(self, bufsize: int = 8192) -> Iterator[Event]:
         """The events waiting (non-blocking groups: none when the queue is empty)."""
         try:

@@ -53,7 +53,9 @@ class _StatFs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 160)]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# CDLL(None): libc is already mapped; find_library would run ldconfig and gcc at import,
+# which the service denies (and which costs a fork per import).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_StatFs)]
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_StatFs)]
 

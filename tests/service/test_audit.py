@@ -10,7 +10,7 @@ from trustdb.service.audit import summarize
 
 
 def _d(path: str, hook: Hook, verdict: Verdict, exe: str = "") -> Decision:
-    return Decision(time=dt.datetime.now(dt.timezone.utc), pid=1, tgid=1, ppid=0, uid=0,
+    return Decision(time=dt.datetime.now(dt.UTC), pid=1, tgid=1, ppid=0, uid=0,
                     comm="x", path=path, dev=0, ino=1, hook=hook, verdict=verdict,
                     mode=Mode.AUDIT, backend="lsm", reason="untrusted_exec", exe=exe)
 

@@ -81,7 +81,8 @@ def test_service_in_vm(backend: str, artifacts: Path) -> None:
         env={"TD_VM_ARTIFACTS": str(artifacts), "TD_VM_GUEST": "1", "TD_VM_BACKEND": backend,
              "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(runner.REPO)},
         lsm=BACKENDS[backend],
-        timeout=900,
+        timeout=1500,
+        echo=bool(os.environ.get("TD_VM_ECHO")),
     )  # fmt: skip
     tail = "\n".join(result.console.splitlines()[-80:])
     for line in result.console.splitlines():

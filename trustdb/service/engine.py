@@ -9,8 +9,10 @@ Start-up takes one of two roads:
 - **fresh**: load the object, fill the map from the database, attach (trustdb.engine.Engine
   keeps that order), pin, record, and only then remove older pins (another mode or object).
 
-Either way the first-seen pre-warm (fanotify) and the decision ring buffer are this process's,
-and closing releases only this process's fds: the pins stay until `trustdb service stop`.
+Either way the first-seen handler (a forked fanotify process: a copy of trusted content gets
+its key, an untrusted exec gets EPERM) and the decision ring buffer are this process's, and
+closing releases only this process's fds: the pins stay until `trustdb service stop`, and
+the pinned programs keep denying what the map does not hold.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from trustdb.abi import CInodeKey, Mode
 from trustdb.backends.bpfobject import BpfBackend, MapKeySink
 from trustdb.backends.interface import Backend, BackendError, EngineConfig, KeySink
 from trustdb.db import TrustDB
-from trustdb.engine import Prewarm
 from trustdb.events import Decision
+from trustdb.first_seen import NO_INTERPRETERS, OpenTrust
+from trustdb.first_seen_handler import FirstSeenHandler, HandlerConfig, HandlerError
 from trustdb.libbpf import RingBuffer
 from trustdb.service.pins import PinError, PinRecord, PinStore, object_sha256
 from trustdb.session import SupervisorError
@@ -43,13 +46,6 @@ class StartReport:
     """From the start of __init__ to enforcing (READY)."""
     resynced: bool
     """Whether the database had changed since the pins were last synced."""
-
-
-class _PinnedKeys:
-    """The pre-warm's view of an adopted engine: only the trusted-inode map."""
-
-    def __init__(self, sink: MapKeySink) -> None:
-        self.trusted_inodes: KeySink = sink
 
 
 def _backend_class(name: str) -> type[Backend]:
@@ -70,9 +66,10 @@ class ServiceEngine:
         consume: Callable[[Decision], None],
         *,
         pins: PinStore | None = None,
-        prewarm_hook: Callable[[Prewarm], Prewarm] | None = None,
+        trust_hook: Callable[[OpenTrust], OpenTrust] | None = None,
     ) -> None:
-        """`prewarm_hook` wraps the mirror's first-seen check (trusted installers add theirs)."""
+        """`trust_hook` wraps how the first-seen handler opens the database (trusted
+        installers answer for what they are writing right now)."""
         from trustdb import events
         from trustdb.db import DatabaseError
         from trustdb.libbpf import LibbpfError
@@ -81,10 +78,13 @@ class ServiceEngine:
         self._pins = pins or PinStore()
         self._config = config
         self._consume = consume
-        self._prewarm_hook = prewarm_hook
+        self._trust_hook = trust_hook
+        self._db_path = db_path
+        self._handler: FirstSeenHandler | None = None
         self._closers: list[Callable[[], None]] = []
         self._record: PinRecord | None = None
         self._ring: RingBuffer | None = None
+        self._sink: events.EventSink | None = None
         self.report: StartReport | None = None
         try:
             try:
@@ -108,8 +108,11 @@ class ServiceEngine:
             except OSError:
                 self._logger = events.Logger.create("null")
             self._closers.append(self._logger.close)
+            journal = events.Logger.create("journal")  # dropped where there is no journald
+            self._closers.append(journal.close)
             assert self._record is not None
-            self._sink = events.EventSink(self._record.backend, self._logger.log, consume)
+            self._sink = events.EventSink(self._record.backend, self._logger.log, journal.log,
+                                          consume)
             try:
                 self._ring = RingBuffer(events_fd, self._sink.on_sample)
             except LibbpfError as e:
@@ -152,7 +155,7 @@ class ServiceEngine:
         keys = [CInodeKey.from_buffer_copy(k).to_key() for k in pinned]
         self._mirror.adopt(record.generation, keys)
         self._record = dataclasses.replace(record, daemon_pid=os.getpid())
-        self._start_prewarmer(_PinnedKeys(sink))
+        self._start_handler(sink)
         resynced = self._mirror.refresh() is not None
         self._save()
         return maps["events"].fd, resynced
@@ -160,13 +163,14 @@ class ServiceEngine:
     def _fresh(self, backend: str | None) -> int:
         from trustdb.engine import Engine
 
-        chosen = backends.select(backend)
+        engine = Engine(self._config, backend=backend, prepare=self._prepare,
+                        allow_system_wide=True, db_option=self._db_option)
+        engine.start()  # load (the load is the probe), fill the map, first-seen handler, attach
+        self._closers.append(engine.stop)  # closes our fds only: the pins hold the programs
+        self._handler = engine.first_seen
+        chosen = engine.backend
         if not isinstance(chosen, BpfBackend):
             raise BackendError(f"{chosen.name}: cannot be pinned")
-        engine = Engine(self._config, backend=chosen, prepare=self._prepare,
-                        allow_system_wide=True)
-        engine.start()
-        self._closers.append(engine.stop)  # closes our fds only: the pins hold the programs
         try:
             instance, where = self._pins.new_instance()
             chosen.pin(where)
@@ -185,24 +189,37 @@ class ServiceEngine:
         self._pins.remove_others(keep=instance)
         return chosen.events_fd
 
-    def _prepare(self, backend: Backend) -> Prewarm:
+    @property
+    def _db_option(self) -> str:
+        from trustdb.db import DEFAULT_DB
+
+        return "" if self._db_path == DEFAULT_DB else f" --db {self._db_path}"
+
+    def _open_trust(self) -> OpenTrust:
+        from trustdb.db import TrustDB
+
+        opener: OpenTrust = functools.partial(TrustDB.open, self._db_path)
+        return self._trust_hook(opener) if self._trust_hook else opener
+
+    def _prepare(self, backend: Backend) -> OpenTrust:
         from trustdb.mirror import Mirror
 
         self._mirror = Mirror(self._db, backend.trusted_inodes)
         self._mirror.sync()
-        return self._wrap(self._mirror.verify_file)
+        return self._open_trust()
 
-    def _wrap(self, prewarm: Prewarm) -> Prewarm:
-        return self._prewarm_hook(prewarm) if self._prewarm_hook else prewarm
-
-    def _start_prewarmer(self, keys: _PinnedKeys) -> None:
-        from trustdb.backends.interface import Scope
-        from trustdb.fanotify import ExecPrewarmer
-
-        pw = ExecPrewarmer(self._wrap(self._mirror.verify_file),
-                           keys, scope=Scope())  # type: ignore[arg-type]  # duck: trusted_inodes
-        pw.start()
-        self._closers.append(pw.stop)
+    def _start_handler(self, sink: MapKeySink) -> None:
+        handler = FirstSeenHandler(HandlerConfig(
+            open_trust=self._open_trust(), keys=sink, is_confined=None,
+            enforce=self._config.mode == Mode.ENFORCE, interpreters=NO_INTERPRETERS,
+            db_option=self._db_option))
+        try:
+            handler.start()
+        except HandlerError as e:  # the pinned programs still deny; first-seen copies too
+            print(f"trustdb: first-seen handler: {e}", file=sys.stderr, flush=True)
+            return
+        self._handler = handler
+        self._closers.append(handler.stop)
 
     def _save(self) -> None:
         if self._record is None:
@@ -244,8 +261,23 @@ class ServiceEngine:
         return self._ring.epoll_fd
 
     def pump(self) -> None:
+        from trustdb.session import _first_seen_decision
+
         assert self._ring is not None
         self._ring.consume()
+        handler = self._handler
+        assert self._sink is not None
+        for denial in handler.denials() if handler is not None else ():
+            decision = _first_seen_decision(denial, self._config.mode, self.backend_name)
+            for consume in self._sink.consumers:
+                try:
+                    consume(decision)
+                except Exception:  # noqa: BLE001 - as EventSink: keep delivering
+                    self._sink.failures += 1
+
+    def handler_fileno(self) -> int | None:
+        """Readable when the first-seen handler has denials to report."""
+        return self._handler.fileno() if self._handler is not None else None
 
     def refresh(self, *, full: bool = False) -> bool:
         """Follow the database (the live wake-up calls this); a full re-sync on SIGHUP.

@@ -15,8 +15,10 @@ For each close-after-write in the window: the writer's /proc/PID/exe must be one
 fd, opened by the kernel on the very inode that was closed, is hashed, and the digest is added
 under `installer:<name>`. A file written by any other program is ignored (stays untrusted).
 Race-free for the postinst case: the close-write event is queued when dpkg closes the file,
-before it can exec it, so the first-seen pre-warm (which runs before the kernel's exec check)
-drains the queue on a miss and looks again (`wrap_prewarm`).
+before it can exec it. The first-seen handler (a forked process that answers the exec's
+permission event before the kernel's check) asks the daemon over a socket when a digest is not
+trusted while a window is open (`wrap_trust`); the daemon drains the queue, records what
+installers wrote, and answers.
 
 Limit (documented in the README): between dpkg's close and the daemon's read, another root
 writer could change the content; the end-of-transaction import revokes any file whose content
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import threading
 import time
@@ -34,22 +37,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trustdb.fanotify import Fanotify, FanotifyError, exec_filesystems
+from trustdb.fanotify import Fanotify, FanotifyError
+from trustdb.first_seen_handler import host_filesystems
 from trustdb.hashing import HashingError, NotExecutable, hash_fd
 from trustdb.model import InodeKey, TrustEntry
 from trustdb.state import STATE_DIR
 
 if TYPE_CHECKING:
-    from trustdb.engine import Prewarm
+    from trustdb.first_seen import OpenTrust, TrustLookup
     from trustdb.service.engine import ServiceEngine
 
 FAN_CLASS_NOTIF = 0x00
 FAN_CLOEXEC = 0x01
 FAN_NONBLOCK = 0x02
 FAN_CLOSE_WRITE = 0x08
-FAN_MARK_REMOVE = 0x02
-FAN_MARK_FILESYSTEM = 0x100
 FAN_NOFD = -1
+ASK_TIMEOUT_S = 3.0
+"""How long the first-seen handler waits for the daemon's answer (then: not trusted)."""
 
 INSTALLERS: dict[str, str] = {
     "/usr/bin/dpkg": "dpkg",
@@ -91,6 +95,9 @@ class InstallerTrust:
 
     def __init__(self) -> None:
         self._fan = Fanotify(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK)
+        # The first-seen handler (forked later, so it inherits `_ask_handler`) asks on it.
+        self._ask_daemon, self._ask_handler = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._marked: list[str] = []
         self._lock = threading.Lock()
         self._engine: ServiceEngine | None = None
@@ -116,9 +123,30 @@ class InstallerTrust:
     def stop(self) -> None:
         self._unmark()
         self._fan.close()
+        self._ask_daemon.close()
+        self._ask_handler.close()
 
-    def fileno(self) -> int:
-        return self._fan.fd
+    def filenos(self) -> tuple[int, int]:
+        """The close-write queue and the handler's questions: poll both."""
+        return self._fan.fd, self._ask_daemon.fileno()
+
+    def on_ready(self, fds: set[int]) -> None:
+        if self._fan.fd in fds:
+            self.pump()
+        if self._ask_daemon.fileno() in fds:
+            self.answer()
+
+    def answer(self) -> None:
+        """One question from the first-seen handler: is this digest trusted, counting what
+        installers closed up to now?"""
+        try:
+            digest = self._ask_daemon.recv(64, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        self.pump()
+        trusted = self._engine is not None and self._engine.db.is_trusted(digest)
+        with contextlib.suppress(OSError):
+            self._ask_daemon.send(b"1" if trusted else b"0")
 
     # --- the window
 
@@ -126,7 +154,7 @@ class InstallerTrust:
         """Open or close the window to match the tokens (SIGUSR1, and every fallback check)."""
         windows = open_windows()
         if windows and not self._marked:
-            for fs in exec_filesystems():
+            for fs in host_filesystems():
                 try:
                     self._fan.mark_filesystem(fs, FAN_CLOSE_WRITE)
                     self._marked.append(fs)
@@ -141,11 +169,9 @@ class InstallerTrust:
                 (WINDOW_DIR / f"{w.token}.ack").write_text(str(os.getpid()))
 
     def _unmark(self) -> None:
-        from trustdb.fanotify import _libc
-
-        for fs in self._marked:
-            _libc.fanotify_mark(self._fan.fd, FAN_MARK_REMOVE | FAN_MARK_FILESYSTEM,
-                                FAN_CLOSE_WRITE, -100, os.fsencode(fs))
+        if self._marked and self._fan.fd >= 0:
+            with contextlib.suppress(FanotifyError):
+                self._fan.flush_filesystem_marks()
         self._marked = []
 
     def _close_window(self) -> None:
@@ -247,17 +273,42 @@ class InstallerTrust:
 
     # --- the first-seen path
 
-    def wrap_prewarm(self, prewarm: Prewarm) -> Prewarm:
-        """On a miss while a window is open, take in what installers closed, then look again:
-        the close-write event of a file is queued before its installer can exec it."""
+    def wrap_trust(self, opener: OpenTrust) -> OpenTrust:
+        """How the first-seen handler opens the database: as `opener` does, but a digest the
+        database does not trust while a window is open is asked of the daemon."""
+        ask = self._ask_handler
 
-        def prewarm_with_installers(target: str | int) -> InodeKey | None:
-            key = prewarm(target)
-            if key is None and self._marked and self.pump():
-                key = prewarm(target)
-            return key
+        def open_with_installers() -> TrustLookup:
+            return _InstallerAwareTrust(opener(), ask)
 
-        return prewarm_with_installers
+        return open_with_installers
+
+
+class _InstallerAwareTrust:
+    """The handler's TrustLookup (runs in the handler process)."""
+
+    def __init__(self, db: TrustLookup, ask: socket.socket) -> None:
+        self._db = db
+        self._ask = ask
+
+    @property
+    def generation(self) -> int:
+        return self._db.generation
+
+    def digest_cache(self):  # type: ignore[no-untyped-def]
+        return self._db.digest_cache()
+
+    def is_trusted(self, digest: bytes) -> bool:
+        if self._db.is_trusted(digest):
+            return True
+        if not any(WINDOW_DIR.glob("*.open")):  # a stat and a readdir: no open() to ask us
+            return False
+        try:
+            self._ask.settimeout(ASK_TIMEOUT_S)
+            self._ask.send(digest)
+            return self._ask.recv(1) == b"1"
+        except OSError:
+            return False
 
 
 # --- the hooks' side (`trustdb service installer-begin|end`) -----------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ BOOT_AND_LOGIN: tuple[tuple[str, str], ...] = (
     ("/usr/bin/dnf", "package installs"),
 )
 """(path, why): what a machine needs to boot, let people log in and be repaired."""
+
+_PT_LOAD, _PT_DYNAMIC, _PT_INTERP = 1, 2, 3
+_DT_NEEDED, _DT_STRTAB = 1, 5
 
 LIBRARY_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
                 "/lib", "/usr/lib")
@@ -135,29 +139,55 @@ def with_libraries(needed: Iterable[Needed]) -> Iterator[Needed]:
 
 
 def elf_dependencies(path: str) -> list[str]:
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.dynamic import DynamicSection
-    from elftools.elf.elffile import ELFFile
-
-    out: list[str] = []
+    """PT_INTERP and the DT_NEEDED libraries of an ELF64 little-endian file, resolved in the
+    system library directories (what the dynamic loader maps first). Read with struct, not a
+    full ELF library: the preflight runs at every enforcing start, and under emulation a
+    pure-Python ELF parser took most of it."""
     try:
         with open(path, "rb") as f:
-            if f.read(4) != b"\x7fELF":
-                return out
-            f.seek(0)
-            elf = ELFFile(f)
-            for seg in elf.iter_segments():
-                if seg.header.p_type == "PT_INTERP":
-                    out.append(os.path.realpath(seg.get_interp_name()))  # type: ignore[attr-defined]
-            for sec in elf.iter_sections():
-                if isinstance(sec, DynamicSection):
-                    for tag in sec.iter_tags():
-                        if tag.entry.d_tag == "DT_NEEDED":
-                            found = _find_library(tag.needed)  # type: ignore[attr-defined]
-                            if found:
-                                out.append(found)
-    except (OSError, ELFError, ValueError):
+            data = f.read(1 << 22)
+    except OSError:
+        return []
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return []
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    out: list[str] = []
+    loads: list[tuple[int, int, int]] = []
+    dynamic: tuple[int, int] | None = None
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        if off + 56 > len(data):
+            return out
+        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(
+            "<IIQQQQ", data, off)
+        if p_type == _PT_INTERP:
+            out.append(os.path.realpath(data[p_offset:p_offset + p_filesz].split(b"\0")[0]
+                                        .decode(errors="replace")))
+        elif p_type == _PT_LOAD:
+            loads.append((p_vaddr, p_offset, p_filesz))
+        elif p_type == _PT_DYNAMIC:
+            dynamic = (p_offset, p_filesz)
+    if dynamic is None:
         return out
+    needed: list[int] = []
+    strtab = 0
+    for off in range(dynamic[0], min(dynamic[0] + dynamic[1], len(data) - 15), 16):
+        tag, val = struct.unpack_from("<qQ", data, off)
+        if tag == 0:
+            break
+        if tag == _DT_NEEDED:
+            needed.append(val)
+        elif tag == _DT_STRTAB:
+            strtab = val
+    base = next((o + strtab - v for v, o, n in loads if v <= strtab < v + n), None)
+    if base is None:
+        return out
+    for name_off in needed:
+        raw = data[base + name_off:base + name_off + 256].split(b"\0")[0]
+        found = _find_library(raw.decode(errors="replace"))
+        if found:
+            out.append(found)
     return out
 
 
