@@ -416,7 +416,7 @@ def test_dpkg_install_postinst_runs_its_new_binary() -> None:
          "-i", str(ARTIFACTS / "tdsvc-test.deb")],
         env=ENV, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + d.stderr()
-    assert "ok" in r.stdout, r.stdout  # tdprobe's `hello` printed from the postinst
+    assert "hello from from-deb" in r.stdout, r.stdout  # printed by the postinst's new binary
     assert runs(PACKAGE_BIN), "installed binary denied after the transaction"
     from trustdb.db import TrustDB
 

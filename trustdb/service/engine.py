@@ -92,6 +92,14 @@ class ServiceEngine:
             except DatabaseError as e:
                 raise SupervisorError(f"trust database {db_path}: {e}") from e
             self._closers.append(self._db.close)
+            if config.max_entries is None:
+                # Sized once for the life of the pins (a pinned map cannot grow): the database
+                # as it is, with room for what later installs add.
+                from trustdb.backends.interface import DEFAULT_MAX_ENTRIES
+                from trustdb.mirror import map_size_for
+
+                size = max(DEFAULT_MAX_ENTRIES, map_size_for(self._db.entry_count()))
+                self._config = config = dataclasses.replace(config, max_entries=size)
             record = self._adoptable(backend)
             resynced = False
             events_fd = -1
