@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,36 @@ def test_git_config_planted_from_inside(interpreters_db: Path, run_env: dict[str
                    check=False, timeout=30)
     assert not marker.exists(), "the user's git status ran a command planted by the tree"
     assert "config=0" not in got.out and "hook=0" not in got.out  # policy: [filesystem] protected
+
+
+# A `commondir` file in $GIT_DIR moves git's common directory (config, hooks, objects, refs)
+# wherever it points: the tree copies .git to a directory of its own with a config of its own
+# and points .git/commondir at it; .git/config and .git/hooks stay untouched.
+PLANT_COMMONDIR = '''
+import shutil, sys
+marker = sys.argv[1]
+shutil.copytree(".git", "evilgit", ignore=shutil.ignore_patterns("config", "hooks"))
+with open("evilgit/config", "w") as f:
+    f.write(open(".git/config").read())
+    f.write('[core]\\n\\tfsmonitor = "touch %s; false"\\n' % marker)
+with open(".git/commondir", "w") as f:
+    f.write("../evilgit\\n")
+print("planted")
+'''
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "HOLE: .git/commondir is writable inside the protected .git: it points git's common "
+    "directory (config, hooks) at a copy the tree controls, and the user's next git status "
+    "runs its core.fsmonitor"))
+def test_git_commondir_redirects_config(interpreters_db: Path, run_env: dict[str, str],
+                                        repo: Path) -> None:
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t",
+                    "commit", "-q", "--allow-empty", "-m", "x"], check=True, timeout=30)
+    marker = repo / "ran-outside"
+    (repo / "plant.txt").write_text(PLANT_COMMONDIR)
+    got = run_confined(interpreters_db, f"{sys.executable} plant.txt {marker}", run_env)
+    assert "planted" in got.out, (got.out, got.err)
+    subprocess.run(["git", "-C", str(repo), "status", "--short"], capture_output=True,
+                   check=False, timeout=30)
+    assert not marker.exists(), "the user's git status ran a command planted by the tree"
