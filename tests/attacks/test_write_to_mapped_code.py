@@ -36,8 +36,8 @@ base = min(int(l.split("-")[0], 16) for l in open("/proc/self/maps")
 code = b"\\x48\\xc7\\xc0\\x2a\\x00\\x00\\x00\\xc3"  # mov rax, 42; ret
 w = subprocess.run([sys.executable, sys.argv[1], str(addr - base), code.hex()],
     capture_output=True, text=True)
-print("writer", w.returncode, w.stdout.strip(), w.stderr.strip()[-200:])
-print("RESULT", fn())
+print("writer", w.returncode, w.stdout.strip(), w.stderr.strip()[-200:], flush=True)
+print("RESULT", fn(), flush=True)
 '''
 
 PLAIN_WRITER = '''
@@ -83,6 +83,20 @@ for attempt in range(400):
         break
 '''
 
+# truncate(2) is no open (no permission event); the file's content is then empty, untrusted,
+# and a write open of untrusted content is not refused, even while another process has the
+# file mapped executable: its mapping refaults from the rewritten page cache.
+TRUNCATE_WRITER = '''
+import os, sys
+off, code = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
+data = bytearray(open("victimlib.bin", "rb").read())
+data[off:off + len(code)] = code
+os.truncate("victimlib.bin", 0)
+with open("victimlib.bin", "r+b") as f:
+    f.write(data)
+print("rewritten")
+'''
+
 
 def _attack(db: Path, env: dict[str, str], writer: str) -> str:
     workdir = workdir_of(env)
@@ -117,4 +131,13 @@ def test_plain_write_open_refused(interpreters_db: Path, run_env: dict[str, str]
 def test_openat2_flags_flipped_while_the_open_waits(interpreters_db: Path,
                                                     run_env: dict[str, str]) -> None:
     out = _attack(interpreters_db, run_env, OPENAT2_WRITER)
+    assert "RESULT 42" not in out, out
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "HOLE: truncate(2) by path (no open, no permission event) empties a mapped trusted library; "
+    "its content is then untrusted, so the write open that rewrites it with patched code is "
+    "not refused, and the executable mapping refaults from the new bytes"))
+def test_truncate_then_rewrite(interpreters_db: Path, run_env: dict[str, str]) -> None:
+    out = _attack(interpreters_db, run_env, TRUNCATE_WRITER)
     assert "RESULT 42" not in out, out
