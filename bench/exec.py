@@ -161,7 +161,8 @@ ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
 def measure_in_run(db: Path, cmd: list[str]) -> tuple[float, int]:
     """The loop as the command of one `trustdb run` (enforce)."""
     out = subprocess.run([*TRUSTDB, "run", "--db", str(db), "--", "taskset", "-c", CPU, *cmd],
-                         capture_output=True, text=True, check=True, env=ENV).stdout.split()
+                         capture_output=True, text=True, check=True, env=ENV,
+                         cwd=db.parent).stdout.split()  # the run's $WORKDIR: it sees the loop
     return float(out[0]), int(out[1])
 
 
@@ -171,7 +172,7 @@ class ActiveRun:
     def __init__(self, db: Path) -> None:
         self.proc = subprocess.Popen([*TRUSTDB, "run", "--db", str(db), "--", "sh", "-c",
                                       "echo ready; exec sleep 600"], stdout=subprocess.PIPE,
-                                     text=True, env=ENV)
+                                     text=True, env=ENV, cwd=db.parent)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline() != "ready\n":
             raise RuntimeError("trustdb run did not start")
