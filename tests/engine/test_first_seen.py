@@ -331,3 +331,29 @@ def test_debian_python_runs_the_handler(debian_python: Path, db: Path, env: dict
     words = p.stdout.split()
     assert words[:2] == ["spawned", "30"], (version, p.stdout, p.stderr)
     assert int(words[3]) >= 30  # each spawned exec waited in a permission event: no deadlock
+
+
+def test_repeated_execs_raise_no_events(db: Path, tmp_path: Path) -> None:
+    """Only first-seen files pay: 300 execs of trusted programs inside a run raise a handful of
+    permission events (each file's first open), not one per exec (the cost bench/exec.py times
+    is then the BPF programs', not a userspace round trip's)."""
+    stats: dict[str, int] = {}
+
+    def factory(config, dbp, backend, consume):  # type: ignore[no-untyped-def]
+        s = session.EngineSession(config, dbp, backend, consume)
+        close = s.close
+
+        def close_with_stats() -> None:
+            handler = s._engine.first_seen
+            if handler is not None:
+                stats.update(handler.stats())
+            close()
+
+        s.close = close_with_stats  # type: ignore[method-assign]
+        return s
+
+    argv = ["/bin/bash", "-c", "for i in {1..300}; do /bin/true; done"]
+    rc = supervisor.run(supervisor.RunOptions(argv=argv, db=db, workdir=str(tmp_path)),
+                        engine_factory=factory)
+    assert rc == 0
+    assert 0 < stats["events"] < 30, stats
