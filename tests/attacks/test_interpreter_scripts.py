@@ -88,3 +88,19 @@ def test_module_from_a_zip_on_the_path(interpreters_db: Path, run_env: dict[str,
 def test_awk_program_file(interpreters_db: Path, run_env: dict[str, str]) -> None:
     out = _attack(interpreters_db, run_env, "awk -f evil.awkdata")
     assert MARK not in out, out
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "HOLE: interpreters are named by path globs under /usr/bin (policies/agent.toml); a "
+    "trusted python elsewhere (pyenv, conda, uv, a copied venv; nvm's node) is no "
+    "interpreter, so even `python3 evil.py` with a .py suffix runs untrusted"))
+def test_interpreter_outside_the_policy_globs(interpreters_db: Path,
+                                              run_env: dict[str, str]) -> None:
+    import os
+    import sys
+
+    if os.path.realpath(sys.executable).startswith("/usr/bin/"):
+        pytest.skip("this Python is the system one (a listed interpreter)")
+    (workdir_of(run_env) / "evil.py").write_text(f'print("{MARK}")\n')
+    got = run_confined(interpreters_db, f"{sys.executable} evil.py", run_env)
+    assert MARK not in got.out, got.out
