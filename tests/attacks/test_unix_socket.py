@@ -75,10 +75,6 @@ def test_directory_itself_is_hidden(interpreters_db: Path, run_env: dict[str, st
     assert "rc=2" in got.out and "daemon.sock" not in got.out, (got.out, got.err)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: connect(2) to a pathname UNIX socket outside the granted paths is not a Landlock "
-    "access (ABI 7) and the host's /run is mounted in the tree: a root service outside runs "
-    "what the tree asks"))
 def test_connect_to_a_service_outside(interpreters_db: Path, run_env: dict[str, str],
                                       outside_service: Path) -> None:
     assert os.path.exists(outside_service)

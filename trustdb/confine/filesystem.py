@@ -41,10 +41,6 @@ def runtime_paths() -> list[str]:
     return sorted(p for p in out if p != "/")
 
 
-def _under_any(path: str, tops: Sequence[str]) -> bool:
-    return any(path == t or path.startswith(t.rstrip("/") + "/") for t in tops)
-
-
 @dataclass(frozen=True)
 class FilesystemSetup:
     plan: MountPlan
@@ -64,10 +60,11 @@ def plan_for(policy: Policy, db: Path, workdir: str, extra_read_only: Sequence[s
     read_write = (*fs.read_write, *private)
     read_only = (*fs.read_only, *runtime, *extra_read_only)
     granted = (*read_write, *read_only)
-    # A no-access path needs a cover when a grant would reach it (Landlock cannot carve a hole
-    # in a granted tree), or always without Landlock. A grant equal to it wins.
-    hidden = tuple(p for p in fs.no_access
-                   if p not in granted and (abi < 1 or _under_any(p, granted)))
+    # Every no-access path is covered (grants below it are re-attached), with or without
+    # Landlock: Landlock cannot carve a hole in a granted tree, and it does not cover connect(2)
+    # to a pathname UNIX socket, which only a path that does not exist stops. A grant equal to
+    # a no-access path wins.
+    hidden = tuple(p for p in fs.no_access if p not in granted)
     plan = MountPlan.for_run(
         db, [*runtime, *extra_read_only, *fs.protected], hidden=hidden, private=private,
         keep=tuple(p for p in granted if p not in PRIVATE_TMP),

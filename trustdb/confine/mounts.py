@@ -142,6 +142,8 @@ def _cover(path: str, fstype_data: str, flags: int, inner: list[tuple[str, int, 
     kept mounts `inner` (path, detached clone, is_dir) below it, then apply `flags`."""
     if not os.path.lexists(path):
         return  # under an earlier cover (a DB below the private /tmp): already out of sight
+    if os.path.islink(path):
+        return  # /var/run -> /run: its target is covered under its own name
     if not os.path.isdir(path):
         mount("/dev/null", path, None, MS_BIND)
         return
