@@ -1,27 +1,51 @@
 #!/usr/bin/env bash
-# Install trustdb system-wide from this source tree:
-#   - the Python package into its own virtual environment (/usr/lib/trustdb/venv), with
-#     /usr/bin/trustdb pointing at it
+# Install trustdb system-wide from this source tree, without a package manager (the .deb and
+# .rpm are the packaged way: make deb, make rpm):
+#   - the Python package and its dependencies at the versions pinned (with hashes) in
+#     packaging/requirements.lock, vendored into /usr/lib/trustdb/python, run by the system's
+#     python3.11 through /usr/bin/trustdb (packaging/stage.sh: the same tree the .deb installs)
 #   - the BPF objects (built by `make bpf`) into /usr/lib/trustdb/bpf
 #   - the systemd unit (installed DISABLED: enforcing on the whole machine is a person's decision)
 #   - the package-manager hooks that keep the database in step with dpkg / dnf
+# Every file installed is listed in /usr/lib/trustdb/installed-files, which --uninstall reads.
 # Usage: packaging/install.sh [--destdir DIR] [--no-python]
+#        packaging/install.sh --uninstall [--purge] [--destdir DIR]
 #   --destdir DIR   stage everything under DIR (for packagers and tests)
-#   --no-python     skip the virtual environment (files and hooks only)
+#   --no-python     skip the Python tree (files and hooks only)
+#   --uninstall     remove what an install listed; --purge also removes the database and log
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/.." && pwd)
-destdir=""
-python=1
+destdir="" python=1 uninstall=0 purge=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --destdir) destdir=${2:?--destdir needs a directory}; shift 2 ;;
     --no-python) python=0; shift ;;
+    --uninstall) uninstall=1; shift ;;
+    --purge) purge=1; shift ;;
     *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
-
 lib="$destdir/usr/lib/trustdb"
+manifest="$lib/installed-files"
+
+if [ "$uninstall" = 1 ]; then
+  if [ ! -f "$manifest" ] && [ "$purge" = 0 ]; then
+    echo "install.sh: nothing to uninstall ($manifest missing)" >&2; exit 1
+  fi
+  if [ -z "$destdir" ] && [ -d /run/systemd/system ]; then
+    systemctl disable --now trustdb.service >/dev/null 2>&1 || true
+  fi
+  if [ -f "$manifest" ]; then
+    while IFS= read -r f; do rm -f "$destdir$f"; done < "$manifest"
+  fi
+  # Directories the install made, deepest first, if nothing else lives in them.
+  find "$lib" -depth -type d -empty -delete 2>/dev/null || true
+  if [ "$purge" = 1 ]; then rm -rf "$destdir/var/lib/trustdb" "$destdir/var/log/trustdb"; fi
+  echo "trustdb uninstalled${destdir:+ from $destdir}$([ "$purge" = 1 ] && echo ', database and log removed')"
+  exit 0
+fi
+
 # abi_check.bpf.o only exists for the ABI test; everything else is a backend.
 objs=()
 for o in "$top"/build/bpf/*.bpf.o; do [ "${o##*/}" = abi_check.bpf.o ] || objs+=("$o"); done
@@ -30,27 +54,42 @@ if [ ! -e "${objs[0]}" ]; then
   exit 1
 fi
 install -d -m 0755 "$lib/bpf" "$destdir/usr/bin" "$destdir/etc/systemd/system" \
-  "$destdir/etc/default" "$destdir/var/lib/trustdb" "$destdir/var/log/trustdb"
+  "$destdir/etc/default" "$destdir/var/log/trustdb"
+install -d -m 0700 "$destdir/var/lib/trustdb"
 install -m 0644 "${objs[@]}" "$lib/bpf/"
 install -m 0644 "$here/trustdb.service" "$destdir/etc/systemd/system/trustdb.service"
 [ -e "$destdir/etc/default/trustdb" ] || printf '%s\n' \
   '# trustdb service settings. Start in audit mode, read `trustdb log`, then switch to enforce.' \
   'TRUSTDB_MODE=audit' > "$destdir/etc/default/trustdb"
-chmod 0700 "$destdir/var/lib/trustdb"
+files=(/etc/systemd/system/trustdb.service /etc/default/trustdb)
+for o in "${objs[@]}"; do files+=("/usr/lib/trustdb/bpf/${o##*/}"); done
 
 # Keep the database in step with the package manager that this machine has.
 if [ -d "$destdir/etc/apt/apt.conf.d" ] || command -v dpkg >/dev/null 2>&1; then
   install -D -m 0644 "$here/hooks/apt/80trustdb" "$destdir/etc/apt/apt.conf.d/80trustdb"
+  files+=(/etc/apt/apt.conf.d/80trustdb)
 fi
-if command -v dnf >/dev/null 2>&1; then
+if command -v dnf5 >/dev/null 2>&1; then
+  install -D -m 0644 "$here/hooks/dnf/trustdb-dnf5.actions" \
+    "$destdir/etc/dnf/libdnf5-plugins/actions.d/trustdb.actions"
+  files+=(/etc/dnf/libdnf5-plugins/actions.d/trustdb.actions)
+elif command -v dnf >/dev/null 2>&1; then
   install -D -m 0644 "$here/hooks/dnf/trustdb.actions" \
     "$destdir/etc/dnf/plugins/post-transaction-actions.d/trustdb.action"
+  files+=(/etc/dnf/plugins/post-transaction-actions.d/trustdb.action)
 fi
 
 if [ "$python" = 1 ]; then
-  python3 -m venv "$lib/venv"
-  "$lib/venv/bin/pip" install -q --disable-pip-version-check "$top"
-  ln -sf /usr/lib/trustdb/venv/bin/trustdb "$destdir/usr/bin/trustdb"
+  stage=$(mktemp -d); trap 'rm -rf "$stage"' EXIT
+  bash "$here/stage.sh" --layout debian --dest "$stage/root"
+  cp -a "$stage/root/usr/lib/trustdb/python" "$lib/"
+  install -m 0755 "$stage/root/usr/bin/trustdb" "$destdir/usr/bin/trustdb"
+  install -D -m 0644 "$stage/root/usr/share/man/man1/trustdb.1.gz" \
+    "$destdir/usr/share/man/man1/trustdb.1.gz"
+  files+=(/usr/bin/trustdb /usr/share/man/man1/trustdb.1.gz)
+  while IFS= read -r f; do files+=("${f#"$destdir"}"); done < <(find "$lib/python" -type f)
 fi
+printf '%s\n' "${files[@]}" /usr/lib/trustdb/installed-files > "$manifest"
 echo "trustdb installed${destdir:+ under $destdir}. Next: trustdb import deb (or rpm), then"
 echo "  systemctl start trustdb (audit mode; see /etc/default/trustdb), trustdb log --follow"
+echo "  (remove: packaging/install.sh --uninstall [--purge])"

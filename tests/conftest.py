@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.packaging_build import deb_tree, packages  # noqa: F401  session fixtures
+
 REPO = Path(__file__).resolve().parent.parent
 
 

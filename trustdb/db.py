@@ -151,6 +151,11 @@ class TrustDB:
                 subdir=True,
                 max_readers=256,
                 create=write,
+                # An unprivileged reader cannot write lock.mdb (mode 0644, root's): it reads
+                # without registering in the reader table. Safe while at most one commit lands
+                # during its read (a writer reuses only pages freed two commits ago).
+                lock=write or os.access(path / "lock.mdb", os.W_OK)
+                or not (path / "lock.mdb").exists(),
             )
         except lmdb.Error as e:
             raise _translate(e, path) from e

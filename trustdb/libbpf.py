@@ -66,7 +66,14 @@ class LibbpfError(OSError):
 
 # ---- the library and its log --------------------------------------------------------------
 
-_lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+try:
+    _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+except OSError as e:
+    raise ImportError(
+        "libbpf.so.1 is not installed (Debian/Ubuntu: apt install libbpf1; Fedora: dnf install "
+        "libbpf)",
+        name="libbpf.so.1",
+    ) from e
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.test_cli_db import run
 
-VERBS = ["trust", "untrust", "check", "list", "sources", "status", "verify", "log",
+VERBS = ["trust", "untrust", "check", "list", "sources", "status", "verify", "why", "log",
          "run", "backends", "import deb", "import rpm", "import python"]
 
 
@@ -48,7 +48,7 @@ def test_global_options_before_or_after_the_verb(tmp_path: Path, cli_env: dict[s
 def test_read_verbs_never_create_a_database(tmp_path: Path, cli_env: dict[str, str]) -> None:
     missing = tmp_path / "nope"
     for verb in (["check", "/bin/true"], ["list"], ["sources"], ["status"], ["verify"],
-                 ["untrust", "/bin/true"]):
+                 ["untrust", "/bin/true"], ["why", "/bin/true"]):
         out = run(cli_env, "--db", str(missing), *verb)
         assert out.returncode == 4, (verb, out.stderr)
         assert out.stderr.startswith("trustdb: error: no trust database at ")

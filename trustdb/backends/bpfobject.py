@@ -34,15 +34,22 @@ inserts 137k keys at start-up, and a ctypes object per key cost more than the bp
 _PIDFD_THREAD = os.O_EXCL  # pidfd of one thread (6.9+)
 
 
+PACKAGE_BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
+"""Where the wheel and the packages put the objects (package data, built at wheel build time)."""
+
+
 def object_dir() -> Path:
-    """Where the built BPF objects are: $TRUSTDB_BPF_DIR, the source tree's build/bpf (after
-    `make bpf`), or the installed /usr/lib/trustdb/bpf."""
+    """Where the built BPF objects are: $TRUSTDB_BPF_DIR (tests, a build elsewhere), the source
+    tree's build/bpf (after `make bpf`), the package's own trustdb/bpf (wheel, .deb, .rpm), or
+    /usr/lib/trustdb/bpf (packaging/install.sh)."""
     env = os.environ.get("TRUSTDB_BPF_DIR")
     if env:
         return Path(env)
     tree = Path(__file__).resolve().parents[2] / "build" / "bpf"
     if tree.is_dir():
         return tree
+    if PACKAGE_BPF_DIR.is_dir():
+        return PACKAGE_BPF_DIR
     return Path("/usr/lib/trustdb/bpf")
 
 
@@ -104,7 +111,11 @@ class BpfBackend(Backend):
     def _open(self, config: EngineConfig, max_entries: int) -> BpfObject:
         path = self.object_path
         if not path.is_file():
-            raise BackendError(f"{self.name}: {path} not found (run `make bpf`)")
+            raise BackendError(
+                f"{self.name}: BPF object {path} not found (reinstall trustdb: apt install "
+                "--reinstall trustdb, or pip install --force-reinstall trustdb; in a source "
+                "tree: make bpf; or set TRUSTDB_BPF_DIR)"
+            )
         scope = config.scope
         cfg = CConfig(
             scope_cgroup_id=scope.cgroup_id,

@@ -4,6 +4,7 @@ and an exit code (common.ExitCode, common.fatal)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,7 @@ import typer
 
 from trustdb import __version__
 from trustdb.cli import helptext
-from trustdb.cli.common import GLOBAL, GlobalOptions, push_global_defaults
+from trustdb.cli.common import GLOBAL, ExitCode, GlobalOptions, push_global_defaults
 
 helptext.install()
 
@@ -41,7 +42,7 @@ def root(
     db: Annotated[
         Path | None,
         typer.Option(
-            "--db", metavar="DIR", show_default=False,
+            "--db", metavar="DIR", show_default=False, readable=False,
             help="Trust database directory, for every verb (default: TRUSTDB_DB or "
             "/var/lib/trustdb).",
         ),
@@ -78,8 +79,16 @@ from trustdb.cli import (
     log_commands,  # noqa: F401  log
     policy_commands,  # noqa: F401  policy list|show|check
     service_commands,  # noqa: F401  service stop|preflight|status|audit-summary
+    why_commands,  # noqa: F401  why
 )
 
 
 def main() -> None:
-    app()
+    try:
+        app(prog_name="trustdb")
+    except ImportError as e:
+        # libbpf.so.1 is loaded when an engine verb starts; its absence is one line.
+        if e.name != "libbpf.so.1":
+            raise
+        print(f"trustdb: error: {e}", file=sys.stderr)
+        raise SystemExit(ExitCode.FAILED) from None

@@ -69,6 +69,7 @@ DbOption = Annotated[
     typer.Option(
         "--db",
         metavar="DIR",
+        readable=False,  # checked by require_database: one line, exit 5, not a usage error
         help="Trust database directory (also TRUSTDB_DB).",
         show_default=True,
     ),
@@ -140,17 +141,21 @@ def database_error_code(e: BaseException) -> ExitCode:
 
 
 def require_database(db: Path) -> None:
-    """Read verbs: a path with no database is an error (exit 4), never a new database."""
-    if not (db / "data.mdb").exists():
-        if db.exists() and not os.access(db, os.X_OK):
-            fatal(f"cannot read {db}: permission denied", ExitCode.NO_PERMISSION)
+    """Read verbs: a path with no database is an error (exit 4), never a new database; one
+    this user may not read is exit 5."""
+    data = db / "data.mdb"
+    try:
+        os.stat(data)
+    except PermissionError:
+        fatal(f"cannot read {db}: permission denied", ExitCode.NO_PERMISSION)
+    except OSError:
         fatal(
             f"no trust database at {db} (create one with `trustdb trust` or "
             "`trustdb import`, or name another with --db)",
             ExitCode.NO_DATABASE,
         )
-    if not os.access(db / "data.mdb", os.R_OK):
-        fatal(f"cannot read {db / 'data.mdb'}: permission denied", ExitCode.NO_PERMISSION)
+    if not os.access(data, os.R_OK):
+        fatal(f"cannot read {data}: permission denied", ExitCode.NO_PERMISSION)
 
 
 def prepare_new_database(db: Path, *, quiet: bool) -> None:
@@ -159,7 +164,7 @@ def prepare_new_database(db: Path, *, quiet: bool) -> None:
     `trust --db /typo/path` fails (no /typo) instead of creating a database nobody will ever
     look at. An existing empty directory (the package's /var/lib/trustdb) is used silently; a
     new directory inside an existing one is announced on stderr."""
-    if (db / "data.mdb").exists():
+    if os.path.exists(db / "data.mdb"):
         return
     if db.is_dir():
         if not os.access(db, os.W_OK | os.X_OK):

@@ -93,6 +93,7 @@ def run(
     if os.geteuid() != 0:
         fatal("trustdb run needs root (it loads BPF programs)", ExitCode.NO_PERMISSION)
     require_database(db)
+    _check_install()
     from trustdb import policy as policies
     from trustdb import supervisor
 
@@ -121,6 +122,20 @@ def run(
     except KeyboardInterrupt:
         raise typer.Exit(code=130) from None
     raise typer.Exit(code=status)
+
+
+def _check_install() -> None:
+    """The engine's files are part of the install: say which package is missing, in one line,
+    before blaming the kernel (libbpf.so.1 itself is reported by trustdb.cli.main)."""
+    from trustdb.backends.bpfobject import object_dir
+
+    where = object_dir()
+    if not any(where.glob("*.bpf.o")):
+        fatal(
+            f"no BPF objects in {where}: reinstall trustdb (apt install --reinstall trustdb, "
+            "or pip install --force-reinstall trustdb), run `make bpf` in a source tree, or set "
+            "TRUSTDB_BPF_DIR"
+        )
 
 
 def _check_command(argv: list[str]) -> None:
@@ -176,6 +191,7 @@ def backends(as_json: JsonOption = False) -> None:
 
     from trustdb import state
 
+    _check_install()
     rows = state.probe_backends()
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))

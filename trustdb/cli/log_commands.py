@@ -1,11 +1,14 @@
 """`trustdb log`: show the decisions the kernel took, from the JSON-lines log (the record) or,
 with --journal, from the systemd journal (the service sends each decision there with
-structured TRUSTDB_* fields and a MESSAGE_ID per kind of decision)."""
+structured TRUSTDB_* fields and a MESSAGE_ID per kind of decision); filtered by
+trustdb.eventfilter, which does not care where the records come from."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -13,16 +16,31 @@ import typer
 
 from trustdb.cli import app
 from trustdb.cli.common import ExitCode, JsonOption, fatal
-from trustdb.events import DEFAULT_LOG, LOG_ENV, follow_lines, parse_json_line, render_text
+from trustdb.eventfilter import DecisionFilter, parse_time
+from trustdb.events import (
+    DEFAULT_LOG,
+    LOG_ENV,
+    Decision,
+    follow_lines,
+    parse_json_line,
+    render_text,
+)
 
 LogFileOption = Annotated[
     Path,
     typer.Option(
         "--file",
+        metavar="FILE",
+        readable=False,  # a permission error is one line and exit 5, not a usage error
         envvar=LOG_ENV,
         help="Decision log (JSON lines) to read.",
         show_default=True,
     ),
+]
+TimeOption = Annotated[
+    str | None,
+    typer.Option(metavar="TIME", show_default=False,
+                 help="ISO-8601 time (2026-12-01T20:00:00Z) or an age (10m, 2h, 1d)."),
 ]
 
 
@@ -31,6 +49,29 @@ def log_command(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing decisions as they arrive.")
     ] = False,
+    since: TimeOption = None,
+    until: TimeOption = None,
+    denied: Annotated[
+        bool, typer.Option("--denied", help="Only denials (and what audit would deny).")
+    ] = False,
+    path: Annotated[
+        str | None,
+        typer.Option(metavar="PATH", show_default=False,
+                     help="The file decided on: a path or a shell pattern ('/tmp/*')."),
+    ] = None,
+    pid: Annotated[
+        int | None,
+        typer.Option(metavar="PID", show_default=False, help="A process (pid or tgid)."),
+    ] = None,
+    exe: Annotated[
+        str | None,
+        typer.Option(metavar="PATH", show_default=False,
+                     help="The program that asked: a path or a shell pattern."),
+    ] = None,
+    hook: Annotated[
+        str | None,
+        typer.Option(metavar="HOOK", show_default=False, help="exec, mmap, mprotect or tamper."),
+    ] = None,
     json_out: JsonOption = False,
     file: LogFileOption = DEFAULT_LOG,
     journal: Annotated[
@@ -38,12 +79,28 @@ def log_command(
                            "journal (journalctl) instead of the file.")
     ] = False,
 ) -> None:
-    """Show the decisions the kernel took (exec, mmap, mprotect, tamper), oldest first."""
+    """Show the decisions the kernel took (exec, mmap, mprotect, tamper), oldest first.
+
+    Filters combine: `trustdb log --denied --since 1h --exe '/usr/bin/*'`. `trustdb why
+    event:N` explains record N (as numbered by `trustdb log`)."""
+    if hook is not None and hook.lower() not in ("exec", "mmap", "mprotect", "tamper"):
+        fatal(f"--hook must be exec, mmap, mprotect or tamper, not {hook!r}", ExitCode.USAGE)
     try:
-        if journal:
-            _show_journal(follow=follow, json_out=json_out)
-            return
-        _show(file, follow=follow, json_out=json_out)
+        wanted = DecisionFilter(
+            since=parse_time(since) if since else None,
+            until=parse_time(until) if until else None,
+            denied=denied, path=path, pid=pid, exe=exe, hook=hook,
+        )
+    except ValueError as e:
+        fatal(str(e), ExitCode.USAGE)
+    try:
+        records = (_journal_decisions(follow=follow) if journal
+                   else (d for _, d in read_decisions(file, follow=follow)))
+        for decision in records:
+            if not wanted.matches(decision):
+                continue
+            out = json.dumps(decision.to_dict()) if json_out else render_text(decision)
+            print(out.encode("utf-8", "backslashreplace").decode("utf-8"), flush=follow)
     except FileNotFoundError:
         fatal(f"no decision log at {file} (set --file or {LOG_ENV})", ExitCode.NO_DATABASE)
     except PermissionError:
@@ -57,19 +114,17 @@ def log_command(
         raise typer.Exit(0) from None
 
 
-def _show(path: Path, *, follow: bool, json_out: bool) -> None:
+def read_decisions(path: Path, *, follow: bool = False) -> Iterator[tuple[int, Decision]]:
+    """(record number, decision) for each record of the log; bad records are a warning."""
     for number, line in enumerate(follow_lines(path, follow=follow), start=1):
         try:
-            decision = parse_json_line(line)
+            yield number, parse_json_line(line)
         except ValueError as e:
             print(f"trustdb: warning: {path}: record {number} skipped: {e}", file=sys.stderr)
-            continue
-        out = line if json_out else render_text(decision)
-        print(out.encode("utf-8", "backslashreplace").decode("utf-8"), flush=follow)
 
 
-def _show_journal(*, follow: bool, json_out: bool) -> None:
-    import json
+def _journal_decisions(*, follow: bool) -> Iterator[Decision]:
+    """The service's decisions from journalctl (other trustdb messages are skipped)."""
     import shutil
     import subprocess
 
@@ -83,8 +138,6 @@ def _show_journal(*, follow: bool, json_out: bool) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             try:
-                decision = from_journal(json.loads(line))
+                yield from_journal(json.loads(line))
             except ValueError:
                 continue  # another trustdb message (start-up, revocations)
-            out = json.dumps(decision.to_dict()) if json_out else render_text(decision)
-            print(out, flush=follow)
