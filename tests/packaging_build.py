@@ -83,21 +83,35 @@ def wheel_paths(wheel: Path) -> list[str]:
         return z.namelist()
 
 
+class Packages:
+    """The session's packages, each built on first use: ["wheel"], ["deb"], ["rpm"], ["dir"]."""
+
+    def __init__(self, out: Path) -> None:
+        self._built: dict[str, Path] = {"dir": out}
+
+    def __getitem__(self, kind: str) -> Path:
+        if kind not in self._built:
+            out = self._built["dir"]
+            if kind == "wheel":
+                self._built[kind] = build_wheel(out)
+            else:
+                self._built[kind] = build_package(kind, self["wheel"], out / kind)
+        return self._built[kind]
+
+
 @pytest.fixture(scope="session")
-def packages() -> Iterator[dict[str, Path]]:
-    """{wheel, deb, rpm}, built once, in a directory other users can read (registered for every
-    test by tests/conftest.py)."""
+def packages() -> Iterator[Packages]:
+    """The wheel, the .deb and the .rpm, each built once per session (when a test first asks),
+    in a directory other users can read (registered for every test by tests/conftest.py)."""
     out = shared_dir()
     try:
-        wheel = build_wheel(out)
-        yield {"wheel": wheel, "deb": build_package("deb", wheel, out / "deb"),
-               "rpm": build_package("rpm", wheel, out / "rpm"), "dir": out}
+        yield Packages(out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def deb_tree(packages: dict[str, Path]) -> Path:
+def deb_tree(packages: Packages) -> Path:
     """The .deb's files unpacked (dpkg-deb -x) where any user can read them."""
     root = packages["dir"] / "unpacked"
     subprocess.run(["dpkg-deb", "-x", str(packages["deb"]), str(root)], check=True)

@@ -94,21 +94,21 @@ def test_apt_hook_command_never_fails_apt(tmp_path: Path) -> None:
 # ---- the wheel, the .deb and the .rpm, built for real and installed into throwaway roots
 
 
-def test_wheel_carries_the_bpf_objects(packages: dict[str, Path]) -> None:
+def test_wheel_carries_the_bpf_objects(packages: pb.Packages) -> None:
     names = pb.wheel_paths(packages["wheel"])
     assert "trustdb/bpf/tracepoint.bpf.o" in names and "trustdb/bpf/lsm.bpf.o" in names
     assert "trustdb/bpf/abi_check.bpf.o" not in names  # a test object, not a backend
     assert "trustdb_importers/interface.py" in names
 
 
-def test_deb_file_list_is_pinned(packages: dict[str, Path]) -> None:
+def test_deb_file_list_is_pinned(packages: pb.Packages) -> None:
     assert pb.summary(pb.deb_paths(packages["deb"])) == pb.pinned("deb")
     fields = subprocess.run(["dpkg-deb", "-f", str(packages["deb"]), "Depends", "Architecture"],
                             check=True, capture_output=True, text=True).stdout
     assert "python3 (>= 3.11.2)" in fields and "libbpf1" in fields and "amd64" in fields
 
 
-def test_rpm_file_list_is_pinned(packages: dict[str, Path]) -> None:
+def test_rpm_file_list_is_pinned(packages: pb.Packages) -> None:
     assert pb.summary(pb.rpm_paths(packages["rpm"])) == pb.pinned("rpm")
     requires = subprocess.run(["rpm", "-qpR", str(packages["rpm"])], check=True,
                               capture_output=True, text=True).stdout.split("\n")
@@ -127,7 +127,7 @@ def _files_under(root: Path, skip: str) -> set[str]:
 
 @pytest.mark.slow
 def test_deb_installs_runs_on_debian_python_and_purges_clean(
-    packages: dict[str, Path], tmp_path: Path
+    packages: pb.Packages, tmp_path: Path
 ) -> None:
     """dpkg --root: install, run the installed trustdb with Debian's /usr/bin/python3 (3.11.2)
     and no environment variable (the BPF objects are found in the package), remove (only the
@@ -165,7 +165,7 @@ def test_deb_installs_runs_on_debian_python_and_purges_clean(
 
 
 @pytest.mark.slow
-def test_rpm_installs_into_a_fedora_layout_root(packages: dict[str, Path], tmp_path: Path) -> None:
+def test_rpm_installs_into_a_fedora_layout_root(packages: pb.Packages, tmp_path: Path) -> None:
     """rpm --root with the rpmdb where Fedora keeps it (/usr/lib/sysimage/rpm); the dnf5 actions
     hook is in place; erase leaves no file behind."""
     root = tmp_path / "root"
@@ -189,7 +189,7 @@ def test_rpm_installs_into_a_fedora_layout_root(packages: dict[str, Path], tmp_p
 @pytest.mark.bpf
 @pytest.mark.slow
 def test_wheel_in_a_plain_venv_enforces_with_no_environment(
-    packages: dict[str, Path], tmp_path: Path, as_root: None
+    packages: pb.Packages, tmp_path: Path, as_root: None
 ) -> None:
     """pip install of the wheel (pinned dependencies) into a fresh venv: `trustdb run` finds
     its BPF objects in the package, runs a trusted command, and denies an untrusted one."""
