@@ -1,6 +1,7 @@
 """The wheel carries the CO-RE BPF objects: build_py runs `make -C bpf` into a scratch
 directory and installs every backend object as package data (trustdb/bpf/*.bpf.o), where
-trustdb.backends.bpfobject.object_dir() finds them with no environment variable.
+trustdb.backends.bpfobject.object_dir() finds them with no environment variable; and the
+shipped policies (policies/*.toml -> trustdb/policies/, found by trustdb.policy.load).
 
 Everything else about the package is in pyproject.toml. An editable install skips the build
 (the source tree's build/bpf is used instead, after `make bpf`)."""
@@ -35,6 +36,11 @@ class BuildPyWithBpf(build_py):
                     shutil.copy2(obj, target / obj.name)
         if not any(target.glob("*.bpf.o")):
             raise SystemExit("setup.py: `make -C bpf` built no BPF objects")
+        # The shipped policies (policies/*.toml) travel with the package, for wheel installs.
+        policies = Path(self.build_lib) / "trustdb" / "policies"
+        policies.mkdir(parents=True, exist_ok=True)
+        for toml in sorted((HERE / "policies").glob("*.toml")):
+            shutil.copy2(toml, policies / toml.name)
 
 
 setup(cmdclass={"build_py": BuildPyWithBpf})

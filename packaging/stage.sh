@@ -6,6 +6,7 @@
 #   /usr/lib/trustdb/python/trustdb/bpf/     the CO-RE BPF objects (built with the wheel)
 #   <unit dir>/trustdb.service               installed, never enabled
 #   /etc/default/trustdb                     TRUSTDB_MODE=audit
+#   /usr/share/trustdb/policies/*.toml       the shipped policies (agent, build, workstation)
 #   apt hook (debian) or dnf5 actions (fedora), the man page, README
 # Usage: packaging/stage.sh --layout debian|fedora --dest DIR [--wheel FILE] [--python PY]
 set -euo pipefail
@@ -81,4 +82,6 @@ fi
 PYTHONPATH="$lib/python" bash "$here/man.sh" "$python" "$dest/usr/share/man/man1"
 gzip -9n "$dest/usr/share/man/man1/trustdb.1"
 install -m 0644 "$top/README.md" "$dest/usr/share/doc/trustdb/README.md"
+install -d -m 0755 "$dest/usr/share/trustdb/policies"
+install -m 0644 "$top"/policies/*.toml "$dest/usr/share/trustdb/policies/"
 find "$dest" -exec touch -h -d @"${SOURCE_DATE_EPOCH:-0}" {} +

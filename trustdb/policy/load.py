@@ -27,6 +27,8 @@ DEFAULT_POLICY = "agent"
 """What `trustdb run` uses without --policy."""
 
 _REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+_PACKAGE_POLICIES = Path(__file__).resolve().parents[1] / "policies"
+"""The shipped policies inside an installed wheel (package data, copied by setup.py)."""
 
 
 class PolicyError(Exception):
@@ -38,7 +40,7 @@ def search_path() -> list[Path]:
     administrator's), the shipped policies/ folder."""
     dirs = [Path(d) for d in os.environ.get("TRUSTDB_POLICY_DIR", "").split(os.pathsep) if d]
     return [*dirs, Path("/etc/trustdb/policies"), Path("/usr/share/trustdb/policies"),
-            _REPO_POLICIES]
+            _REPO_POLICIES, _PACKAGE_POLICIES]
 
 
 def available() -> dict[str, Path]:
