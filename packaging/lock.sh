@@ -8,7 +8,8 @@ mapfile -t pins < <(if [ $# -gt 0 ]; then printf '%s\n' "$@"; else
   grep -vE '^\s*(#|$)' "$here/requirements.lock" | cut -d' ' -f1; fi)
 python3 -m pip download -q -d "$work" --no-deps --only-binary=:all: --python-version 3.11 \
   --implementation cp --abi cp311 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any "${pins[@]}"
+  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 \
+  --platform any "${pins[@]}"
 {
   sed -n '1,/^# Regenerate/p' "$here/requirements.lock"
   for w in "$work"/*.whl; do

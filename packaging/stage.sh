@@ -44,7 +44,7 @@ install -d -m 0755 "$lib/python" "$dest/usr/bin" "$dest$unitdir" "$dest/etc/defa
 # Dependencies exactly as pinned (hashes checked), as CPython 3.11 x86_64 wheels, then trustdb.
 python3 -m pip install -q --disable-pip-version-check --no-compile --no-deps --require-hashes \
   --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_34_x86_64 \
   --platform manylinux_2_28_x86_64 --platform any \
   --target "$lib/python" -r "$here/requirements.lock"
 python3 -m pip install -q --disable-pip-version-check --no-compile --no-deps \

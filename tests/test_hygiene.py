@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-IMPORT_NAME = {"python-debian": "debian"}
+IMPORT_NAME = {"python-debian": "debian", "inotify-simple": "inotify_simple"}
 """Distributions whose import name differs from the project name."""
 
 

@@ -117,3 +117,8 @@ def test_policy_output_validates(cli_env: dict[str, str]) -> None:
     validate("policy-list", listed)
     for name in listed:
         validate("policy-show", json.loads(run(cli_env, "policy", "show", name, "--json").stdout))
+
+
+def test_service_status_validates(cli_env: dict[str, str]) -> None:
+    out = run(cli_env, "service", "status", "--json")
+    validate("service-status", json.loads(out.stdout))
