@@ -8,19 +8,31 @@
  *
  * Code: bprm_check_security (every exec, and the script itself for #!), mmap_file with PROT_EXEC
  * (shared libraries, ld.so ./x, LD_PRELOAD, dlopen), file_mprotect adding PROT_EXEC to a file.
+ * Code with writers (an fd open for write, a shared-writable mapping) is refused. Code a task
+ * writes itself (anonymous executable memory, W+X, written-then-executable pages, an executable
+ * stack) is refused in a `run` tree unless the program is flagged TD_PROGRAM_JIT; writes to
+ * trusted or executable-mapped files and to /proc/PID/mem are refused there too (lsm_write.bpf.h).
+ * Interpreters flagged TD_PROGRAM_INTERPRETER open only trusted script files (lsm_script.bpf.h).
  * No off switch from inside a confined tree (cgroup scope only; the whole-system service is
  * stopped by root through systemd, as any service): bpf(), signals and ptrace aimed at the
  * supervisor or at unconfined tasks, writes to the trust database and its directories, moves out
  * of the scope cgroup, module and kexec loading, sysctl and raw block device writes. */
 #include "common.bpf.h"
+#include "vma.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
 #define EPERM 1
+#define PROT_WRITE 0x2
 #define PROT_EXEC 0x4
+#define MAP_SHARED 0x01
+#define MAP_SHARED_VALIDATE 0x03
+#define MAP_TYPE 0x0f
+#define FMODE_READ 0x1
 #define FMODE_WRITE 0x2
 #define S_IFMT 00170000
 #define S_IFBLK 0060000
+#define S_IFREG 0100000
 #define PROC_SUPER_MAGIC 0x9fa0
 #define CGROUP_SUPER_MAGIC 0x27e0eb
 #define CGROUP2_SUPER_MAGIC 0x63677270
@@ -34,6 +46,16 @@ struct {
 	__type(key, struct td_inode_key);
 	__type(value, __u32);
 } protected_inodes SEC(".maps");
+
+/* Files (dev, ino; ctime zero) that a confined task executed or mapped executable: a confined
+ * task may not write to them any more (a process that maps them would run the new bytes). An
+ * LRU: past its size the oldest are forgotten (trusted files stay protected by their key). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, struct td_inode_key);
+	__type(value, __u8);
+} exec_inodes SEC(".maps");
 
 /* ---- helpers ---------------------------------------------------------------------------- */
 
@@ -70,21 +92,46 @@ static __always_inline int lsm_deny(struct task_struct *task, __u8 hook, __u32 r
 	return audit ? 0 : -EPERM;
 }
 
-/* Decide on a file the current task executes or maps executable. */
+/* (dev, ino) of an inode, ctime zero: the key of protected_inodes and exec_inodes. */
+static __always_inline void lsm_inode_ident(struct inode *inode, struct td_inode_key *key)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	key->dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	key->ino = BPF_CORE_READ(inode, i_ino);
+}
+
+/* Decide on a file the current task executes or maps executable: trusted content that nobody
+ * can change while it runs (no writers). Allowed files are remembered in exec_inodes. */
 static __always_inline int lsm_check_code(__u8 hook, struct file *file, bool full_path)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct td_inode_key key;
+	__u8 one = 1;
 
 	if (!td_task_confined(task))
 		return 0;
 	td_file_key(file, &key);
-	if (td_is_trusted(&key)) {
-		if (td_cfg.log_allows)
-			lsm_emit(task, hook, TD_ALLOW, TD_REASON_TRUSTED, &key, file, full_path);
-		return 0;
+	if (td_file_has_writers(file))
+		return lsm_deny(task, hook, TD_REASON_WRITABLE, &key, file, full_path);
+	if (!td_is_trusted(&key))
+		return lsm_deny(task, hook, TD_REASON_UNTRUSTED, &key, file, full_path);
+	if (td_cfg.log_allows)
+		lsm_emit(task, hook, TD_ALLOW, TD_REASON_TRUSTED, &key, file, full_path);
+	if (td_cfg.scope_cgroup_id) {
+		lsm_inode_ident(BPF_CORE_READ(file, f_inode), &key);
+		bpf_map_update_elem(&exec_inodes, &key, &one, BPF_ANY);
 	}
-	return lsm_deny(task, hook, TD_REASON_UNTRUSTED, &key, file, full_path);
+	return 0;
+}
+
+/* Code the current task wrote itself: EPERM unless the program is a flagged JIT. */
+static __always_inline int lsm_check_self(__u8 hook)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	if (!td_task_confined(task) || td_self_code_allowed(task))
+		return 0;
+	return lsm_deny(task, hook, TD_REASON_ANON_EXEC, NULL, NULL, false);
 }
 
 /* Tamper checks apply to tasks confined to a cgroup scope, never to the supervisor itself. */
@@ -164,6 +211,9 @@ static __always_inline bool lsm_is_cgroup_escape(struct dentry *d, unsigned long
 	return !td_cgroup_in_scope(cg);
 }
 
+#include "lsm_write.bpf.h"
+#include "lsm_script.bpf.h"
+
 /* ---- code: exec, mmap, mprotect ---------------------------------------------------------- */
 
 /* Called for every binary the exec walks through: a #! script, then its interpreter. */
@@ -175,33 +225,85 @@ int BPF_PROG(handle_exec, struct linux_binprm *bprm, int ret)
 	return lsm_check_code(TD_HOOK_EXEC, bprm->file, true); /* a BTF pointer, for bpf_d_path */
 }
 
-/* Every executable file mapping, including the kernel's own mapping of the binary and ld.so. */
+static __always_inline bool lsm_is_anon_shared_file(struct file *file)
+{
+	return lsm_name_is(BPF_CORE_READ(file, f_path.dentry), "dev/zero", 8);
+}
+
+static __always_inline bool lsm_is_char_device(struct file *file)
+{
+	return (BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) == TD_S_IFCHR;
+}
+
+/* Every new mapping: executable ones (including the kernel's own mapping of the binary and
+ * ld.so) by what they run, shared-writable ones as writes to code. */
 SEC("lsm/mmap_file")
 int BPF_PROG(handle_mmap, struct file *file, unsigned long reqprot, unsigned long prot,
 	     unsigned long flags, int ret)
 {
+	bool shared = (flags & MAP_TYPE) == MAP_SHARED || (flags & MAP_TYPE) == MAP_SHARED_VALIDATE;
+
 	if (ret)
 		return ret;
-	if (!file || !(prot & PROT_EXEC))
-		return 0; /* anonymous code (JITs) is not a file's content */
+	if (file && shared && (prot & PROT_WRITE)) {
+		ret = lsm_check_write(file, BPF_CORE_READ(file, f_inode));
+		if (ret)
+			return ret;
+	}
+	if (!(prot & PROT_EXEC))
+		return 0;
+	/* Anonymous memory, shared or not, and devices such as /dev/zero: the task's own bytes.
+	 * A private file mapping that is writable too is as good as anonymous (W+X). SysV SHM_EXEC
+	 * and memfds come here as files nobody trusts. */
+	if (!file || lsm_is_char_device(file) || ((prot & PROT_WRITE) && !shared))
+		return lsm_check_self(TD_HOOK_MMAP);
 	return lsm_check_code(TD_HOOK_MMAP, file, true);
 }
 
-/* PROT_EXEC added to a file mapping made without it (bpf_d_path is not allowed here). */
+/* mprotect: PROT_EXEC added to a file mapping made without it (bpf_d_path is not allowed
+ * here), or to memory the task wrote itself (anonymous, copy-on-write pages of a file, W+X);
+ * PROT_WRITE added to a shared mapping of code. */
 SEC("lsm/file_mprotect")
 int BPF_PROG(handle_mprotect, struct vm_area_struct *vma, unsigned long reqprot,
 	     unsigned long prot, int ret)
 {
-	struct file *file;
+	unsigned long vm_flags = BPF_CORE_READ(vma, vm_flags);
+	struct file *file = BPF_CORE_READ(vma, vm_file);
 
 	if (ret)
 		return ret;
-	if (!(prot & PROT_EXEC) || (BPF_CORE_READ(vma, vm_flags) & TD_VM_EXEC))
-		return 0; /* not adding exec, or already checked when it was mapped */
-	file = BPF_CORE_READ(vma, vm_file);
-	if (!file || lsm_name_is(BPF_CORE_READ(file, f_path.dentry), "dev/zero", 8))
-		return 0; /* anonymous memory (shared anonymous is a shmem file named dev/zero) */
+	if (file && (vm_flags & TD_VM_SHARED) && (prot & PROT_WRITE)) {
+		ret = lsm_check_write(file, BPF_CORE_READ(file, f_inode));
+		if (ret)
+			return ret;
+	}
+	if (!(prot & PROT_EXEC))
+		return 0;
+	if (!file) /* special mappings (vdso) have vm_ops: the kernel's own code */
+		return BPF_CORE_READ(vma, vm_ops) ? 0 : lsm_check_self(TD_HOOK_MPROTECT);
+	if (lsm_is_anon_shared_file(file) || lsm_is_char_device(file))
+		return lsm_check_self(TD_HOOK_MPROTECT);
+	if ((prot & PROT_WRITE) && !(vm_flags & TD_VM_SHARED))
+		return lsm_check_self(TD_HOOK_MPROTECT);
+	if (vm_flags & TD_VM_EXEC)
+		return 0; /* already checked when it was mapped */
+	if (BPF_CORE_READ(vma, anon_vma))
+		return lsm_check_self(TD_HOOK_MPROTECT); /* written, then made executable */
 	return lsm_check_code(TD_HOOK_MPROTECT, file, false);
+}
+
+/* An executable stack (-z execstack) or any other anonymous executable VMA of a new image.
+ * There is no LSM hook between the stack's setup and the first instruction: this is found
+ * after the point of no return, so it is a SIGKILL, as on the tracepoint backend. */
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(handle_exec_image, struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	if (!td_cfg.scope_cgroup_id || !td_task_confined(task) || td_self_code_allowed(task))
+		return 0;
+	td_check_image(task, bprm->file, false);
+	return 0;
 }
 
 /* ---- no off switch ----------------------------------------------------------------------- */
@@ -256,19 +358,22 @@ int BPF_PROG(handle_ptrace, struct task_struct *child, unsigned int mode, int re
 }
 
 /* Opens for writing: the trust database, raw block devices (the filesystem under it),
- * /proc/sys (core_pattern and modprobe run helpers outside any cgroup), cgroup moves. */
+ * /proc/sys (core_pattern and modprobe run helpers outside any cgroup), cgroup moves, code
+ * (trusted or mapped executable), /proc/PID/mem. Opens for reading: scripts (lsm_script.bpf.h). */
 SEC("lsm/file_open")
 int BPF_PROG(handle_open, struct file *file, int ret)
 {
 	struct inode *inode;
 	struct dentry *dentry;
 	unsigned long magic;
+	unsigned int f_mode;
 	__u32 reason = 0;
 
 	if (ret)
 		return ret;
-	if (!(BPF_CORE_READ(file, f_mode) & FMODE_WRITE))
-		return 0;
+	f_mode = BPF_CORE_READ(file, f_mode);
+	if (!(f_mode & FMODE_WRITE))
+		return (f_mode & FMODE_READ) ? lsm_check_script(file) : 0;
 	inode = BPF_CORE_READ(file, f_inode);
 	dentry = BPF_CORE_READ(file, f_path.dentry);
 	magic = BPF_CORE_READ(inode, i_sb, s_magic);
@@ -281,19 +386,24 @@ int BPF_PROG(handle_open, struct file *file, int ret)
 	else if ((magic == CGROUP2_SUPER_MAGIC || magic == CGROUP_SUPER_MAGIC) &&
 		 lsm_is_cgroup_escape(dentry, magic))
 		reason = TD_REASON_CGROUP_ESCAPE;
-	if (!reason)
-		return 0;
-	return lsm_tamper(reason, file);
+	if (reason)
+		return lsm_tamper(reason, file);
+	if (magic == PROC_SUPER_MAGIC && lsm_name_is(dentry, "mem", 3))
+		return lsm_write_denied(TD_REASON_PROC_MEM, NULL, file);
+	return lsm_check_write(file, inode);
 }
 
 SEC("lsm/path_truncate")
 int BPF_PROG(handle_truncate, const struct path *path, int ret)
 {
+	struct inode *inode;
+
 	if (ret)
 		return ret;
-	if (!(lsm_protection(BPF_CORE_READ(path, dentry, d_inode)) & TD_PROTECT_CONTENT))
-		return 0;
-	return lsm_tamper(TD_REASON_DB_WRITE, NULL);
+	inode = BPF_CORE_READ(path, dentry, d_inode);
+	if (lsm_protection(inode) & TD_PROTECT_CONTENT)
+		return lsm_tamper(TD_REASON_DB_WRITE, NULL);
+	return lsm_check_write(NULL, inode);
 }
 
 /* Protected names: the database files and every directory from / down to the database. */

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from trustdb.abi import CEvent, Hook, Mode, Reason, Verdict
+from trustdb.abi import CEvent, Hook, Mode, ProgramFlag, Reason, Verdict
 from trustdb.backends.interface import EngineConfig, Scope
 from trustdb.backends.lsm import LsmBackend
 from trustdb.libbpf import RingBuffer
@@ -45,6 +45,7 @@ TRUSTED_PROGRAMS = [
     "/usr/bin/true",
     "/usr/bin/env",
     "/usr/bin/unshare",
+    "/bin/dd",
 ]
 
 pytestmark = pytest.mark.skipif(
@@ -146,7 +147,8 @@ def files() -> Iterator[Path]:
     if WORK.exists():
         shutil.rmtree(WORK)
     WORK.mkdir()
-    for name in ("tdprobe", "untrusted", "libtdevil.so"):
+    for name in ("tdprobe", "untrusted", "libtdevil.so", "execstack", "interp-exec",
+                 "interp-gap", "uses-interp-exec", "uses-interp-gap"):
         shutil.copy2(ARTIFACTS / name, WORK / name)
     (WORK / "script.sh").write_text("#!/bin/sh\necho script ran\n")
     (WORK / "trusted.sh").write_text("#!/bin/sh\necho trusted script ran\n")
@@ -166,7 +168,8 @@ def engine(files: Path) -> Iterator[Engine]:
     try:
         real = [os.path.realpath(p) for p in TRUSTED_PROGRAMS]
         eng.trust(*real, *_libraries(*real, str(files / "tdprobe")))
-        eng.trust(files / "tdprobe", files / "trusted.sh")
+        eng.trust(files / "tdprobe", files / "trusted.sh", files / "execstack")
+        eng.trust(files / "uses-interp-exec", files / "uses-interp-gap")
         eng.backend.protect_database(files / "db")
         eng.start()
         yield eng
@@ -315,6 +318,196 @@ def test_untrusted_script_with_trusted_interpreter_denied(engine: Engine, files:
     assert r.rc != 0 and "script ran" not in r.out, r
     assert str(files / "script.sh") in _denied_paths(engine)
     assert engine.run("/bin/sh", str(files / "script.sh")).out == "script ran"  # read, not exec
+
+
+# ---- issue 8: route 2, the ELF interpreter wherever it lies ----------------------------------
+
+
+@pytest.mark.parametrize("kind", ["interp-exec", "interp-gap"])
+def test_untrusted_interpreter_anywhere_denied(engine: Engine, files: Path, kind: str) -> None:
+    """PT_INTERP names an untrusted ET_EXEC interpreter (AT_BASE 0) or a static PIE with holes:
+    the kernel's own mapping of it goes through mmap_file and is refused (the exec, past its
+    point of no return, dies)."""
+    prog = str(files / f"uses-{kind}")
+    r = engine.run(prog)
+    assert r.rc != 0 and "interpreter ran" not in r.out, r
+    assert str(files / kind) in _denied_paths(engine)
+    if kind == "interp-gap":  # 6.1 cannot start the ET_EXEC one at all; 6.12 can
+        assert engine.run(prog, confined=False).out == "interpreter ran"
+
+
+# ---- issue 8: route 3, writable and executable at once ---------------------------------------
+
+
+@pytest.fixture
+def lib(engine: Engine, files: Path) -> Iterator[Path]:
+    """A trusted copy of a program, used as a library: mapped executable, written to."""
+    path = files / "lib"
+    shutil.copy2(files / "untrusted", path)
+    time.sleep(0.05)  # past the coarse ctime tick of 6.1/6.12
+    engine.trust(path)
+    yield path
+    path.unlink()
+
+
+def test_exec_mapping_with_writer_open_denied(engine: Engine, files: Path, lib: Path) -> None:
+    with open(lib, "r+b"):
+        assert engine.run(str(files / "tdprobe"), "mmap", str(lib)).out == EPERM
+        events = [e for e in engine.drain() if e.verdict == Verdict.DENY]
+        assert events and events[-1].reason == Reason.WRITABLE
+    assert engine.run(str(files / "tdprobe"), "mmap", str(lib)).out == "ok"
+
+
+def test_exec_mapping_of_shared_writable_file_denied(
+    engine: Engine, files: Path, lib: Path
+) -> None:
+    import mmap
+
+    with open(lib, "r+b") as f:
+        shared = mmap.mmap(f.fileno(), 4096, flags=mmap.MAP_SHARED)
+    try:
+        assert engine.run(str(files / "tdprobe"), "mmap", str(lib)).out == EPERM
+    finally:
+        shared.close()
+    assert engine.run(str(files / "tdprobe"), "mmap", str(lib)).out == "ok"
+
+
+@pytest.mark.parametrize("how", ["mapshared", "mprotectshared", "openw", "truncate"])
+def test_write_to_trusted_file_denied(engine: Engine, files: Path, lib: Path, how: str) -> None:
+    before = lib.read_bytes()
+    r = engine.run(str(files / "tdprobe"), how, str(lib))
+    assert r.out == EPERM, r
+    assert lib.read_bytes() == before
+    assert any(e.hook == Hook.WRITE and e.reason == Reason.WRITABLE for e in engine.drain())
+
+
+def test_overwrite_of_mapped_library_denied(engine: Engine, files: Path) -> None:
+    """dd conv=notrunc over a file a confined task mapped executable (whose key is no longer
+    the trusted one, e.g. after a chmod): refused, the mapping process would run new bytes."""
+    path = files / "mapped"
+    shutil.copy2(files / "tdprobe", path)
+    time.sleep(0.05)
+    engine.trust(path)
+    assert engine.run(str(files / "tdprobe"), "mmap", str(path)).out == "ok"
+    time.sleep(0.05)
+    path.chmod(0o700)  # a new ctime: no longer the trusted key, still the mapped inode
+    before = path.read_bytes()
+    r = engine.run("/bin/dd", f"if={files / 'untrusted'}", f"of={path}", "conv=notrunc")
+    assert r.rc != 0 and "Operation not permitted" in r.err, r
+    assert path.read_bytes() == before
+    path.unlink()
+
+
+def test_proc_pid_mem_write_denied(engine: Engine, files: Path) -> None:
+    assert engine.run(str(files / "tdprobe"), "openw", "/proc/self/mem").out == EPERM
+    assert engine.run("/bin/cat", "/proc/self/maps").rc == 0
+    assert engine.run(str(files / "tdprobe"), "openw", "/proc/self/mem", confined=False).out == "ok"
+
+
+# ---- issue 8: route 4, code the process writes itself ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["selfcode", "rwx"],
+        ["selfcode", "mprotect"],
+        ["selfcode", "shared"],
+        ["shmexec"],
+        ["readimpliesexec"],
+        ["fileselfcode", "wx", "PROBE"],
+        ["fileselfcode", "written", "PROBE"],
+    ],
+    ids=lambda a: "-".join(a[:2]),
+)
+def test_self_written_code_denied(engine: Engine, files: Path, argv: list[str]) -> None:
+    probe = str(files / "tdprobe")
+    args = [probe if a == "PROBE" else a for a in argv]
+    r = engine.run(probe, *args)
+    assert r.out == EPERM, r
+    assert engine.run(probe, *args, confined=False).out == "ran 42"
+
+
+def test_jit_flagged_program_may_write_code(engine: Engine, files: Path) -> None:
+    key = InodeKey.from_stat(os.stat(files / "tdprobe"))
+    engine.backend.set_program_flags([(key, ProgramFlag.JIT)])
+    try:
+        for how in ("rwx", "mprotect", "shared"):
+            assert engine.run(str(files / "tdprobe"), "selfcode", how).out == "ran 42"
+    finally:
+        engine.backend.set_program_flags([(key, 0)])
+    assert engine.run(str(files / "tdprobe"), "selfcode", "rwx").out == EPERM
+
+
+def test_executable_stack_killed(engine: Engine, files: Path) -> None:
+    r = engine.run(str(files / "execstack"), "hello")
+    assert r.rc == -signal.SIGKILL and "hello" not in r.out, r
+    events = [e for e in engine.drain() if e.verdict == Verdict.DENY]
+    assert events and (events[-1].hook, events[-1].reason) == (Hook.EXEC, Reason.ANON_EXEC)
+    assert engine.run(str(files / "execstack"), "hello", confined=False).out == (
+        "hello from trusted"
+    )
+
+
+SHELLCODE_PY = """
+import ctypes, mmap
+m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+m.write(bytes([0xb8, 0x2a, 0, 0, 0, 0xc3]))
+print("ran", ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(m)))())
+"""
+
+
+def test_python_ctypes_shellcode_denied(engine: Engine) -> None:
+    import sysconfig
+
+    py = os.path.realpath(sys.executable)
+    dynload = Path(sysconfig.get_config_var("DESTSHARED"))
+    mods = [str(p) for p in dynload.glob("*.so")]
+    engine.trust(py, *mods, *_libraries(py, *mods))
+    r = engine.run(py, "-I", "-c", SHELLCODE_PY)
+    assert r.rc != 0 and "ran" not in r.out and "PermissionError" in r.err, r
+    assert engine.run(py, "-I", "-c", "import ctypes; print(1)").out == "1"
+
+
+# ---- issue 10, section 3: interpreters load only trusted scripts ----------------------------
+
+
+@pytest.fixture
+def interpreters(engine: Engine) -> Iterator[None]:
+    keys = [InodeKey.from_stat(os.stat(os.path.realpath(p))) for p in ("/bin/bash", "/bin/sh")]
+    engine.backend.set_program_flags([(k, ProgramFlag.INTERPRETER) for k in keys])
+    try:
+        yield
+    finally:
+        engine.backend.set_program_flags([(k, 0) for k in keys])
+
+
+def test_interpreter_opens_only_trusted_scripts(
+    engine: Engine, files: Path, interpreters: None
+) -> None:
+    r = engine.run("/bin/bash", str(files / "script.sh"))
+    assert r.rc != 0 and "script ran" not in r.out and "not permitted" in r.err, r
+    events = [e for e in engine.drain() if e.verdict == Verdict.DENY]
+    assert events and (events[-1].hook, events[-1].reason) == (
+        Hook.SCRIPT,
+        Reason.UNTRUSTED_SCRIPT,
+    )
+    assert engine.run("/bin/sh", str(files / "script.sh")).rc != 0
+    assert engine.run("/bin/bash", str(files / "trusted.sh")).out == "trusted script ran"
+    assert engine.run("/bin/bash", str(files / "script.sh"), confined=False).out == "script ran"
+
+
+def test_interpreter_limits_are_what_the_docs_say(
+    engine: Engine, files: Path, interpreters: None
+) -> None:
+    """Out of reach (bpf/lsm_script.bpf.h): inline code, stdin, files without a script name."""
+    assert engine.run("/bin/bash", "-c", "echo inline").out == "inline"
+    plain = files / "script-without-extension"
+    shutil.copy2(files / "script.sh", plain)
+    assert engine.run("/bin/bash", str(plain)).out == "script ran"
+    r = engine.run("/bin/sh", "-c", f"/bin/cat {files / 'script.sh'} | /bin/bash")
+    assert r.out == "script ran"
+    plain.unlink()
 
 
 # ---- no off switch -------------------------------------------------------------------------

@@ -23,19 +23,31 @@ from tests.vm import runner
 KERNELS = os.environ.get("TRUSTDB_VM_KERNELS", "6.1,6.12").split(",")
 HERE = Path(__file__).resolve().parent
 # The suite must exercise this many cases; fewer means something was silently not collected.
-MIN_CASES = 35
+MIN_CASES = 55
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 
 def build_artifacts(dest: Path) -> None:
     """The guest suite's binaries: tdprobe (trusted), the same program with other content
-    (untrusted), and an untrusted library whose constructor leaves a marker."""
+    (untrusted), an untrusted library whose constructor leaves a marker, ELF interpreters of
+    our own (ET_EXEC; a static PIE with holes) and programs naming them in PT_INTERP, and
+    tdprobe with an executable stack."""
     cc = ["cc", "-O2", "-Wall"]
+    main = dest / "main.c"
+    main.write_text("int main(void) { return 0; }\n")
+    interp = [*cc, "-nostdlib", HERE / "tdinterp.c"]
     builds = [
         [*cc, "-o", dest / "tdprobe", HERE / "tdprobe.c"],
         [*cc, '-DVARIANT="untrusted"', "-o", dest / "untrusted", HERE / "tdprobe.c"],
         [*cc, "-shared", "-fPIC", "-o", dest / "libtdevil.so", HERE / "tdevil.c"],
+        [*cc, "-z", "execstack", "-o", dest / "execstack", HERE / "tdprobe.c"],
+        [*interp, "-static", "-no-pie", "-o", dest / "interp-exec"],
+        [*interp, "-static-pie", "-fPIE", "-Wl,-z,max-page-size=0x200000",
+         "-Wl,-z,separate-code", "-o", dest / "interp-gap"],
+        # PT_INTERP names the copy the guest suite makes on its tmpfs (/tmp/td)
+        [*cc, "-Wl,--dynamic-linker=/tmp/td/interp-exec", "-o", dest / "uses-interp-exec", main],
+        [*cc, "-Wl,--dynamic-linker=/tmp/td/interp-gap", "-o", dest / "uses-interp-gap", main],
     ]
     for argv in builds:
         subprocess.run([str(a) for a in argv], check=True)

@@ -1,6 +1,7 @@
-"""The tracepoint backend's suite (tests/engine/test_tracepoint.py) on other kernels: Debian's 6.1
-and 6.12 booted in QEMU (tests/vm/runner.py), to prove the one CO-RE object loads and enforces
-there too (inode ctime field layouts, the pre-6.13 mmap_lock tracepoint signature, maple tree).
+"""The tracepoint backend's suites (tests/engine/test_tracepoint.py, and the issue 8 attacks of
+tests/engine/test_routes.py) on other kernels: Debian's 6.1 and 6.12 booted in QEMU
+(tests/vm/runner.py), to prove the one CO-RE object loads and enforces there too (inode ctime
+field layouts, the pre-6.13 mmap_lock tracepoint signature, maple tree, 6.1's verifier).
 
 The guest sees the host's files read-only and has cgroup2 at /sys/fs/cgroup; the slow test
 (which stats all of /usr over 9p) is left out.
@@ -32,7 +33,7 @@ def test_tracepoint_suite_in_vm(kernel: str, tmp_path: Path) -> None:
     log = tmp_path / "guest.log"
     script = (
         f"{os.path.realpath(sys.executable)} -m pytest -q -p no:cacheprovider "
-        f'-m "not slow" tests/engine/test_tracepoint.py > {log} 2>&1'
+        f'-m "not slow" tests/engine/test_tracepoint.py tests/engine/test_routes.py > {log} 2>&1'
     )
     result = runner.run(
         kernel,
