@@ -22,9 +22,6 @@ def test_shadow_itself_is_hidden(interpreters_db: Path, run_env: dict[str, str])
     assert got.out.strip() == "0", (got.out, got.err)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: the agent policy hides /etc/shadow and /etc/gshadow but not their backups "
-    "/etc/shadow- and /etc/gshadow- (same hashes), which /etc's read-only grant exposes"))
 @pytest.mark.parametrize("backup", ["/etc/shadow-", "/etc/gshadow-"])
 def test_shadow_backup_readable(interpreters_db: Path, run_env: dict[str, str],
                                 backup: str) -> None:
