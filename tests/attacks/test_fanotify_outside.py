@@ -69,10 +69,6 @@ def outside_dir() -> Iterator[Path]:
         shutil.rmtree(top, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: fanotify_init/fanotify_mark are allowed in the tree (CAP_SYS_ADMIN, no seccomp "
-    "rule, no Landlock check on marks): a permission mark from inside denies opens by "
-    "processes outside the run"))
 def test_tree_denies_an_open_outside(interpreters_db: Path, run_env: dict[str, str],
                                      outside_dir: Path) -> None:
     workdir = workdir_of(run_env)

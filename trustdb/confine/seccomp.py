@@ -114,6 +114,8 @@ X86_64 = {
     "io_uring_setup": 425,
     "io_uring_enter": 426,
     "io_uring_register": 427,
+    "fanotify_init": 300,
+    "fanotify_mark": 301,
 }
 # x86_64 has no stime(2): glibc's stime() is settimeofday.
 
@@ -173,6 +175,10 @@ DENIED: dict[str, str] = {
     "io_uring_setup": "run syscalls from kernel workers, out of this filter's sight",
     "io_uring_enter": "run syscalls from kernel workers, out of this filter's sight",
     "io_uring_register": "run syscalls from kernel workers, out of this filter's sight",
+    # A permission mark (FAN_OPEN_PERM on a mount or filesystem) made from inside would hold up
+    # and deny opens and execs of processes outside the tree, the supervisor's included.
+    "fanotify_init": "deny or stall file opens of processes outside the tree",
+    "fanotify_mark": "deny or stall file opens of processes outside the tree",
 }
 
 DENIED_IOCTLS: dict[int, str] = {
