@@ -22,8 +22,13 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SYS_CAPGET = 125
 _SYS_CAPSET = 126
 
+CAP_NET_RAW = 13
+CAP_SYSLOG = 34
+
 DROPPED_CAPABILITIES = {
     CAP_SYS_TIME: "CAP_SYS_TIME: set the clock back and forge a trusted file's ctime",
+    CAP_NET_RAW: "CAP_NET_RAW: packet and raw sockets, past Landlock's TCP port rules",
+    CAP_SYSLOG: "CAP_SYSLOG: the host's kernel log (syslog(2) is denied in seccomp as well)",
 }
 
 

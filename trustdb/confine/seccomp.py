@@ -116,6 +116,9 @@ X86_64 = {
     "io_uring_register": 427,
     "fanotify_init": 300,
     "fanotify_mark": 301,
+    "syslog": 103,
+    "sethostname": 170,
+    "setdomainname": 171,
 }
 # x86_64 has no stime(2): glibc's stime() is settimeofday.
 
@@ -179,6 +182,10 @@ DENIED: dict[str, str] = {
     # and deny opens and execs of processes outside the tree, the supervisor's included.
     "fanotify_init": "deny or stall file opens of processes outside the tree",
     "fanotify_mark": "deny or stall file opens of processes outside the tree",
+    # The tree shares the host's UTS namespace and kernel log.
+    "syslog": "read or clear the host's kernel log",
+    "sethostname": "rename the host (shared UTS namespace)",
+    "setdomainname": "rename the host's NIS domain (shared UTS namespace)",
 }
 
 DENIED_IOCTLS: dict[int, str] = {
