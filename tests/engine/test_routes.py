@@ -111,10 +111,12 @@ def test_untrusted_interpreter_anywhere_in_the_image(
     static PIE whose segments leave holes: every executable mapping of the image is judged."""
     prog = bins[f"uses-{kind}"]
     enforce.trust(closure(["/bin/true"]) + [str(prog)])
+    if enforce.run([str(prog)], confined=False).stdout != "interpreter ran\n":
+        assert kind == "interp-exec"  # 6.1 cannot start an ET_EXEC interpreter at all
+        pytest.skip("this kernel cannot start an ET_EXEC ELF interpreter: no route to close")
     r = enforce.run([str(prog)])
     assert r.returncode == KILLED and "interpreter ran" not in r.stdout, r
     assert _only_denial(events) == (Hook.EXEC, Reason.UNTRUSTED, _b(bins[kind]))
-    assert enforce.run([str(prog)], confined=False).stdout == "interpreter ran\n"
     enforce.trust([bins[kind]])
     assert enforce.run([str(prog)]).stdout == "interpreter ran\n"
 
