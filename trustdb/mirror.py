@@ -42,7 +42,7 @@ import os
 import stat as statmod
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from trustdb import fskeys
 from trustdb.backends.interface import KeySink

@@ -52,8 +52,10 @@ FAN_CLOEXEC = 0x01
 FAN_NONBLOCK = 0x02
 FAN_CLOSE_WRITE = 0x08
 FAN_NOFD = -1
-ASK_TIMEOUT_S = 3.0
-"""How long the first-seen handler waits for the daemon's answer (then: not trusted)."""
+ASK_TIMEOUT_S = 15.0
+"""How long the first-seen handler waits for the daemon's answer (then: not trusted, and the
+channel is closed for good). Generous: the daemon may be hashing the installer's files, and under
+emulation (the VM tier) that takes seconds; only execs during an installer window wait."""
 
 INSTALLERS: dict[str, str] = {
     "/usr/bin/dpkg": "dpkg",
@@ -289,7 +291,7 @@ class _InstallerAwareTrust:
 
     def __init__(self, db: TrustLookup, ask: socket.socket) -> None:
         self._db = db
-        self._ask = ask
+        self._ask: socket.socket | None = ask
 
     @property
     def generation(self) -> int:
@@ -301,13 +303,16 @@ class _InstallerAwareTrust:
     def is_trusted(self, digest: bytes) -> bool:
         if self._db.is_trusted(digest):
             return True
-        if not any(WINDOW_DIR.glob("*.open")):  # a stat and a readdir: no open() to ask us
+        if self._ask is None or not any(WINDOW_DIR.glob("*.open")):  # a stat and a readdir
             return False
         try:
             self._ask.settimeout(ASK_TIMEOUT_S)
             self._ask.send(digest)
             return self._ask.recv(1) == b"1"
         except OSError:
+            # A late answer would be read as the answer to the next question: never ask again.
+            self._ask.close()
+            self._ask = None
             return False
 
 
