@@ -334,9 +334,9 @@ def test_sighup_reloads_and_stays_up() -> None:
     d = daemon()
     d.forget()
     d.send(signal.SIGHUP)
-    d.wait_for("RELOADING=1", timeout=60)
-    # The daemon prints the line right before it notifies READY=1 again; under a loaded TCG
-    # host the READY datagram was once not seen by this reader, so the line is the check.
+    # The daemon prints the line right before it notifies READY=1 again. Under a loaded TCG
+    # host neither the RELOADING=1 nor the READY datagram was always seen by this reader within
+    # a minute (the reload itself completed), so the line is the check.
     deadline = time.monotonic() + 300
     while "reloaded the trust database" not in d.stderr() and time.monotonic() < deadline:
         assert d.proc.poll() is None, f"SIGHUP killed the daemon: {d.stderr()}"
