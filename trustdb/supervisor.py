@@ -45,6 +45,7 @@ from trustdb.first_seen import Interpreters
 from trustdb.policy import Policy
 from trustdb.session import (
     REFRESH_INTERVAL_S,
+    CachedDigest,
     DenialReporter,
     Engine,
     EngineFactory,
@@ -128,7 +129,7 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
     if engine_factory is None:
         engine_factory = functools.partial(
             default_engine, programs=program_refs(policy),
-            interpreters=Interpreters(digests=interpreter_digests(policy))
+            interpreters=functools.partial(_interpreters, policy)
             if policy.interpreters.scripts == policies.ScriptJudgement.TRUSTED else None)
     mdwe = hardening.mdwe_supported()
     cgroup = confine.RunCgroup.create()
@@ -250,6 +251,10 @@ def _supervise_loop(child: confine.ConfinedChild, engine: Engine, signals: _Sign
     return status
 
 
+def _interpreters(policy: Policy, cached: CachedDigest) -> Interpreters:
+    return Interpreters(digests=interpreter_digests(policy, cached))
+
+
 def _sweep_stale_cgroups() -> None:
     """Remove the cgroups of runs whose supervisor and reaper were both killed."""
     for path in confine.stale_cgroups():
@@ -273,18 +278,9 @@ def _log_dirs() -> list[str]:
     return [str(events.default_log_path().parent)]
 
 
-_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'trustdb'; "
-         "from trustdb.cli import main; main()")
-
-
 def reexec_isolated() -> None:
-    """Re-exec this command under `python -I` unless already isolated: no PYTHON* variable, no
-    user site-packages, no current directory on the supervisor's import path; only the root
-    trustdb was imported from (read-only inside the tree, like the stdlib and site-packages).
-    Keeps the pid (cgroup names and callers' pids stay right)."""
-    if sys.flags.isolated:
-        return
-    root = str(Path(__file__).resolve().parents[1])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-I", "-c", _BOOT, root, *sys.argv[1:]])
+    """Re-exec this command under `python -I` unless already isolated (trustdb.isolation; the
+    CLI's entry point normally did it already, before its own imports)."""
+    from trustdb import isolation
+
+    isolation.reexec_isolated(sys.argv)
