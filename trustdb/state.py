@@ -89,14 +89,15 @@ class BackendRow:
 
 
 def probe_backends() -> list[BackendRow]:
-    """Every compiled-in backend, strongest first, probed on this kernel; the first that works
-    is the one `run` and `daemon` pick by default."""
+    """Every compiled-in backend, strongest first, probed on this kernel (afresh: the answers
+    are remembered for `run`, trustdb.probecache); the first that works is the one `run` and
+    `daemon` pick by default."""
     from trustdb import backends
 
     rows = []
     chosen = False
     for cls in sorted(backends.COMPILED, key=lambda b: -b.strength):
-        probe = cls().probe()
+        probe = backends.probe_and_remember(cls())
         rows.append(BackendRow(cls.name, probe.ok, probe.reason, probe.ok and not chosen,
                                getattr(cls, "guarantees", ""), tuple(cls.holes)))
         chosen = chosen or probe.ok

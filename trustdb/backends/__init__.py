@@ -29,6 +29,7 @@ __all__ = [
     "Scope",
     "TracepointBackend",
     "names",
+    "probe_and_remember",
     "select",
     "select_loaded",
 ]
@@ -90,10 +91,12 @@ def select_loaded(name: str | None, config: EngineConfig) -> Backend:
             else:
                 backend, error = cls(), None
                 if not backend.probe_is_load:
-                    nxt = table[i + 1] if i + 1 < len(table) else None
-                    if nxt is not None and nxt().probe_is_load:
-                        spare = _SpareLoad(nxt, config)
-                    probe = backend.probe()
+                    probe = _remembered_probe(backend)
+                    if probe is None:
+                        nxt = table[i + 1] if i + 1 < len(table) else None
+                        if nxt is not None and nxt().probe_is_load:
+                            spare = _SpareLoad(nxt, config)
+                        probe = probe_and_remember(backend)
                     if not probe.ok:
                         refused.append((cls.name, probe.reason))
                         continue
@@ -112,6 +115,30 @@ def select_loaded(name: str | None, config: EngineConfig) -> Backend:
     raise BackendError(
         "no enforcement backend works on this kernel: " + "; ".join(r for _, r in refused)
     )
+
+
+def _remembered_probe(backend: Backend) -> Probe | None:
+    """This boot's remembered probe of `backend`'s object (trustdb.probecache), if any."""
+    from trustdb import probecache
+
+    path = getattr(backend, "object_path", None)
+    key = probecache.current_key(path) if path is not None else None
+    found = probecache.recall(backend.name, key) if key is not None else None
+    if found is None:
+        return None
+    return Probe(found.ok, found.reason)
+
+
+def probe_and_remember(backend: Backend) -> Probe:
+    """Probe `backend` now, and remember the answer for this boot, kernel and object."""
+    from trustdb import probecache
+
+    probe = backend.probe()
+    path = getattr(backend, "object_path", None)
+    key = probecache.current_key(path) if path is not None else None
+    if key is not None:
+        probecache.remember(backend.name, key, probe.ok, probe.reason)
+    return probe
 
 
 class _SpareLoad:
