@@ -51,6 +51,12 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+CachedDigest = Callable[[str], "bytes | None"]
+"""A path -> the BLAKE3 the database's verification cache holds for its current inode, if any."""
+
+InterpretersFrom = Callable[[CachedDigest], "Interpreters"]
+"""Builds the interpreter rules once the database is open (their digests from its cache)."""
+
 EngineFactory = Callable[[EngineConfig, Path, str | None, Callable[[Decision], None]], Engine]
 """(config, db path, backend name or None for the strongest, consumer of decisions) -> Engine,
 loaded and attached."""
@@ -142,7 +148,7 @@ class EngineSession:
 
     def __init__(self, config: EngineConfig, db: Path, backend: str | None,
                  consume: Callable[[Decision], None], *, allow_system_wide: bool = False,
-                 interpreters: Interpreters | None = None,
+                 interpreters: Interpreters | InterpretersFrom | None = None,
                  programs: Sequence[tuple[ProgramRef, int]] = ()) -> None:
         from trustdb import events
         from trustdb.db import DatabaseError, TrustDB
@@ -168,6 +174,8 @@ class EngineSession:
                 config = replace(config, max_entries=map_size_for(self._db.entry_count()))
                 self._config = config
             self._start_first_sync()
+            if callable(interpreters):
+                interpreters = interpreters(self._cached_digest)
             self._engine = BackendEngine(config, backend=backend, prepare=self._prepare,
                                          allow_system_wide=allow_system_wide,
                                          db_option="" if db == DEFAULT_DB else f" --db {db}",
@@ -248,6 +256,16 @@ class EngineSession:
         self._first_sync.start()
         self._closers.append(self._first_sync.join)  # never close the database under it
 
+    def _cached_digest(self, path: str) -> bytes | None:
+        from trustdb.model import InodeKey
+
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        cached = self._db.digest_cache().lookup(InodeKey.from_stat(st), st.st_size)
+        return cached.blake3 if cached is not None else None
+
     def _on_sample(self, data: bytes) -> None:
         self._sink.on_sample(data)
 
@@ -303,7 +321,8 @@ def _first_seen_decision(d: FirstSeenDenial, mode: Mode, backend: str) -> Decisi
 
 def default_engine(
     config: EngineConfig, db: Path, backend: str | None, consume: Callable[[Decision], None],
-    *, programs: Sequence[tuple[ProgramRef, int]] = (), interpreters: Interpreters | None = None,
+    *, programs: Sequence[tuple[ProgramRef, int]] = (),
+    interpreters: Interpreters | InterpretersFrom | None = None,
 ) -> Engine:
     return EngineSession(config, db, backend, consume, programs=programs,
                          interpreters=interpreters)

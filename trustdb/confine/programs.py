@@ -61,9 +61,12 @@ def resolve_program_flags(refs: Iterable[tuple[ProgramRef, int]], mirror: _Mirro
     return sorted(flags.items(), key=lambda kv: (kv[0].dev, kv[0].ino))
 
 
-def interpreter_digests(policy: Policy) -> frozenset[bytes]:
+def interpreter_digests(policy: Policy,
+                        cached: Callable[[str], bytes | None] | None = None) -> frozenset[bytes]:
     """Content digests of the policy's interpreters (for the first-seen handler's script rule:
-    an interpreter is known by its content, wherever it is copied)."""
+    an interpreter is known by its content, wherever it is copied). `cached`: the digest the
+    database's verification cache holds for a path's current inode key, if any (hashing the
+    interpreters on every `trustdb run` cost 60-150 ms of its start)."""
     from trustdb.hashing import HashingError, hash_file
 
     digests = set()
@@ -72,8 +75,9 @@ def interpreter_digests(policy: Policy) -> frozenset[bytes]:
             digests.add(bytes.fromhex(ref.digest))
             continue
         for path in _paths(ref):
+            digest = cached(path) if cached is not None else None
             try:
-                digests.add(hash_file(path).digests.blake3)
+                digests.add(digest if digest is not None else hash_file(path).digests.blake3)
             except (HashingError, OSError):
                 continue
     return frozenset(digests)
