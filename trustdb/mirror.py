@@ -49,7 +49,6 @@ from trustdb.backends.interface import KeySink
 from trustdb.db import DatabaseError
 from trustdb.dbview import ChangeSet
 from trustdb.fskeys import (
-    MULTIGRAIN_FS,
     OVERLAYFS_SUPER_MAGIC,
     REASON_OVERLAY_UNRESOLVED,
     UNKEYABLE_FS,
@@ -71,7 +70,20 @@ from trustdb.mirrorsource import (
     SyncSnapshot,
     open_snapshot,
 )
-from trustdb.mirrorwalk import _Deferred, _Outcome, _ToHash, _Verified, _Walk
+from trustdb.mirrorwalk import (
+    REASON_CHANGED,
+    REASON_NOT_REGULAR,
+    REASON_UNSETTLED,
+    REASON_UNTRUSTED,
+    REASON_VANISHED,
+    PathCheck,
+    _Deferred,
+    _Outcome,
+    _ToHash,
+    _Verified,
+    _Walk,
+    same_file,
+)
 from trustdb.model import FileDigests, InodeKey
 
 MAX_FIRST_SEEN = 65536
@@ -90,25 +102,6 @@ def map_size_for(entries: int) -> int:
 
 MAX_RECENT = 4096
 """Digests `verify_file` remembers in memory, and verifications it queues for the database."""
-
-REASON_VANISHED = "vanished (no such file)"
-REASON_NOT_REGULAR = "not a regular file"
-REASON_UNTRUSTED = "content not trusted (changed since it was trusted?)"
-REASON_CHANGED = "changed while being mirrored"
-REASON_UNSETTLED = "modified again and again within its ctime tick; retried on the next sync"
-
-
-# --- the mirror ----------------------------------------------------------------------------
-
-
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (
-        a.st_dev == b.st_dev
-        and a.st_ino == b.st_ino
-        and a.st_ctime_ns == b.st_ctime_ns
-        and a.st_mtime_ns == b.st_mtime_ns
-        and a.st_size == b.st_size
-    )
 
 
 class Mirror:
@@ -134,8 +127,10 @@ class Mirror:
         self._db = db
         self._sink = sink
         self._batch = batch_size
-        self._multigrain_kernel = kernel_has_multigrain() if multigrain is None else multigrain
-        self._detect_fs = multigrain is None
+        self._check = PathCheck(
+            multigrain_kernel=kernel_has_multigrain() if multigrain is None else multigrain,
+            detect_fs=multigrain is None,
+        )
         self._first_seen_wait = max_first_seen_wait_ns
         self._lock = threading.Lock()
         self._keys: dict[InodeKey, bytes] = {}
@@ -204,7 +199,7 @@ class Mirror:
                 gone.extend(self._path_keys.pop(path, ()))
                 recorded = snapshot.recorded(path)  # type: ignore[attr-defined]
                 if recorded:
-                    self._take(path, self._examine(path, recorded, walk), walk, recorded)
+                    self._take(path, self._check.examine(path, recorded, walk), walk, recorded)
             self._hash_queued(walk)
             deferred_total = len(walk.deferred)
             self._retry_deferred(walk)
@@ -288,7 +283,7 @@ class Mirror:
             paths = 0
             for path, recorded in snapshot.paths():
                 paths += 1
-                self._take(path, self._examine(path, recorded, walk), walk, recorded)
+                self._take(path, self._check.examine(path, recorded, walk), walk, recorded)
             self._hash_queued(walk)
             deferred_total = len(walk.deferred)
             self._retry_deferred(walk)
@@ -344,83 +339,20 @@ class Mirror:
             retry, walk.deferred = walk.deferred, {}
             for path in sorted(retry):
                 recorded = retry[path][1]
-                self._take(path, self._examine(path, recorded, walk), walk, recorded)
+                self._take(path, self._check.examine(path, recorded, walk), walk, recorded)
             self._hash_queued(walk)
         walk.skipped.extend(SkippedPath(p, REASON_UNSETTLED) for p in sorted(walk.deferred))
         walk.deferred.clear()
-
-    def _examine(self, path: str, recorded: tuple[bytes, ...], walk: _Walk) -> _Outcome:
-        """Everything short of reading the file: stat, filesystem, ctime tick, cache.
-        `recorded`: the digests the database records for this path (a cached digest among
-        them is trusted without another lookup: an entry implies its content record)."""
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return REASON_VANISHED
-        except OSError as e:
-            return f"cannot stat: {e.strerror}"
-        if not statmod.S_ISREG(st.st_mode):
-            return REASON_NOT_REGULAR
-        magic = walk.fs_types.get(st.st_dev)
-        if magic is None:
-            try:
-                magic = walk.fs_types[st.st_dev] = fs_magic(path)
-            except OSError as e:
-                return f"cannot statfs: {e.strerror}"
-        keys = kernel_keys(path, st, magic, walk.overlay_mounts)
-        if isinstance(keys, str):
-            return keys
-        if not self._settled(st, magic):
-            return _Deferred(ctime_settled_at(st))
-        cached = walk.snapshot.cached_blake3(keys[0], st.st_size)
-        if cached is None:
-            return _ToHash(st, keys)
-        walk.cached += 1
-        if cached not in recorded and not walk.snapshot.is_trusted(cached):
-            walk.untrusted.setdefault(cached, set()).add(path)
-            return REASON_UNTRUSTED
-        return _Verified(keys, cached)
 
     def _hash_queued(self, walk: _Walk) -> None:
         """Hash the queued files on a thread pool (blake3 and read release the GIL)."""
         queued, walk.to_hash = walk.to_hash, {}
         for path, result in hash_many(list(queued), follow_symlinks=True):
             to_hash, recorded = queued[path]
-            outcome = self._check_hashed(path, to_hash, recorded, result, walk)
+            if not isinstance(result, HashingError):
+                self.hash_count += 1
+            outcome = self._check.check_hashed(path, to_hash, recorded, result, walk)
             self._take(path, outcome, walk, recorded)
-
-    def _check_hashed(
-        self,
-        path: str,
-        queued: _ToHash,
-        recorded: tuple[bytes, ...],
-        result: HashedFile | HashingError,
-        walk: _Walk,
-    ) -> _Verified | str:
-        if isinstance(result, HashingError):
-            return str(result)
-        walk.hashed += 1
-        self.hash_count += 1
-        try:
-            after = os.stat(path)
-        except OSError:
-            return REASON_CHANGED
-        # The path's first stat, the fd that was read and the path afterwards: one unchanged
-        # inode (hash_file has already compared the fd's stat before and after the read).
-        if not (_same_file(queued.stat, result.stat) and _same_file(result.stat, after)):
-            return REASON_CHANGED
-        walk.verifications.append((queued.keys[0], result.digests))
-        digest = result.digests.blake3
-        if digest not in recorded and not walk.snapshot.is_trusted(digest):
-            walk.untrusted.setdefault(digest, set()).add(path)
-            return REASON_UNTRUSTED
-        return _Verified(queued.keys, digest)
-
-    def _settled(self, st: os.stat_result, magic: int) -> bool:
-        """Is a write from now on sure to change this file's ctime (and so its key)?"""
-        if self._multigrain_kernel and (not self._detect_fs or magic in MULTIGRAIN_FS):
-            return True
-        return fskeys.coarse_now_ns() >= ctime_settled_at(st)
 
     def _flush(self, walk: _Walk) -> None:
         """Insert the pending keys the sink does not hold yet, as one batch."""
@@ -490,7 +422,7 @@ class Mirror:
         keys = kernel_keys(path, st, magic)
         if isinstance(keys, str):
             return None
-        if not self._settled(st, magic):
+        if not self._check.settled(st, magic):
             if ctime_settled_at(st) - fskeys.coarse_now_ns() > self._first_seen_wait:
                 return None
             wait_for_coarse_clock(ctime_settled_at(st))
@@ -535,7 +467,7 @@ class Mirror:
         except (HashingError, OSError):
             return None
         self.hash_count += 1
-        if not _same_file(st, hashed.stat):
+        if not same_file(st, hashed.stat):
             return None
         with self._lock:
             self._recent[key] = hashed.digests
@@ -549,7 +481,7 @@ class Mirror:
     def _hash_target(target: str | int) -> HashedFile:
         if isinstance(target, str):
             hashed = hash_file(target, executable_only=True)
-            if not _same_file(hashed.stat, os.stat(target)):
+            if not same_file(hashed.stat, os.stat(target)):
                 raise HashingError("changed while being hashed")
             return hashed
         os.lseek(target, 0, os.SEEK_SET)
@@ -558,7 +490,11 @@ class Mirror:
 
 __all__ = [
     "OVERLAYFS_SUPER_MAGIC",
+    "REASON_CHANGED",
+    "REASON_NOT_REGULAR",
     "REASON_OVERLAY_UNRESOLVED",
+    "REASON_UNTRUSTED",
+    "REASON_VANISHED",
     "UNKEYABLE_FS",
     "Mirror",
     "MirrorSource",

@@ -1,14 +1,43 @@
-"""One mirror walk's scratch state (`Mirror.sync` and `Mirror.refresh`): what examining a
-path gave, and the counters and results gathered on the way. Mutable, never handed out."""
+"""One mirror walk (`Mirror.sync` and `Mirror.refresh`): examining each recorded path (steps 1-5
+of trustdb.mirror's docstring: stat, filesystem, ctime tick, cache, the check after a read), and
+the walk's scratch state: what examining a path gave, and the counters and results gathered on
+the way (mutable, never handed out)."""
 
 from __future__ import annotations
 
 import os
+import stat as statmod
 from dataclasses import dataclass, field
 
-from trustdb.fskeys import OverlayMount, overlay_mounts
+from trustdb import fskeys
+from trustdb.fskeys import (
+    MULTIGRAIN_FS,
+    OverlayMount,
+    ctime_settled_at,
+    fs_magic,
+    kernel_keys,
+    overlay_mounts,
+)
+from trustdb.hashing import HashedFile, HashingError
 from trustdb.mirrorsource import SkippedPath, SyncSnapshot
 from trustdb.model import FileDigests, InodeKey
+
+REASON_VANISHED = "vanished (no such file)"
+REASON_NOT_REGULAR = "not a regular file"
+REASON_UNTRUSTED = "content not trusted (changed since it was trusted?)"
+REASON_CHANGED = "changed while being mirrored"
+REASON_UNSETTLED = "modified again and again within its ctime tick; retried on the next sync"
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    """One unchanged inode: same identity, ctime, mtime and size."""
+    return (
+        a.st_dev == b.st_dev
+        and a.st_ino == b.st_ino
+        and a.st_ctime_ns == b.st_ctime_ns
+        and a.st_mtime_ns == b.st_mtime_ns
+        and a.st_size == b.st_size
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +93,73 @@ class _Walk:
     inserted: int = 0
     cached: int = 0
     hashed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PathCheck:
+    """How one path is examined and, after a read, checked (the rules of trustdb.mirror)."""
+
+    multigrain_kernel: bool
+    """Does this kernel give fine-grained ctimes (6.13+)?"""
+    detect_fs: bool
+    """Also require a multigrain filesystem (False: trust `multigrain_kernel` as given)."""
+
+    def settled(self, st: os.stat_result, magic: int) -> bool:
+        """Is a write from now on sure to change this file's ctime (and so its key)?"""
+        if self.multigrain_kernel and (not self.detect_fs or magic in MULTIGRAIN_FS):
+            return True
+        return fskeys.coarse_now_ns() >= ctime_settled_at(st)
+
+    def examine(self, path: str, recorded: tuple[bytes, ...], walk: _Walk) -> _Outcome:
+        """Everything short of reading the file: stat, filesystem, ctime tick, cache.
+        `recorded`: the digests the database records for this path (a cached digest among
+        them is trusted without another lookup: an entry implies its content record)."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return REASON_VANISHED
+        except OSError as e:
+            return f"cannot stat: {e.strerror}"
+        if not statmod.S_ISREG(st.st_mode):
+            return REASON_NOT_REGULAR
+        magic = walk.fs_types.get(st.st_dev)
+        if magic is None:
+            try:
+                magic = walk.fs_types[st.st_dev] = fs_magic(path)
+            except OSError as e:
+                return f"cannot statfs: {e.strerror}"
+        keys = kernel_keys(path, st, magic, walk.overlay_mounts)
+        if isinstance(keys, str):
+            return keys
+        if not self.settled(st, magic):
+            return _Deferred(ctime_settled_at(st))
+        cached = walk.snapshot.cached_blake3(keys[0], st.st_size)
+        if cached is None:
+            return _ToHash(st, keys)
+        walk.cached += 1
+        if cached not in recorded and not walk.snapshot.is_trusted(cached):
+            walk.untrusted.setdefault(cached, set()).add(path)
+            return REASON_UNTRUSTED
+        return _Verified(keys, cached)
+
+    @staticmethod
+    def check_hashed(path: str, queued: _ToHash, recorded: tuple[bytes, ...],
+                     result: HashedFile | HashingError, walk: _Walk) -> _Verified | str:
+        """After a read: the file read is the file examined, and its content is trusted."""
+        if isinstance(result, HashingError):
+            return str(result)
+        walk.hashed += 1
+        try:
+            after = os.stat(path)
+        except OSError:
+            return REASON_CHANGED
+        # The path's first stat, the fd that was read and the path afterwards: one unchanged
+        # inode (hash_file has already compared the fd's stat before and after the read).
+        if not (same_file(queued.stat, result.stat) and same_file(result.stat, after)):
+            return REASON_CHANGED
+        walk.verifications.append((queued.keys[0], result.digests))
+        digest = result.digests.blake3
+        if digest not in recorded and not walk.snapshot.is_trusted(digest):
+            walk.untrusted.setdefault(digest, set()).add(path)
+            return REASON_UNTRUSTED
+        return _Verified(queued.keys, digest)
