@@ -7,10 +7,13 @@ verification cache is warm, as on any run after the first. Bytecode caching is o
 timed commands (an installed trustdb has its .pyc files; this environment sets
 PYTHONDONTWRITEBYTECODE, which would time the compiler instead).
 
-Also printed: `python3 -c "import trustdb.cli"` (the interpreter and the CLI's imports, the
-floor of any verb) and the phases of one run from its own profile-free timers.
+Two ways to start it: as a pip console script does (not isolated: trustdb.isolation re-execs
+it under `python -I` before the CLI's imports) and as the .deb/.rpm launcher does (`python3 -I`,
+one start). `--before DIR` times another checkout (main before a change) in the same rounds.
+Also printed: the interpreter with `from trustdb.cli import main` (the entry point's own cost),
+and a noise floor: the launcher case timed twice per round.
 
-    python3 bench/run_startup.py [--rounds N] [--db DIR]
+    python3 bench/run_startup.py [--rounds N] [--db DIR] [--before CHECKOUT]
 """
 
 from __future__ import annotations
@@ -70,11 +73,26 @@ def timed(cmd: list[str], extra_env: dict[str, str] | None = None) -> float:
     return elapsed
 
 
+def run_cmd(isolated: bool) -> list[str]:
+    """`trustdb run -- /bin/true` as a pip console script starts it (re-exec'd under -I by
+    trustdb.isolation), or as the .deb/.rpm launcher does (`python3 -I`: one start)."""
+    if isolated:
+        boot = ("import sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'trustdb'; "
+                "from trustdb.cli import main; main()")
+        return [sys.executable, "-I", "-c", boot, "{tree}", "run", "--", "/bin/true"]
+    return [sys.executable, "-c", "from trustdb.cli import main; main()", "run", "--", "/bin/true"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--db", type=Path, help="an existing database (default: build one)")
+    ap.add_argument("--before", type=Path,
+                    help="another checkout (e.g. main before a change), timed in the same rounds")
     args = ap.parse_args()
+    trees = {"": REPO}
+    if args.before is not None:
+        trees[" [before]"] = args.before.resolve()
     with tempfile.TemporaryDirectory(prefix="td-bench-run-") as tmp:
         db = args.db or Path(tmp) / "db"
         if args.db is None:
@@ -89,42 +107,46 @@ def main() -> None:
         count = next(
             (ln.split()[-1] for ln in entries.splitlines() if ln.startswith("entries")), "?"
         )
-        dbenv = {"TRUSTDB_DB": str(db)}
-        cases = {
-            "unshare -fpm --mount-proc /bin/true": (
-                ["unshare", "-fpm", "--mount-proc", "/bin/true"],
-                None,
-            ),
-            "python3 -c 'import trustdb.cli'": ([sys.executable, "-c", "import trustdb.cli"], None),
-            "trustdb run -- /bin/true": (
-                [
-                    sys.executable,
-                    "-c",
-                    "from trustdb.cli import main; main()",
-                    "run",
-                    "--",
-                    "/bin/true",
-                ],
-                dbenv,
-            ),
+        base_name = "unshare -fpm --mount-proc /bin/true"
+        cases: dict[str, tuple[list[str], dict[str, str] | None]] = {
+            base_name: (["unshare", "-fpm", "--mount-proc", "/bin/true"], None),
         }
+        for label, tree in trees.items():
+            dbenv = {"TRUSTDB_DB": str(db), "PYTHONPATH": str(tree)}
+            cases[f"python3 -c 'import trustdb.cli'{label}"] = (
+                [sys.executable, "-c", "from trustdb.cli import main"], {"PYTHONPATH": str(tree)})
+            cases[f"trustdb run (console script){label}"] = (run_cmd(False), dbenv)
+            launcher = [a.replace("{tree}", str(tree)) for a in run_cmd(True)]
+            cases[f"trustdb run (-I launcher){label}"] = (launcher, dbenv)
+        noise = "trustdb run (-I launcher), again"
+        cases[noise] = cases["trustdb run (-I launcher)"]
         for cmd, extra in cases.values():  # warm-up: page cache, .pyc files, verification cache
             timed(cmd, extra)
+        load_before = os.getloadavg()[0]
         times: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(args.rounds):
             for name, (cmd, extra) in cases.items():
                 times[name].append(timed(cmd, extra))
-    load = os.getloadavg()[0]
-    base = statistics.median(times["unshare -fpm --mount-proc /bin/true"])
+    load = (load_before + os.getloadavg()[0]) / 2
+    base = statistics.median(times[base_name])
+    floor = statistics.median(
+        abs(a / b - 1) for a, b in zip(times["trustdb run (-I launcher)"], times[noise]))
     print(
         f"trustdb run start-up: database of {count} entries, {args.rounds} alternating rounds, "
-        f"load average {load:.2f} on {os.cpu_count()} CPUs"
+        f"load average {load:.2f} on {os.cpu_count()} CPUs; noise floor (the same command twice "
+        f"per round, median |ratio - 1|) {floor:.2f}"
     )
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:40s} median {med:.3f} s  (min {min(ts):.3f})  x{med / base:.1f} of unshare")
-    run = statistics.median(times["trustdb run -- /bin/true"])
-    print(f"goal <= 0.25 s: {'met' if run <= 0.25 else 'NOT met'} ({run:.3f} s)")
+        print(f"  {name:48s} median {med:.3f} s  (min {min(ts):.3f})  x{med / base:.0f} of unshare")
+    for label in trees:
+        if label:
+            for kind in ("console script", "-I launcher"):
+                now = statistics.median(times[f"trustdb run ({kind})"])
+                then = statistics.median(times[f"trustdb run ({kind}){label}"])
+                print(f"  {kind}: this tree / before = {now / then:.2f}")
+    run = statistics.median(times["trustdb run (-I launcher)"])
+    print(f"goal <= 0.25 s: {'met' if run <= 0.25 else 'NOT met'} ({run:.3f} s, -I launcher)")
 
 
 if __name__ == "__main__":
