@@ -58,7 +58,7 @@ from trustdb.first_seen import (
     is_script_for,
 )
 from trustdb.model import InodeKey
-from trustdb.write_opens import opening_for_write
+from trustdb.write_opens import TRUNCATE, opening_for_write
 
 PERM_MASK = FAN_OPEN_EXEC_PERM | FAN_OPEN_PERM
 CHANGE_MASK = FAN_ATTRIB | FAN_MOVE_SELF
@@ -428,8 +428,9 @@ class _Serve:
                              write_open=writable and not is_exec and self._write_open(ev),
                              writable_mount=writable)
             mask = verdict.ignore_mask
-            if self.config.interpreters and checked.outcome not in (Outcome.KNOWN,
-                                                                     Outcome.INSERTED):
+            if (self.config.interpreters and checked.outcome not in (Outcome.KNOWN,
+                                                                      Outcome.INSERTED)
+                    and not _settled_data(ev.fd, checked)):
                 mask = 0  # a file read as data now may be loaded as a script later
             if mask:
                 self._ignore(ev.fd, checked, mask)
@@ -455,10 +456,13 @@ class _Serve:
     def _write_open(self, ev: Event) -> bool:
         """A confined task opening trusted content for writing (route 3: the bytes a trusted
         key vouches for must not change under it). Its write access is already taken while it
-        waits here, so a read lease is refused; the syscall's flags say it is the opener."""
-        if not self.config.deny_trusted_writes or not has_writers(ev.fd):
+        waits here, so a read lease is refused; the syscall's flags say it is the opener.
+        O_RDONLY | O_TRUNC takes no write access before this event: only its flags tell."""
+        if not self.config.deny_trusted_writes:
             return False
-        return bool(opening_for_write(ev.pid))
+        if has_writers(ev.fd):
+            return bool(opening_for_write(ev.pid))
+        return bool(opening_for_write(ev.pid, TRUNCATE))
 
     def _interpreter(self, pid: int) -> bool:
         interpreters = self.config.interpreters
@@ -527,6 +531,23 @@ def _watch_writes(fd: int) -> bool:
     if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
         return False
     return not _event_path(fd).startswith(SYSTEM_TREES)
+
+
+def _settled_data(fd: int, checked: Checked) -> bool:
+    """Data that no confined task can have written and that looks like no script (no script
+    suffix, no `#!`): on a read-only mount or in the system trees, which the tree cannot write
+    (the same rule as `_watch_writes`): /etc/ld.so.cache, locales, zoneinfo. Its opens may be
+    ignored even while interpreters are judged; without that every exec paid a handler round
+    trip for ld.so.cache (exec under `run` x1.35)."""
+    if checked.outcome != Outcome.NOT_EXECUTABLE:
+        return False
+    try:
+        if _watch_writes(fd):
+            return False
+        head = os.pread(fd, 2, 0)
+    except OSError:
+        return False
+    return not is_script_for(_event_path(fd), head, [])
 
 
 def _asdict(d: Denial) -> dict[str, object]:

@@ -2,8 +2,11 @@
 (issue 8, route 3, first bullet), tracepoint backend.
 
 Closed for plain open/openat (the first-seen handler refuses write opens of trusted content,
-trustdb/write_opens.py), open for openat2 (the flags are read from the opener's memory after
-the kernel copied them: a second thread rewrites them to O_RDONLY while the open waits).
+trustdb/write_opens.py, reading the flags from the opener's saved registers), for openat2
+(its flags live in memory a second thread could rewrite while the open waits: the run's
+seccomp filter answers openat2 ENOSYS), for truncate(2) by path (no open, so no permission
+event: seccomp EPERM) and for O_RDONLY | O_TRUNC (no write access is taken before the event:
+the flags are checked even when no writer holds the file).
 
 A trusted library copied into the workdir (a venv's extension module, a vendored .so) is
 verified and mapped executable by one confined process. A second confined process then opens
@@ -97,6 +100,22 @@ with open("victimlib.bin", "r+b") as f:
 print("rewritten")
 '''
 
+# open(O_RDONLY | O_TRUNC) truncates, but takes write access only after the permission event.
+RDONLY_TRUNC_WRITER = '''
+import os, sys
+off, code = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
+data = bytearray(open("victimlib.bin", "rb").read())
+data[off:off + len(code)] = code
+try:
+    os.close(os.open("victimlib.bin", os.O_RDONLY | os.O_TRUNC))
+except OSError as e:
+    print("refused", e.errno)
+    sys.exit(0)
+with open("victimlib.bin", "r+b") as f:
+    f.write(data)
+print("rewritten")
+'''
+
 
 def _attack(db: Path, env: dict[str, str], writer: str) -> str:
     workdir = workdir_of(env)
@@ -123,21 +142,19 @@ def test_plain_write_open_refused(interpreters_db: Path, run_env: dict[str, str]
     assert "RESULT 42" not in out, out
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: the write-open refusal reads openat2's flags from the opener's memory, after the "
-    "kernel copied them: a second thread flips open_how.flags to O_RDONLY while the open "
-    "waits, the open completes O_RDWR and the mapped trusted library runs the new bytes "
-    "(trustdb/write_opens.py)"))
 def test_openat2_flags_flipped_while_the_open_waits(interpreters_db: Path,
                                                     run_env: dict[str, str]) -> None:
+    """Closed: openat2 gets ENOSYS in the tree, so no open's flags live in memory."""
     out = _attack(interpreters_db, run_env, OPENAT2_WRITER)
     assert "RESULT 42" not in out, out
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: truncate(2) by path (no open, no permission event) empties a mapped trusted library; "
-    "its content is then untrusted, so the write open that rewrites it with patched code is "
-    "not refused, and the executable mapping refaults from the new bytes"))
 def test_truncate_then_rewrite(interpreters_db: Path, run_env: dict[str, str]) -> None:
+    """Closed: truncate(2) gets EPERM in the tree (ftruncate needs a write fd)."""
     out = _attack(interpreters_db, run_env, TRUNCATE_WRITER)
     assert "RESULT 42" not in out, out
+
+
+def test_rdonly_otrunc_then_rewrite(interpreters_db: Path, run_env: dict[str, str]) -> None:
+    out = _attack(interpreters_db, run_env, RDONLY_TRUNC_WRITER)
+    assert "RESULT 42" not in out and "refused 1" in out, out

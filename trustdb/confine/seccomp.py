@@ -117,6 +117,12 @@ X86_64 = {
     "fanotify_init": 300,
     "fanotify_mark": 301,
     "syslog": 103,
+    "truncate": 76,
+    "uselib": 134,
+    "swapon": 167,
+    "swapoff": 168,
+    "acct": 163,
+    "openat2": 437,
     "sethostname": 170,
     "setdomainname": 171,
 }
@@ -182,6 +188,17 @@ DENIED: dict[str, str] = {
     # and deny opens and execs of processes outside the tree, the supervisor's included.
     "fanotify_init": "deny or stall file opens of processes outside the tree",
     "fanotify_mark": "deny or stall file opens of processes outside the tree",
+    # truncate(2) changes a file's content by path, with no open and so no permission event:
+    # a trusted library another task has mapped would be emptied, then rewritten through a
+    # write open of what is now untrusted content (issue 8, route 3). ftruncate(2) needs an fd
+    # open for writing, which the write-open check already judges; coreutils' truncate uses it.
+    "truncate": "empty a trusted file by path, past the write-open check (no open event)",
+    # Kernel-made opens for writing that no open syscall shows (and host-wide effects).
+    "swapon": "the kernel opens the file read-write and writes swapped pages into it",
+    "swapoff": "host-wide swap",
+    "acct": "the kernel opens the file for writing and appends to it",
+    # uselib(2) maps a library by path from inside the kernel (an old a.out door).
+    "uselib": "map a library by path without open or mmap",
     # The tree shares the host's UTS namespace and kernel log.
     "syslog": "read or clear the host's kernel log",
     "sethostname": "rename the host (shared UTS namespace)",
@@ -235,6 +252,11 @@ def _argument_checks(nr: dict[str, int]) -> list[list[Instruction]]:
     # clone3 passes its flags in memory, out of a filter's reach: answer ENOSYS so that libc
     # falls back to clone(2), whose flags are checked above (what container runtimes do).
     block("clone3", [_ret_errno(errno.ENOSYS)])
+    # openat2 passes its flags in memory too (struct open_how): the write-open check reads an
+    # open's flags from /proc/PID/syscall, and another thread can rewrite that memory while
+    # the open waits in the permission event. ENOSYS: glibc never needs it, and callers that
+    # try it (systemd, some runtimes) fall back to openat(2), whose flags are registers.
+    block("openat2", [_ret_errno(errno.ENOSYS)])
     # mknod/mknodat: FIFOs and sockets yes; device nodes no (a block device bypasses every
     # mount cover; /dev/mem is all of memory).
     for name, arg in (("mknod", 1), ("mknodat", 2)):
