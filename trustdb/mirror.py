@@ -32,19 +32,17 @@ Decisions made here, each for a reason from /work/shared/KERNEL-NOTES.md:
   seen, so the next change of that inode, unlink included, gets a newer fine-grained ctime and
   raises the floor of every later stamp: no wait is needed there.
 - a key includes ctime, so chmod, link or rename of a trusted file makes the kernel miss: the
-  first-seen path (`verify_file`, called by the fanotify pre-warm hook before the kernel decides)
-  re-hashes and inserts the new key when the content is still trusted.
+  first-seen path (trustdb.first_seen's fanotify handler, before the kernel decides; or
+  `verify_file`, trustdb.mirrorfirstseen) re-hashes and inserts the new key when the content is
+  still trusted.
 """
 
 from __future__ import annotations
 
-import os
-import stat as statmod
 import threading
 import time
 from collections.abc import Iterable, Sequence
 
-from trustdb import fskeys
 from trustdb.backends.interface import KeySink
 from trustdb.db import DatabaseError
 from trustdb.dbview import ChangeSet
@@ -57,12 +55,12 @@ from trustdb.fskeys import (
     ctime_settled_at,
     fs_magic,
     kernel_has_multigrain,
-    kernel_keys,
     overlay_mounts,
     overlay_real_stat,
     wait_for_coarse_clock,
 )
-from trustdb.hashing import HashedFile, HashingError, hash_fd, hash_file, hash_many
+from trustdb.hashing import HashingError, hash_many
+from trustdb.mirrorfirstseen import MAX_FIRST_SEEN, FirstSeenFiles
 from trustdb.mirrorsource import (
     MirrorSource,
     MirrorStats,
@@ -82,12 +80,8 @@ from trustdb.mirrorwalk import (
     _ToHash,
     _Verified,
     _Walk,
-    same_file,
 )
 from trustdb.model import FileDigests, InodeKey
-
-MAX_FIRST_SEEN = 65536
-"""Keys inserted by `verify_file` that are kept (oldest dropped first)."""
 
 MIN_MAP_ENTRIES = 1 << 14
 
@@ -100,15 +94,13 @@ def map_size_for(entries: int) -> int:
     return 1 << (needed - 1).bit_length()
 
 
-MAX_RECENT = 4096
-"""Digests `verify_file` remembers in memory, and verifications it queues for the database."""
 
 
-class Mirror:
+class Mirror(FirstSeenFiles):
     """Keeps a `KeySink` equal to "inodes whose current content the database trusts".
 
-    Thread-safe for one `sync` (or `refresh`) at a time, running while the fanotify thread
-    calls `verify_file`.
+    Thread-safe for one `sync` (or `refresh`) at a time, running while another thread calls
+    `verify_file`.
     """
 
     def __init__(
@@ -314,18 +306,19 @@ class Mirror:
         )
 
     def _take(self, path: str, outcome: _Outcome, walk: _Walk, recorded: tuple[bytes, ...]) -> None:
-        """File one path's outcome: queue it for hashing or for later, insert it, or skip it."""
-        if isinstance(outcome, _ToHash):
+        """File one path's outcome: insert it, queue it for hashing or for later, or skip it."""
+        if isinstance(outcome, _Verified):  # first: nearly every path of a warm sync
+            keys, digest = outcome
+            for key in keys:
+                walk.wanted[key] = digest
+            walk.path_keys[path] = keys
+            walk.pending.extend(keys)
+            if len(walk.pending) >= self._batch:
+                self._flush(walk)
+        elif isinstance(outcome, _ToHash):
             walk.to_hash[path] = (outcome, recorded)
         elif isinstance(outcome, _Deferred):
             walk.deferred[path] = (outcome.until_ns, recorded)
-        elif isinstance(outcome, _Verified):
-            for key in outcome.keys:
-                walk.wanted[key] = outcome.digest
-            walk.path_keys[path] = outcome.keys
-            walk.pending.extend(outcome.keys)
-            if len(walk.pending) >= self._batch:
-                self._flush(walk)
         else:
             walk.skipped.append(SkippedPath(path, outcome))
 
@@ -391,104 +384,9 @@ class Mirror:
         except DatabaseError:
             pass
 
-    # --- first-seen files (fanotify pre-warm) ---
-
-    def verify_file(self, target: str | int) -> InodeKey | None:
-        """Key of a file about to be executed or mapped, inserted into the sink if its content
-        is trusted; None if not trusted or not keyable.
-
-        For the fanotify pre-warm hook: returns at once (no database read) when the key is
-        already in the sink; otherwise re-hashes (a copy of trusted content, a trusted file
-        after chmod or rename), inserts the new key and returns it. `target` is a path or an
-        open fd. From a fanotify permission handler pass the event fd: opening the path again
-        would raise a new permission event that waits on this very handler. An fd is read from
-        offset 0 (its file position is consumed). Safe to call from another thread than sync.
-        """
-        try:
-            st = os.fstat(target) if isinstance(target, int) else os.stat(target)
-        except OSError:
-            return None
-        key = InodeKey.from_stat(st)
-        with self._lock:
-            if key in self._keys:
-                return key
-        if not statmod.S_ISREG(st.st_mode):
-            return None
-        try:
-            magic = fs_magic(target)
-            path = os.readlink(f"/proc/self/fd/{target}") if isinstance(target, int) else target
-        except OSError:
-            return None
-        keys = kernel_keys(path, st, magic)
-        if isinstance(keys, str):
-            return None
-        if not self._check.settled(st, magic):
-            if ctime_settled_at(st) - fskeys.coarse_now_ns() > self._first_seen_wait:
-                return None
-            wait_for_coarse_clock(ctime_settled_at(st))
-        digests = self._digest_of(target, st, key)
-        if digests is None or not self._db.is_trusted(digests.blake3):
-            return None
-        self._insert_first_seen(keys, digests.blake3)
-        return key
-
-    def _insert_first_seen(self, keys: tuple[InodeKey, ...], digest: bytes) -> None:
-        with self._lock:
-            new = [k for k in keys if k not in self._keys]
-            if not new:
-                return
-            self._sink.add(new)
-            for key in new:
-                self._keys[key] = digest
-                self._first_seen[key] = digest
-            while len(self._first_seen) > MAX_FIRST_SEEN:
-                # Oldest first: most are copies long deleted or rewritten (their key is dead).
-                oldest = next(iter(self._first_seen))
-                del self._first_seen[oldest]
-                del self._keys[oldest]
-                self._sink.remove([oldest])
-
-    def _digest_of(
-        self, target: str | int, st: os.stat_result, key: InodeKey
-    ) -> FileDigests | None:
-        """Digest of the file: remembered from a recent call (an untrusted binary run in a
-        loop is read once), cached in the database, or read now. Files that are neither ELF
-        nor `#!` nor executable are not read: a data file opened by a confined task has nothing
-        to trust."""
-        with self._lock:
-            recent = self._recent.get(key)
-        if recent is not None and recent.size == st.st_size:
-            return recent
-        cached = self._db.digest_cache().lookup(key, st.st_size)
-        if cached is not None:
-            return cached
-        try:
-            hashed = self._hash_target(target)
-        except (HashingError, OSError):
-            return None
-        self.hash_count += 1
-        if not same_file(st, hashed.stat):
-            return None
-        with self._lock:
-            self._recent[key] = hashed.digests
-            if len(self._recent) > MAX_RECENT:
-                del self._recent[next(iter(self._recent))]
-            if len(self._unrecorded) < MAX_RECENT:
-                self._unrecorded.append((key, hashed.digests))
-        return hashed.digests
-
-    @staticmethod
-    def _hash_target(target: str | int) -> HashedFile:
-        if isinstance(target, str):
-            hashed = hash_file(target, executable_only=True)
-            if not same_file(hashed.stat, os.stat(target)):
-                raise HashingError("changed while being hashed")
-            return hashed
-        os.lseek(target, 0, os.SEEK_SET)
-        return hash_fd(target, executable_only=True)
-
 
 __all__ = [
+    "MAX_FIRST_SEEN",
     "OVERLAYFS_SUPER_MAGIC",
     "REASON_CHANGED",
     "REASON_NOT_REGULAR",

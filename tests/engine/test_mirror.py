@@ -264,7 +264,7 @@ def test_verify_file_fast_path_queue_and_cap(
     assert mirror.refresh() is None
     assert cache.lookup(key_of(copies[0]), os.stat(copies[0]).st_size) is not None
     # At most MAX_FIRST_SEEN first-seen keys: the oldest goes first.
-    monkeypatch.setattr("trustdb.mirror.MAX_FIRST_SEEN", 2)
+    monkeypatch.setattr("trustdb.mirrorfirstseen.MAX_FIRST_SEEN", 2)
     for c in copies[1:]:
         assert mirror.verify_file(str(c)) == key_of(c)
     assert sink.present == {key_of(f), key_of(copies[1]), key_of(copies[2])}
