@@ -55,7 +55,7 @@ from trustdb.dbschema import (
     path_key,
 )
 from trustdb.dbview import DigestCacheView, MirrorSnapshot
-from trustdb.dbwrite import _Replayable, _Txn
+from trustdb.dbwrite import Items, _Txn, received
 from trustdb.hashing import FRESH_CTIME_SECONDS
 from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, TrustEntry
 
@@ -83,6 +83,27 @@ INITIAL_MAP_SIZE = 1 << 30
 it uses (the map is address space), and a full map means redoing the whole transaction."""
 
 R = TypeVar("R")
+
+ItemSource = Items | Callable[[], Items]
+"""What a source write consumes: the items, or a function that produces them afresh."""
+
+
+class _Replayable:
+    """Iterate a stream once while recording it, so a retried transaction sees the same items
+    (for plain iterables; a callable ItemSource is asked again instead)."""
+
+    def __init__(self, items: Iterable[tuple[TrustEntry | SkippedEntry, float]]) -> None:
+        self._source: Iterator[tuple[TrustEntry | SkippedEntry, float]] | None = iter(items)
+        self._seen: list[tuple[TrustEntry | SkippedEntry, float]] = []
+
+    def __iter__(self) -> Iterator[tuple[TrustEntry | SkippedEntry, float]]:
+        yield from self._seen
+        if self._source is None:
+            return
+        for pair in self._source:
+            self._seen.append(pair)
+            yield pair
+        self._source = None
 
 
 def _one_line(e: BaseException) -> str:
@@ -199,53 +220,46 @@ class TrustDB:
         self.close()
 
     # --- writes (one transaction each) ---
-    def replace_source(
-        self, label: str, kind: str, items: Iterable[TrustEntry | SkippedEntry]
-    ) -> WriteStats:
+    def replace_source(self, label: str, kind: str, items: ItemSource) -> WriteStats:
         """Make the source's entries exactly `items` (TrustEntry only; SkippedEntry values are
         passed through to `last_skipped` for reporting). Content no longer trusted by any source
         disappears in the same transaction. Writes nothing (same generation) if nothing changed.
         Caches each entry's `inode` verification (see `digest_cache`).
 
         `items` is consumed inside the transaction (a generator that hashes as it goes keeps
-        the writer lock meanwhile), and recorded, so a retry after growing the map replays it."""
+        the writer lock meanwhile). A retry after growing the map needs the items again: pass
+        a function returning a fresh iterable (memory stays bounded whatever the size), or an
+        iterable, which is then recorded as it is consumed."""
         return self._put_entries(label, kind, items, replace=True)
 
-    def add_entries(
-        self, label: str, kind: str, entries: Iterable[TrustEntry | SkippedEntry]
-    ) -> WriteStats:
+    def add_entries(self, label: str, kind: str, entries: ItemSource) -> WriteStats:
         """Add or update entries of a source without removing others (`trustdb trust`).
         Like replace_source, SkippedEntry values go to `last_skipped`."""
         return self._put_entries(label, kind, entries, replace=False)
 
     def _put_entries(
-        self, label: str, kind: str, items: Iterable[TrustEntry | SkippedEntry], *, replace: bool
+        self, label: str, kind: str, items: ItemSource, *, replace: bool
     ) -> WriteStats:
-        stream = _Replayable(items)
+        # A retry (the map grew) needs the stream again: a callable is asked for a fresh one
+        # (memory stays flat); a plain iterable is recorded as it is consumed.
+        if callable(items):
+            produce: Callable[[], Iterable[tuple[TrustEntry | SkippedEntry, float]]] = (
+                lambda: received(items())  # type: ignore[operator]
+            )
+        else:
+            replay = _Replayable(received(items))
+            produce = replay.__iter__
 
         def body(t: _Txn) -> tuple[int, int, int]:
-            self.last_skipped = []
             sid = t.source_id(label, kind, create=True)
             assert sid is not None
-            old_keys = set(t.source_entry_keys(sid)) if replace else set()
-            added = unchanged = new = 0
-            for item, received in stream:
-                if isinstance(item, SkippedEntry):
-                    self.last_skipped.append(item)
-                    continue
-                ek = _entry_key(item.path, sid)
-                written, is_new = t.put_entry(sid, ek, item)
-                added += written
-                unchanged += not written
-                new += is_new
-                old_keys.discard(ek)
-                if item.inode is not None:
-                    t.cache_entry(item, received)
-            for ek in sorted(old_keys):
-                t.delete_entry(ek)
+            added, removed, unchanged, new, skipped = t.put_entries(
+                sid, produce(), replace=replace
+            )
+            self.last_skipped = skipped
             if t.changed:
-                t.adjust_source(label, kind, new - len(old_keys))
-            return added, len(old_keys), unchanged
+                t.adjust_source(label, kind, new - removed)
+            return added, removed, unchanged
 
         (added, removed, unchanged), gen = self._run_write(body)
         return WriteStats(added=added, removed=removed, unchanged=unchanged, generation=gen)

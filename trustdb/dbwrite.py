@@ -18,6 +18,7 @@ from trustdb.dbschema import (
     _ENTRY,
     _FLAG_MD5,
     _FLAG_SHA256,
+    _MAX_DIRECT_PATH_KEY,
     _META,
     _SOURCE,
     _SOURCE_IDS,
@@ -27,40 +28,29 @@ from trustdb.dbschema import (
     CHANGE_LOG_KEEP,
     MAX_LOGGED_PATHS,
     _changes_key,
-    _decode_entry,
     _decode_verified,
     _encode_changes,
-    _encode_entry,
     _entry_digests,
     _has_prefix,
     _merge_digests,
     _scan,
     _verified_key,
     _verified_version,
+    path_key,
 )
 from trustdb.hashing import FRESH_CTIME_SECONDS
-
-_ENTRY_PATH_AT = 32 + _ENTRY.size
 from trustdb.model import FileDigests, InodeKey, SkippedEntry, TrustEntry
 
+_ENTRY_PATH_AT = 32 + _ENTRY.size
 
-class _Replayable:
-    """Iterate a stream once while recording it, so a retried transaction sees the same items."""
+Items = Iterable[TrustEntry | SkippedEntry]
 
-    def __init__(self, items: Iterable[TrustEntry | SkippedEntry]) -> None:
-        self._source: Iterator[TrustEntry | SkippedEntry] | None = iter(items)
-        self._seen: list[tuple[TrustEntry | SkippedEntry, float]] = []
 
-    def __iter__(self) -> Iterator[tuple[TrustEntry | SkippedEntry, float]]:
-        """Yield (item, time it was received): the receive time bounds the hash time."""
-        yield from self._seen
-        if self._source is None:
-            return
-        for item in self._source:
-            pair = (item, time.time())
-            self._seen.append(pair)
-            yield pair
-        self._source = None
+def received(items: Items) -> Iterator[tuple[TrustEntry | SkippedEntry, float]]:
+    """Pair each item with the time it arrived: the arrival time bounds the hash time."""
+    clock = time.time
+    for item in items:
+        yield item, clock()
 
 
 class _Txn:
@@ -82,8 +72,17 @@ class _Txn:
             return
         self.changed_paths.add(raw_path)
         if len(self.changed_paths) > MAX_LOGGED_PATHS:
+            # "Everything" needs no lists: memory stays bounded on any size of write.
             self.all_changed = True
             self.changed_paths = set()
+            self.removed_digests = set()
+            self.added_digests = set()
+
+    def note_digest(self, digest: bytes, *, added: bool) -> None:
+        if self.all_changed:
+            return
+        (self.added_digests if added else self.removed_digests).add(digest)
+        (self.removed_digests if added else self.added_digests).discard(digest)
 
     # --- sources ---
     def source_id(self, label: str, kind: str, *, create: bool) -> int | None:
@@ -121,23 +120,60 @@ class _Txn:
         self.changed = True
 
     # --- entries and content ---
-    def put_entry(self, sid: int, ek: bytes, entry: TrustEntry) -> tuple[bool, bool]:
+    def put_entries(
+        self, sid: int, stream: Iterable[tuple[TrustEntry | SkippedEntry, float]], *, replace: bool
+    ) -> tuple[int, int, int, int, list[SkippedEntry]]:
+        """Record a stream of (item, time received) for source `sid` (see TrustDB.add_entries).
+        -> (added, removed, unchanged, new, skipped): new counts facts that did not exist. The loop runs once per file of an import or
+        a trust, so it binds what it calls (profiled: ~14 us per entry, mostly LMDB calls)."""
+        sid_raw = _U32.pack(sid)
+        old_keys = set(self.source_entry_keys(sid)) if replace else set()
+        discard = old_keys.discard
+        skipped: list[SkippedEntry] = []
+        added = unchanged = new = 0
+        for item, received in stream:
+            if type(item) is SkippedEntry:
+                skipped.append(item)
+                continue
+            assert isinstance(item, TrustEntry)
+            raw = os.fsencode(item.path)
+            pk = raw if len(raw) <= _MAX_DIRECT_PATH_KEY else path_key(item.path)
+            ek = pk + b"\0" + sid_raw
+            written, is_new = self.put_entry(sid_raw, ek, raw, item)
+            added += written
+            unchanged += not written
+            new += is_new
+            if old_keys:
+                discard(ek)
+            if item.inode is not None:
+                self.cache_entry(item, received)
+        for ek in sorted(old_keys):
+            self.delete_entry(ek)
+        return added, len(old_keys), unchanged, new, skipped
+
+    def put_entry(
+        self, sid_raw: bytes, ek: bytes, raw_path: bytes, entry: TrustEntry
+    ) -> tuple[bool, bool]:
         """Record one fact. -> (written, new): written if the fact changed, new if it is new."""
-        old = self.txn.get(_ENTRIES + ek)
+        txn = self.txn
+        old = txn.get(_ENTRIES + ek)
+        origin = entry.origin.encode()
         if old is not None:
             old_digest = old[:32]
-            if old_digest == entry.digest and _decode_entry(old)[3] == entry.origin:
+            if old_digest == entry.digest and old[_ENTRY_PATH_AT + len(raw_path) :] == origin:
                 return False, False
             if old_digest != entry.digest:
                 self.unlink_digest(old_digest, ek)
         else:
-            self.txn.put(_BY_SOURCE + _U32.pack(sid) + ek, b"")
-        value = _encode_entry(entry.digest, self.now, entry.path, entry.origin)
-        self.txn.put(_ENTRIES + ek, value)
+            txn.put(_BY_SOURCE + sid_raw + ek, b"")
+        txn.put(
+            _ENTRIES + ek,
+            entry.digest + _ENTRY.pack(self.now, len(raw_path)) + raw_path + origin,
+        )
         if old is None or old[:32] != entry.digest:
-            self.txn.put(_BY_DIGEST + entry.digest + ek, b"")
+            txn.put(_BY_DIGEST + entry.digest + ek, b"")
             self.touch_content(entry)
-            self.note_path(os.fsencode(entry.path))
+            self.note_path(raw_path)
         self.changed = True
         return True, old is None
 
@@ -147,8 +183,7 @@ class _Txn:
         first = self.now
         sha256 = entry.sha256
         if raw is None:
-            self.added_digests.add(entry.digest)
-            self.removed_digests.discard(entry.digest)
+            self.note_digest(entry.digest, added=True)
         else:
             first = _CONTENT.unpack_from(raw)[3]
             if sha256 is None and len(raw) > _CONTENT.size:
@@ -162,8 +197,7 @@ class _Txn:
         self.txn.delete(_BY_DIGEST + digest + ek)
         if not _has_prefix(self.txn, _BY_DIGEST + digest):
             self.txn.delete(_CONTENT_T + digest)
-            self.removed_digests.add(digest)
-            self.added_digests.discard(digest)
+            self.note_digest(digest, added=False)
 
     def delete_entry(self, ek: bytes) -> bool:
         raw = self.txn.pop(_ENTRIES + ek)

@@ -117,6 +117,7 @@ def hash_file(
     want_md5: bool = False,
     dir_fd: int | None = None,
     executable_only: bool = False,
+    threads: bool = True,
 ) -> HashedFile:
     """Hash a regular file in one pass. Raises HashingError for anything that is not one.
 
@@ -141,6 +142,7 @@ def hash_file(
             want_md5=want_md5,
             executable_only=executable_only,
             name=path,
+            threads=threads,
         )
     finally:
         os.close(fd)
@@ -153,10 +155,13 @@ def hash_fd(
     want_md5: bool = False,
     executable_only: bool = False,
     name: str | None = None,
+    threads: bool = True,
 ) -> HashedFile:
     """Hash an already open file (the fanotify event's fd: reopening its path would raise a new
     permission event). Reads from the fd's current offset, so pass a fresh fd; the caller keeps
-    ownership of it. `name` (the path, if known) lets script sources be classified as such."""
+    ownership of it. `name` (the path, if known) lets script sources be classified as such.
+    `threads=False` keeps blake3 on this thread even for a huge file (a forked hashing worker:
+    blake3's thread pool does not survive a fork, see trustdb.hashpool)."""
     started = time.time()
     before = os.fstat(fd)
     if not statmod.S_ISREG(before.st_mode):
@@ -170,7 +175,7 @@ def hash_fd(
             )
         else:
             digests, size = _hash_large(
-                fd, before, name, want_sha256=want_sha256, want_md5=want_md5
+                fd, before, name, want_sha256=want_sha256, want_md5=want_md5, threads=threads
             )
     except OSError as e:
         raise HashingError(f"read error: {e.strerror}") from e
@@ -202,11 +207,17 @@ def _hash_small(
 
 
 def _hash_large(
-    fd: int, st: os.stat_result, name: str | None, *, want_sha256: bool, want_md5: bool
+    fd: int,
+    st: os.stat_result,
+    name: str | None,
+    *,
+    want_sha256: bool,
+    want_md5: bool,
+    threads: bool = True,
 ) -> tuple[FileDigests, int]:
     """Chunked reads into one reused buffer; every hasher releases the GIL on chunks this big.
     A very large file also lets blake3 use its own threads (it still reads the file once)."""
-    b3 = blake3.blake3(max_threads=blake3.blake3.AUTO if st.st_size >= HUGE_FILE else 1)
+    b3 = blake3.blake3(max_threads=blake3.blake3.AUTO if threads and st.st_size >= HUGE_FILE else 1)
     sha = hashlib.sha256() if want_sha256 else None
     md5 = hashlib.md5(usedforsecurity=False) if want_md5 else None
     buf = bytearray(CHUNK)

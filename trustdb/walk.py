@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from trustdb.hashing import HashingError, NotExecutable, hash_many
-from trustdb.model import InodeKey, SkippedEntry, TrustEntry
+from trustdb.hashpool import HashPool, HashRequest, Packed
+from trustdb.model import FileKind, InodeKey, SkippedEntry, TrustEntry
 
 SYMLINK_SKIPPED = "symlink inside a directory (not followed)"
 
@@ -147,13 +147,14 @@ def scan(
     paths: Iterable[str],
     *,
     all_files: bool = False,
-    workers: int | None = None,
+    pool: HashPool | None = None,
     on_progress: Callable[[ScanProgress], None] | None = None,
 ) -> Iterator[TrustEntry | SkippedEntry]:
-    """Walk `paths`, hash what was found in parallel, and yield a TrustEntry per file to
-    record: every regular file with `all_files`, else only executable content (ELF, exec bit,
-    `#!`) and script sources by name (FileKind.SCRIPT_SOURCE: `.py`, `.pl`, `.sh`, ...). Each
-    file is read once; any other file is not read past its first bytes."""
+    """Walk `paths`, hash what was found (on `pool`'s worker processes, else in-process), and
+    yield a TrustEntry per file to record: every regular file with `all_files`, else only
+    executable content (ELF, exec bit, `#!`) and script sources by name
+    (FileKind.SCRIPT_SOURCE: `.py`, `.pl`, `.sh`, ...). Each file is read once; any other file
+    is not read past its first bytes. Holds a bounded number of files at any time."""
     skipped: list[SkippedEntry] = []
 
     def files_only() -> Iterator[str]:
@@ -164,26 +165,33 @@ def scan(
                 yield item
 
     files = size = recorded = 0
-    results = hash_many(files_only(), workers=workers, executable_only=not all_files)
+    hasher = pool if pool is not None else HashPool(workers=1)
+    results = hasher.hash_paths(files_only(), HashRequest(executable_only=not all_files))
     for files, (path, result) in enumerate(results, start=1):
-        yield from skipped
-        skipped.clear()
-        if isinstance(result, NotExecutable):
-            pass
-        elif isinstance(result, HashingError):
-            yield SkippedEntry(path, str(result), fatal=True)
+        if skipped:
+            yield from skipped
+            skipped.clear()
+        if result is None:
+            pass  # not executable content
+        elif isinstance(result, str):
+            yield SkippedEntry(path, result, fatal=True)
         else:
-            size += result.digests.size
+            size += result[1]
             recorded += 1
-            yield TrustEntry(
-                path=path,
-                digest=result.digests.blake3,
-                size=result.digests.size,
-                kind=result.digests.kind,
-                inode=InodeKey.from_stat(result.stat) if result.cacheable else None,
-            )
+            yield _entry(path, result)
         if on_progress is not None and files % PROGRESS_EVERY == 0:
             on_progress(ScanProgress(files=files, bytes=size, recorded=recorded))
     yield from skipped
     if on_progress is not None:
         on_progress(ScanProgress(files=files, bytes=size, recorded=recorded))
+
+
+def _entry(path: str, packed: Packed) -> TrustEntry:
+    blake, size, kind, _sha256, _md5, key, cacheable, _at = packed
+    return TrustEntry(
+        path=path,
+        digest=blake,
+        size=size,
+        kind=FileKind(kind),
+        inode=InodeKey(*key) if cacheable else None,
+    )

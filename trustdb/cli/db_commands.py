@@ -41,6 +41,7 @@ from trustdb.cli.output import (
 )
 from trustdb.db import DatabaseError, TrustDB
 from trustdb.hashing import HashingError
+from trustdb.hashpool import HashPool
 from trustdb.walk import ScanProgress, scan
 from trustdb.why import Verdict, check_paths, verify
 
@@ -158,11 +159,14 @@ def trust(
 
     try:
         with (
+            HashPool() as pool,  # forked first: never a copy of a process inside a transaction
             TrustDB.open(db, write=True) as tdb,
             _progress(sys.stderr.isatty() and not json_output) as show,
         ):
             stats = tdb.add_entries(
-                label, kind, scan(paths, all_files=all_files, on_progress=track)
+                label,
+                kind,
+                lambda: scan(paths, all_files=all_files, pool=pool, on_progress=track),
             )
             skipped = tdb.last_skipped
     except DatabaseError as e:
