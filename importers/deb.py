@@ -29,11 +29,18 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import blake3
 from debian import deb822
 from trustdb_importers.interface import DigestCache, ImporterError, SourceInfo
-from trustdb_importers.ondisk import FileClaim, OnDiskImporter, PackageClaims, ProgressFn
+from trustdb_importers.ondisk import (
+    FileClaim,
+    FingerprintedPackage,
+    OnDiskImporter,
+    PackageClaims,
+    ProgressFn,
+)
 
-from trustdb.model import SkippedEntry, TrustEntry
+from trustdb.model import SkippedEntry, StreamItem
 
 DEFAULT_ADMINDIR = "var/lib/dpkg"
 
@@ -84,15 +91,41 @@ class DebImporter(OnDiskImporter):
             label += f"@{self.admindir}"
         return SourceInfo(label=label, kind=self.name)
 
-    def collect(self, cache: DigestCache) -> Iterator[TrustEntry | SkippedEntry]:
+    def collect(self, cache: DigestCache) -> Iterator[StreamItem]:
         packages = read_status(os.path.join(self.admindir, "status"))
         diversions = read_diversions(os.path.join(self.admindir, "diversions"))
         info = InfoDir.read(os.path.join(self.admindir, "info"))
         filters = PathFilters.read(self.root.host_path("etc/dpkg"))
+        common = repr((2, self.root.path, self.all_files, sorted(diversions.items()), filters))
         claims = (
-            functools.partial(package_claims, pkg, info, diversions, filters) for pkg in packages
+            FingerprintedPackage(
+                pkg.origin,
+                _fingerprint(common, pkg, info),
+                functools.partial(package_claims, pkg, info, diversions, filters),
+            )
+            for pkg in packages
         )
         yield from self.verify(claims, len(packages), cache)
+
+
+def _fingerprint(common: str, pkg: DebPackage, info: InfoDir) -> bytes:
+    """Everything `package_claims` reads for the package, by value or by stat key: its status
+    fields, its md5sums and list files (inode, ctime, mtime, size: dpkg rewrites them on
+    every install), and the import's options, diversions and path filters (`common`)."""
+    keys = []
+    for suffix in ("md5sums", "list"):
+        path = info.find(pkg, suffix)
+        try:
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            st = None
+        keys.append(
+            (path, st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size)
+            if st is not None
+            else None
+        )
+    text = repr((common, pkg.origin, sorted(pkg.conffiles.items()), keys))
+    return blake3.blake3(text.encode("utf-8", "surrogateescape")).digest()
 
 
 def read_status(path: str) -> list[DebPackage]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from trustdb.model import FileDigests, InodeKey, SkippedEntry, TrustEntry
+from trustdb.model import FileDigests, InodeKey, StreamItem
 
 
 class ImporterError(Exception):
@@ -60,7 +60,7 @@ class Importer(abc.ABC):
         """The source label this import replaces."""
 
     @abc.abstractmethod
-    def collect(self, cache: DigestCache) -> Iterator[TrustEntry | SkippedEntry]:
+    def collect(self, cache: DigestCache) -> Iterator[StreamItem]:
         """Yield every file of the source, verified, or skipped with a reason.
 
         Raises ImporterError (a subclass) when the source as a whole cannot be read: the caller

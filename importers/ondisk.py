@@ -29,7 +29,17 @@ from dataclasses import dataclass, field
 from trustdb_importers.interface import DigestCache, Importer
 
 from trustdb.hashing import HashingError, classify, hash_file, is_script_name, with_name
-from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, TrustEntry
+from trustdb.model import (
+    FileDigests,
+    FileKind,
+    InodeKey,
+    KeptPart,
+    PartDone,
+    PartState,
+    SkippedEntry,
+    StreamItem,
+    TrustEntry,
+)
 
 MAX_SYMLINKS = 40
 """Symlinks followed while resolving one path inside a root (the kernel's limit)."""
@@ -98,6 +108,8 @@ class ImportStats:
     bytes_hashed: int = 0
     bytes_recorded: int = 0
     cache_hits: int = 0
+    packages_kept: int = 0
+    """Packages found exactly as the last import recorded them (not read again)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +204,14 @@ class LockedCache:
         with self._lock:
             return self._cache.lookup(key, size, want_sha256=want_sha256, want_md5=want_md5)
 
+    def previous_part(self, label: str, name: str) -> PartState | None:
+        """The database's record of a package (None from a cache that keeps none)."""
+        previous = getattr(self._cache, "previous_part", None)
+        if previous is None:
+            return None
+        with self._lock:
+            return previous(label, name)  # type: ignore[no-any-return]
+
 
 def _head(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY)
@@ -244,14 +264,20 @@ def verify_claim(
         if claim.config:
             return _Outcome(SkippedEntry(path, CONFIG_CHANGED, origin))
         return _Outcome(SkippedEntry(path, SIZE_MISMATCH, origin, fatal=True))
+    # Only the digest the package records is computed beside BLAKE3 (dpkg: MD5; rpm, pip:
+    # SHA-256): each extra digest is a full pass over the bytes (issue 11: the import is bound
+    # by the digests the package manager forces on us).
     want_md5 = claim.algo == "md5"
+    want_sha256 = claim.algo == "sha256"
     key = InodeKey.from_stat(st)
-    digests = cache.lookup(key, st.st_size, want_sha256=True, want_md5=want_md5)
+    digests = cache.lookup(key, st.st_size, want_sha256=want_sha256, want_md5=want_md5)
     hashed = 0
     cached = cacheable = digests is not None
     if digests is None:
         try:
-            result = hash_file(real, follow_symlinks=False, want_sha256=True, want_md5=want_md5)
+            result = hash_file(
+                real, follow_symlinks=False, want_sha256=want_sha256, want_md5=want_md5
+            )
         except HashingError as e:
             return _Outcome(SkippedEntry(path, str(e), origin, fatal=True))
         digests, key, hashed = result.digests, result.inode, result.digests.size
@@ -271,7 +297,7 @@ def verify_claim(
         digest=digests.blake3,
         size=digests.size,
         kind=kind,
-        sha256=digests.sha256,
+        sha256=digests.sha256 if want_sha256 else None,
         origin=origin,
         inode=key if cacheable else None,
         md5=digests.md5 if want_md5 else None,
@@ -279,16 +305,63 @@ def verify_claim(
     return _Outcome(entry, hashed, cached)
 
 
-PackageSource = PackageClaims | Callable[[], PackageClaims]
+@dataclass(frozen=True, slots=True)
+class FingerprintedPackage:
+    """A package whose records have a cheap fingerprint (their stat keys and fields): when
+    the last import recorded the same one, and every file it recorded still has the same
+    inode key, the package is kept as it is, without reading its records or its files (an
+    unchanged re-import, issue 11). Any difference: it is read and verified in full."""
+
+    origin: str
+    fingerprint: bytes
+    read: Callable[[], PackageClaims]
+
+
+PackageSource = PackageClaims | Callable[[], PackageClaims] | FingerprintedPackage
 """A package's claims, or a function that reads them (run on a worker thread, so reading a
 package database's per-package files overlaps with hashing)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    pkg: PackageClaims | None
+    outcomes: list[_Outcome]
+    fingerprint: bytes | None = None
+    kept: PartState | None = None
+    origin: str = ""
+
+
 def _verify_package(
-    root: Root, source: PackageSource, cache: DigestCache, all_files: bool
-) -> tuple[PackageClaims, list[_Outcome]]:
-    pkg = source if isinstance(source, PackageClaims) else source()
-    return pkg, [verify_claim(root, c, pkg.origin, cache, all_files=all_files) for c in pkg.claims]
+    root: Root, source: PackageSource, cache: LockedCache, all_files: bool, label: str
+) -> _Verified:
+    fingerprint = None
+    if isinstance(source, FingerprintedPackage):
+        previous = cache.previous_part(label, source.origin)
+        if (
+            previous is not None
+            and previous.fingerprint == source.fingerprint
+            and _still_recorded(previous)
+        ):
+            return _Verified(None, [], source.fingerprint, previous, source.origin)
+        fingerprint = source.fingerprint
+        pkg = source.read()
+    else:
+        pkg = source if isinstance(source, PackageClaims) else source()
+    outcomes = [verify_claim(root, c, pkg.origin, cache, all_files=all_files) for c in pkg.claims]
+    return _Verified(pkg, outcomes, fingerprint, origin=pkg.origin)
+
+
+def _still_recorded(part: PartState) -> bool:
+    """Every file the part recorded is still a regular file with the same inode key and size
+    (ctime moves on any change to a file, so its content is the content recorded)."""
+    for raw, size, key in part.recorded:
+        try:
+            st = os.lstat(raw)
+        except OSError:
+            return False
+        if st.st_size != size or not statmod.S_ISREG(st.st_mode) or InodeKey.from_stat(st) != key:
+            return False
+    return True
 
 
 def verify_packages(
@@ -301,13 +374,15 @@ def verify_packages(
     total: int = 0,
     progress: ProgressFn | None = None,
     workers: int = WORKERS,
-) -> Iterator[TrustEntry | SkippedEntry]:
+    label: str = "",
+) -> Iterator[StreamItem]:
     """Verify packages on a thread pool, yielding results in package order.
 
     At most `2 * workers` packages are in flight, so memory stays flat on any system size.
+    `label` (the source's) finds the last import's record of a FingerprintedPackage.
     """
     locked = LockedCache(cache)
-    window: deque[Future[tuple[PackageClaims, list[_Outcome]]]] = deque()
+    window: deque[Future[_Verified]] = deque()
     done = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trustdb-verify") as pool:
         it = iter(packages)
@@ -318,35 +393,57 @@ def verify_packages(
                 if pkg is None:
                     exhausted = True
                     break
-                window.append(pool.submit(_verify_package, root, pkg, locked, all_files))
+                window.append(
+                    pool.submit(_verify_package, root, pkg, locked, all_files, label)
+                )
             if not window:
                 break
-            pkg, outcomes = window.popleft().result()
-            stats.packages += 1
-            for skip in pkg.skipped:
-                stats.skipped += 1
-                stats.fatal += skip.fatal
-                yield skip
-            for outcome in outcomes:
-                if not outcome.counted:
-                    continue
-                stats.files += 1
-                stats.bytes_hashed += outcome.hashed
-                stats.cache_hits += outcome.cached
-                item = outcome.item
-                if item is None:
-                    stats.not_executable += 1
-                    continue
-                if isinstance(item, SkippedEntry):
-                    stats.skipped += 1
-                    stats.fatal += item.fatal
-                else:
-                    stats.recorded += 1
-                    stats.bytes_recorded += item.size
-                yield item
+            yield from _results(window.popleft().result(), stats)
             done += 1
             if progress is not None:
                 progress(done, total)
+
+
+def _results(verified: _Verified, stats: ImportStats) -> Iterator[StreamItem]:
+    """One package's stream items, counted into `stats`."""
+    stats.packages += 1
+    kept = verified.kept
+    if kept is not None:
+        stats.files += kept.files
+        stats.not_executable += kept.not_executable
+        stats.recorded += len(kept.recorded)
+        stats.cache_hits += len(kept.recorded)
+        stats.bytes_recorded += sum(size for _p, size, _k in kept.recorded)
+        stats.packages_kept += 1
+        yield KeptPart(verified.origin)
+        return
+    assert verified.pkg is not None
+    files = not_executable = 0
+    for skip in verified.pkg.skipped:
+        stats.skipped += 1
+        stats.fatal += skip.fatal
+        yield skip
+    for outcome in verified.outcomes:
+        if not outcome.counted:
+            continue
+        files += 1
+        stats.bytes_hashed += outcome.hashed
+        stats.cache_hits += outcome.cached
+        item = outcome.item
+        if item is None:
+            not_executable += 1
+            continue
+        if isinstance(item, SkippedEntry):
+            stats.skipped += 1
+            stats.fatal += item.fatal
+        else:
+            stats.recorded += 1
+            stats.bytes_recorded += item.size
+        yield item
+    stats.files += files
+    stats.not_executable += not_executable
+    if verified.fingerprint is not None:
+        yield PartDone(verified.origin, verified.fingerprint, files, not_executable)
 
 
 class OnDiskImporter(Importer):
@@ -364,7 +461,7 @@ class OnDiskImporter(Importer):
 
     def verify(
         self, packages: Iterable[PackageSource], total: int, cache: DigestCache
-    ) -> Iterator[TrustEntry | SkippedEntry]:
+    ) -> Iterator[StreamItem]:
         return verify_packages(
             self.root,
             packages,
@@ -373,4 +470,5 @@ class OnDiskImporter(Importer):
             all_files=self.all_files,
             total=total,
             progress=self.progress,
+            label=self.source().label,
         )

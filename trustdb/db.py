@@ -47,7 +47,6 @@ from trustdb.dbschema import (
     _VERIFIED_T,
     SCHEMA_VERSION,
     _decode_entry,
-    _entry_key,
     _has_prefix,
     _matching_keys,
     _read_generation,
@@ -57,7 +56,7 @@ from trustdb.dbschema import (
 from trustdb.dbview import DigestCacheView, MirrorSnapshot
 from trustdb.dbwrite import Items, _Txn, received
 from trustdb.hashing import FRESH_CTIME_SECONDS
-from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, TrustEntry
+from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, StreamItem
 
 __all__ = [
     "DEFAULT_DB",
@@ -92,11 +91,11 @@ class _Replayable:
     """Iterate a stream once while recording it, so a retried transaction sees the same items
     (for plain iterables; a callable ItemSource is asked again instead)."""
 
-    def __init__(self, items: Iterable[tuple[TrustEntry | SkippedEntry, float]]) -> None:
-        self._source: Iterator[tuple[TrustEntry | SkippedEntry, float]] | None = iter(items)
-        self._seen: list[tuple[TrustEntry | SkippedEntry, float]] = []
+    def __init__(self, items: Iterable[tuple[StreamItem, float]]) -> None:
+        self._source: Iterator[tuple[StreamItem, float]] | None = iter(items)
+        self._seen: list[tuple[StreamItem, float]] = []
 
-    def __iter__(self) -> Iterator[tuple[TrustEntry | SkippedEntry, float]]:
+    def __iter__(self) -> Iterator[tuple[StreamItem, float]]:
         yield from self._seen
         if self._source is None:
             return
@@ -243,7 +242,7 @@ class TrustDB:
         # A retry (the map grew) needs the stream again: a callable is asked for a fresh one
         # (memory stays flat); a plain iterable is recorded as it is consumed.
         if callable(items):
-            produce: Callable[[], Iterable[tuple[TrustEntry | SkippedEntry, float]]] = (
+            produce: Callable[[], Iterable[tuple[StreamItem, float]]] = (
                 lambda: received(items())  # type: ignore[operator]
             )
         else:
@@ -281,6 +280,7 @@ class TrustDB:
                     if (only is None or ek[-4:] == _U32.pack(only)) and t.delete_entry(ek):
                         per_source[ek[-4:]] += 1
             for sid, count in per_source.items():
+                t.drop_parts(_U32.unpack(sid)[0])  # an import must not keep what was removed
                 src = t.txn.get(_SOURCE_IDS + sid)
                 if src is not None:
                     t.adjust_source(src.decode(), None, -count, drop_if_empty=True)
@@ -299,6 +299,7 @@ class TrustDB:
             keys = t.source_entry_keys(sid)
             for ek in keys:
                 t.delete_entry(ek)
+            t.drop_parts(sid)
             t.drop_source(label, sid)
             return len(keys)
 

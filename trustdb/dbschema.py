@@ -44,6 +44,18 @@ values are little-endian. Paths are raw bytes (`os.fsencode`: names that are not
                 The last CHANGE_LOG_KEEP generations are kept, so `Mirror.refresh` touches only
                 what changed; a reader further behind re-mirrors everything.
 
+    P parts     "P" + sid (u32) + part name (utf-8)
+                                     -> fingerprint[32] + <u32 files, u32 not_executable, u32 n>
+                                        + n x (<u64 dev, u64 ino, i64 ctime_sec, u32 ctime_nsec,
+                                        u64 size, u16 len(path)> + path)
+                What the last import saw of one part of a source (a package): the digest of its
+                package-database records and their stat keys, and the inode key of every file
+                it recorded. An import that finds the same fingerprint and the same keys keeps
+                the part's entries without reading them again (`model.KeptPart`). Written only
+                for a part whose every file verified and was cacheable; all of a source's parts
+                are dropped when any of its paths is untrusted by hand, so nothing is kept
+                that a user removed. Not trust: only a hint for the importer.
+
 Versions. 2 added FileKind.SCRIPT_SOURCE and the L table. Version 1 databases are read as they
 are and stamped 2 by their first write; a trustdb that knows only version 1 refuses a version 2
 database with its one-line SchemaError (it could not decode kind 4).
@@ -104,6 +116,9 @@ _CHANGES = b"L"
 _CHANGE_HEAD = struct.Struct("<III")
 _ALL_CHANGED = 0xFFFFFFFF
 _BY_DIGEST, _BY_SOURCE, _CONTENT_T, _VERIFIED_T = b"D", b"O", b"C", b"V"
+_PARTS = b"P"
+_PART_HEAD = struct.Struct("<III")
+_PART_FILE = struct.Struct("<QQqIQH")
 
 
 def path_key(path: str) -> bytes:
@@ -229,3 +244,30 @@ def _decode_changes(value: bytes) -> tuple[list[bytes], list[bytes], list[bytes]
     at += 32 * nadded
     paths = value[at:].split(b"\0") if npaths else []
     return paths, removed, added
+
+
+def _part_key(sid: int, name: str) -> bytes:
+    return _PARTS + _U32.pack(sid) + name.encode()
+
+
+def _encode_part(
+    fingerprint: bytes, files: int, not_executable: int, recorded: list[tuple[bytes, int, InodeKey]]
+) -> bytes:
+    """recorded: (raw path, size, inode key) of every entry of the part."""
+    out = [fingerprint, _PART_HEAD.pack(files, not_executable, len(recorded))]
+    for raw, size, key in recorded:
+        out.append(_PART_FILE.pack(key.dev, key.ino, key.ctime_sec, key.ctime_nsec, size, len(raw)))
+        out.append(raw)
+    return b"".join(out)
+
+
+def _decode_part(value: bytes) -> tuple[bytes, int, int, list[tuple[bytes, int, InodeKey]]]:
+    files, not_exec, n = _PART_HEAD.unpack_from(value, 32)
+    at = 32 + _PART_HEAD.size
+    recorded = []
+    for _ in range(n):
+        dev, ino, sec, nsec, size, plen = _PART_FILE.unpack_from(value, at)
+        at += _PART_FILE.size
+        recorded.append((value[at : at + plen], size, InodeKey(dev, ino, sec, nsec)))
+        at += plen
+    return value[:32], files, not_exec, recorded

@@ -23,18 +23,22 @@ from trustdb.dbschema import (
     _CONTENT_T,
     _ENTRIES,
     _ENTRY,
+    _SOURCE,
+    _SOURCES,
     _VERIFIED_KEY,
     _VERIFIED_T,
     _VERIFIED_VERSION,
     _changes_key,
     _decode_changes,
+    _decode_part,
     _decode_verified,
+    _part_key,
     _read_generation,
     _verified_key,
     _verified_version,
     path_key,
 )
-from trustdb.model import FileDigests, InodeKey
+from trustdb.model import FileDigests, InodeKey, PartState
 
 _ENTRY_PATH_AT = 32 + _ENTRY.size
 _V_DIGEST_AT = _VERIFIED_VERSION.size
@@ -71,6 +75,18 @@ class DigestCacheView:
         if (want_sha256 and digests.sha256 is None) or (want_md5 and digests.md5 is None):
             return None
         return digests
+
+    def previous_part(self, label: str, name: str) -> PartState | None:
+        """What the last import of source `label` recorded for its part `name` (SCHEMA: P)."""
+        with self._read() as txn:
+            source = txn.get(_SOURCES + label.encode())
+            if source is None:
+                return None
+            raw = txn.get(_part_key(_SOURCE.unpack_from(source)[0], name))
+        if raw is None:
+            return None
+        fingerprint, files, not_executable, recorded = _decode_part(raw)
+        return PartState(fingerprint, files, not_executable, recorded)
 
 
 class MirrorSnapshot:

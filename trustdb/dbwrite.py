@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import lmdb
 
@@ -20,6 +20,7 @@ from trustdb.dbschema import (
     _FLAG_SHA256,
     _MAX_DIRECT_PATH_KEY,
     _META,
+    _PARTS,
     _SOURCE,
     _SOURCE_IDS,
     _SOURCES,
@@ -28,25 +29,36 @@ from trustdb.dbschema import (
     CHANGE_LOG_KEEP,
     MAX_LOGGED_PATHS,
     _changes_key,
+    _decode_part,
     _decode_verified,
     _encode_changes,
+    _encode_part,
     _entry_digests,
     _has_prefix,
     _merge_digests,
+    _part_key,
     _scan,
     _verified_key,
     _verified_version,
     path_key,
 )
 from trustdb.hashing import FRESH_CTIME_SECONDS
-from trustdb.model import FileDigests, InodeKey, SkippedEntry, TrustEntry
+from trustdb.model import (
+    FileDigests,
+    InodeKey,
+    KeptPart,
+    PartDone,
+    SkippedEntry,
+    StreamItem,
+    TrustEntry,
+)
 
 _ENTRY_PATH_AT = 32 + _ENTRY.size
 
-Items = Iterable[TrustEntry | SkippedEntry]
+Items = Iterable[StreamItem]
 
 
-def received(items: Items) -> Iterator[tuple[TrustEntry | SkippedEntry, float]]:
+def received(items: Items) -> Iterator[tuple[StreamItem, float]]:
     """Pair each item with the time it arrived: the arrival time bounds the hash time."""
     clock = time.time
     for item in items:
@@ -121,19 +133,33 @@ class _Txn:
 
     # --- entries and content ---
     def put_entries(
-        self, sid: int, stream: Iterable[tuple[TrustEntry | SkippedEntry, float]], *, replace: bool
+        self, sid: int, stream: Iterable[tuple[StreamItem, float]], *, replace: bool
     ) -> tuple[int, int, int, int, list[SkippedEntry]]:
         """Record a stream of (item, time received) for source `sid` (see TrustDB.add_entries).
-        -> (added, removed, unchanged, new, skipped): new counts facts that did not exist. The loop runs once per file of an import or
-        a trust, so it binds what it calls (profiled: ~14 us per entry, mostly LMDB calls)."""
+        -> (added, removed, unchanged, new, skipped): new counts facts that did not exist.
+        The loop runs once per file of an import or a trust, so it binds what it calls
+        (profiled: ~14 us per entry, mostly LMDB calls)."""
         sid_raw = _U32.pack(sid)
         old_keys = set(self.source_entry_keys(sid)) if replace else set()
         discard = old_keys.discard
         skipped: list[SkippedEntry] = []
+        part: list[tuple[bytes, int, InodeKey]] | None = []
+        parts_seen: set[bytes] = set()
         added = unchanged = new = 0
         for item, received in stream:
-            if type(item) is SkippedEntry:
-                skipped.append(item)
+            kind = type(item)
+            if kind is SkippedEntry:
+                skipped.append(item)  # type: ignore[arg-type]
+                part = None  # a part with a problem is verified again next time
+                continue
+            if kind is PartDone or kind is KeptPart:
+                key = _part_key(sid, item.name)  # type: ignore[union-attr]
+                parts_seen.add(key)
+                if kind is KeptPart:
+                    unchanged += self.keep_part(key, sid_raw, discard)
+                else:
+                    self.write_part(key, item, part)  # type: ignore[arg-type]
+                part = []
                 continue
             assert isinstance(item, TrustEntry)
             raw = os.fsencode(item.path)
@@ -147,9 +173,43 @@ class _Txn:
                 discard(ek)
             if item.inode is not None:
                 self.cache_entry(item, received)
+                if part is not None:
+                    part.append((raw, item.size, item.inode))
+            else:
+                part = None
         for ek in sorted(old_keys):
             self.delete_entry(ek)
+        if replace:
+            self.drop_parts(sid, keep=parts_seen)
         return added, len(old_keys), unchanged, new, skipped
+
+    # --- parts (SCHEMA: P) ---
+    def keep_part(self, key: bytes, sid_raw: bytes, discard: Callable[[bytes], None]) -> int:
+        """The importer found the part unchanged: its recorded entries stay. -> how many."""
+        raw = self.txn.get(key)
+        if raw is None:
+            return 0
+        recorded = _decode_part(raw)[3]
+        for path, _size, _key in recorded:
+            pk = path if len(path) <= _MAX_DIRECT_PATH_KEY else path_key(os.fsdecode(path))
+            discard(pk + b"\0" + sid_raw)
+        return len(recorded)
+
+    def write_part(
+        self, key: bytes, done: PartDone, recorded: list[tuple[bytes, int, InodeKey]] | None
+    ) -> None:
+        if done.fingerprint is None or recorded is None:
+            self.txn.delete(key)
+            return
+        value = _encode_part(done.fingerprint, done.files, done.not_executable, recorded)
+        if self.txn.get(key) != value:
+            self.txn.put(key, value)
+
+    def drop_parts(self, sid: int, *, keep: set[bytes] = frozenset()) -> None:  # type: ignore[assignment]
+        """Forget the source's part records (all, or those not in `keep`)."""
+        stale = [k for k, _v in _scan(self.txn, _PARTS + _U32.pack(sid)) if k not in keep]
+        for k in stale:
+            self.txn.delete(k)
 
     def put_entry(
         self, sid_raw: bytes, ek: bytes, raw_path: bytes, entry: TrustEntry

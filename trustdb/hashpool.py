@@ -140,9 +140,12 @@ def _hash_small_blake3(path: str, flags: int, request: HashRequest) -> PackedRes
         if size > SMALL_FILE or not statmod.S_ISREG(st.st_mode):
             return _hash_general(path, request)
         mode = st.st_mode
-        if request.executable_only and not mode & 0o111:
-            if classify(os.pread(fd, 4, 0), mode, path) is FileKind.OTHER:
-                return None
+        if (
+            request.executable_only
+            and not mode & 0o111
+            and classify(os.pread(fd, 4, 0), mode, path) is FileKind.OTHER
+        ):
+            return None
         data = os.read(fd, size + 1)
         after = os.fstat(fd)
     except OSError:
@@ -317,7 +320,7 @@ def _serve(tasks: Connection, results: Connection, inherited: list[Connection]) 
             return
         try:
             answer: list[PackedResult] | str = hash_batch(chunk, replace(request, threads=False))
-        except Exception as e:  # a bug, not a file problem: the parent aborts with this line
+        except Exception as e:  # noqa: BLE001 (a bug, not a file problem: the parent aborts)
             answer = f"{type(e).__name__}: {e}"
         results.send(answer)
 

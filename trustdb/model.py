@@ -99,3 +99,40 @@ class SkippedEntry:
     fatal: bool = False
     """True when the skip should make the command exit non-zero (unreadable, vanished,
     mismatched); False for benign skips (FIFO, socket, documentation)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartDone:
+    """In a source's stream, after the items of one part (a package): what the database keeps
+    so that the next import can skip the part when nothing about it changed (SCHEMA: P)."""
+
+    name: str
+    """The part's name inside the source (the package's origin)."""
+    fingerprint: bytes | None
+    """A digest of everything the importer read to list the part's claims (its package
+    database records and their stat keys); None: the part may not be skipped next time."""
+    files: int
+    not_executable: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeptPart:
+    """In a source's stream, in place of a part's items: the part is exactly as recorded
+    (same fingerprint, every recorded file still has its inode key), keep its entries."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PartState:
+    """One part (package) as the last import left it (see `trustdb.dbview.DigestCacheView.previous_part`)."""
+
+    fingerprint: bytes
+    files: int
+    not_executable: int
+    recorded: list[tuple[bytes, int, InodeKey]]
+    """(raw path, size, inode key) of each entry the part recorded."""
+
+
+StreamItem = TrustEntry | SkippedEntry | PartDone | KeptPart
+"""What a source write consumes."""

@@ -45,8 +45,8 @@ def collect_all(importer: Importer) -> tuple[dict[str, TrustEntry], list[Skipped
     for item in importer.collect(NoCache()):
         if isinstance(item, TrustEntry):
             entries[item.path] = item
-        else:
-            skipped.append(item)
+        elif isinstance(item, SkippedEntry):
+            skipped.append(item)  # (part markers, for the database, are not results)
     return entries, skipped
 
 

@@ -40,7 +40,7 @@ def test_records_executable_content_of_installed_packages(deb_root: Path) -> Non
     elf = entries[f"{deb_root}/usr/bin/hello"]
     data = (deb_root / "usr/bin/hello").read_bytes()
     assert elf.digest == blake3.blake3(data).digest()
-    assert elf.sha256 == hashlib.sha256(data).digest()
+    assert elf.sha256 is None  # dpkg records MD5: no SHA-256 pass (issue 11)
     assert elf.md5 == hashlib.md5(data).digest()
     assert elf.kind is FileKind.ELF and elf.origin == ORIGIN
     assert entries[f"{deb_root}/usr/bin/hello-script"].kind is FileKind.SCRIPT
@@ -232,3 +232,69 @@ def test_this_machines_dpkg_database(cli_env: dict[str, str]) -> None:
     bash = Path("/usr/bin/bash").read_bytes()
     with TrustDB.open(Path(cli_env["TRUSTDB_DB"])) as db:
         assert db.is_trusted(blake3.blake3(bash).digest())
+
+
+def test_unchanged_packages_are_kept_without_reading_and_any_change_reverifies(
+    deb_root: Path, cli_env: dict[str, str]
+) -> None:
+    """An unchanged re-import keeps a package by its fingerprint (status fields, the stat keys
+    of its md5sums and list files) and the inode keys of the files it recorded (SCHEMA: P).
+    Each way the package can change makes the import read it again."""
+    db_path = Path(cli_env["TRUSTDB_DB"])
+    time.sleep(ondisk.FRESH_SECONDS)
+    args = ("import", "deb", "--root", str(deb_root), "--json")
+
+    def run() -> dict[str, object]:
+        result = trustdb(cli_env, *args)
+        assert result.returncode in (0, 3), result.stderr
+        (src,) = json.loads(result.stdout)["sources"]
+        return src  # type: ignore[no-any-return]
+
+    first = run()
+    assert first["stats"]["packages_kept"] == 0  # type: ignore[index]
+    again = run()
+    assert again["stats"]["packages_kept"] >= 1  # type: ignore[index]
+    assert again["stats"]["files"] == first["stats"]["files"]  # type: ignore[index]
+    assert again["stats"]["recorded"] == first["stats"]["recorded"]  # type: ignore[index]
+    assert again["write"]["unchanged"] == first["write"]["added"]  # type: ignore[index]
+
+    # A recorded file whose inode key changed (chmod moves ctime): the package is read again.
+    hello = deb_root / "usr/bin/hello"
+    hello.chmod(0o755)
+    time.sleep(ondisk.FRESH_SECONDS)
+    changed = run()
+    assert changed["stats"]["packages_kept"] == again["stats"]["packages_kept"] - 1  # type: ignore[index]
+
+    # A path untrusted by hand comes back with the next import (parts are dropped).
+    untrust = trustdb(cli_env, "untrust", str(hello))
+    assert untrust.returncode == 0, untrust.stderr
+    restored = run()
+    assert restored["write"]["added"] == 1  # type: ignore[index]
+    with TrustDB.open(db_path) as db:
+        assert db.is_trusted(blake3.blake3(hello.read_bytes()).digest())
+
+    # The package's records rewritten (as an upgrade or reinstall does): read again.
+    kept = run()["stats"]["packages_kept"]  # type: ignore[index]
+    md5sums = deb_root / "var/lib/dpkg/info/hello.md5sums"
+    md5sums.write_bytes(md5sums.read_bytes())
+    assert run()["stats"]["packages_kept"] == kept - 1  # type: ignore[index]
+
+    # Tampered content under a kept package: the key changed, so it is verified and fails.
+    (deb_root / "usr/bin/hello-script").write_bytes(b"#!/bin/sh\necho evil\n")
+    tampered = trustdb(cli_env, "import", "deb", "--root", str(deb_root))
+    assert tampered.returncode == 3
+    assert f"FAILED  {deb_root}/usr/bin/hello-script [{ORIGIN}]" in tampered.stdout
+
+
+def test_a_corrupt_part_record_is_not_trusted_blindly(
+    deb_root: Path, cli_env: dict[str, str]
+) -> None:
+    """A part record naming a file whose key does not match is simply a miss."""
+    time.sleep(ondisk.FRESH_SECONDS)
+    assert trustdb(cli_env, "import", "deb", "--root", str(deb_root)).returncode == 0
+    hello = deb_root / "usr/bin/hello"
+    hello.unlink()  # vanished: the recorded key cannot match
+    result = trustdb(cli_env, "import", "deb", "--root", str(deb_root))
+    assert result.returncode == 0 and "missing" not in result.stderr
+    with TrustDB.open(Path(cli_env["TRUSTDB_DB"])) as db:
+        assert f"{deb_root}/usr/bin/hello" not in {r.path for r in db.iter_paths()}

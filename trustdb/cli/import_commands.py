@@ -37,7 +37,7 @@ from trustdb.cli.common import (
     prepare_new_database,
 )
 from trustdb.db import DatabaseError, TrustDB, WriteStats
-from trustdb.model import SkippedEntry, TrustEntry
+from trustdb.model import SkippedEntry, StreamItem
 from trustdb_importers.interface import Importer, ImporterError
 from trustdb_importers.ondisk import ImportStats, OnDiskImporter
 
@@ -96,7 +96,7 @@ def import_deb(
     verbose: VerboseOption = False,
 ) -> None:
     """Installed Debian packages (dpkg status, md5sums): verify each file's MD5 on disk, then
-    record its BLAKE3 and SHA-256. Mismatches are listed and not trusted."""
+    record its BLAKE3 (both from one read). Mismatches are listed and not trusted."""
     admin = str(admindir) if admindir else None
     from trustdb_importers.deb import DebImporter  # each parser on first use (start-up time)
 
@@ -209,9 +209,7 @@ def _import_one(db: TrustDB, importer: Importer, show: bool) -> Outcome:
     return outcome
 
 
-def _tee(
-    items: Iterable[TrustEntry | SkippedEntry], skipped: list[SkippedEntry]
-) -> Iterator[TrustEntry | SkippedEntry]:
+def _tee(items: Iterable[StreamItem], skipped: list[SkippedEntry]) -> Iterator[StreamItem]:
     for item in items:
         if isinstance(item, SkippedEntry):
             skipped.append(item)
@@ -273,7 +271,8 @@ def _print_outcome(o: Outcome, *, quiet: bool, verbose: bool) -> None:
             f"{st.packages} packages, {st.files} files: {st.recorded} trusted, "
             f"{st.not_executable} not executable, {st.skipped} skipped ({st.fatal} failed"
             f"{'' if verbose or st.skipped == st.fatal else '; --verbose lists them'}); "
-            f"{st.bytes_hashed / 1e6:.1f} MB hashed, {st.cache_hits} unchanged files not re-read;"
+            f"{st.bytes_hashed / 1e6:.1f} MB hashed, {st.cache_hits} unchanged files not re-read"
+            f"{f' ({st.packages_kept} packages unchanged)' if st.packages_kept else ''};"
         )
     if w is not None:
         parts.append(
