@@ -13,7 +13,8 @@ Then, at database sizes (--sizes, default 10k, 137k and 1M entries; files on dis
 /var/tmp, tiny and distinct): the warm sync of a new mirror over the whole database (what the
 service and `trustdb run` do at start; goal: 137k in under 1 s), against a refresh after one
 `trust` of a new file and one `untrust` (goal: in proportion to the change, not the database),
-in alternating rounds.
+and against `Mirror.prime` (the map filled from the verification cache alone: what `trustdb run`
+attaches on, the walk following after the attach), in alternating rounds.
 
 With --kernel-map the warm syncs fill a real BPF map (the tracepoint backend's, loaded and
 never attached), sized from the database as the service sizes it.
@@ -163,6 +164,7 @@ def bench_sizes(sizes: list[int], rounds: int, kernel_map: bool = False) -> None
             mirror = Mirror(db, CountingSink())
             mirror.sync()
             syncs: list[float] = []
+            primes: list[float] = []
             refreshes: list[float] = []
             extra = root / "extra"
             size = ""
@@ -174,9 +176,20 @@ def bench_sizes(sizes: list[int], rounds: int, kernel_map: bool = False) -> None
                         s = Mirror(db, kmap.sink).sync()
                     finally:
                         kmap.close()
+                    kmap = KernelMap(n)
+                    try:
+                        t0 = time.perf_counter()
+                        primed = Mirror(db, kmap.sink).prime()
+                        primes.append(time.perf_counter() - t0)
+                    finally:
+                        kmap.close()
                 else:
                     s = Mirror(db, CountingSink()).sync()
+                    t0 = time.perf_counter()
+                    primed = Mirror(db, CountingSink()).prime()
+                    primes.append(time.perf_counter() - t0)
                 assert s.cached >= n - r - 1 and not s.skipped, s
+                assert primed >= n - r - 1, primed
                 syncs.append(s.elapsed)
                 f = extra / f"new{r}"
                 extra.mkdir(exist_ok=True)
@@ -189,7 +202,9 @@ def bench_sizes(sizes: list[int], rounds: int, kernel_map: bool = False) -> None
                 assert st is not None and st.paths == 2 and st.inserted == 1 and st.removed == 1, st
             db.close()
         sm, rm = statistics.median(syncs), statistics.median(refreshes)
+        pm = statistics.median(primes)
         print(f"  {n:>9,} entries: warm sync {sm:7.3f} s ({sm / n * 1e6:4.1f} us/path)   "
+              f"prime from the cache {pm:6.3f} s (x{pm / sm:.2f} of the sync)   "
               f"refresh (+1 -1) {rm * 1e3:7.2f} ms   refresh/sync x{rm / sm:.4f}   "
               f"(db built in {built:.1f} s{size})")
 

@@ -86,6 +86,11 @@ from trustdb.model import FileDigests, InodeKey
 MIN_MAP_ENTRIES = 1 << 14
 
 
+class SyncCancelled(Exception):
+    """`Mirror.cancel` stopped a sync: the keys it inserted so far stay (each was verified),
+    nothing stale was removed yet."""
+
+
 def map_size_for(entries: int) -> int:
     """Trusted-inode map size for a database of `entries` (path, source) facts: two keys per
     path (overlayfs files give two), plus the first-seen keys (MAX_FIRST_SEEN), rounded up to a
@@ -108,7 +113,7 @@ class Mirror(FirstSeenFiles):
         db: MirrorSource,
         sink: KeySink,
         *,
-        batch_size: int = 4096,
+        batch_size: int = 16384,
         multigrain: bool | None = None,
         max_first_seen_wait_ns: int = 20_000_000,
     ) -> None:
@@ -141,6 +146,7 @@ class Mirror(FirstSeenFiles):
         self._untrusted: dict[bytes, set[str]] = {}
         """Recorded paths whose content on disk no source trusts, by that content's digest:
         a refresh verifies them again when the digest becomes trusted."""
+        self._cancelled = False
         self.hash_count = 0
         """Files read and hashed over this mirror's life (tests and benchmarks use it)."""
 
@@ -238,6 +244,37 @@ class Mirror(FirstSeenFiles):
                 self._key_refs.pop(k, None)
         return len(stale)
 
+    def cancel(self) -> None:
+        """Make a sync running on another thread stop soon (SyncCancelled): a `run` whose
+        command ended does not wait for the walk that follows its attach."""
+        self._cancelled = True
+
+    def prime(self) -> int:
+        """Fill the sink from the verification cache alone, before any walk (no stat, no path):
+        every cached inode version whose content some source trusts now. Returns how many keys
+        went in. Sound for the same reason a cache hit is: the cache holds a version (inode,
+        ctime, size) only once it was read unchanged and its ctime tick had passed, so any later
+        change of that inode, or a new file on a reused inode number, has another key. What the
+        cache cannot know (a recorded file changed since, overlayfs's second key) waits for the
+        walk, or the first-seen handler meets it first. The next `sync` (a `refresh` runs one
+        first) reconciles: it adds what the walk finds and removes the primed keys that no
+        recorded path or first-seen file holds any more."""
+        snapshot = open_snapshot(self._db)
+        try:
+            cached = getattr(snapshot, "trusted_cached_keys", None)
+            if cached is None:  # a source with no verification cache to read
+                return 0
+            found = cached()
+        finally:
+            snapshot.close()
+        with self._lock:
+            new = [k for k in found if k not in self._keys]
+            for start in range(0, len(new), self._batch):
+                self._sink.add(new[start : start + self._batch])
+            for k in new:
+                self._keys[k] = found[k]
+        return len(new)
+
     def adopt(self, generation: int, keys: Iterable[InodeKey]) -> None:
         """Take over a sink an earlier mirror filled at `generation` (the service's pinned map,
         after a restart): its keys count as this mirror's, so the next `refresh` only changes
@@ -275,7 +312,11 @@ class Mirror(FirstSeenFiles):
             paths = 0
             for path, recorded in snapshot.paths():
                 paths += 1
+                if not paths & 0xFF and self._cancelled:
+                    raise SyncCancelled("the mirror's walk was cancelled")
                 self._take(path, self._check.examine(path, recorded, walk), walk, recorded)
+            if self._cancelled:
+                raise SyncCancelled("the mirror's walk was cancelled")
             self._hash_queued(walk)
             deferred_total = len(walk.deferred)
             self._retry_deferred(walk)

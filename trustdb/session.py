@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from trustdb.first_seen_handler import Denial as FirstSeenDenial
     from trustdb.policy import ProgramRef
 
+PRIME_COVERAGE = 0.9
+"""`run` attaches on a map filled from the verification cache alone when the cache holds at
+least this share of the database's entries (else it walks the database first)."""
+
 REFRESH_INTERVAL_S = 1.0
 """How often the mirror checks the DB generation (a `trustdb trust` from outside shows up)."""
 
@@ -182,6 +186,7 @@ class EngineSession:
                                          interpreters=interpreters or NO_INTERPRETERS)
             self._closers.append(self._engine.stop)
             self._engine.start()
+            self._start_reconcile()
             try:
                 self._logger = events.Logger.create("file")
             except OSError:
@@ -234,9 +239,15 @@ class EngineSession:
         return functools.partial(TrustDB.open, self._db_path)
 
     def _start_first_sync(self) -> None:
-        """The mirror's first sync (stat and database lookups, in Python) runs on a thread
-        while the engine loads the BPF object (the kernel verifier, GIL released); its keys
-        wait in a buffer until the map exists (`_prepare`). Nothing attaches before that."""
+        """The mirror's first fill runs on a thread while the engine loads the BPF object (the
+        kernel verifier, GIL released); its keys wait in a buffer until the map exists
+        (`_prepare`). Nothing attaches before that.
+
+        The fill is `Mirror.prime` (the verification cache alone: no stat, no path) when the
+        cache covers the database; the walk that reconciles it (`Mirror.sync`) then runs after
+        the attach (`_start_reconcile`), off the start's critical path. A first run (a cache
+        that covers less than PRIME_COVERAGE of the entries) walks before the attach, as the
+        first-seen path would otherwise hash the whole command's closure exec by exec."""
         import threading
 
         from trustdb.mirror import Mirror
@@ -245,16 +256,42 @@ class EngineSession:
         self._buffer = BufferedKeySink()
         self._mirror = Mirror(self._db, self._buffer)
         self._first_sync_error: BaseException | None = None
+        self._walk_after_attach = False
+        self._reconcile: threading.Thread | None = None
+        self._reconcile_error: BaseException | None = None
+        entries = self._db.entry_count()
 
         def first_sync() -> None:
             try:
-                self._mirror.sync()
+                if self._mirror.prime() >= PRIME_COVERAGE * entries:
+                    self._walk_after_attach = True
+                else:
+                    self._mirror.sync()
             except BaseException as e:  # noqa: BLE001 - re-raised by _prepare, on the caller's thread
                 self._first_sync_error = e
 
         self._first_sync = threading.Thread(target=first_sync, name="first-sync", daemon=True)
         self._first_sync.start()
         self._closers.append(self._first_sync.join)  # never close the database under it
+
+    def _start_reconcile(self) -> None:
+        """After the attach (and the first-seen handler's fork: no thread of ours runs across a
+        fork), walk the database once to reconcile the primed map (`Mirror.sync`); the refreshes
+        wait for it (`pump`)."""
+        if not self._walk_after_attach:
+            return
+        import threading
+
+        def reconcile() -> None:
+            try:
+                self._mirror.sync()
+            except BaseException as e:  # noqa: BLE001 - re-raised by pump, on the caller's thread
+                self._reconcile_error = e
+
+        self._reconcile = threading.Thread(target=reconcile, name="mirror-walk", daemon=True)
+        self._reconcile.start()
+        self._closers.append(self._reconcile.join)  # never close the database under it
+        self._closers.append(self._mirror.cancel)  # first: the command ended, stop walking
 
     def _cached_digest(self, path: str) -> bytes | None:
         from trustdb.model import InodeKey
@@ -289,6 +326,12 @@ class EngineSession:
                     consume(decision)
                 except Exception:  # noqa: BLE001 - as EventSink: keep delivering
                     self._sink.failures += 1
+        if self._reconcile is not None:
+            if self._reconcile.is_alive():
+                return  # one sync at a time: the walk after the attach applies what changed
+            self._reconcile = None
+            if self._reconcile_error is not None:
+                raise self._reconcile_error
         now = time.monotonic()
         if now >= self._next_refresh:
             self._next_refresh = now + REFRESH_INTERVAL_S

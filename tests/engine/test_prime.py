@@ -1,0 +1,166 @@
+"""`Mirror.prime`: the kernel map filled from the verification cache alone (no stat, no path),
+then reconciled by a walk after the attach. Real LMDB databases, a real BPF map in this kernel
+(the tracepoint backend's, loaded and never attached), and `trustdb run` itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.engine import test_run as base
+from tests.engine.test_mirror import settle
+from trustdb.abi import Mode
+from trustdb.backends.interface import EngineConfig, Scope
+from trustdb.backends.tracepoint import TracepointBackend
+from trustdb.db import TrustDB
+from trustdb.hashing import hash_file
+from trustdb.mirror import Mirror, SyncCancelled
+from trustdb.model import InodeKey, TrustEntry
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf]
+
+
+@pytest.fixture
+def kernel_map() -> Iterator[TracepointBackend]:
+    """A real trusted-inode map: the object loaded in audit mode for a scope no task is in, never
+    attached (it decides nothing), detached whatever happens."""
+    if os.geteuid() != 0:
+        pytest.fail("BPF map tests need root (CI runs as root)")
+    backend = TracepointBackend()
+    backend.load(EngineConfig(mode=Mode.AUDIT, scope=Scope(cgroup_id=1, cgroup_level=99),
+                              max_entries=1 << 14, events_bytes=4096))
+    try:
+        yield backend
+    finally:
+        backend.detach()
+
+
+def _tool(path: Path, tail: bytes) -> Path:
+    path.write_bytes(Path("/bin/true").read_bytes() + tail)
+    path.chmod(0o755)
+    return path
+
+
+def _trust(db: TrustDB, *paths: Path) -> None:
+    entries = []
+    for p in paths:
+        h = hash_file(str(p))
+        entries.append(TrustEntry(str(p), h.digests.blake3, h.digests.size, h.digests.kind))
+    db.add_entries("test-prime", "file", entries)
+
+
+def _key(p: Path) -> InodeKey:
+    return InodeKey.from_stat(os.stat(p))
+
+
+def test_prime_fills_the_kernel_map_from_the_cache_alone(
+        tmp_path: Path, kernel_map: TracepointBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    tools = [_tool(tmp_path / f"tool{i}", b"%d" % i) for i in range(5)]
+    sink = kernel_map.trusted_inodes
+    with TrustDB.open(tmp_path / "db", write=True) as db:
+        _trust(db, *tools)
+        settle()
+        assert Mirror(db, _Counting()).sync().hashed == 5  # the cache is written here
+
+        def no_stat(*a: object, **k: object) -> None:
+            raise AssertionError("prime must not stat")
+
+        monkeypatch.setattr(os, "stat", no_stat)
+        primed = Mirror(db, sink).prime()
+        monkeypatch.undo()
+    assert primed == 5
+    assert all(_key(t) in sink for t in tools) and len(sink) == 5
+
+
+def test_prime_leaves_out_revoked_content_and_the_walk_drops_changed_files(
+        tmp_path: Path, kernel_map: TracepointBackend) -> None:
+    """The same key with other content: a trusted file rewritten in place after it was cached
+    gets another ctime, so another key; its old key is primed (dead: no inode has it) and the
+    walk removes it. Content no source trusts any more is never primed."""
+    keep, revoked, rewritten = (_tool(tmp_path / n, n.encode()) for n in ("k", "r", "w"))
+    sink = kernel_map.trusted_inodes
+    with TrustDB.open(tmp_path / "db", write=True) as db:
+        _trust(db, keep, revoked, rewritten)
+        settle()
+        Mirror(db, _Counting()).sync()
+        db.remove_paths([str(revoked)])
+        old = _key(rewritten)
+        _tool(rewritten, b"other content, never trusted")
+        mirror = Mirror(db, sink)
+        mirror.prime()
+        assert _key(keep) in sink and _key(revoked) not in sink
+        assert old in sink and _key(rewritten) not in sink  # dead key: the inode moved on
+        stats = mirror.sync()
+        assert _key(keep) in sink and old not in sink and _key(rewritten) not in sink
+        assert len(sink) == 1, stats
+
+
+class _Counting:
+    def add(self, keys: object) -> None:
+        pass
+
+    def remove(self, keys: object) -> None:
+        pass
+
+
+def test_a_cancelled_walk_stops_and_keeps_only_verified_keys(
+        tmp_path: Path, kernel_map: TracepointBackend) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    files = []
+    for i in range(3000):
+        p = tree / f"f{i}"
+        p.write_bytes(b"\x7fELF %d" % i)
+        p.chmod(0o755)
+        files.append(p)
+    with TrustDB.open(tmp_path / "db", write=True) as db:
+        _trust(db, *files)
+        mirror = Mirror(db, kernel_map.trusted_inodes, batch_size=256)
+        errors: list[BaseException] = []
+
+        def walk() -> None:
+            try:
+                mirror.sync()
+            except BaseException as e:  # noqa: BLE001 - checked below
+                errors.append(e)
+
+        mirror.cancel()  # before it starts: it stops at its first check
+        t = threading.Thread(target=walk)
+        t.start()
+        t.join(timeout=60)
+        assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], SyncCancelled)
+        inserted = len(kernel_map.trusted_inodes)
+        assert inserted < len(files)
+        assert all(k in {_key(f) for f in files} for k in mirror.keys)
+
+
+trusted_db = base.trusted_db
+run_env = base.run_env
+
+
+def test_run_on_a_primed_map_denies_content_rewritten_after_it_was_cached(
+        tmp_path: Path, run_env: dict[str, str]) -> None:
+    """A run whose map is primed from the cache: a trusted tool runs; the same tool rewritten
+    in place (same path, same inode, other content) after its verification was cached is
+    refused, as is a new file on its reused inode number."""
+    db = tmp_path / "db"
+    tool = _tool(base.workdir_of(run_env) / "tool", b"trusted tool")
+    tools = [shutil.which(t) for t in ("sh", "true", "echo", "rm", "cp")]
+    base.trust_files(db, base._closure([t for t in tools if t]) | {str(tool)})
+    first = base.run_confined(db, f"{tool}; echo rc=$?", run_env)  # walks, caches
+    assert first.out == "rc=0\n", first
+    primed = base.run_confined(db, f"{tool}; echo rc=$?", run_env)
+    assert primed.out == "rc=0\n", primed
+    _tool(tool, b"rewritten, never trusted")
+    got = base.run_confined(db, f"{tool}; echo rc=$?", run_env)
+    assert got.out in ("rc=126\n", "rc=137\n"), got  # EPERM (first-seen) or SIGKILL (kernel)
+    assert "denied exec of" in got.err, got
+    tool.unlink()
+    _tool(tool, b"a new file, maybe on the same inode number")
+    got = base.run_confined(db, f"{tool}; echo rc=$?", run_env)
+    assert got.out in ("rc=126\n", "rc=137\n"), got
