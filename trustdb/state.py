@@ -88,16 +88,18 @@ class BackendRow:
                 "holes": list(self.holes)}
 
 
-def probe_backends() -> list[BackendRow]:
-    """Every compiled-in backend, strongest first, probed on this kernel (afresh: the answers
-    are remembered for `run`, trustdb.probecache); the first that works is the one `run` and
+def probe_backends(*, remembered: bool = False) -> list[BackendRow]:
+    """Every compiled-in backend, strongest first, probed on this kernel (afresh, and the
+    answers remembered for `run`: trustdb.probecache; with `remembered`, this boot's remembered
+    answers where there are: `trustdb status`); the first that works is the one `run` and
     `daemon` pick by default."""
     from trustdb import backends
 
+    probe_of = backends.remembered_or_probe if remembered else backends.probe_and_remember
     rows = []
     chosen = False
     for cls in sorted(backends.COMPILED, key=lambda b: -b.strength):
-        probe = backends.probe_and_remember(cls())
+        probe = probe_of(cls())
         rows.append(BackendRow(cls.name, probe.ok, probe.reason, probe.ok and not chosen,
                                getattr(cls, "guarantees", ""), tuple(cls.holes)))
         chosen = chosen or probe.ok

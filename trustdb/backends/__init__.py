@@ -30,6 +30,7 @@ __all__ = [
     "TracepointBackend",
     "names",
     "probe_and_remember",
+    "remembered_or_probe",
     "select",
     "select_loaded",
 ]
@@ -127,6 +128,11 @@ def _remembered_probe(backend: Backend) -> Probe | None:
     if found is None:
         return None
     return Probe(found.ok, found.reason)
+
+
+def remembered_or_probe(backend: Backend) -> Probe:
+    """This boot's remembered probe of `backend`, else a probe now (remembered)."""
+    return _remembered_probe(backend) or probe_and_remember(backend)
 
 
 def probe_and_remember(backend: Backend) -> Probe:

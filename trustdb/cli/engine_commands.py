@@ -211,7 +211,7 @@ def engine_status() -> dict[str, object]:
     backend this kernel gives a new engine (schemas/status.json)."""
     from trustdb import state
 
-    chosen = next((r for r in state.probe_backends() if r.selected), None)
+    chosen = next((r for r in state.probe_backends(remembered=True) if r.selected), None)
     return {"engines": [s.to_dict() for s in state.running_engines()],
             "backend": chosen.name if chosen else None}
 
