@@ -218,8 +218,8 @@ class EngineSession:
         if protect is not None and not self._config.scope.system_wide:
             protect(self._db_path)  # lsm: the kernel itself refuses the confined tree any DB change
         self._first_sync.join()
-        if self._first_sync_error is not None:
-            raise self._first_sync_error
+        if self._first_sync.error is not None:
+            raise self._first_sync.error
         self._buffer.attach(backend.trusted_inodes)
         if self._programs:
             from trustdb.confine.programs import resolve_program_flags
@@ -248,30 +248,22 @@ class EngineSession:
         the attach (`_start_reconcile`), off the start's critical path. A first run (a cache
         that covers less than PRIME_COVERAGE of the entries) walks before the attach, as the
         first-seen path would otherwise hash the whole command's closure exec by exec."""
-        import threading
-
         from trustdb.mirror import Mirror
         from trustdb.mirrorsource import BufferedKeySink
 
         self._buffer = BufferedKeySink()
         self._mirror = Mirror(self._db, self._buffer)
-        self._first_sync_error: BaseException | None = None
         self._walk_after_attach = False
-        self._reconcile: threading.Thread | None = None
-        self._reconcile_error: BaseException | None = None
+        self._reconcile: _MirrorThread | None = None
         entries = self._db.entry_count()
 
-        def first_sync() -> None:
-            try:
-                if self._mirror.prime() >= PRIME_COVERAGE * entries:
-                    self._walk_after_attach = True
-                else:
-                    self._mirror.sync()
-            except BaseException as e:  # noqa: BLE001 - re-raised by _prepare, on the caller's thread
-                self._first_sync_error = e
+        def first_fill() -> None:
+            if self._mirror.prime() >= PRIME_COVERAGE * entries:
+                self._walk_after_attach = True
+            else:
+                self._mirror.sync()
 
-        self._first_sync = threading.Thread(target=first_sync, name="first-sync", daemon=True)
-        self._first_sync.start()
+        self._first_sync = _MirrorThread("first-sync", first_fill)
         self._closers.append(self._first_sync.join)  # never close the database under it
 
     def _start_reconcile(self) -> None:
@@ -280,16 +272,7 @@ class EngineSession:
         wait for it (`pump`)."""
         if not self._walk_after_attach:
             return
-        import threading
-
-        def reconcile() -> None:
-            try:
-                self._mirror.sync()
-            except BaseException as e:  # noqa: BLE001 - re-raised by pump, on the caller's thread
-                self._reconcile_error = e
-
-        self._reconcile = threading.Thread(target=reconcile, name="mirror-walk", daemon=True)
-        self._reconcile.start()
+        self._reconcile = _MirrorThread("mirror-walk", self._mirror.sync)
         self._closers.append(self._reconcile.join)  # never close the database under it
         self._closers.append(self._mirror.cancel)  # first: the command ended, stop walking
 
@@ -329,9 +312,9 @@ class EngineSession:
         if self._reconcile is not None:
             if self._reconcile.is_alive():
                 return  # one sync at a time: the walk after the attach applies what changed
-            self._reconcile = None
-            if self._reconcile_error is not None:
-                raise self._reconcile_error
+            error, self._reconcile = self._reconcile.error, None
+            if error is not None:
+                raise error
         now = time.monotonic()
         if now >= self._next_refresh:
             self._next_refresh = now + REFRESH_INTERVAL_S
@@ -344,6 +327,31 @@ class EngineSession:
                 closer()
             except Exception as e:  # noqa: BLE001 - the next closer must still run
                 print(f"trustdb: cleanup: {e}", file=sys.stderr)
+
+
+class _MirrorThread:
+    """One mirror fill on a thread of its own; what it raised is re-raised by its owner, on the
+    owner's thread (`error`, read after `join`)."""
+
+    def __init__(self, name: str, work: Callable[[], object]) -> None:
+        import threading
+
+        self.error: BaseException | None = None
+        self._work = work
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._work()
+        except BaseException as e:  # noqa: BLE001 - re-raised by the owner
+            self.error = e
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 def _first_seen_decision(d: FirstSeenDenial, mode: Mode, backend: str) -> Decision:
