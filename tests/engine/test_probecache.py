@@ -136,12 +136,13 @@ def test_the_tree_cannot_plant_a_refusal(trusted_db: Path, tmp_path: Path) -> No
     """Inside `trustdb run` the tree (root) writes a refusal where the host's runs read it:
     /run is the tree's own tmpfs, so the host's answer is untouched."""
     host = Path("/run/trustdb/probes/lsm.json")
-    before = host.read_bytes() if host.exists() else None
     (tmp_path / "log").mkdir()
     env = dict(os.environ, TRUSTDB_LOG=str(tmp_path / "log" / "decisions.jsonl"))
     env.pop("TRUSTDB_RUN_DIR", None)
     planted = '{"key": {}, "ok": false, "reason": "planted"}'
     got = base.run_confined(trusted_db, f"mkdir -p {host.parent}; echo '{planted}' > {host}; echo rc=$?", env)
     assert "rc=" in got.out, got
+    # Not compared byte for byte: other runs on this host (another build of the object) may
+    # rewrite the file meanwhile. What matters is that the tree's answer is not there.
     after = host.read_bytes() if host.exists() else None
-    assert after == before and (after is None or b"planted" not in after), got
+    assert after is None or b"planted" not in after, got
