@@ -29,7 +29,7 @@ import enum
 import fcntl
 import os
 import stat as statmod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,7 +42,7 @@ from trustdb.fskeys import (
     kernel_keys,
     wait_for_coarse_clock,
 )
-from trustdb.hashing import HashingError, NotExecutable, classify, hash_fd
+from trustdb.hashing import HashingError, NotExecutable, classify, hash_fd, is_script_name
 from trustdb.model import FileDigests, FileKind, InodeKey
 
 MAX_FIRST_SEEN_WAIT_NS = 20_000_000
@@ -54,12 +54,6 @@ MAX_REMEMBERED = 4096
 
 _F_SETLEASE = 1024
 _F_RDLCK, _F_UNLCK = 0, 2
-
-SCRIPT_SUFFIXES = frozenset(
-    {".py", ".pyc", ".pyw", ".pl", ".pm", ".rb", ".sh", ".bash", ".js", ".mjs", ".cjs",
-     ".lua", ".php", ".tcl"}
-)
-"""Files an interpreter loads as code, by name (a `#!` first line counts as well)."""
 
 
 class Outcome(enum.Enum):
@@ -223,15 +217,13 @@ class FirstSeen:
 # --- interpreters and their scripts -------------------------------------------------------------
 
 
-def is_script_for(path: str, head: bytes, cmdline: list[str]) -> bool:
-    """Whether an interpreter opening `path` is loading code: a script suffix, a `#!` first
-    line, or the file named as an argument of the interpreter."""
-    if head.startswith(b"#!"):
-        return True
-    if os.path.splitext(path)[1] in SCRIPT_SUFFIXES:
-        return True
-    return any(arg == path or (arg and path.endswith("/" + arg.lstrip("./"))) for arg in
-               cmdline[1:])
+def is_script_for(path: str, head: bytes, identity: tuple[int, int],
+                  script_files: Collection[tuple[int, int]]) -> bool:
+    """Whether an interpreter opening the file `identity` (st_dev, st_ino), reached as `path`,
+    is loading code: it is one of the files its command line or environment names as code
+    (`trustdb.script_args`: by identity, so a symlink or /dev/fd/N is the same file), it has a
+    `#!` first line, or it is named like script content (`hashing.is_script_name`)."""
+    return identity in script_files or head.startswith(b"#!") or is_script_name(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,9 +233,15 @@ class Interpreters:
 
     keys: Collection[InodeKey] = ()
     digests: Collection[bytes] = ()
+    """A mapping digest -> the interpreter's name (`python3.11`, `mawk`: how its command line
+    is read, `trustdb.script_args`) where known; a plain collection otherwise."""
 
     def __bool__(self) -> bool:
         return bool(self.keys or self.digests)
+
+    def name_of(self, digest: bytes | None) -> str:
+        names = self.digests
+        return names.get(digest, "") if isinstance(names, Mapping) and digest else ""
 
 
 NO_INTERPRETERS = Interpreters()

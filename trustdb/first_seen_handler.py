@@ -58,6 +58,7 @@ from trustdb.first_seen import (
     is_script_for,
 )
 from trustdb.model import InodeKey
+from trustdb.script_args import ScriptIdentities
 from trustdb.write_opens import TRUNCATE, opening_for_write
 
 PERM_MASK = FAN_OPEN_EXEC_PERM | FAN_OPEN_PERM
@@ -315,6 +316,7 @@ class _Serve:
         self.ctl = ctl
         self.report = report
         self.reported: set[tuple[int, InodeKey | None]] = set()
+        self.script_files = ScriptIdentities()
 
     def run(self, targets: list[str], how: str) -> int:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -414,8 +416,9 @@ class _Serve:
                 return True
             is_exec = bool(ev.mask & FAN_OPEN_EXEC_PERM)
             script = False
-            if not is_exec and self.config.interpreters and self._interpreter(ev.pid):
-                script = self._is_script(ev)
+            if not is_exec and self.config.interpreters:
+                interpreter = self._interpreter(ev.pid)
+                script = interpreter is not None and self._is_script(ev, interpreter)
             hashed = self.first_seen.hashed
             checked = self.first_seen.check(ev.fd, code=script)
             self.counts["hashed"] += self.first_seen.hashed - hashed
@@ -464,30 +467,33 @@ class _Serve:
             return bool(opening_for_write(ev.pid))
         return bool(opening_for_write(ev.pid, TRUNCATE))
 
-    def _interpreter(self, pid: int) -> bool:
+    def _interpreter(self, pid: int) -> str | None:
+        """The interpreter's name if `pid` runs one (known by its exe's key or content)."""
         interpreters = self.config.interpreters
         try:
             st = os.stat(f"/proc/{pid}/exe")  # stat, never open: that would ask ourselves
+            exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
         except OSError:
-            return False
+            return None
         key = InodeKey.from_stat(st)
         if key in interpreters.keys:
-            return True
+            return exe
         if interpreters.digests:
             cached = self.first_seen.trust.digest_cache().lookup(key, st.st_size)
             digest = cached.blake3 if cached else self.first_seen.inserted.get(key)
-            return digest in interpreters.digests
-        return False
+            if digest in interpreters.digests:
+                return interpreters.name_of(digest) or exe
+        return None
 
-    def _is_script(self, ev: Event) -> bool:
+    def _is_script(self, ev: Event, interpreter: str) -> bool:
         try:
-            path = os.readlink(f"/proc/self/fd/{ev.fd}")
+            st = os.fstat(ev.fd)
             head = os.pread(ev.fd, 2, 0)
-            with open(f"/proc/{ev.pid}/cmdline", "rb") as f:
-                cmdline = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+            path = os.readlink(f"/proc/self/fd/{ev.fd}")
         except OSError:
             return False
-        return is_script_for(path, head, cmdline)
+        return is_script_for(path, head, (st.st_dev, st.st_ino),
+                             self.script_files.of(ev.pid, interpreter))
 
     def _report(self, ev: Event, pidfd: int, what: str, checked: Checked, *,
                 denied: bool) -> None:
@@ -547,7 +553,7 @@ def _settled_data(fd: int, checked: Checked) -> bool:
         head = os.pread(fd, 2, 0)
     except OSError:
         return False
-    return not is_script_for(_event_path(fd), head, [])
+    return not is_script_for(_event_path(fd), head, (-1, -1), ())
 
 
 def _asdict(d: Denial) -> dict[str, object]:

@@ -70,6 +70,7 @@ class HashedFile:
 SCRIPT_EXTENSIONS = (
     ".py",
     ".pyc",
+    ".pyw",
     ".pl",
     ".pm",
     ".rb",
@@ -81,6 +82,7 @@ SCRIPT_EXTENSIONS = (
     ".lua",
     ".php",
     ".tcl",
+    ".pth",
 )
 """Names of script content an interpreter loads (FileKind.SCRIPT_SOURCE)."""
 

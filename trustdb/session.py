@@ -75,7 +75,7 @@ _HOOK_WORDS = {
     Hook.EXEC: "exec",
     Hook.MMAP: "executable mapping",
     Hook.MPROTECT: "mprotect(PROT_EXEC)",
-    Hook.SCRIPT: "script",
+    Hook.SCRIPT: "script load (by an interpreter)",
     Hook.WRITE: "write to code",
 }
 # Why, for the reasons that are not "this content is not trusted" (abi.Reason names, lowered).
@@ -363,7 +363,8 @@ def _first_seen_decision(d: FirstSeenDenial, mode: Mode, backend: str) -> Decisi
 
     return Decision(
         time=dt.datetime.now(dt.UTC), pid=d.tgid, tgid=d.tgid, ppid=0, uid=0,
-        comm=os.path.basename(d.path)[:15], path=d.path, dev=d.dev, ino=d.ino, hook=Hook.EXEC,
+        comm=os.path.basename(d.path)[:15], path=d.path, dev=d.dev, ino=d.ino,
+        hook=Hook.SCRIPT if d.what == "script" else Hook.EXEC,
         verdict=Verdict.DENY if d.denied else Verdict.AUDIT_DENY, mode=mode,
         backend=f"{backend}+fanotify",
         reason={"exec": "untrusted_exec", "write": WRITE_TRUSTED}.get(d.what, "untrusted_script"),

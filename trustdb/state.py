@@ -22,10 +22,14 @@ class EngineState:
     scope: str
     """The cgroup path, or `system-wide`."""
     command: str = ""
+    confinement: str = ""
+    """`run`: what confines the tree's filesystem and network (Landlock ABI N or the mount
+    fallback, the network rules, seccomp's socket rule), as its first stderr line says."""
 
     def to_dict(self) -> dict[str, object]:
         return {"pid": self.pid, "kind": self.kind, "backend": self.backend,
-                "mode": self.mode, "scope": self.scope, "command": self.command}
+                "mode": self.mode, "scope": self.scope, "command": self.command,
+                "confinement": self.confinement}
 
 
 def _state_path(pid: int) -> Path:
@@ -70,7 +74,8 @@ def running_engines() -> list[EngineState]:
 
 def describe(s: EngineState) -> str:
     scope = s.scope if s.kind == "daemon" else f"cgroup {s.scope}: {s.command}"
-    return f"{s.mode} with the {s.backend} backend, {scope}"
+    confinement = f" ({s.confinement})" if s.confinement else ""
+    return f"{s.mode} with the {s.backend} backend, {scope}{confinement}"
 
 
 @dataclass(frozen=True, slots=True)

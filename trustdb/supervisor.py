@@ -37,10 +37,17 @@ from trustdb import policy as policies
 from trustdb.abi import Mode
 from trustdb.backends.interface import BackendError, EngineConfig, Scope
 from trustdb.confine import hardening
-from trustdb.confine.filesystem import plan_for
-from trustdb.confine.programs import interpreter_digests, program_refs
+from trustdb.confine.filesystem import FilesystemSetup, dns_relay_wanted, plan_for
+from trustdb.confine.git_guard import GitGuard
+from trustdb.confine.programs import (
+    interpreter_digests,
+    interpreter_refs,
+    program_refs,
+    recorded_interpreters,
+)
 from trustdb.confine.pty import TerminalRelay
 from trustdb.db import DEFAULT_DB
+from trustdb.dns_relay import DnsRelay, host_nameservers
 from trustdb.first_seen import Interpreters
 from trustdb.policy import Policy
 from trustdb.session import (
@@ -108,6 +115,17 @@ class _Signals:
             self.kill_at = time.monotonic()
 
 
+def _recorded_paths(db: Path) -> list[tuple[str, bytes]]:
+    """(path, digest) of every trusted fact (interpreters are recognised by recorded name)."""
+    from trustdb.db import DatabaseError, TrustDB
+
+    try:
+        with TrustDB.open(db) as t:
+            return [(r.path, r.digest) for r in t.iter_paths()]
+    except DatabaseError as e:
+        raise SupervisorError(f"trust database {db}: {e}") from e
+
+
 def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
         stderr: TextIO | None = None) -> int:
     """Run one command confined; returns its exit status."""
@@ -125,17 +143,41 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
     if any(t == workdir or t.startswith(workdir.rstrip("/") + "/") for t in SYSTEM_TREES):
         raise SupervisorError(f"the workdir {workdir} holds system trees (it would be writable "
                               "inside): start run in a project directory, or give --workdir DIR")
-    fs = plan_for(policy, db, workdir, _log_dirs())
+    dns = DnsRelay(host_nameservers()) if dns_relay_wanted(policy) else None
+    resolv_conf = ""
+    if dns is not None:
+        try:
+            dns.listen()
+            resolv_conf = str(dns.write_resolv_conf())
+        except OSError as e:  # the tree then has no DNS (UDP is refused): say so, go on
+            print(f"trustdb: DNS relay not available ({e.strerror}): no name lookups inside",
+                  file=reporter.out)
+            dns.close()
+            dns = None
+    try:
+        return _run(options, engine_factory, reporter, signals, policy, db, workdir,
+                    plan_for(policy, db, workdir, _log_dirs(), resolv_conf=resolv_conf), dns)
+    finally:
+        if dns is not None:
+            dns.close()
+
+
+def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: DenialReporter,
+         signals: _Signals, policy: Policy, db: Path, workdir: str, fs: FilesystemSetup,
+         dns: DnsRelay | None) -> int:
     if engine_factory is None:
+        judged = policy.interpreters.scripts == policies.ScriptJudgement.TRUSTED
+        records = _recorded_paths(db) if judged else []
+        recorded = recorded_interpreters(policy, records)  # flagged in the kernel too (lsm)
         engine_factory = functools.partial(
-            default_engine, programs=program_refs(policy),
-            interpreters=functools.partial(_interpreters, policy)
-            if policy.interpreters.scripts == policies.ScriptJudgement.TRUSTED else None)
+            default_engine, programs=program_refs(policy) + interpreter_refs(recorded),
+            interpreters=functools.partial(_interpreters, policy, records) if judged else None)
     mdwe = hardening.mdwe_supported()
     cgroup = confine.RunCgroup.create()
     child: confine.ConfinedChild | None = None
     engine: Engine | None = None
     relay: TerminalRelay | None = None
+    git_guard: GitGuard | None = None
     released = False
     try:
         confine.start_watcher(cgroup)
@@ -146,10 +188,16 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
             cwd=workdir,
             terminal=relay.slave if relay else -1,
             terminal_replaces=relay.replaced if relay else (),
+            ip_sockets=fs.ip_sockets,
         )
         child = confine.spawn(options.argv, cgroup, fs.plan, setup=setup)
         if relay is not None:
             relay.start()
+        if dns is not None:
+            dns.serve()
+        git_guard = GitGuard(fs.resolved.pinned, lambda line: print(line, file=reporter.out,
+                                                                       flush=True))
+        git_guard.start()
         reporter.command = confine.resolve_command(options.argv, dict(os.environ))
         reporter.command_pid = child.pid
         config = EngineConfig(
@@ -160,7 +208,7 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
         engine = engine_factory(config, db, options.backend, reporter)
         publish_state(EngineState(os.getpid(), "run", engine.backend_name,
                                   options.mode.name.lower(), str(cgroup.path),
-                                  shlex.join(options.argv)))
+                                  shlex.join(options.argv), fs.mechanism))
         engine.confine(child.pidfd)
         signals.child = child
         if policy.jit:
@@ -198,6 +246,8 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
             signals.restore()
             if relay is not None:
                 relay.close()
+            if git_guard is not None:
+                git_guard.close()
 
 
 def _supervise(child: confine.ConfinedChild, engine: Engine, signals: _Signals,
@@ -251,8 +301,9 @@ def _supervise_loop(child: confine.ConfinedChild, engine: Engine, signals: _Sign
     return status
 
 
-def _interpreters(policy: Policy, cached: CachedDigest) -> Interpreters:
-    return Interpreters(digests=interpreter_digests(policy, cached))
+def _interpreters(policy: Policy, records: list[tuple[str, bytes]],
+                  cached: CachedDigest) -> Interpreters:
+    return Interpreters(digests=interpreter_digests(policy, cached, records))
 
 
 def _sweep_stale_cgroups() -> None:

@@ -26,6 +26,13 @@ LIBRARY_TREES = (
 )
 
 run_env = base.run_env
+
+
+def inline_code(path: str) -> str:
+    """Interpreter arguments that run the attacker's file `path` as inline code (`-c`), which
+    the agent policy allows (deny_inline is off): the attacker's own code needs no trust, and
+    an untrusted *script file* would be refused before the attack it carries could start."""
+    return f"-c \"exec(open('{path}').read())\""
 no_leftovers = base.no_leftovers
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.attacks.conftest import inline_code
 from tests.engine.test_run import run_confined
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -35,6 +36,6 @@ PROBES = {
 @pytest.mark.parametrize("probe", sorted(PROBES))
 def test_host_facility(interpreters_db: Path, run_env: dict[str, str], probe: str) -> None:
     (Path(run_env["TRUSTDB_LOG"]).parents[1] / "probe.txt").write_text(PROBES[probe] + "\n")
-    got = run_confined(interpreters_db, f"{sys.executable} probe.txt", run_env)
+    got = run_confined(interpreters_db, f"{sys.executable} {inline_code('probe.txt')}", run_env)
     assert "OK" in got.out or "refused" in got.out, (got.out, got.err)
     assert "OK" not in got.out, got.out

@@ -1,11 +1,11 @@
 """Interpreters loading untrusted script files (issue 10, section 3), tracepoint backend.
 
 The first-seen handler judges a file an interpreter opens as a script when its name has a
-script suffix, it starts with `#!`, or it is *named* on the interpreter's command line
-(`trustdb.first_seen.is_script_for`). The last test compares names, not files: the same file
-reached under another name is read as data and runs. Each hole test plants an untrusted script
-(no `#!`, no script suffix) in the workdir and runs it inside `trustdb run`; the script prints a
-marker, so the test sees whether untrusted code ran.
+script suffix, it starts with `#!`, or it *is* (same st_dev, st_ino) a file the interpreter's
+command line or environment names as code, resolved inside the tree (`trustdb.script_args`):
+a symlink, /dev/fd/N or /proc/self/fd/N reach the same file and are judged alike. Each attack
+plants an untrusted script (no `#!`, no script suffix) in the workdir and runs it inside
+`trustdb run`; the script prints a marker, so the test sees whether untrusted code ran.
 """
 
 from __future__ import annotations
@@ -52,9 +52,29 @@ def test_named_script_is_refused(interpreters_db: Path, run_env: dict[str, str])
     assert MARK not in out
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: the script rule matches the interpreter's argv by name; a symlink (any name) to an "
-    "untrusted script is read as data and runs (trustdb.first_seen.is_script_for)"))
+def test_data_files_stay_readable(interpreters_db: Path, run_env: dict[str, str]) -> None:
+    """Control: what an interpreter reads as data (an operand after its script, a `<`
+    redirection, a module's input) is not judged, so the rule does not break ordinary work."""
+    wd = workdir_of(run_env)
+    (wd / "data.json").write_text('{"a": 1}\n')
+    (wd / "lines.txt").write_text("one\ntwo\n")
+    got = run_confined(interpreters_db,
+                       f"{PYTHON} -m json.tool data.json && "
+                       "while read l; do echo got-$l; done < lines.txt && "
+                       "awk '{print \"awk-\" $0}' lines.txt && perl -ne 'print \"perl-$_\"' lines.txt",
+                       run_env)
+    assert '"a": 1' in got.out and "got-two" in got.out, (got.out, got.err)
+    assert "awk-one" in got.out and "perl-two" in got.out, (got.out, got.err)
+
+
+def test_denial_names_the_script(interpreters_db: Path, run_env: dict[str, str]) -> None:
+    """The refused script is named on the confined command's own stderr, with the reason."""
+    out = _attack(interpreters_db, run_env, f"{PYTHON} pylink")
+    assert MARK not in out
+    assert "denied script load" in out and "evil.data" in out, out
+    assert "denied exec" not in out, out
+
+
 @pytest.mark.parametrize("command", [f"{PYTHON} pylink", "bash shlink", "sh shlink",
                                      "perl plink"])
 def test_script_through_a_symlink(interpreters_db: Path, run_env: dict[str, str],
@@ -63,9 +83,6 @@ def test_script_through_a_symlink(interpreters_db: Path, run_env: dict[str, str]
     assert MARK not in out, out
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: a script named as /dev/fd/N (or /proc/self/fd/N) is opened under its real path, "
-    "which is not the argument: read as data, runs"))
 @pytest.mark.parametrize("command", [f"{PYTHON} /dev/fd/3 3<evil.data",
                                      "bash /proc/self/fd/3 3<evil.shdata"])
 def test_script_through_a_descriptor_path(interpreters_db: Path, run_env: dict[str, str],
@@ -74,26 +91,16 @@ def test_script_through_a_descriptor_path(interpreters_db: Path, run_env: dict[s
     assert MARK not in out, out
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: python imports modules from a .zip on its path (zipimport); .zip is no script "
-    "suffix and the archive is not on the command line: its modules run untrusted"))
 def test_module_from_a_zip_on_the_path(interpreters_db: Path, run_env: dict[str, str]) -> None:
     out = _attack(interpreters_db, run_env, f"PYTHONPATH=evil.zip {PYTHON} -m evilmod")
     assert MARK not in out, out
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: awk (and sed, make, gdb, vim ...) run program files but are not interpreters in "
-    "the agent policy: `awk -f untrusted` runs, and awk's system() starts any trusted binary"))
 def test_awk_program_file(interpreters_db: Path, run_env: dict[str, str]) -> None:
     out = _attack(interpreters_db, run_env, "awk -f evil.awkdata")
     assert MARK not in out, out
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: interpreters are named by path globs under /usr/bin (policies/agent.toml); a "
-    "trusted python elsewhere (pyenv, conda, uv, a copied venv; nvm's node) is no "
-    "interpreter, so even `python3 evil.py` with a .py suffix runs untrusted"))
 def test_interpreter_outside_the_policy_globs(interpreters_db: Path,
                                               run_env: dict[str, str]) -> None:
     import os

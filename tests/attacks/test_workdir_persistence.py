@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.attacks.conftest import inline_code
 from tests.engine.test_run import run_confined, workdir_of
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -61,17 +62,13 @@ print("planted")
 '''
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: .git/commondir is writable inside the protected .git: it points git's common "
-    "directory (config, hooks) at a copy the tree controls, and the user's next git status "
-    "runs its core.fsmonitor"))
 def test_git_commondir_redirects_config(interpreters_db: Path, run_env: dict[str, str],
                                         repo: Path) -> None:
     subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t",
                     "commit", "-q", "--allow-empty", "-m", "x"], check=True, timeout=30)
     marker = repo / "ran-outside"
     (repo / "plant.txt").write_text(PLANT_COMMONDIR)
-    got = run_confined(interpreters_db, f"{sys.executable} plant.txt {marker}", run_env)
+    got = run_confined(interpreters_db, f"{sys.executable} {inline_code('plant.txt')} {marker}", run_env)
     assert "planted" in got.out, (got.out, got.err)
     subprocess.run(["git", "-C", str(repo), "status", "--short"], capture_output=True,
                    check=False, timeout=30)

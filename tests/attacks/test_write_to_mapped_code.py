@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.attacks.conftest import inline_code
 from tests.engine.test_run import run_confined, workdir_of
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -37,7 +38,7 @@ addr = ctypes.cast(fn, ctypes.c_void_p).value
 base = min(int(l.split("-")[0], 16) for l in open("/proc/self/maps")
            if l.rstrip().endswith("victimlib.bin") and int(l.split()[2], 16) == 0)
 code = b"\\x48\\xc7\\xc0\\x2a\\x00\\x00\\x00\\xc3"  # mov rax, 42; ret
-w = subprocess.run([sys.executable, sys.argv[1], str(addr - base), code.hex()],
+w = subprocess.run([sys.executable, "-c", open(sys.argv[1]).read(), str(addr - base), code.hex()],
     capture_output=True, text=True)
 print("writer", w.returncode, w.stdout.strip(), w.stderr.strip()[-200:], flush=True)
 print("RESULT", fn(), flush=True)
@@ -122,7 +123,7 @@ def _attack(db: Path, env: dict[str, str], writer: str) -> str:
     shutil.copyfile(_trusted_extension(), workdir / "victimlib.bin")
     (workdir / "victim.txt").write_text(VICTIM)
     (workdir / "writer.txt").write_text(writer)
-    got = run_confined(db, f"{sys.executable} victim.txt writer.txt", env)
+    got = run_confined(db, f"{sys.executable} {inline_code('victim.txt')} writer.txt", env)
     assert "writer" in got.out, (got.out, got.err)  # the victim ran its library at all
     return got.out
 

@@ -170,6 +170,7 @@ def test_trusted_file_cannot_be_opened_for_write(db: Path, env: dict[str, str],
     shutil.copy2("/bin/true", t)
     probe = tmp_path / "openat2.py"
     probe.write_text(OPENAT2)
+    trust_files(db, [str(probe)], label="openat2-probe")  # a trusted script, run by python
     script = (f"cd {tmp_path}; ./t; echo run=$?; cat /bin/false > t; echo trunc=$?; "
               f"dd if=/bin/false of=t conv=notrunc status=none; echo dd=$?; "
               f"{sys.executable} {probe} t; cat t > /dev/null; echo read=$?; ./t; echo again=$?")

@@ -8,11 +8,13 @@ test checks that cgroup, its processes and its BPF programs are gone afterwards.
 from __future__ import annotations
 
 import ctypes.util
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sysconfig
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -39,7 +41,7 @@ TOOLS = (
 
 def _closure(binaries: Sequence[str]) -> set[str]:
     """The binaries, the shared libraries `ldd` names for them, and every shared object of
-    this Python (extension modules the trustdb CLI imports)."""
+    this Python (extension modules the trustdb CLI imports); with this Python, its stdlib."""
     prefix = Path(sys.executable).resolve().parent.parent
     objects = [*binaries, *(str(p) for p in prefix.rglob("*.so*") if p.is_file())]
     libbpf = ctypes.util.find_library("bpf")  # the CLI loads it through trustdb.libbpf
@@ -48,6 +50,8 @@ def _closure(binaries: Sequence[str]) -> set[str]:
     files = {os.path.realpath(b) for b in objects}
     out = subprocess.run(["ldd", *objects], check=False, capture_output=True, text=True).stdout
     files.update(os.path.realpath(t) for t in out.split() if t.startswith("/"))
+    if sys.executable in binaries:
+        files |= python_stdlib()
     return {f for f in files if os.path.isfile(f)}
 
 
@@ -73,6 +77,28 @@ def trusted_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail(f"test tools missing: {missing} (packaging/install-deps.sh installs them)")
     trust_files(db, _closure([p for p in tools if p] + [sys.executable]))
     return db
+
+
+def python_stdlib() -> set[str]:
+    """This Python's standard library (without its tests and site-packages): the recorded
+    name of this Python makes it an interpreter wherever it lives (pyenv's python3.11 too), so
+    the modules it imports inside `run` must be trusted content."""
+    top = Path(sysconfig.get_paths()["stdlib"])
+    skip = {top / "test", top / "site-packages", top / "idlelib", top / "tkinter"}
+    out = set()
+    for root, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if Path(root, d) not in skip]
+        out.update(os.path.join(root, f) for f in files if f.endswith((".py", ".pyc", ".so")))
+    site = top / "site-packages"
+    out.update(str(p) for p in site.glob("*.pth"))  # site runs them, and their finders:
+    out.update(str(p) for p in site.glob("*.py"))
+    for name in ("lmdb", "blake3"):  # what the tests import inside a run
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            where = Path(spec.origin)
+            files = where.parent.rglob("*") if where.name == "__init__.py" else [where]
+            out.update(str(p) for p in files if p.is_file())
+    return out
 
 
 @pytest.fixture

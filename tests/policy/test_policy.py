@@ -133,5 +133,5 @@ def test_cli_list_show_check(tmp_path: Path) -> None:
     assert p.returncode == 2
     assert "agent.toml: ok" in p.stdout
     assert p.stderr.strip() == f"trustdb: error: {bad}:3: unknown key 'network.ports' " \
-        "(known: bind_tcp, connect_tcp, mode)"
+        "(known: bind_tcp, connect_tcp, mode, udp)"
     assert _cli("policy", "show", "nope").returncode == 2

@@ -110,6 +110,8 @@ class ExecSetup:
     """Built after the mounts (inside the new namespace); returns the step that applies it
     right before exec (Landlock: the ruleset is made before the gate, enforced after)."""
     cwd: str | None = None
+    ip_sockets: tuple[tuple[int, int], ...] | None = None
+    """The only IP socket kinds the tree may create (seccomp.TCP_ONLY...); None: any."""
 
 
 def spawn(argv: Sequence[str], cgroup: RunCgroup, plan: MountPlan,
@@ -118,7 +120,7 @@ def spawn(argv: Sequence[str], cgroup: RunCgroup, plan: MountPlan,
     namespace built, waiting at the gate. Call before any thread is started."""
     env = dict(os.environ if env is None else env)
     executable = resolve_command(argv, env)
-    filter_prog = seccomp.build_filter()  # fails here, not in the child, on an unknown arch
+    filter_prog = seccomp.build_filter(ip_sockets=setup.ip_sockets)  # fails here, not in the child, on an unknown arch
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     st_r, st_w = os.pipe2(os.O_CLOEXEC)
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import site
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trustdb.confine import landlock
+from trustdb.confine import landlock, seccomp
 from trustdb.confine.mounts import MountPlan
-from trustdb.policy import NetworkMode, Policy, ResolvedFilesystem, resolve
+from trustdb.policy.model import NetworkMode, Policy
+from trustdb.policy.paths import ResolvedFilesystem, resolve
 
 PRIVATE_TMP = ("/tmp", "/var/tmp")
 DEVICES = ("/dev",)
@@ -49,10 +50,20 @@ class FilesystemSetup:
     mechanism: str
     """One line for stderr and `trustdb status`: what confines the filesystem and network."""
     resolved: ResolvedFilesystem
+    ip_sockets: tuple[tuple[int, int], ...] | None = None
+    """The only IP socket kinds the tree may create (seccomp); None: any."""
+
+
+def dns_relay_wanted(policy: Policy) -> bool:
+    """Whether the tree needs the supervisor's DNS relay (trustdb.dns_relay): it may reach TCP
+    port 53 but no UDP."""
+    net = policy.network
+    return net.mode == NetworkMode.PORTS and not net.udp and 53 in net.connect_tcp
 
 
 def plan_for(policy: Policy, db: Path, workdir: str, extra_read_only: Sequence[str] = (),
-             *, abi: int | None = None) -> FilesystemSetup:
+             *, abi: int | None = None, resolv_conf: str = "") -> FilesystemSetup:
+    """`resolv_conf`: the file to show at /etc/resolv.conf (the DNS relay's)."""
     abi = landlock.abi_version() if abi is None else abi
     fs = resolve(policy.filesystem, workdir)
     runtime = runtime_paths()
@@ -65,15 +76,21 @@ def plan_for(policy: Policy, db: Path, workdir: str, extra_read_only: Sequence[s
     # to a pathname UNIX socket, which only a path that does not exist stops. A grant equal to
     # a no-access path wins.
     hidden = tuple(p for p in fs.no_access if p not in granted)
+    net = policy.network
+    ip_sockets = None if net.mode == NetworkMode.ALL else (
+        seccomp.TCP_AND_UDP if net.udp else seccomp.TCP_ONLY)
     plan = MountPlan.for_run(
         db, [*runtime, *extra_read_only, *fs.protected], hidden=hidden, private=private,
         keep=tuple(p for p in granted if p not in PRIVATE_TMP),
-        read_write=read_write, everything_read_only=abi < 1, pinned=fs.pinned)
-    net = policy.network
+        read_write=read_write, everything_read_only=abi < 1, pinned=fs.pinned,
+        unlisted=unlisted_paths((*granted, *DEVICES, "/etc/trustdb"), private),
+        resolv_conf=resolv_conf)
+    sockets = _ip_sockets_line(ip_sockets)
     if abi < 1:
         return FilesystemSetup(plan, None, "filesystem: mount namespace (no Landlock on this "
-                               "kernel: paths outside the policy are read-only, not hidden); "
-                               "network: not restricted", fs)
+                               "kernel: paths the policy lists nothing of are hidden, the rest "
+                               f"outside it is read-only); network: TCP not restricted{sockets}",
+                               fs, ip_sockets)
     rules = landlock.Rules(
         read_write=read_write,
         read_only=read_only,
@@ -89,14 +106,59 @@ def plan_for(policy: Policy, db: Path, workdir: str, extra_read_only: Sequence[s
     if net.mode == NetworkMode.ALL:
         network = "network: not restricted (policy)"
     elif abi < 4:
-        network = f"network: not restricted (Landlock ABI {abi} has no TCP rules)"
+        network = f"network: TCP not restricted (Landlock ABI {abi} has no TCP rules)"
     elif net.mode == NetworkMode.NONE:
         network = "network: no TCP connect or bind (Landlock)"
     else:
         network = (f"network: TCP connect to {_ports(net.connect_tcp)}, bind to "
-                   f"{_ports(net.bind_tcp)} (Landlock; UDP is not restricted)")
-    return FilesystemSetup(plan, build, f"filesystem: Landlock ABI {abi}; {network}", fs)
+                   f"{_ports(net.bind_tcp)} (Landlock)")
+    return FilesystemSetup(plan, build, f"filesystem: Landlock ABI {abi}; {network}{sockets}",
+                           fs, ip_sockets)
+
+
+def _ip_sockets_line(ip_sockets: tuple[tuple[int, int], ...] | None) -> str:
+    if ip_sockets is None:
+        return ""
+    if ip_sockets == seccomp.TCP_ONLY:
+        return "; UDP and other non-TCP IP sockets refused (seccomp)"
+    return "; UDP allowed, other non-TCP IP sockets refused (seccomp)"
 
 
 def _ports(ports: Sequence[int]) -> str:
     return ", ".join(map(str, ports)) if ports else "none"
+
+
+MAX_COVERS_PER_DIR = 256
+
+
+def unlisted_paths(granted: Sequence[str], private: Sequence[str] = ()) -> tuple[str, ...]:
+    """The entries beside every granted path's ancestors that nothing is granted in: with
+    grants /usr and /home/u/proj, that is /srv, /var, /mnt..., and /home/u's other entries.
+    Covering them makes what the policy does not list unreachable by any path walk (Landlock
+    only refuses opens). A directory with very many such entries is listed itself instead (its
+    granted paths are re-attached below its cover)."""
+    grants = {os.path.normpath(p) for p in granted if p.startswith("/")}
+    ancestors: set[str] = set()
+    for g in grants:
+        p = g
+        while p != "/":
+            p = os.path.dirname(p)
+            ancestors.add(p)
+    def under(path: str, tops: Iterable[str]) -> bool:
+        return any(path == t or path.startswith(t.rstrip("/") + "/") for t in tops)
+
+    out: list[str] = []
+    for d in sorted(ancestors):
+        if under(d, grants) or under(d, private):
+            continue  # granted (wholly, with what is below): nothing to cover in it
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        entries = [os.path.join(d, n) for n in names]
+        entries = [e for e in entries if e not in grants and e not in ancestors]
+        if len(entries) > MAX_COVERS_PER_DIR and d != "/":
+            out.append(d)
+        else:
+            out.extend(entries)
+    return tuple(out)

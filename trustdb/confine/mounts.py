@@ -61,6 +61,14 @@ class MountPlan:
     pinned: tuple[str, ...] = ()
     """Bind-mounted onto themselves, still writable: a mount point cannot be renamed or removed,
     so a directory holding protected files (`.git`) cannot be swapped for another one."""
+    unlisted: tuple[str, ...] = ()
+    """What the policy grants nothing of (`/var/lib`, `/srv`, other entries of a home beside
+    the workdir): covered like `hidden`, so that no path there resolves at all. Landlock refuses
+    opens, not path walks: connect(2) to a UNIX socket there, stat() and execve's name lookup
+    would still see them."""
+    resolv_conf: str = ""
+    """A resolver configuration to show at /etc/resolv.conf (read-only): the host's servers
+    with `options use-vc`, when the tree may not use UDP (DNS over TCP port 53)."""
 
     @classmethod
     def for_run(cls, db: Path, extra_read_only: Sequence[str] = (), **more: object) -> MountPlan:
@@ -147,7 +155,8 @@ def _cover(path: str, fstype_data: str, flags: int, inner: list[tuple[str, int, 
     if not os.path.isdir(path):
         mount("/dev/null", path, None, MS_BIND)
         return
-    mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, fstype_data)
+    noexec = MS_NOEXEC if flags & MS_RDONLY else 0  # empty and read-only: nothing to run
+    mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | noexec, fstype_data)
     for target, fd, is_dir in inner:
         if is_dir:
             os.makedirs(target, exist_ok=True)
@@ -164,6 +173,7 @@ def apply_mount_plan(plan: MountPlan) -> None:
     new PID namespace (so the new /proc shows only the confined tree)."""
     hidden = [a for p in plan.hidden for a in (p, *mount_aliases(p))]
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
+    resolver = clone_mount(plan.resolv_conf) if plan.resolv_conf else -1
     _minimal_dev()
     # Read-only: no write open of /proc/PID/mem (a forced write over read-only text, which no
     # exec or mmap hook sees), of /proc/PID/attr, or of any other proc file (issue 8, route 5).
@@ -175,7 +185,8 @@ def apply_mount_plan(plan: MountPlan) -> None:
     # cgroup files (moves, freeze, kill), uevent_helper, tracefs, securityfs: read-only.
     read_only_tree("/sys")
     covers = [(p, True) for p in plan.private if os.path.isdir(p)]
-    covers += [(p, False) for p in hidden if os.path.lexists(p) and p not in plan.keep]
+    covers += [(p, False) for p in (*hidden, *plan.unlisted)
+               if os.path.lexists(p) and p not in plan.keep]
     # Outermost first, so that a cover inside another one is mounted on top of it.
     covers.sort(key=lambda c: c[0].count("/"))
     # Clone every kept path below a cover before the cover hides it.
@@ -209,3 +220,10 @@ def apply_mount_plan(plan: MountPlan) -> None:
     for p in plan.read_only:
         if os.path.exists(p):
             _bind_read_only(p)
+    if resolver >= 0:
+        target = os.path.realpath("/etc/resolv.conf")
+        if os.path.isfile(target):
+            attach_mount(resolver, target)
+            read_only_tree(target, recursive=False)
+        else:
+            os.close(resolver)

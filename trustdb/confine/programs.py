@@ -7,6 +7,7 @@ as for an exec); a program named by digest counts wherever that trusted content 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -14,7 +15,8 @@ from typing import Protocol
 
 from trustdb.abi import ProgramFlag
 from trustdb.model import InodeKey
-from trustdb.policy import Policy, ProgramRef
+from trustdb.policy.model import Policy, ProgramRef
+from trustdb.script_args import names
 
 
 class _Mirror(Protocol):
@@ -62,22 +64,48 @@ def resolve_program_flags(refs: Iterable[tuple[ProgramRef, int]], mirror: _Mirro
 
 
 def interpreter_digests(policy: Policy,
-                        cached: Callable[[str], bytes | None] | None = None) -> frozenset[bytes]:
-    """Content digests of the policy's interpreters (for the first-seen handler's script rule:
-    an interpreter is known by its content, wherever it is copied). `cached`: the digest the
-    database's verification cache holds for a path's current inode key, if any (hashing the
-    interpreters on every `trustdb run` cost 60-150 ms of its start)."""
+                        cached: Callable[[str], bytes | None] | None = None,
+                        records: Iterable[tuple[str, bytes]] = ()) -> dict[bytes, str]:
+    """Content digest -> interpreter name, for the policy's interpreters (the first-seen
+    handler's script rule: an interpreter is known by its content, wherever it is copied, and
+    its command line is read as that interpreter reads it, whatever it is called now).
+    `cached`: the digest the database's verification cache holds for a path's current inode
+    key, if any (hashing the interpreters on every `trustdb run` cost 60-150 ms of its start).
+    Besides the files the policy names, every trusted content that its source recorded under an
+    interpreter's name (`records`: (path, digest) from the trust database) counts: pyenv's,
+    conda's or a venv's `bin/python3.11`, nvm's `bin/node`, copied or renamed anywhere later."""
     from trustdb.hashing import HashingError, hash_file
 
-    digests = set()
+    digests: dict[bytes, str] = {}
     for ref in policy.interpreters.programs:
         if ref.digest is not None:
-            digests.add(bytes.fromhex(ref.digest))
+            digests.setdefault(bytes.fromhex(ref.digest), "")
             continue
         for path in _paths(ref):
             digest = cached(path) if cached is not None else None
             try:
-                digests.add(digest if digest is not None else hash_file(path).digests.blake3)
+                digests[digest if digest is not None else hash_file(path).digests.blake3] = (
+                    os.path.basename(path))
             except (HashingError, OSError):
                 continue
-    return frozenset(digests)
+    for digest, name in recorded_interpreters(policy, records).items():
+        digests.setdefault(digest, name)
+    return digests
+
+
+def recorded_interpreters(policy: Policy,
+                          records: Iterable[tuple[str, bytes]]) -> dict[bytes, str]:
+    """Trusted contents recorded under the name of one of the policy's interpreters."""
+    patterns = names(r.path for r in policy.interpreters.programs if r.path)
+    out: dict[bytes, str] = {}
+    for path, digest in records:
+        base = path.rpartition("/")[2]
+        if digest not in out and any(fnmatch.fnmatchcase(base, p) for p in patterns):
+            out[digest] = base
+    return out
+
+
+def interpreter_refs(digests: Iterable[bytes]) -> list[tuple[ProgramRef, int]]:
+    """The interpreters known by content, as kernel program flags (lsm: their opens of script
+    files are judged in the kernel too)."""
+    return [(ProgramRef(digest=d.hex()), int(ProgramFlag.INTERPRETER)) for d in sorted(digests)]

@@ -125,6 +125,7 @@ X86_64 = {
     "openat2": 437,
     "sethostname": 170,
     "setdomainname": 171,
+    "socket": 41,
 }
 # x86_64 has no stime(2): glibc's stime() is settimeofday.
 
@@ -228,7 +229,45 @@ def _ret_errno(err: int) -> Instruction:
     return _stmt(BPF_RET_K, SECCOMP_RET_ERRNO | (err & 0xFFFF))
 
 
-def _argument_checks(nr: dict[str, int]) -> list[list[Instruction]]:
+AF_INET, AF_INET6 = 2, 10
+SOCK_STREAM, SOCK_DGRAM = 1, 2
+SOCK_TYPE_MASK = 0xF
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+
+
+def _ip_sockets(allowed: tuple[tuple[int, int], ...]) -> list[Instruction]:
+    """socket(domain, type, protocol) for AF_INET/AF_INET6: only the (type, protocol) pairs in
+    `allowed` (protocol 0 means the type's default). Everything else (UDP, ICMP ping sockets,
+    SCTP, MPTCP, raw) gets EACCES, as Landlock answers a refused TCP connect. Other domains
+    pass (AF_UNIX; AF_PACKET and raw sockets need the CAP_NET_RAW the tree does not have)."""
+    ALLOW = -1  # a jump target: the final `allow`
+    body: list[tuple[int, int | None, int | None, int]] = [
+        (BPF_LD_W_ABS, None, None, _arg_lo(0)),
+        (BPF_JEQ_K, 1, 0, AF_INET),
+        (BPF_JEQ_K, 0, ALLOW, AF_INET6),
+    ]
+    for sock_type, protocol in allowed:
+        body += [
+            (BPF_LD_W_ABS, None, None, _arg_lo(1)),
+            (BPF_ALU_AND_K, None, None, SOCK_TYPE_MASK),
+            (BPF_JEQ_K, 0, 3, sock_type),
+            (BPF_LD_W_ABS, None, None, _arg_lo(2)),
+            (BPF_JEQ_K, ALLOW, 0, 0),
+            (BPF_JEQ_K, ALLOW, 0, protocol),
+        ]
+    end = len(body) + 1  # index of the final allow (after the EACCES return)
+
+    def target(k: int, jump: int | None) -> int:
+        return end - k - 1 if jump == ALLOW else jump or 0
+
+    out = [Instruction(code, target(k, jt), target(k, jf), v) for k, (code, jt, jf, v)
+           in enumerate(body)]
+    return [*out, _ret_errno(errno.EACCES), _stmt(BPF_RET_K, SECCOMP_RET_ALLOW)]
+
+
+def _argument_checks(nr: dict[str, int], *,
+                     ip_sockets: tuple[tuple[int, int], ...] | None = None
+                     ) -> list[list[Instruction]]:
     """Syscalls denied only for some arguments; each block starts with the accumulator = nr
     and falls through (to the next block) when the syscall is not its own."""
     blocks: list[list[Instruction]] = []
@@ -288,11 +327,21 @@ def _argument_checks(nr: dict[str, int]) -> list[list[Instruction]]:
     for i, request in enumerate(DENIED_IOCTLS):
         body.append(Instruction(BPF_JEQ_K, len(DENIED_IOCTLS) - i, 0, request))
     block("ioctl", [*body, allow, eperm])
+    # socket(AF_INET*, ...): only what the policy's network rules can see (Landlock: TCP).
+    if ip_sockets is not None:
+        block("socket", _ip_sockets(ip_sockets))
     return blocks
 
 
-def build_filter(machine: str | None = None) -> list[Instruction]:
-    """The whole program for this machine's architecture (x86_64 only, for now)."""
+TCP_ONLY = ((SOCK_STREAM, IPPROTO_TCP),)
+TCP_AND_UDP = ((SOCK_STREAM, IPPROTO_TCP), (SOCK_DGRAM, IPPROTO_UDP))
+
+
+def build_filter(machine: str | None = None, *,
+                 ip_sockets: tuple[tuple[int, int], ...] | None = None) -> list[Instruction]:
+    """The whole program for this machine's architecture (x86_64 only, for now).
+    `ip_sockets`: the only IP socket kinds allowed (TCP_ONLY, TCP_AND_UDP; None: any), where
+    the policy restricts the network: Landlock's port rules leave UDP and the rest open."""
     machine = machine or platform.machine()
     if machine != "x86_64":
         raise SeccompError(f"no seccomp syscall table for {machine}: trustdb run needs x86_64")
@@ -308,7 +357,7 @@ def build_filter(machine: str | None = None) -> list[Instruction]:
     ]
     for name in DENIED:
         prog += [Instruction(BPF_JEQ_K, 0, 1, nr[name]), _ret_errno(errno.EPERM)]
-    for block in _argument_checks(nr):
+    for block in _argument_checks(nr, ip_sockets=ip_sockets):
         prog += block
         # Every block body ends in a return, so the accumulator (nr) is intact for the next.
     prog.append(_stmt(BPF_RET_K, SECCOMP_RET_ALLOW))

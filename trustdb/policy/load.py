@@ -200,11 +200,13 @@ def parse(text: str, source: str = "<policy>", default_name: str = "policy") -> 
             raise c.fail(("policy", key), f"policy.{key} must be a string")
     fs = c.table(top.get("filesystem", {}), ("filesystem",),
                  {"read_write", "read_only", "no_access", "private_tmp", "protected"})
-    net = c.table(top.get("network", {}), ("network",), {"mode", "connect_tcp", "bind_tcp"})
+    net = c.table(top.get("network", {}), ("network",),
+                  {"mode", "connect_tcp", "bind_tcp", "udp"})
     network = NetworkRules(
         mode=c.choice(net, ("network", "mode"), NetworkMode, NetworkMode.NONE),
         connect_tcp=c.ports(net, ("network", "connect_tcp")),
         bind_tcp=c.ports(net, ("network", "bind_tcp")),
+        udp=c.boolean(net, ("network", "udp"), False),
     )
     if network.mode != NetworkMode.PORTS and (network.connect_tcp or network.bind_tcp):
         raise c.fail(("network", "mode"), "ports are listed but network.mode is not \"ports\"")

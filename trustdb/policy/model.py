@@ -73,6 +73,10 @@ class NetworkRules:
     mode: NetworkMode = NetworkMode.NONE
     connect_tcp: tuple[int, ...] = ()
     bind_tcp: tuple[int, ...] = ()
+    udp: bool = False
+    """UDP, which Landlock does not cover. Unless mode = "all", seccomp refuses every IP socket
+    but TCP (and UDP when this is true): UDP, ICMP, SCTP, raw. DNS then goes over TCP port 53
+    (the tree's resolv.conf says `options use-vc`)."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ class Policy:
                            "no_access": list(fs.no_access), "private_tmp": fs.private_tmp,
                            "protected": list(fs.protected)},
             "network": {"mode": net.mode.value, "connect_tcp": list(net.connect_tcp),
-                        "bind_tcp": list(net.bind_tcp)},
+                        "bind_tcp": list(net.bind_tcp), "udp": net.udp},
             "jit": {"programs": [str(r) for r in self.jit]},
             "interpreters": {"programs": [str(r) for r in interp.programs],
                              "scripts": interp.scripts.value,

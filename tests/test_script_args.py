@@ -1,0 +1,103 @@
+"""How an interpreter's command line and environment name its code files (trustdb.script_args),
+and how those names resolve to files by identity, as the process itself resolves them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from trustdb.script_args import (
+    ScriptIdentities,
+    environment_files,
+    parse_arguments,
+    resolve_in_tree,
+    script_plan,
+)
+
+
+@pytest.mark.parametrize(("argv", "files", "inline"), [
+    (["python3", "evil.data", "arg"], ("evil.data",), ""),
+    (["python3", "-W", "ignore", "-X", "dev", "x", "data"], ("ignore", "dev", "x"), ""),
+    (["python3", "--check-hash-based-pycs", "always", "x"], ("always", "x"), ""),
+    (["python3", "-Bc", "print(1)"], (), "inline code (-c)"),
+    (["python3", "-m", "json.tool", "data.json"], (), ""),
+    (["python3"], (), "code on stdin"),
+    (["bash", "-o", "pipefail", "s", "data"], ("pipefail", "s"), ""),
+    (["bash", "-ec", "true"], (), "inline code (-c)"),
+    (["bash", "--norc", "s"], ("s", "s"), ""),
+    (["perl", "-I", "lib", "x"], ("lib", "x"), ""),
+    (["perl", "-e", "1"], (), "inline code (-e)"),
+    (["mawk", "-f", "prog", "data"], ("prog",), ""),
+    (["mawk", "{print}", "data"], (), "inline code (program text)"),
+    (["node", "-r", "./hook", "main"], ("./hook", "main"), ""),
+    (["node", "--require=./hook", "-e", "1"], ("./hook",), "inline code (-e)"),
+    (["busybox", "sh", "s"], ("s",), ""),
+    (["busybox", "cat", "s"], (), ""),
+    (["renamed-copy", "a", "b"], ("a", "b"), ""),
+])
+def test_parse_arguments(argv: list[str], files: tuple[str, ...], inline: str) -> None:
+    plan = parse_arguments(argv)
+    assert plan.files == files
+    assert plan.inline == inline
+
+
+def test_the_interpreters_own_name_decides_not_argv0() -> None:
+    """`exec -a awk perl evil` must still be read as perl (the first operand is the script)."""
+    assert script_plan(["awk", "evil"], {}, "perl").files == ("evil",)
+
+
+def test_environment_start_up_files() -> None:
+    assert environment_files("bash", {"BASH_ENV": "./e", "ENV": "/x"}) == ("./e", "/x")
+    assert environment_files("python3.11", {"PYTHONPATH": "a.zip:lib"}) == ("a.zip", "lib")
+    assert environment_files("perl", {"PERL5OPT": "-I/x -Mevil"}) == ("/x", "evil")
+    assert environment_files("node", {"NODE_OPTIONS": "--require ./h.js"}) == ("./h.js",)
+    assert environment_files("lua5.4", {"LUA_INIT": "@init"}) == ("init",)
+
+
+def test_resolve_symlinks_and_descriptors(tmp_path: Path) -> None:
+    """A symlink (relative and absolute), /dev/fd/N and /proc/self/fd/N name the same file,
+    for the process that holds the descriptor (not for us)."""
+    target = tmp_path / "evil.data"
+    target.write_text("x\n")
+    (tmp_path / "rel").symlink_to("evil.data")
+    (tmp_path / "abs").symlink_to(target)
+    (tmp_path / "fdlink").symlink_to("/proc/self/fd/3")
+    want = (target.stat().st_dev, target.stat().st_ino)
+    with subprocess.Popen(["sleep", "30"], cwd=tmp_path, stdin=subprocess.DEVNULL) as p:
+        try:
+            assert resolve_in_tree(p.pid, "rel") == want
+            assert resolve_in_tree(p.pid, "abs") == want
+            assert resolve_in_tree(p.pid, str(target)) == want
+            assert resolve_in_tree(p.pid, "../" + tmp_path.name + "/rel") == want
+            assert resolve_in_tree(p.pid, "missing") is None
+            assert resolve_in_tree(p.pid, "/dev/fd/0") is None  # /dev/null: not a regular file
+        finally:
+            p.kill()
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        with subprocess.Popen(["sleep", "30"], cwd=tmp_path, pass_fds=(fd,)) as p:
+            try:
+                assert resolve_in_tree(p.pid, f"/proc/self/fd/{fd}") == want
+                assert resolve_in_tree(p.pid, f"/dev/fd/{fd}") == want
+            finally:
+                p.kill()
+    finally:
+        os.close(fd)
+
+
+def test_identities_follow_an_exec(tmp_path: Path) -> None:
+    script = tmp_path / "s"
+    script.write_text("sleep 30\n")
+    ids = ScriptIdentities()
+    with subprocess.Popen(["bash", str(script)], cwd=tmp_path) as p:
+        try:
+            for _ in range(100):
+                if Path(f"/proc/{p.pid}/cmdline").read_bytes().startswith(b"bash"):
+                    break
+            st = script.stat()
+            assert ids.of(p.pid, "bash") == {(st.st_dev, st.st_ino)}
+        finally:
+            p.kill()

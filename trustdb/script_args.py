@@ -1,0 +1,351 @@
+"""Which files an interpreter process loads as code, by identity rather than by name.
+
+A confined interpreter (python3, bash, perl, awk...) opens many files; the first-seen handler
+must tell its *scripts* (judged by content: untrusted is refused) from its *data* (allowed).
+Names lie: a symlink, `/dev/fd/3` or `/proc/self/fd/3` reach an untrusted script under any
+name. So this module reads what the interpreter was told to run, from its final command line
+and environment (both fixed at exec, read from /proc/PID), parses them the way that
+interpreter does (`script_plan`), resolves every named file inside the tree's own root, cwd and
+descriptors (`resolve_in_tree`), and hands back (dev, ino) pairs: a file the interpreter opens
+is its script when it *is* one of those files, whatever path it was opened by.
+
+Also named here: the files an interpreter runs at start-up without a command-line mention
+($BASH_ENV and $ENV for shells, $PYTHONPATH entries such as `evil.zip` for python,
+$PERL5OPT / $RUBYOPT / $NODE_OPTIONS module options, `LUA_INIT=@file`), and whether the command
+line asks for inline code (`-c`, `-e`, a program text, code on stdin): `deny_inline` refuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import os
+import shlex
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from trustdb.fskeys import fs_magic
+
+PROC_SUPER_MAGIC = 0x9FA0
+MAX_SYMLINKS = 40
+"""As the kernel's own limit for one path walk."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptPlan:
+    """What one interpreter command line runs."""
+
+    files: tuple[str, ...] = ()
+    """Paths it loads as code (its script, `-f` program files, start-up files, -r modules)."""
+    inline: str = ""
+    """Why it runs code that is no file (`-c`, `-e`, a program text, stdin); '' if it does not."""
+
+
+# --- how each interpreter reads its command line ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Syntax:
+    """An interpreter's options, as far as finding its script needs."""
+
+    inline: str = ""
+    """Short options that take inline code (`c` for python and shells, `e` for perl...)."""
+    with_value: str = ""
+    """Short options that take a separate value (`-W arg`)."""
+    files: str = ""
+    """Short options whose value is a code file (`awk -f FILE`, `php -f FILE`, `node -r`)."""
+    long_inline: tuple[str, ...] = ()
+    long_with_value: tuple[str, ...] = ()
+    long_files: tuple[str, ...] = ()
+    stops: str = ""
+    """Short options after which the rest are the program's own arguments (`python -m mod`)."""
+    program_text: bool = False
+    """Without a file option, the first operand is the program itself (awk)."""
+    stdin_without_script: bool = True
+    """No script operand means code is read from stdin."""
+
+
+_PYTHON = _Syntax(inline="c", with_value="WX", stops="m",
+                  long_with_value=("--check-hash-based-pycs",))
+_SHELL = _Syntax(inline="c", with_value="oO", long_with_value=("--rcfile", "--init-file"),
+                 long_files=("--rcfile", "--init-file"))
+_PERL = _Syntax(inline="eE", with_value="IMmx")
+_RUBY = _Syntax(inline="e", with_value="IrCE", files="r")
+_NODE = _Syntax(inline="ep", with_value="r", files="r",
+                long_inline=("--eval", "--print"),
+                long_with_value=("--require", "--import", "--loader", "--experimental-loader",
+                                 "--env-file", "--title"),
+                long_files=("--require", "--import", "--loader", "--experimental-loader"))
+_PHP = _Syntax(inline="rBRE", with_value="cdfzt", files="f")
+_LUA = _Syntax(inline="e", with_value="l")
+_AWK = _Syntax(with_value="fvFW", files="f", long_with_value=("--file", "--assign",
+                                                              "--field-separator"),
+               long_files=("--file",), program_text=True)
+_TCL = _Syntax()
+_GENERIC = _Syntax(stdin_without_script=False)
+"""An interpreter known by content under a name we cannot parse for: every operand that names
+a file counts as code (strict: a data operand of an untrusted file is refused)."""
+
+FAMILIES: tuple[tuple[str, _Syntax], ...] = (
+    ("python*", _PYTHON), ("pypy*", _PYTHON),
+    ("bash", _SHELL), ("sh", _SHELL), ("dash", _SHELL), ("zsh", _SHELL), ("ksh*", _SHELL),
+    ("mksh", _SHELL), ("ash", _SHELL), ("yash", _SHELL), ("fish", _SHELL),
+    ("perl*", _PERL), ("ruby*", _RUBY), ("node*", _NODE), ("nodejs", _NODE),
+    ("php*", _PHP), ("lua*", _LUA), ("luajit*", _LUA),
+    ("*awk", _AWK), ("awk*", _AWK),
+    ("tclsh*", _TCL), ("wish*", _TCL),
+)
+
+
+def syntax_for(name: str) -> _Syntax:
+    base = os.path.basename(name)
+    for pattern, syntax in FAMILIES:
+        if fnmatch.fnmatchcase(base, pattern):
+            return syntax
+    return _GENERIC
+
+
+def parse_arguments(argv: list[str], syntax: _Syntax | None = None) -> ScriptPlan:
+    """The files and inline code one command line (argv[0] included) names."""
+    if not argv:
+        return ScriptPlan()
+    if os.path.basename(argv[0]) == "busybox" and len(argv) > 1:
+        applet = syntax_for(argv[1])
+        return ScriptPlan() if applet is _GENERIC else parse_arguments(argv[1:], applet)
+    s = syntax or syntax_for(argv[0])
+    files: list[str] = []
+    has_file_option = False
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if arg == "-" or not arg.startswith(("-", "+")) or arg.startswith("++"):
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            if name in s.long_inline:
+                return ScriptPlan(tuple(files), f"inline code ({name})")
+            if name in s.long_with_value:
+                if not eq:
+                    i += 1
+                    value = argv[i] if i < len(argv) else ""
+                if value:
+                    files.append(value)  # judged if it is a file: a parse slip cannot hide one
+                has_file_option |= name in s.long_files and bool(value)
+            elif not eq and i + 1 < len(argv):
+                files.append(argv[i + 1])  # an option we do not know may take a value
+            i += 1
+            continue
+        # A cluster of short options: `-Bc CODE`, `-ec`, `-Wignore`, `-fprog.awk`.
+        letters = arg[1:]
+        for k, letter in enumerate(letters):
+            if letter in s.inline:
+                return ScriptPlan(tuple(files), f"inline code (-{letter})")
+            if letter in s.stops:
+                return ScriptPlan(tuple(files))
+            if letter in s.with_value:
+                value = letters[k + 1:]
+                if not value:
+                    i += 1
+                    value = argv[i] if i < len(argv) else ""
+                if value:
+                    files.append(value)  # judged if it is a file (see above)
+                has_file_option |= letter in s.files and bool(value)
+                break
+        i += 1
+    operands = argv[i:]
+    if s is _GENERIC:
+        return ScriptPlan((*files, *operands))
+    if s.program_text and not has_file_option:
+        return ScriptPlan(tuple(files), "inline code (program text)" if operands else "")
+    if has_file_option and s.program_text:
+        return ScriptPlan(tuple(files))
+    if not operands or operands[0] == "-":
+        if files or not s.stdin_without_script:
+            return ScriptPlan(tuple(files))
+        return ScriptPlan(tuple(files), "code on stdin")
+    return ScriptPlan((*files, operands[0]))
+
+
+# --- start-up files named by the environment ----------------------------------------------------
+
+
+def _option_files(value: str, syntax: _Syntax) -> tuple[str, ...]:
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        words = value.split()
+    return parse_arguments(["interpreter", *words, "-"], syntax).files
+
+
+def environment_files(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
+    """Files the interpreter called `name` runs at start-up because its environment says so."""
+    s = syntax_for(name)
+    out: list[str] = []
+    if s is _SHELL:
+        out += [env[k] for k in ("BASH_ENV", "ENV") if env.get(k)]
+    elif s is _PYTHON:
+        out += [p for p in env.get("PYTHONPATH", "").split(":") if p]
+        if env.get("PYTHONSTARTUP"):
+            out.append(env["PYTHONSTARTUP"])
+    elif s is _PERL:
+        out += _option_files(env.get("PERL5OPT", ""), _PERL)
+    elif s is _RUBY:
+        out += _option_files(env.get("RUBYOPT", ""), _RUBY)
+    elif s is _NODE:
+        out += _option_files(env.get("NODE_OPTIONS", ""), _NODE)
+    elif s is _LUA:
+        init = env.get("LUA_INIT", "")
+        if init.startswith("@"):
+            out.append(init[1:])
+    return tuple(out)
+
+
+def script_plan(argv: list[str], env: Mapping[str, str], name: str) -> ScriptPlan:
+    """Everything an interpreter started as `argv` with `env` loads as code. `name` is what
+    the interpreter *is* (the name its trusted content was recorded under), never argv[0] or
+    the file's current name, which the tree chooses (`exec -a awk perl ...`)."""
+    syntax = syntax_for(name)
+    plan = parse_arguments([name, *argv[1:]], syntax) if argv else ScriptPlan()
+    return ScriptPlan((*plan.files, *environment_files(name, env)), plan.inline)
+
+
+# --- resolving names inside the tree ------------------------------------------------------------
+
+
+def _nspid(pid: int) -> str:
+    """`pid` as its own pid namespace numbers it (what /proc/self means inside the tree)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return line.split()[-1]
+    return str(pid)
+
+
+def _walk(pid: int, path: str) -> int | None:
+    """An O_PATH fd of `path` as task `pid` would resolve it: from its root and cwd, absolute
+    symlinks from its root, /proc/self as itself, /proc/N/fd/M through the kernel's own magic
+    link. O_PATH opens raise no fanotify event (the handler must not ask itself)."""
+    flags = os.O_PATH | os.O_CLOEXEC
+    root = os.open(f"/proc/{pid}/root", flags | os.O_DIRECTORY)
+    try:
+        root_id = _identity(root)
+        cur = os.dup(root) if path.startswith("/") else os.open(f"/proc/{pid}/cwd", flags)
+        parts = [p for p in path.split("/") if p and p != "."]
+        hops = 0
+        while parts:
+            name = parts.pop(0)
+            on_proc = fs_magic(cur) == PROC_SUPER_MAGIC
+            if name == "..":
+                nxt = os.dup(cur) if _identity(cur) == root_id else os.open("..", flags,
+                                                                           dir_fd=cur)
+            elif on_proc:
+                if name in ("self", "thread-self") and _is_proc_root(cur):
+                    me = _nspid(pid)
+                    parts[:0] = [me] if name == "self" else [me, "task", me]
+                    continue
+                nxt = os.open(name, flags, dir_fd=cur)  # magic links resolve in the kernel
+            else:
+                try:
+                    target = os.readlink(name, dir_fd=cur)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    nxt = os.open(name, flags | os.O_NOFOLLOW, dir_fd=cur)
+                else:
+                    hops += 1
+                    if hops > MAX_SYMLINKS:
+                        raise OSError(errno.ELOOP, "too many symlinks")
+                    parts[:0] = [p for p in target.split("/") if p and p != "."]
+                    if target.startswith("/"):
+                        os.close(cur)
+                        cur = os.dup(root)
+                    continue
+            os.close(cur)
+            cur = nxt
+        return cur
+    except OSError:
+        with contextlib.suppress(NameError, OSError):
+            os.close(cur)
+        return None
+    finally:
+        os.close(root)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _is_proc_root(fd: int) -> bool:
+    return os.fstat(fd).st_ino == 1
+
+
+def resolve_in_tree(pid: int, path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the regular file `path` names for task `pid`, or None."""
+    fd = _walk(pid, path)
+    if fd is None:
+        return None
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) if (st.st_mode & 0o170000) == 0o100000 else None
+    finally:
+        os.close(fd)
+
+
+# --- one process --------------------------------------------------------------------------------
+
+
+def _read_nul_list(path: str) -> list[str]:
+    with open(path, "rb") as f:
+        return [a.decode(errors="surrogateescape") for a in f.read().split(b"\0")[:-1]]
+
+
+def read_plan(pid: int, name: str) -> ScriptPlan:
+    """The script plan of task `pid` (interpreter `name`), from its /proc files (fixed at its
+    last exec)."""
+    argv = _read_nul_list(f"/proc/{pid}/cmdline")
+    env = dict(e.partition("=")[::2] for e in _read_nul_list(f"/proc/{pid}/environ"))
+    return script_plan(argv, env, name)
+
+
+@dataclass
+class ScriptIdentities:
+    """(dev, ino) of each confined interpreter's code files, per process and command line
+    (a process re-reads its plan after an exec changes its command line)."""
+
+    resolve: Callable[[int, str], tuple[int, int] | None] = resolve_in_tree
+    limit: int = 1024
+    _cache: dict[int, tuple[bytes, frozenset[tuple[int, int]]]] | None = None
+
+    def of(self, pid: int, name: str) -> frozenset[tuple[int, int]]:
+        """The code files of task `pid`, the interpreter `name`."""
+        if self._cache is None:
+            self._cache = {}
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                stamp = name.encode() + b"\1" + f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                stamp += b"\1" + f.read()
+        except OSError:
+            return frozenset()
+        hit = self._cache.get(pid)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        try:
+            plan = read_plan(pid, name)
+        except OSError:
+            return frozenset()
+        ids = frozenset(i for i in (self.resolve(pid, p) for p in plan.files) if i)
+        if len(self._cache) >= self.limit:
+            del self._cache[next(iter(self._cache))]
+        self._cache[pid] = (stamp, ids)
+        return ids
+
+
+def names(patterns: Iterable[str]) -> tuple[str, ...]:
+    """The basename globs of interpreter path globs (`/usr/bin/python3*` -> `python3*`)."""
+    return tuple(sorted({os.path.basename(p) for p in patterns if os.path.basename(p)}))
