@@ -49,12 +49,15 @@ FALLBACK_CHECK_S = 5.0
 
 
 def daemon(*, db: Path, mode: Mode, backend: str | None, stderr: TextIO | None = None,
-           skip_preflight: bool = False) -> int:
-    """System-wide enforcement until SIGTERM/SIGINT (the service: only a person starts it)."""
+           skip_preflight: bool = False, policy: str | None = None) -> int:
+    """System-wide enforcement until SIGTERM/SIGINT (the service: only a person starts it).
+    `policy` (a name or file, e.g. `workstation`): what the service takes from it is
+    `[compilers] trust_outputs`; without one, compiler outputs are not trusted."""
     if os.geteuid() != 0:
         raise SupervisorError("trustdb daemon needs root (it loads BPF programs)")
     out = stderr or sys.stderr
     db = db.resolve()
+    trust_outputs = _trust_outputs(policy)
     pinned = PinStore().current()
     # Already enforcing from pins (a restart after a crash): refusing now would not stop the
     # kernel, only the first-seen path; the preflight guards the switch, not the restart.
@@ -76,7 +79,10 @@ def daemon(*, db: Path, mode: Mode, backend: str | None, stderr: TextIO | None =
     reporter = DenialReporter(db=db, out=out)
     # supervisor_tgid 0: the pinned programs outlive this pid, which may be reused.
     config = EngineConfig(mode=mode, scope=Scope(), supervisor_tgid=0)
-    installers = InstallerTrust.from_environment()
+    installers = InstallerTrust.from_environment(trust_outputs=trust_outputs)
+    if trust_outputs and installers is None:
+        print("trustdb: compiler outputs are not trusted (no close-write watch)", file=out,
+              flush=True)
     try:
         engine = ServiceEngine(config, db, backend, reporter,
                                trust_hook=installers.wrap_trust if installers else None)
@@ -106,6 +112,17 @@ def daemon(*, db: Path, mode: Mode, backend: str | None, stderr: TextIO | None =
         os.close(wake_r)
         os.close(wake_w)
     return 0
+
+
+def _trust_outputs(policy: str | None) -> bool:
+    if policy is None:
+        return False
+    from trustdb.policy.load import PolicyError, load
+
+    try:
+        return load(policy).trust_compiler_outputs
+    except PolicyError as e:
+        raise SupervisorError(f"policy {policy}: {e}") from e
 
 
 def _loop(engine: ServiceEngine, watch: DatabaseWatch, notifier: Notifier,

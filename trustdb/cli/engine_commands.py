@@ -164,6 +164,11 @@ def daemon(
     ] = "enforce",
     backend: BackendOption = None,
     db: DbOption = DEFAULT_DB_PATH,
+    policy: Annotated[
+        str | None,
+        typer.Option("--policy", help="A policy name or file; the service uses its "
+                     "[compilers] trust_outputs (e.g. workstation: what cc/ld build may run)."),
+    ] = None,
 ) -> None:
     """Enforce system-wide until stopped (what packaging/trustdb.service runs).
 
@@ -177,8 +182,8 @@ def daemon(
         fatal(f"--mode must be enforce or audit, not {mode!r}", ExitCode.USAGE)
     try:
         status = service.daemon(
-            db=db, mode=Mode.ENFORCE if mode == "enforce" else Mode.AUDIT, backend=backend
-        )
+            db=db, mode=Mode.ENFORCE if mode == "enforce" else Mode.AUDIT, backend=backend,
+            policy=policy)
     except SupervisorError as e:
         fatal(str(e))
     raise typer.Exit(code=status)

@@ -20,9 +20,17 @@ permission event before the kernel's check) asks the daemon over a socket when a
 trusted while a window is open (`wrap_trust`); the daemon drains the queue, records what
 installers wrote, and answers.
 
-Limit (documented in the README): between dpkg's close and the daemon's read, another root
-writer could change the content; the end-of-transaction import revokes any file whose content
-dpkg's md5sums do not vouch for. Compiler outputs (`built-by:`) are not implemented here.
+The content hashed is the content the trusted writer closed (trustdb.service.closewrite): the
+daemon takes a read lease on the event's fd, which the kernel grants only while no one has the
+file open for writing (a writable shared mapping counts) and which makes any later open for
+writing wait, then drains the queue again: a close-write by any other program since the trusted
+one's supersedes it (the file stays untrusted). What is left (README): truncate(2) by path, which
+needs no open file, can shorten the file before the lease; and the end-of-transaction import
+revokes whatever dpkg's md5sums do not vouch for.
+
+The same group, when the daemon's policy says `[compilers] trust_outputs = true`, keeps the
+close-write marks on for good and trusts what trusted compilers and linkers write
+(trustdb.service.compilers), under `built:<program>` with provenance `built-by:<program>`.
 """
 
 from __future__ import annotations
@@ -35,12 +43,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from trustdb.fanotify import Fanotify, FanotifyError
+from trustdb.fanotify import Event, Fanotify, FanotifyError
 from trustdb.first_seen_handler import host_filesystems
-from trustdb.hashing import HashingError, NotExecutable, hash_fd
 from trustdb.model import InodeKey, TrustEntry
+from trustdb.service.closewrite import (
+    FAN_CLOSE_WRITE,
+    ClosedFiles,
+    Writer,
+    ignore_lease_breaks,
+)
+from trustdb.service.compilers import FAN_OPEN_EXEC, CompilerWatch
 from trustdb.state import STATE_DIR
 
 if TYPE_CHECKING:
@@ -50,8 +65,6 @@ if TYPE_CHECKING:
 FAN_CLASS_NOTIF = 0x00
 FAN_CLOEXEC = 0x01
 FAN_NONBLOCK = 0x02
-FAN_CLOSE_WRITE = 0x08
-FAN_NOFD = -1
 ASK_TIMEOUT_S = 15.0
 """How long the first-seen handler waits for the daemon's answer (then: not trusted, and the
 channel is closed for good). Generous: the daemon may be hashing the installer's files, and under
@@ -67,6 +80,7 @@ INSTALLERS: dict[str, str] = {
 
 WINDOW_DIR = STATE_DIR / "installers"
 SOURCE_KIND = "installer"
+BUILT_KIND = "built"
 ENABLE_ENV = "TRUSTDB_TRUSTED_INSTALLERS"
 
 
@@ -95,12 +109,20 @@ def open_windows(directory: Path = WINDOW_DIR) -> list[Window]:
 class InstallerTrust:
     """The daemon's side: the notification group, the window, the installer source."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, trust_outputs: bool = False,
+                 filesystems: Callable[[], list[str]] = host_filesystems) -> None:
+        """`trust_outputs`: the policy's `[compilers] trust_outputs` (the close-write marks then
+        stay on, and what trusted compilers write is trusted too)."""
         self._fan = Fanotify(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK)
+        self._filesystems = filesystems
+        self.compilers = CompilerWatch(self._fan.mark_inode_fd, self._key_trusted) \
+            if trust_outputs else None
+        self._closed = ClosedFiles(self._drain, self._writer, self._on_exec)
         # The first-seen handler (forked later, so it inherits `_ask_handler`) asks on it.
         self._ask_daemon, self._ask_handler = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._marked: list[str] = []
+        self._window_open = False
         self._lock = threading.Lock()
         self._engine: ServiceEngine | None = None
         self.trusted: dict[str, bytes] = {}
@@ -108,17 +130,18 @@ class InstallerTrust:
         self.reports: list[str] = []
 
     @classmethod
-    def from_environment(cls) -> InstallerTrust | None:
+    def from_environment(cls, *, trust_outputs: bool = False) -> InstallerTrust | None:
         if os.environ.get(ENABLE_ENV, "1") == "0":
             return None
         try:
-            return cls()
+            return cls(trust_outputs=trust_outputs)
         except FanotifyError as e:
             print(f"trustdb: trusted installers off: {e}", file=sys.stderr, flush=True)
             return None
 
     def start(self, engine: ServiceEngine) -> None:
         self._engine = engine
+        ignore_lease_breaks()
         WINDOW_DIR.mkdir(parents=True, exist_ok=True)
         self.sync_windows()
 
@@ -155,16 +178,22 @@ class InstallerTrust:
     def sync_windows(self) -> None:
         """Open or close the window to match the tokens (SIGUSR1, and every fallback check)."""
         windows = open_windows()
-        if windows and not self._marked:
-            for fs in host_filesystems():
+        if self.compilers is not None:
+            self.compilers.refresh()  # a compiler upgraded since: its new inode
+        if (windows or self.compilers is not None) and not self._marked:
+            for fs in self._filesystems():
                 try:
                     self._fan.mark_filesystem(fs, FAN_CLOSE_WRITE)
                     self._marked.append(fs)
                 except FanotifyError:
                     continue  # a filesystem without an fsid: nothing dpkg writes lives there
-        elif not windows and self._marked:
-            self.pump()
-            self._unmark()
+        if windows:
+            self._window_open = True
+        elif self._window_open:
+            self.pump()  # what the installer closed before its window ended still counts
+            self._window_open = False
+            if self.compilers is None:
+                self._unmark()
             self._close_window()
         for w in windows:
             with contextlib.suppress(OSError):
@@ -203,43 +232,46 @@ class InstallerTrust:
     # --- events
 
     def pump(self) -> int:
-        """Trust what installers closed since the last call; returns how many files."""
+        """Trust what installers (and compilers) closed since the last call; returns how many
+        files."""
         with self._lock:
-            entries: dict[str, tuple[str, TrustEntry]] = {}
-            while True:
-                try:
-                    events = list(self._fan.read(65536))
-                except BlockingIOError:
-                    break
-                if not events:
-                    break
-                for ev in events:
-                    if ev.fd == FAN_NOFD:
-                        continue
-                    try:
-                        found = self._entry(ev.fd, ev.pid)
-                        if found is not None:
-                            entries[found[1].path] = found
-                    finally:
-                        os.close(ev.fd)
-            if entries:
-                self._record(list(entries.values()))
-            return len(entries)
+            exited = self.compilers.exited() if self.compilers is not None else set()
+            found = self._closed.collect()
+            if self.compilers is not None:
+                self.compilers.forget(exited)  # their events were all queued before we drained
+            if found:
+                self._record(found)
+            return len(found)
 
-    def _entry(self, fd: int, pid: int) -> tuple[str, TrustEntry] | None:
-        installer = self._installer(pid)
-        if installer is None:
-            return None
+    def _drain(self) -> list[Event]:
         try:
-            hashed = hash_fd(fd, executable_only=True)
-            path = os.readlink(f"/proc/self/fd/{fd}")
-        except (NotExecutable, HashingError, OSError):
-            return None
-        if not path.startswith("/") or path.endswith(" (deleted)"):
-            return None
-        d = hashed.digests
-        return installer, TrustEntry(path=path, digest=d.blake3, size=d.size, kind=d.kind,
-                                     origin=f"installed-by:{installer}")
+            return list(self._fan.read(65536))
+        except BlockingIOError:
+            return []
+
+    def _on_exec(self, ev: Event) -> None:
+        if self.compilers is not None and ev.mask & FAN_OPEN_EXEC:
+            self.compilers.on_exec(ev.fd, ev.pid)
+
+    def _writer(self, pid: int) -> Writer | None:
+        """Whose trust a close by `pid` carries: a trusted installer's while a window is open,
+        a trusted compiler's when the policy trusts outputs, else none."""
+        if self._window_open:
+            name = self._installer(pid)
+            if name is not None:
+                return Writer(f"{SOURCE_KIND}:{name}", SOURCE_KIND, f"installed-by:{name}")
+        if self.compilers is not None:
+            compiler = self.compilers.writer(pid)
+            if compiler is not None:
+                return Writer(f"{BUILT_KIND}:{compiler.name}", BUILT_KIND,
+                              f"built-by:{compiler.name}")
+        return None
+
+    def _key_trusted(self, key: InodeKey) -> bool:
+        if self._engine is None:
+            return False
+        contains = getattr(self._engine.key_sink, "__contains__", None)
+        return contains is not None and bool(contains(key))
 
     def _installer(self, pid: int) -> str | None:
         """The installer's name if `pid` runs a trusted installer binary, else None."""
@@ -249,29 +281,29 @@ class InstallerTrust:
         except OSError:
             return None  # gone already: cannot tell, so not trusted
         name = INSTALLERS.get(exe)
-        if name is None or self._engine is None:
-            return None
-        sink = self._engine.key_sink
-        contains = getattr(sink, "__contains__", None)
-        if contains is None or not contains(InodeKey.from_stat(st)):
+        if name is None or not self._key_trusted(InodeKey.from_stat(st)):
             return None  # a dpkg whose content the kernel does not trust is not an installer
         return name
 
-    def _record(self, found: list[tuple[str, TrustEntry]]) -> None:
+    def _record(self, found: list[tuple[Writer, TrustEntry]]) -> None:
         from trustdb.db import DatabaseError
 
         assert self._engine is not None
-        by_installer: dict[str, list[TrustEntry]] = {}
-        for name, entry in found:
-            by_installer.setdefault(name, []).append(entry)
+        by_source: dict[Writer, list[TrustEntry]] = {}
+        for writer, entry in found:
+            by_source.setdefault(writer, []).append(entry)
         try:
-            for name, entries in by_installer.items():
-                self._engine.db.add_entries(f"{SOURCE_KIND}:{name}", SOURCE_KIND, entries)
+            for writer, entries in by_source.items():
+                self._engine.db.add_entries(writer.source, writer.kind, entries)
         except DatabaseError as e:
-            print(f"trustdb: cannot record installed files: {e}", file=sys.stderr, flush=True)
+            print(f"trustdb: cannot record written files: {e}", file=sys.stderr, flush=True)
             return
-        for _, entry in found:
-            self.trusted[entry.path] = entry.digest
+        for writer, entry in found:
+            if writer.kind == SOURCE_KIND:
+                self.trusted[entry.path] = entry.digest
+            else:
+                print(f"trustdb: trusted {entry.path} ({writer.origin})", file=sys.stderr,
+                      flush=True)
 
     # --- the first-seen path
 
@@ -279,9 +311,10 @@ class InstallerTrust:
         """How the first-seen handler opens the database: as `opener` does, but a digest the
         database does not trust while a window is open is asked of the daemon."""
         ask = self._ask_handler
+        always = self.compilers is not None
 
         def open_with_installers() -> TrustLookup:
-            return _InstallerAwareTrust(opener(), ask)
+            return _InstallerAwareTrust(opener(), ask, always_ask=always)
 
         return open_with_installers
 
@@ -289,9 +322,11 @@ class InstallerTrust:
 class _InstallerAwareTrust:
     """The handler's TrustLookup (runs in the handler process)."""
 
-    def __init__(self, db: TrustLookup, ask: socket.socket) -> None:
+    def __init__(self, db: TrustLookup, ask: socket.socket, *, always_ask: bool = False) -> None:
         self._db = db
         self._ask: socket.socket | None = ask
+        self._always_ask = always_ask
+        """With trusted compiler outputs: a miss may be what a compiler closed a moment ago."""
 
     @property
     def generation(self) -> int:
@@ -303,7 +338,9 @@ class _InstallerAwareTrust:
     def is_trusted(self, digest: bytes) -> bool:
         if self._db.is_trusted(digest):
             return True
-        if self._ask is None or not any(WINDOW_DIR.glob("*.open")):  # a stat and a readdir
+        if self._ask is None:
+            return False
+        if not self._always_ask and not any(WINDOW_DIR.glob("*.open")):  # a stat and a readdir
             return False
         try:
             self._ask.settimeout(ASK_TIMEOUT_S)

@@ -1,0 +1,135 @@
+"""Trusted compiler outputs on the host: a real fanotify notification group (it answers nothing,
+so it can deny nothing) marks a tmpfs this test mounts, and the real gcc/ld on this machine.
+What ld closes is recorded as `built:<ld>` with provenance `built-by:`; a file written by cp or
+python stays untrusted, and so does ld's output when another writer touched it after ld or still
+holds it open. The system-wide run (`cc -o x x.c && ./x` under enforce) is in the VM tier
+(tests/vm/guest_service.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from trustdb.db import TrustDB
+from trustdb.hashing import hash_file
+from trustdb.model import InodeKey
+from trustdb.service import compilers
+from trustdb.service.installers import InstallerTrust
+
+SOURCE = '#include <stdio.h>\nint main(void) { puts("built %s"); return 0; }\n'
+
+
+def test_program_names() -> None:
+    assert compilers.program_name("/usr/bin/x86_64-linux-gnu-gcc-12") == "gcc"
+    assert compilers.program_name("/usr/bin/x86_64-linux-gnu-ld.bfd") == "ld.bfd"
+    assert compilers.program_name("/usr/lib/go-1.19/pkg/tool/linux_amd64/link") == "link"
+    assert compilers.program_name("/usr/bin/clang-16") == "clang"
+    for interpreter in ("/usr/bin/python3.11", "/usr/bin/perl", "/usr/bin/bash", "/bin/cp"):
+        assert compilers.program_name(interpreter) is None
+
+
+class _Engine:
+    """What InstallerTrust needs of the service engine: the database and the kernel's keys
+    (here the compilers' own keys, as the service's map would hold them)."""
+
+    def __init__(self, db: TrustDB, keys: set[InodeKey]) -> None:
+        self.db = db
+        self.key_sink = keys
+
+    def refresh(self) -> None:
+        pass
+
+
+@pytest.fixture
+def watch(tmp_path: Path) -> Iterator[tuple[InstallerTrust, Path, TrustDB]]:
+    if os.geteuid() != 0 or shutil.which("cc") is None:
+        pytest.skip("needs root (fanotify, mount) and a C compiler")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tdout", str(mnt)],
+                      check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    db = TrustDB.open(tmp_path / "db", write=True)
+    keys = {InodeKey.from_stat(os.stat(p)) for p in compilers.candidate_paths()}
+    trust = InstallerTrust(trust_outputs=True, filesystems=lambda: [str(mnt)])
+    try:
+        trust.start(_Engine(db, keys))  # type: ignore[arg-type]
+        assert trust.compilers is not None and trust.compilers.compilers, "no compiler marked"
+        yield trust, mnt, db
+    finally:
+        trust.stop()
+        db.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _build(mnt: Path, name: str, variant: str) -> Path:
+    src = mnt / f"{name}.c"
+    src.write_text(SOURCE.replace("%s", variant))
+    out = mnt / name
+    subprocess.run(["cc", "-o", str(out), str(src)], check=True)
+    return out
+
+
+def _trusted(db: TrustDB, path: Path) -> list[str]:
+    digest = hash_file(str(path)).digests.blake3
+    return [f"{r.label}|{r.origin}" for r in db.trusted_by(digest)]
+
+
+def test_what_ld_writes_is_trusted_built_by(watch: tuple[InstallerTrust, Path, TrustDB]) -> None:
+    trust, mnt, db = watch
+    out = _build(mnt, "hello", "ok")
+    trust.pump()
+    found = _trusted(db, out)
+    assert found and all("built-by:ld" in f for f in found), found
+    assert subprocess.run([str(out)], capture_output=True, text=True).stdout == "built ok\n"
+
+
+def test_cp_and_python_writes_stay_untrusted(watch: tuple[InstallerTrust, Path, TrustDB]) -> None:
+    trust, mnt, db = watch
+    out = _build(mnt, "base", "base")
+    copied = mnt / "copied"
+    subprocess.run(["cp", str(out), str(copied)], check=True)
+    with open(copied, "ab") as f:
+        f.write(b"cp")  # content ld never wrote
+    by_python = mnt / "by-python"
+    subprocess.run([sys.executable, "-c", "import sys; open(sys.argv[2], 'wb').write("
+                    "open(sys.argv[1], 'rb').read() + b'py')", str(out), str(by_python)],
+                   check=True)
+    trust.pump()
+    assert _trusted(db, out)
+    assert not _trusted(db, copied), "a file written by cp was trusted"
+    assert not _trusted(db, by_python), "a file written by python was trusted"
+
+
+def test_a_later_writer_supersedes_ld(watch: tuple[InstallerTrust, Path, TrustDB]) -> None:
+    """The attack on the close-to-read gap: ld closes, another program rewrites the file before
+    the daemon reads the event. The daemon must not bless the rewritten content."""
+    trust, mnt, db = watch
+    out = _build(mnt, "raced", "raced")
+    subprocess.run([sys.executable, "-c", "import sys; f = open(sys.argv[1], 'r+b'); "
+                    "f.seek(0, 2); f.write(b'evil'); f.close()", str(out)], check=True)
+    trust.pump()
+    assert not _trusted(db, out), "content rewritten after ld's close was trusted"
+
+
+def test_a_writer_still_open_blocks_trust(watch: tuple[InstallerTrust, Path, TrustDB]) -> None:
+    """ld closed, but someone else holds the file open for writing (and could write after the
+    hash): no read lease, no trust."""
+    trust, mnt, db = watch
+    out = _build(mnt, "held", "held")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1], "
+                               "'r+b'); print('open', flush=True); time.sleep(30)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        trust.pump()
+        assert not _trusted(db, out), "trusted while another writer held the file open"
+    finally:
+        holder.kill()
+        holder.wait()
