@@ -67,7 +67,9 @@ for o in "${objs[@]}"; do files+=("/usr/lib/trustdb/bpf/${o##*/}"); done
 # Keep the database in step with the package manager that this machine has.
 if [ -d "$destdir/etc/apt/apt.conf.d" ] || command -v dpkg >/dev/null 2>&1; then
   install -D -m 0644 "$here/hooks/apt/80trustdb" "$destdir/etc/apt/apt.conf.d/80trustdb"
-  files+=(/etc/apt/apt.conf.d/80trustdb)
+  # The trusted-installer window around every dpkg run (trustdb.service.installers).
+  install -D -m 0644 "$here/hooks/dpkg/trustdb" "$destdir/etc/dpkg/dpkg.cfg.d/trustdb"
+  files+=(/etc/apt/apt.conf.d/80trustdb /etc/dpkg/dpkg.cfg.d/trustdb)
 fi
 if command -v dnf5 >/dev/null 2>&1; then
   install -D -m 0644 "$here/hooks/dnf/trustdb-dnf5.actions" \
@@ -89,7 +91,18 @@ if [ "$python" = 1 ]; then
   files+=(/usr/bin/trustdb /usr/share/man/man1/trustdb.1.gz)
   while IFS= read -r f; do files+=("${f#"$destdir"}"); done < <(find "$lib/python" -type f)
 fi
-printf '%s\n' "${files[@]}" /usr/lib/trustdb/installed-files > "$manifest"
+printf '%s\n' "${files[@]}" /usr/lib/trustdb/installed-files \
+  /usr/lib/trustdb/installed-files.sha256 > "$manifest"
+# The digests of what was installed, for `trustdb service trust-self` (files outside the Python
+# tree, whose wheel RECORDs it verifies).
+for f in "${files[@]}"; do
+  case "$f" in /usr/lib/trustdb/python/*|/etc/*) ;; *) (cd "$destdir/" && sha256sum "${f#/}") ;; esac
+done | sed 's|  |  /|' > "$lib/installed-files.sha256"
+# trustdb's own install as a trust source (`trustdb sources`: self:trustdb), verified against
+# those digests, so that the service never denies trustdb itself.
+if [ "$python" = 1 ] && [ -z "$destdir" ]; then
+  /usr/bin/trustdb service trust-self --quiet || echo "install.sh: trust-self failed" >&2
+fi
 echo "trustdb installed${destdir:+ under $destdir}. Next: trustdb import deb (or rpm), then"
 echo "  systemctl start trustdb (audit mode; see /etc/default/trustdb), trustdb log --follow"
 echo "  (remove: packaging/install.sh --uninstall [--purge])"

@@ -75,6 +75,7 @@ printf '%s\n' \
 chmod 0644 "$dest/etc/default/trustdb"
 if [ "$layout" = debian ]; then
   install -D -m 0644 "$here/hooks/apt/80trustdb" "$dest/etc/apt/apt.conf.d/80trustdb"
+  install -D -m 0644 "$here/hooks/dpkg/trustdb" "$dest/etc/dpkg/dpkg.cfg.d/trustdb"
 else
   install -D -m 0644 "$here/hooks/dnf/trustdb-dnf5.actions" \
     "$dest/etc/dnf/libdnf5-plugins/actions.d/trustdb.actions"

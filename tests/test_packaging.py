@@ -39,6 +39,7 @@ def test_install_script_stages_files_without_enabling_enforcement(tmp_path: Path
     assert not (dest / "usr/lib/trustdb/bpf/abi_check.bpf.o").exists()
     assert (dest / "etc/systemd/system/trustdb.service").is_file()
     assert (dest / "etc/apt/apt.conf.d/80trustdb").is_file()
+    assert "installer-begin" in (dest / "etc/dpkg/dpkg.cfg.d/trustdb").read_text()
     # Installed, never enabled: no wants/ symlink, and the default mode is audit.
     assert not (dest / "etc/systemd/system/multi-user.target.wants").exists()
     assert "TRUSTDB_MODE=audit" in (dest / "etc/default/trustdb").read_text()
@@ -148,6 +149,21 @@ def test_deb_installs_runs_on_debian_python_and_purges_clean(
     assert _launch(root, "--db", str(db), "check", "/bin/true").returncode == 0
     backends = _launch(root, "backends", "--json")
     assert backends.returncode == 0, backends.stderr
+    # trustdb's own install as a source, each file verified against its wheel RECORD; a file
+    # changed after the install is refused by name.
+    selfdb = tmp_path / "selfdb"
+    trusted_self = _launch(root, "--db", str(selfdb), "service", "trust-self", "--quiet")
+    assert trusted_self.returncode == 0, trusted_self.stdout + trusted_self.stderr
+    sources = _launch(root, "--db", str(selfdb), "sources")
+    assert "self:trustdb" in sources.stdout, sources.stdout + sources.stderr
+    core = next((root / "usr/lib/trustdb/python/lmdb").glob("cpython*.so"))
+    original = core.read_bytes()
+    core.write_bytes(original + b"tampered")
+    try:
+        tampered = _launch(root, "--db", str(selfdb), "service", "trust-self", "--quiet")
+        assert tampered.returncode != 0 and core.name in tampered.stdout + tampered.stderr
+    finally:
+        core.write_bytes(original)
     assert {r["name"] for r in json.loads(backends.stdout) if r["ok"]} >= {"tracepoint"}
     # Nothing was written next to the packaged code (no __pycache__ dpkg does not know).
     listed = {p.removeprefix(".") for p in pb.deb_paths(packages["deb"])}
@@ -158,7 +174,7 @@ def test_deb_installs_runs_on_debian_python_and_purges_clean(
     assert _dpkg(root, "-r", "trustdb").returncode == 0
     kept = {p for p in _files_under(root, "var/lib/dpkg") if not (root / p[1:]).is_dir()}
     assert kept == {"/etc/apt/apt.conf.d/80trustdb", "/etc/default/trustdb",
-                    "/var/lib/trustdb/data.mdb"}
+                    "/etc/dpkg/dpkg.cfg.d/trustdb", "/var/lib/trustdb/data.mdb"}
     assert _dpkg(root, "-P", "trustdb").returncode == 0
     assert {p for p in _files_under(root, "var/lib/dpkg") if not (root / p[1:]).is_dir()} == set()
     assert not (root / "var/lib/trustdb").exists() and not (root / "var/log/trustdb").exists()
@@ -178,7 +194,8 @@ def test_rpm_installs_into_a_fedora_layout_root(packages: pb.Packages, tmp_path:
     qa = subprocess.run([*rpm, "-qa"], check=True, capture_output=True, text=True).stdout
     assert re.match(r"trustdb-\d", qa)
     hook = (root / "etc/dnf/libdnf5-plugins/actions.d/trustdb.actions").read_text()
-    assert "post_transaction::::/usr/bin/trustdb import rpm --quiet" in hook
+    assert "pre_transaction::::/usr/bin/trustdb service installer-begin" in hook
+    assert "post_transaction::::/usr/bin/trustdb service installer-end --rpm" in hook
     assert (root / "usr/lib/trustdb/python/trustdb/bpf/tracepoint.bpf.o").is_file()
     subprocess.run([*rpm, "-e", "--noscripts", "trustdb"], check=True, capture_output=True)
     left = {p for p in _files_under(root, "usr/lib/sysimage") if not (root / p[1:]).is_dir()}

@@ -128,16 +128,7 @@ def _trust_outputs(policy: str | None) -> bool:
 def _loop(engine: ServiceEngine, watch: DatabaseWatch, notifier: Notifier,
           flags: dict[str, bool], wake_r: int, out: TextIO,
           installers: InstallerTrust | None) -> None:
-    poller = select.poll()
-    poller.register(engine.fileno(), select.POLLIN)
-    poller.register(watch.fileno(), select.POLLIN)
-    poller.register(wake_r, select.POLLIN)
-    handler_fd = engine.handler_fileno()
-    if handler_fd is not None:
-        poller.register(handler_fd, select.POLLIN)
-    if installers is not None:
-        for fd in installers.filenos():
-            poller.register(fd, select.POLLIN)
+    poller = _poller(engine, watch, wake_r, installers)
     tick = min(FALLBACK_CHECK_S, notifier.watchdog_interval_s or FALLBACK_CHECK_S)
     next_check = time.monotonic() + FALLBACK_CHECK_S
     while not flags["stop"]:
@@ -154,6 +145,7 @@ def _loop(engine: ServiceEngine, watch: DatabaseWatch, notifier: Notifier,
         if installers is not None and (flags["installers"] or now >= next_check):
             flags["installers"] = False
             installers.sync_windows()
+        refreshed = flags["reload"]
         if flags["reload"]:
             flags["reload"] = False
             notifier.reloading()
@@ -165,7 +157,34 @@ def _loop(engine: ServiceEngine, watch: DatabaseWatch, notifier: Notifier,
         elif (watch.fileno() in ready and watch.changed()) or now >= next_check:
             next_check = now + FALLBACK_CHECK_S
             _refresh(engine, out, full=False)
+            refreshed = True
+        if refreshed and _grow(engine, out):
+            poller = _poller(engine, watch, wake_r, installers)
         notifier.watchdog()
+
+
+def _poller(engine: ServiceEngine, watch: DatabaseWatch, wake_r: int,
+            installers: InstallerTrust | None) -> select.poll:
+    poller = select.poll()
+    poller.register(engine.fileno(), select.POLLIN)
+    poller.register(watch.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    handler_fd = engine.handler_fileno()
+    if handler_fd is not None:
+        poller.register(handler_fd, select.POLLIN)
+    if installers is not None:
+        for fd in installers.filenos():
+            poller.register(fd, select.POLLIN)
+    return poller
+
+
+def _grow(engine: ServiceEngine, out: TextIO) -> bool:
+    try:
+        return engine.grow_if_needed()
+    except (DatabaseError, BackendError, SupervisorError, OSError) as e:
+        # The old engine still decides (fail closed: what does not fit stays untrusted).
+        print(f"trustdb: cannot grow the trusted-inode map: {e}", file=out, flush=True)
+        return False
 
 
 def _refresh(engine: ServiceEngine, out: TextIO, *, full: bool) -> None:

@@ -218,11 +218,14 @@ class _BatchOpts(ctypes.Structure):
 class BpfMap:
     """A map of a loaded object, used by fd. Keys and values are bytes of the exact size."""
 
-    def __init__(self, fd: int, name: str, key_size: int, value_size: int) -> None:
+    def __init__(self, fd: int, name: str, key_size: int, value_size: int,
+                 max_entries: int = 0) -> None:
         self.fd = fd
         self.name = name
         self.key_size = key_size
         self.value_size = value_size
+        self.max_entries = max_entries
+        """As the kernel reports it (pinned maps); 0 when not asked."""
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         _check(_lib.bpf_map_update_elem(self.fd, key, value, flags), f"update {self.name}")
@@ -462,7 +465,8 @@ def open_pinned_map(path: str | os.PathLike[str]) -> BpfMap:
     if ret < 0:
         os.close(fd)
         _check(ret, f"map info {path}")
-    return BpfMap(fd, info.name.decode(errors="replace"), info.key_size, info.value_size)
+    return BpfMap(fd, info.name.decode(errors="replace"), info.key_size, info.value_size,
+                  info.max_entries)
 
 
 def held_program_ids(pid: int | str = "self") -> set[int]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol, TextIO
 
 from trustdb.abi import Hook, Verdict
 from trustdb.backends.interface import Backend, BackendError, EngineConfig
+from trustdb.closers import Closers
 from trustdb.db import DEFAULT_DB
 from trustdb.events import Decision
 
@@ -160,7 +161,7 @@ class EngineSession:
         from trustdb.first_seen import NO_INTERPRETERS
         from trustdb.libbpf import LibbpfError, RingBuffer
 
-        self._closers: list[Callable[[], None]] = []
+        self._closers = Closers()
         self._next_refresh = 0.0
         self._config = config
         self._db_path = db
@@ -321,12 +322,7 @@ class EngineSession:
             self._mirror.refresh()
 
     def close(self) -> None:
-        while self._closers:
-            closer = self._closers.pop()
-            try:
-                closer()
-            except Exception as e:  # noqa: BLE001 - the next closer must still run
-                print(f"trustdb: cleanup: {e}", file=sys.stderr)
+        self._closers.close()
 
 
 class _MirrorThread:

@@ -87,7 +87,8 @@ def test_what_ld_writes_is_trusted_built_by(watch: tuple[InstallerTrust, Path, T
     trust.pump()
     found = _trusted(db, out)
     assert found and all("built-by:ld" in f for f in found), found
-    assert subprocess.run([str(out)], capture_output=True, text=True).stdout == "built ok\n"
+    ran = subprocess.run([str(out)], capture_output=True, text=True, check=True)
+    assert ran.stdout == "built ok\n"
 
 
 def test_cp_and_python_writes_stay_untrusted(watch: tuple[InstallerTrust, Path, TrustDB]) -> None:
@@ -98,9 +99,8 @@ def test_cp_and_python_writes_stay_untrusted(watch: tuple[InstallerTrust, Path, 
     with open(copied, "ab") as f:
         f.write(b"cp")  # content ld never wrote
     by_python = mnt / "by-python"
-    subprocess.run([sys.executable, "-c", "import sys; open(sys.argv[2], 'wb').write("
-                    "open(sys.argv[1], 'rb').read() + b'py')", str(out), str(by_python)],
-                   check=True)
+    script = "import sys; open(sys.argv[2], 'wb').write(open(sys.argv[1], 'rb').read() + b'py')"
+    subprocess.run([sys.executable, "-c", script, str(out), str(by_python)], check=True)
     trust.pump()
     assert _trusted(db, out)
     assert not _trusted(db, copied), "a file written by cp was trusted"
@@ -112,8 +112,8 @@ def test_a_later_writer_supersedes_ld(watch: tuple[InstallerTrust, Path, TrustDB
     the daemon reads the event. The daemon must not bless the rewritten content."""
     trust, mnt, db = watch
     out = _build(mnt, "raced", "raced")
-    subprocess.run([sys.executable, "-c", "import sys; f = open(sys.argv[1], 'r+b'); "
-                    "f.seek(0, 2); f.write(b'evil'); f.close()", str(out)], check=True)
+    script = "import sys; f = open(sys.argv[1], 'r+b'); f.seek(0, 2); f.write(b'evil'); f.close()"
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True)
     trust.pump()
     assert not _trusted(db, out), "content rewritten after ld's close was trusted"
 
@@ -123,9 +123,9 @@ def test_a_writer_still_open_blocks_trust(watch: tuple[InstallerTrust, Path, Tru
     hash): no read lease, no trust."""
     trust, mnt, db = watch
     out = _build(mnt, "held", "held")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1], "
-                               "'r+b'); print('open', flush=True); time.sleep(30)", str(out)],
-                              stdout=subprocess.PIPE, text=True)
+    script = "import sys, time; f = open(sys.argv[1], 'r+b'); print('open', flush=True); time.sleep(30)"
+    holder = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "open\n"
         trust.pump()

@@ -46,7 +46,11 @@ pytestmark = pytest.mark.skipif(
     reason="runs inside the VM only (tests/vm/test_service_vm.py)",
 )
 
-ENV = {**os.environ, "TRUSTDB_DB": str(DB), "TRUSTDB_LOG": str(LOG)}
+MAP_FLOOR = 16384
+"""The service's smallest map (TRUSTDB_MAP_ENTRIES), so that the growth case needs only ~35k
+entries: the map is sized 2 x entries + 65536 first-seen keys, rounded up to a power of two."""
+ENV = {**os.environ, "TRUSTDB_DB": str(DB), "TRUSTDB_LOG": str(LOG),
+       "TRUSTDB_MAP_ENTRIES": str(MAP_FLOOR)}
 
 
 def metric(name: str, value: float) -> None:
@@ -186,6 +190,29 @@ def trimmed_admindir() -> Path:
     return ADMINDIR
 
 
+def _with_libraries(programs: list[str]) -> set[str]:
+    out = set()
+    for prog in programs:
+        real = os.path.realpath(prog)
+        out.add(real)
+        ldd = subprocess.run(["ldd", real], capture_output=True, text=True, check=False)
+        out.update(w for line in ldd.stdout.splitlines() for w in line.split()
+                   if w.startswith("/"))
+    return out
+
+
+def toolchain() -> set[str]:
+    """What `cc -o x x.c` and `rpm -i` run and map, trusted as a person would (from their
+    packages): the gcc driver, cc1, collect2, as, ld and the LTO plugin ld loads; rpm."""
+    progs = [shutil.which(p) or p for p in ("cc", "as", "ld", "rpm")]
+    progs += [subprocess.run(["cc", f"-print-prog-name={p}"], capture_output=True, text=True,
+                             check=True).stdout.strip() for p in ("cc1", "collect2", "lto-wrapper")]
+    plugin = subprocess.run(["cc", "-print-file-name=liblto_plugin.so"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    rpm_plugins = [str(p) for p in Path("/usr/lib/x86_64-linux-gnu/rpm-plugins").glob("*.so")]
+    return _with_libraries([p for p in progs if p.startswith("/")]) | {plugin, *rpm_plugins}
+
+
 def copy(src: Path, name: str, extra: bytes = b"") -> Path:
     dst = WORK / name
     shutil.copyfile(src, dst)
@@ -260,7 +287,8 @@ def test_preflight_lists_what_would_be_denied_then_import_and_trust() -> None:
 
     with TrustDB.open(DB, write=True) as db:
         db.add_entries("manual", "manual",
-                       scan(sorted({*missing, *mine, str(dynload), "/usr/bin/cp", "/bin/cp"})))
+                       scan(sorted({*missing, *mine, str(dynload), "/usr/bin/cp", "/bin/cp",
+                                    *toolchain()})))
     r = td("service", "preflight")
     assert r.returncode == 0, r.stdout[-2000:]
 
@@ -319,7 +347,7 @@ def test_kill_9_keeps_enforcing() -> None:
 
 def test_restart_adopts_without_gap() -> None:
     before = sorted(p.name for p in PIN_DIR.iterdir())
-    d = Daemon("enforce")
+    d = Daemon("enforce", "--policy", "workstation")  # trusted compiler outputs from here on
     STATE["daemon"] = d
     metric("restart_process_to_ready_s", d.wait_for("READY=1"))
     assert "adopted the pinned engine" in d.stderr(), d.stderr()
@@ -445,6 +473,100 @@ def test_file_written_by_cp_during_a_window_stays_untrusted() -> None:
         assert not runs(dst), "a file written by cp was trusted"
     finally:
         td("service", "installer-end", "--admindir", str(ADMINDIR))
+
+
+def test_rpm_install_scriptlet_runs_its_new_binary() -> None:
+    """rpm -i (Debian's rpm, a real rpmbuild package) inside a trusted-installer window: the
+    %post runs the binary rpm unpacked a moment before; the window's end verifies against the
+    rpm database (installer-end --rpm, what the dnf5 actions hook runs)."""
+    dbpath = WORK / "rpmdb"
+    subprocess.run(["rpm", "--initdb", "--dbpath", str(dbpath)], check=True, env=ENV)
+    cli = " ".join(TD)
+    script = (f"{cli} service installer-begin && "
+              f"rpm -i --nodeps --dbpath {dbpath} {ARTIFACTS / 'tdsvc-rpm.rpm'}; rc=$?; "
+              f"{cli} service installer-end --rpm --rpm-dbpath {dbpath}; exit $rc")
+    r = subprocess.run(["/bin/sh", "-c", script], env=ENV, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + daemon().stderr()
+    assert "hello from from-rpm" in r.stdout, r.stdout + r.stderr
+    assert runs(f"{ARTIFACTS_RPM_BIN}"), "rpm-installed binary denied after the transaction"
+    with open(WORK / "sources.txt", "w") as out:
+        subprocess.run([*TD, "sources"], env=ENV, stdout=out, check=False)
+    assert "rpm:" in (WORK / "sources.txt").read_text()
+
+
+ARTIFACTS_RPM_BIN = "/var/tmp/tdsvc-rpm/tdrpm"
+
+HELLO_C = '#include <stdio.h>\nint main(void) { puts("built here"); return 0; }\n'
+
+
+def test_compiler_output_runs_on_the_first_try() -> None:
+    """The workstation policy: `cc -o x x.c && ./x` under enforce, first try, with provenance
+    built-by:<linker>; what cp or python writes from it stays denied."""
+    src = WORK / "hello.c"
+    src.write_text(HELLO_C)
+    out = WORK / "built-here"
+    started = time.monotonic()
+    r = subprocess.run(["/bin/sh", "-c", f"cc -o {out} {src} && {out}"], capture_output=True,
+                       text=True, timeout=600, check=False, cwd=WORK)
+    metric("cc_and_run_s", time.monotonic() - started)
+    assert r.returncode == 0 and "built here" in r.stdout, r.stdout + r.stderr + daemon().stderr()
+    why = td("why", str(out))
+    assert "built:ld" in why.stdout, why.stdout + why.stderr
+    listed = td("list")
+    assert "built-by:ld" in listed.stdout, listed.stdout[-2000:]
+    by_cp = WORK / "built-by-cp"
+    subprocess.run(["cp", str(out), str(by_cp)], check=True)
+    with open(by_cp, "ab") as f:
+        f.write(b"cp")
+    assert not runs(by_cp), "a file written by cp from a compiler output was trusted"
+    by_python = WORK / "built-by-python"
+    by_python.write_bytes(out.read_bytes() + b"py")  # this pytest process: an interpreter
+    by_python.chmod(0o755)
+    assert not runs(by_python), "an interpreter's write was trusted"
+
+
+def test_map_grows_without_a_gap() -> None:
+    """The database outgrows the pinned map: the daemon loads a larger engine, attaches it while
+    the old one still decides, then removes the old. An untrusted binary is tried all along and
+    must never run; the trusted one runs after."""
+    import blake3
+
+    from trustdb.db import TrustDB
+    from trustdb.model import FileKind, TrustEntry
+
+    d = daemon()
+    before = {p.name for p in PIN_DIR.iterdir()}
+    m = _pinned_map()
+    old_size = m.max_entries
+    os.close(m.fd)
+    with TrustDB.open(DB) as db:
+        count = db.entry_count()
+    extra = max(0, (old_size - 65536) // 2 - count + 1024)
+    entries = [TrustEntry(path=f"/tmp/tdsvc/bulk/{i}", digest=blake3.blake3(b"%d" % i).digest(),
+                          size=1, kind=FileKind.ELF, origin="bulk") for i in range(extra)]
+    started = time.monotonic()
+    with TrustDB.open(DB, write=True) as db:
+        db.add_entries("bulk", "manual", entries)
+    tries = 0
+    deadline = time.monotonic() + 600
+    while "grew the trusted-inode map" not in d.stderr():
+        assert time.monotonic() < deadline, d.stderr()
+        assert d.proc.poll() is None, d.stderr()
+        assert not runs(WORK / "untrusted"), "an untrusted binary ran while the map grew"
+        tries += 1
+    metric("map_grow_s", time.monotonic() - started)
+    assert tries > 0
+    after = {p.name for p in PIN_DIR.iterdir()}
+    assert len(after) == 1 and after != before, (before, after)
+    m = _pinned_map()
+    assert m.max_entries > old_size, (old_size, m.max_entries)
+    os.close(m.fd)
+    assert not runs(WORK / "untrusted")
+    assert runs(ARTIFACTS / "tdprobe")
+    assert runs(copy(ARTIFACTS / "tdprobe", "first-seen-after-grow")), "first-seen path lost"
+    with TrustDB.open(DB, write=True) as db:
+        db.remove_source("bulk")
 
 
 def test_exec_cost_with_service() -> None:

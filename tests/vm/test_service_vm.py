@@ -55,11 +55,51 @@ def build_test_deb(dest: Path) -> Path:
     return deb
 
 
+RPM_DIR = "/var/tmp/tdsvc-rpm"
+
+RPM_SPEC = """\
+Name: tdsvc-rpm
+Version: 1.0
+Release: 1
+Summary: trustdb service test package
+License: MIT
+%global debug_package %{{nil}}
+%global __os_install_post %{{nil}}
+%global _build_id_links none
+%description
+trustdb service test package: its %post runs the binary rpm just unpacked
+%install
+mkdir -p %{{buildroot}}{dir}
+install -m 755 %{{_sourcedir}}/tdrpm %{{buildroot}}{dir}/tdrpm
+%post
+{dir}/tdrpm hello
+%files
+{dir}/tdrpm
+"""
+
+
+def build_test_rpm(dest: Path) -> Path:
+    """tdsvc-rpm: the trusted-installer case for rpm (a real rpmbuild package)."""
+    top = dest / "rpmbuild"
+    src = top / "src"
+    src.mkdir(parents=True)
+    subprocess.run(["cc", "-O2", '-DVARIANT="from-rpm"', "-o", str(src / "tdrpm"),
+                    str(HERE / "tdprobe.c")], check=True)
+    spec = top / "tdsvc-rpm.spec"
+    spec.write_text(RPM_SPEC.format(dir=RPM_DIR))
+    subprocess.run(["rpmbuild", "-bb", "--quiet", "--define", f"_topdir {top}",
+                    "--define", f"_sourcedir {src}", str(spec)], check=True,
+                   capture_output=True)
+    (built,) = (top / "RPMS").rglob("tdsvc-rpm-1.0-1.*.rpm")
+    return built.rename(dest / "tdsvc-rpm.rpm")
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dest = tmp_path_factory.mktemp("service-vm")
     build_artifacts(dest)
     build_test_deb(dest)
+    build_test_rpm(dest)
     return dest
 
 

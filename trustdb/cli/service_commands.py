@@ -47,6 +47,12 @@ def stop(
                       or os.environ.get("SERVICE_RESULT", "success") != "success"):
         typer.echo("trustdb: the daemon exited on its own: the pins stay (it will be restarted)")
         return
+    if from_unit:
+        from trustdb.service.unitjob import restarting
+
+        if restarting():
+            typer.echo("trustdb: a restart, not a stop: the pins stay (the new daemon adopts them)")
+            return
     gone = PinStore().unpin_all()
     for s in running_engines():
         if s.kind == "daemon" and s.pid != os.getpid():
@@ -164,25 +170,50 @@ def installer_end(
     admindir: Annotated[
         Path | None, typer.Option("--admindir", help="dpkg database (default: dpkg's own).")
     ] = None,
+    rpm: Annotated[
+        bool, typer.Option("--rpm", help="Verify against the rpm database instead (dnf/rpm).")
+    ] = False,
+    rpm_dbpath: Annotated[
+        str | None, typer.Option("--rpm-dbpath", help="rpm database directory (with --rpm).")
+    ] = None,
     db: DbOption = DEFAULT_DB_PATH,
 ) -> None:
-    """dpkg's post-invoke hook: import dpkg's database (what it vouches for stays trusted), then
-    close the window (what it does not vouch for loses the trust it got at close, reported)."""
+    """dpkg's post-invoke hook (dnf5's post_transaction action with --rpm): import the package
+    database (what it vouches for stays trusted), then close the window (what it does not vouch
+    for loses the trust it got at close, reported)."""
     from trustdb.db import DatabaseError, TrustDB
     from trustdb.service import installers
     from trustdb_importers.deb import DebImporter
-    from trustdb_importers.interface import ImporterError
+    from trustdb_importers.interface import Importer, ImporterError
+    from trustdb_importers.rpm import RpmDbImporter
 
     _need_root()
     admin = str(admindir) if admindir else os.environ.get("DPKG_ADMINDIR") or None
     failed = None
     try:
         with TrustDB.open(db, write=True) as tdb:
-            importer = DebImporter(root="/", admindir=admin)
+            importer: Importer = (RpmDbImporter(root="/", dbpath=rpm_dbpath) if rpm
+                                  else DebImporter(root="/", admindir=admin))
             tdb.replace_source(importer.source().label, importer.source().kind,
                                importer.collect(tdb.digest_cache()))
     except (DatabaseError, ImporterError, OSError) as e:
         failed = str(e)
     installers.end(_daemon_pids())
     if failed:
-        fatal(f"import deb refused ({failed}): what this transaction installed is not trusted")
+        fatal(f"import {'rpm' if rpm else 'deb'} refused ({failed}): what this transaction "
+              "installed is not trusted")
+
+
+@service_app.command("trust-self")
+def trust_self(
+    db: DbOption = DEFAULT_DB_PATH,
+    json_out: JsonOption = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only problems.")] = False,
+) -> None:
+    """Record trustdb's own install as the source `self:trustdb`, every file verified against
+    its own digests (wheel RECORD SHA-256; the .deb's md5sums or install.sh's SHA-256 list for
+    the launcher). install.sh, the .deb postinst and the rpm %post run this."""
+    from trustdb.cli.import_commands import _run
+    from trustdb.service.selfinstall import SelfImporter
+
+    _run([SelfImporter()], db, json_out, quiet, False)

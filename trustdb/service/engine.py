@@ -9,6 +9,13 @@ Start-up takes one of two roads:
 - **fresh**: load the object, fill the map from the database, attach (trustdb.engine.Engine
   keeps that order), pin, record, and only then remove older pins (another mode or object).
 
+**Growing**: a pinned map cannot be resized, and a loaded program keeps the map it was loaded
+with. When the database outgrows the map (`grow_if_needed`, after each refresh), the fresh road
+is taken again in this process with a map sized for the database: the new programs are loaded,
+their map filled, attached and pinned while the old ones still decide, and only then are the
+old pins removed and the old fds closed. Both sets deny what their map lacks, so there is no
+moment without enforcement.
+
 Either way the first-seen handler (a forked fanotify process: a copy of trusted content gets
 its key, an untrusted exec gets EPERM) and the decision ring buffer are this process's, and
 closing releases only this process's fds: the pins stay until `trustdb service stop`, and
@@ -29,12 +36,16 @@ from trustdb import backends
 from trustdb.abi import CInodeKey, Mode
 from trustdb.backends.bpfobject import BpfBackend, MapKeySink
 from trustdb.backends.interface import Backend, BackendError, EngineConfig, KeySink
+from trustdb.closers import Closers
 from trustdb.db import TrustDB
 from trustdb.events import Decision
 from trustdb.first_seen import NO_INTERPRETERS, OpenTrust
 from trustdb.first_seen_handler import FirstSeenHandler, HandlerConfig, HandlerError
 from trustdb.libbpf import RingBuffer
 from trustdb.service.pins import PinError, PinRecord, PinStore, object_sha256
+
+MAP_ENTRIES_ENV = "TRUSTDB_MAP_ENTRIES"
+"""The smallest trusted-inode map the service loads (default DEFAULT_MAX_ENTRIES)."""
 from trustdb.session import SupervisorError
 
 
@@ -72,7 +83,6 @@ class ServiceEngine:
         installers answer for what they are writing right now)."""
         from trustdb import events
         from trustdb.db import DatabaseError
-        from trustdb.libbpf import LibbpfError
 
         started = time.monotonic()
         self._pins = pins or PinStore()
@@ -81,7 +91,10 @@ class ServiceEngine:
         self._trust_hook = trust_hook
         self._db_path = db_path
         self._handler: FirstSeenHandler | None = None
-        self._closers: list[Callable[[], None]] = []
+        self._closers = Closers()
+        """The database and the loggers: for the life of this object."""
+        self._engine_closers = Closers()
+        """The loaded (or adopted) engine's fds: replaced when the map grows."""
         self._record: PinRecord | None = None
         self._ring: RingBuffer | None = None
         self._sink: events.EventSink | None = None
@@ -93,12 +106,13 @@ class ServiceEngine:
                 raise SupervisorError(f"trust database {db_path}: {e}") from e
             self._closers.append(self._db.close)
             if config.max_entries is None:
-                # Sized once for the life of the pins (a pinned map cannot grow): the database
-                # as it is, with room for what later installs add.
+                # The database as it is, with room for what later installs add; past that the
+                # engine is re-loaded with a larger map (grow_if_needed).
                 from trustdb.backends.interface import DEFAULT_MAX_ENTRIES
                 from trustdb.mirror import map_size_for
 
-                size = max(DEFAULT_MAX_ENTRIES, map_size_for(self._db.entry_count()))
+                floor = int(os.environ.get(MAP_ENTRIES_ENV) or DEFAULT_MAX_ENTRIES)
+                size = max(floor, map_size_for(self._db.entry_count()))
                 self._config = config = dataclasses.replace(config, max_entries=size)
             record = self._adoptable(backend)
             resynced = False
@@ -121,16 +135,22 @@ class ServiceEngine:
             assert self._record is not None
             self._sink = events.EventSink(self._record.backend, self._logger.log, journal.log,
                                           consume)
-            try:
-                self._ring = RingBuffer(events_fd, self._sink.on_sample)
-            except LibbpfError as e:
-                raise BackendError(f"ring buffer: {e}") from e
-            self._closers.append(self._ring.close)
+            self._open_ring(events_fd)
         except BaseException:
             self.close()
             raise
         self.report = StartReport(record is not None, self._record.backend,
                                   time.monotonic() - started, resynced)
+
+    def _open_ring(self, events_fd: int) -> None:
+        from trustdb.libbpf import LibbpfError
+
+        assert self._sink is not None
+        try:
+            self._ring = RingBuffer(events_fd, self._sink.on_sample)
+        except LibbpfError as e:
+            raise BackendError(f"ring buffer: {e}") from e
+        self._engine_closers.append(self._ring.close)
 
     # --- the two roads
 
@@ -156,7 +176,10 @@ class ServiceEngine:
 
         maps = self._pins.open_maps(record, ("trusted_inodes", "events"))
         for m in maps.values():
-            self._closers.append(functools.partial(os.close, m.fd))
+            self._engine_closers.append(functools.partial(os.close, m.fd))
+        if maps["trusted_inodes"].max_entries:
+            self._config = dataclasses.replace(
+                self._config, max_entries=maps["trusted_inodes"].max_entries)
         sink = MapKeySink(maps["trusted_inodes"])
         self._mirror = Mirror(self._db, sink)
         pinned = maps["trusted_inodes"].keys()  # a BpfMap, not a dict: one bpf() call per key
@@ -174,7 +197,7 @@ class ServiceEngine:
         engine = Engine(self._config, backend=backend, prepare=self._prepare,
                         allow_system_wide=True, db_option=self._db_option)
         engine.start()  # load (the load is the probe), fill the map, first-seen handler, attach
-        self._closers.append(engine.stop)  # closes our fds only: the pins hold the programs
+        self._engine_closers.append(engine.stop)  # our fds only: the pins hold the programs
         self._handler = engine.first_seen
         chosen = engine.backend
         if not isinstance(chosen, BpfBackend):
@@ -227,7 +250,7 @@ class ServiceEngine:
             print(f"trustdb: first-seen handler: {e}", file=sys.stderr, flush=True)
             return
         self._handler = handler
-        self._closers.append(handler.stop)
+        self._engine_closers.append(handler.stop)
 
     def _save(self) -> None:
         if self._record is None:
@@ -294,10 +317,31 @@ class ServiceEngine:
         self._save()
         return stats is not None
 
+    def grow_if_needed(self) -> bool:
+        """Re-load the engine with a larger map when the database outgrew the pinned one (see
+        the module's "Growing"). True when it did (the fds to poll changed)."""
+        from trustdb.mirror import map_size_for
+
+        need = map_size_for(self._db.entry_count())
+        if self._record is None or need <= (self._config.max_entries or 0):
+            return False
+        old, old_size = self._engine_closers, self._config.max_entries
+        self._engine_closers = Closers()
+        self._config = dataclasses.replace(self._config, max_entries=need)
+        try:
+            events_fd = self._fresh(self._record.backend)  # attached and pinned, old pins gone
+            self._open_ring(events_fd)
+        except BaseException:
+            # The old engine still decides (its pins were not removed): keep it.
+            self._engine_closers.close()
+            self._engine_closers = old
+            self._config = dataclasses.replace(self._config, max_entries=old_size)
+            raise
+        old.close()
+        print(f"trustdb: grew the trusted-inode map from {old_size} to {need} entries",
+              file=sys.stderr, flush=True)
+        return True
+
     def close(self) -> None:
-        while self._closers:
-            closer = self._closers.pop()
-            try:
-                closer()
-            except Exception as e:  # noqa: BLE001 - the next closer must still run
-                print(f"trustdb: cleanup: {e}", file=sys.stderr)
+        self._engine_closers.close()
+        self._closers.close()

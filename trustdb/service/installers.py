@@ -41,9 +41,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from trustdb.fanotify import Event, Fanotify, FanotifyError
@@ -75,6 +75,7 @@ INSTALLERS: dict[str, str] = {
     "/bin/dpkg": "dpkg",
     "/usr/bin/rpm": "rpm",
     "/bin/rpm": "rpm",
+    "/usr/bin/dnf5": "dnf5",
 }
 """Executables whose writes are trusted while a window is open (by real path)."""
 
