@@ -133,3 +133,46 @@ def test_a_writer_still_open_blocks_trust(watch: tuple[InstallerTrust, Path, Tru
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_dpkg_in_a_window_is_trusted_at_close(tmp_path: Path) -> None:
+    """The trusted-installer side of the same machinery: a window open, a real `dpkg -i` into a
+    tmpfs (its own admindir and instdir): what dpkg closed is trusted `installed-by:dpkg`."""
+    from tests.vm.test_service_vm import build_test_deb
+    from trustdb.service import installers
+
+    if os.geteuid() != 0 or shutil.which("dpkg") is None:
+        pytest.skip("needs root and dpkg")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tdinst", str(mnt)],
+                      check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    db = TrustDB.open(tmp_path / "db", write=True)
+    dpkg = os.path.realpath(shutil.which("dpkg") or "")
+    keys = {InodeKey.from_stat(os.stat(dpkg))}
+    trust = InstallerTrust(filesystems=lambda: [str(mnt)])
+    window = installers.WINDOW_DIR / f"test-{os.getpid()}.open"
+    try:
+        trust.start(_Engine(db, keys))  # type: ignore[arg-type]
+        installers.WINDOW_DIR.mkdir(parents=True, exist_ok=True)
+        window.write_text(str(os.getpid()))
+        trust.sync_windows()
+        deb = build_test_deb(tmp_path)
+        admin = mnt / "admin"
+        for sub in ("updates", "info", "triggers"):
+            (admin / sub).mkdir(parents=True)
+        (admin / "status").touch()
+        r = subprocess.run(["dpkg", f"--admindir={admin}", f"--instdir={mnt}", "--force-depends",
+                            "--force-not-root", "--force-script-chrootless", "--unpack",
+                            str(deb)], capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        trust.pump()
+        installed = mnt / "var/tmp/tdsvc-pkg/tdnew"
+        found = _trusted(db, installed)
+        assert found and all("installed-by:dpkg" in f for f in found), found
+    finally:
+        window.unlink(missing_ok=True)
+        trust.stop()
+        db.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -279,6 +279,8 @@ def test_preflight_lists_what_would_be_denied_then_import_and_trust() -> None:
     # What a person does with the preflight list: trust it (here, with the test's own needs:
     # the interpreter's extension modules, which this pytest process also maps).
     dynload = Path(os.__file__).parent / "lib-dynload"
+    import trustdb_importers.rpm  # noqa: F401  what `installer-end --rpm` maps, mapped here too
+
     with open("/proc/self/maps") as maps:
         mine = {ln.split()[-1] for ln in maps
                 if len(ln.split()) >= 6 and ln.split()[-1].startswith("/")}
@@ -341,6 +343,9 @@ def test_kill_9_keeps_enforcing() -> None:
     STATE.pop("daemon")
     assert not runs(WORK / "untrusted"), "fail open after kill -9"
     assert runs(ARTIFACTS / "tdprobe"), "trusted binary denied after kill -9"
+    # The exec cost of the pinned programs alone (no daemon, no fanotify group): the profile's
+    # split between the kernel side and the first-seen pre-warm.
+    STATE["exec_pins_only"] = _bench().sample(ARTIFACTS / "tdprobe")
     # First-seen content (a copy of a trusted binary) is denied while no daemon verifies it.
     assert not runs(copy(ARTIFACTS / "tdprobe", "first-seen-copy"))
 
@@ -569,8 +574,39 @@ def test_map_grows_without_a_gap() -> None:
         db.remove_source("bulk")
 
 
+def _prog_stats() -> dict[str, tuple[int, int]]:
+    """name -> (run_cnt, run_time_ns) of every loaded BPF program (kernel.bpf_stats_enabled)."""
+    r = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                       check=False)
+    out: dict[str, tuple[int, int]] = {}
+    for prog in json.loads(r.stdout or "[]"):
+        name = prog.get("name", "?")
+        cnt, ns = out.get(name, (0, 0))
+        out[name] = (cnt + prog.get("run_cnt", 0), ns + prog.get("run_time_ns", 0))
+    return out
+
+
 def test_exec_cost_with_service() -> None:
-    STATE["exec_service"] = _bench().sample(ARTIFACTS / "tdprobe")
+    bench = _bench()
+    STATE["exec_service"] = bench.sample(ARTIFACTS / "tdprobe")
+    # Profile: what each program costs per exec (bpf_stats adds its own clock reads, so this
+    # sample is not the one the ratio uses).
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    if not shutil.which("bpftool") or not stats.exists():
+        return
+    stats.write_text("1")
+    try:
+        before = _prog_stats()
+        bench.sample(ARTIFACTS / "tdprobe", execs=bench.EXECS, samples=1)
+        after = _prog_stats()
+    finally:
+        stats.write_text("0")
+    execs = bench.EXECS + bench.EXECS // 2
+    for name, (cnt, ns) in sorted(after.items()):
+        c0, n0 = before.get(name, (0, 0))
+        if cnt > c0:
+            metric(f"bpf_{name}_runs_per_exec", (cnt - c0) / execs)
+            metric(f"bpf_{name}_ns_per_exec", (ns - n0) / execs)
 
 
 def test_service_stop_unpins() -> None:
@@ -594,3 +630,9 @@ def test_exec_ratio() -> None:
     service = STATE["exec_service"]
     metric("exec_ms_none", min(none) * 1000)
     metric("exec_ratio_service_vs_none", bench.ratio(service, none))
+    if "exec_pins_only" in STATE:
+        metric("exec_ratio_pins_only_vs_none",
+               bench.ratio(STATE["exec_pins_only"], none))  # type: ignore[arg-type]
+    # Noise floor: the two baseline runs (start and end of the suite) against each other.
+    first, last = STATE["exec_none"], none[len(STATE["exec_none"]):]  # type: ignore[arg-type]
+    metric("exec_ratio_none_vs_none", bench.ratio(last, first))

@@ -229,6 +229,13 @@ done
 $B mkdir -p $R$TD_RESULTS && $B mount --bind /results $R$TD_RESULTS
 $B hostname trustdb-vm
 $B ip link set lo up 2>/dev/null
+if [ -d /results/units ]; then
+  # systemd as PID 1 (run(systemd=True)): the test's units go to /run/systemd/system, and
+  # td-test.service runs the command, writes the rc and powers off.
+  $B mkdir -p $R/run/systemd/system && $B cp -r /results/units/. $R/run/systemd/system/
+  echo "vm-init: booting systemd"
+  exec $B chroot $R /lib/systemd/systemd --unit=td-test.target
+fi
 echo "vm-init: running command"
 $B chroot $R /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   HOME=/root TERM=dumb LANG=C.UTF-8 /bin/sh -c "cd $TD_CWD && . $TD_RESULTS/run.sh" </dev/console
@@ -238,6 +245,32 @@ $B umount -l $R$TD_RESULTS 2>/dev/null
 $B umount /results
 $B reboot -f
 """
+
+
+SYSTEMD_TEST_UNITS = {
+    "td-test.target": """[Unit]
+Description=trustdb VM test
+Requires=td-test.service
+After=td-test.service
+""",
+    "td-test.service": """[Unit]
+Description=trustdb VM test command
+DefaultDependencies=no
+Wants=sysinit.target
+After=sysinit.target
+[Service]
+Type=oneshot
+Environment=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
+ExecStart=/bin/sh -c 'cd {cwd} && . {results}/run.sh; echo $$? > {results}/rc'
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/console
+TimeoutStartSec=infinity
+SuccessAction=poweroff-force
+FailureAction=poweroff-force
+""",
+}
+"""Units for run(systemd=True), formatted with the results and working directories."""
 
 
 class _Cpio:
@@ -380,12 +413,15 @@ def run(
     cpus: int = 2,
     echo: bool = False,
     lsm: str = LSM_LIST,
+    systemd: bool = False,
 ) -> VmResult:
     """Boot kernel `series`, run `command` (argv) as root in the guest, and return its status.
 
     `shares` are host directories the guest may write (mounted at the same paths); everything
     else of the host is visible read-only. `echo` copies the console to stdout as it comes.
     `lsm` is the kernel's `lsm=` list (without `bpf`, BPF LSM programs must be refused).
+    `systemd`: boot the host's systemd as PID 1 (read-only root, the tmpfs mounts above) and
+    run `command` as the oneshot unit td-test.service (SYSTEMD_TEST_UNITS).
     """
     kernel = find_kernel(series)
     shares = [Path(os.path.realpath(s)) for s in shares]
@@ -402,6 +438,11 @@ def run(
         )
         exports_env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
         (results / "run.sh").write_text(exports_env + "exec " + shlex.join(command) + "\n")
+        if systemd:
+            units = results / "units"
+            units.mkdir()
+            for name, text in SYSTEMD_TEST_UNITS.items():
+                (units / name).write_text(text.format(results=results, cwd=cwd))
         cmd = qemu_command(kernel, results, shares, memory=memory, cpus=cpus, lsm=lsm)
         return _boot(cmd, results, timeout, echo)
     finally:

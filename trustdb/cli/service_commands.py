@@ -185,15 +185,19 @@ def installer_end(
     from trustdb.service import installers
     from trustdb_importers.deb import DebImporter
     from trustdb_importers.interface import Importer, ImporterError
-    from trustdb_importers.rpm import RpmDbImporter
 
     _need_root()
     admin = str(admindir) if admindir else os.environ.get("DPKG_ADMINDIR") or None
     failed = None
     try:
         with TrustDB.open(db, write=True) as tdb:
-            importer: Importer = (RpmDbImporter(root="/", dbpath=rpm_dbpath) if rpm
-                                  else DebImporter(root="/", admindir=admin))
+            importer: Importer
+            if rpm:  # imported only here: what dpkg's hook maps stays what it always mapped
+                from trustdb_importers.rpm import RpmDbImporter
+
+                importer = RpmDbImporter(root="/", dbpath=rpm_dbpath)
+            else:
+                importer = DebImporter(root="/", admindir=admin)
             tdb.replace_source(importer.source().label, importer.source().kind,
                                importer.collect(tdb.digest_cache()))
     except (DatabaseError, ImporterError, OSError) as e:

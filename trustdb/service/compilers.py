@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from trustdb.fanotify import FanotifyError
 from trustdb.model import InodeKey
 
 FAN_OPEN_EXEC = 0x00001000
@@ -94,10 +95,14 @@ class CompilerWatch:
 
     def __init__(self, mark_inode_fd: Callable[[int, int], None],
                  is_trusted_key: Callable[[InodeKey], bool],
-                 paths: Callable[[], list[str]] = candidate_paths) -> None:
+                 paths: Callable[[], list[str]] = candidate_paths,
+                 name_of: Callable[[str], str | None] = program_name) -> None:
+        """`paths` and `name_of`: which binaries, and what each is called (the trusted
+        installers use the same watch with their own list)."""
         self._mark = mark_inode_fd
         self._trusted = is_trusted_key
         self._paths = paths
+        self._name_of = name_of
         self.compilers: dict[InodeKey, Compiler] = {}
         self._running: dict[int, Compiler] = {}
 
@@ -114,14 +119,14 @@ class CompilerWatch:
                 key = InodeKey.from_stat(os.fstat(fd))
                 if key in self.compilers or not _is_elf(fd) or not self._trusted(key):
                     continue
-                name = program_name(path)
+                name = self._name_of(path)
                 if name is None:
                     continue
                 self._mark(fd, FAN_OPEN_EXEC)
                 self.compilers[key] = Compiler(path, name, key)
                 added.append(self.compilers[key])
-            except OSError:
-                continue
+            except (OSError, FanotifyError):
+                continue  # unreadable, or a filesystem fanotify cannot mark: not a writer
             finally:
                 os.close(fd)
         return added

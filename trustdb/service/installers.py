@@ -65,10 +65,13 @@ if TYPE_CHECKING:
 FAN_CLASS_NOTIF = 0x00
 FAN_CLOEXEC = 0x01
 FAN_NONBLOCK = 0x02
+_SEQ = 8
+"""Bytes of the question number that each answer repeats."""
 ASK_TIMEOUT_S = 15.0
 """How long the first-seen handler waits for the daemon's answer (then: not trusted, and the
 channel is closed for good). Generous: the daemon may be hashing the installer's files, and under
-emulation (the VM tier) that takes seconds; only execs during an installer window wait."""
+emulation (the VM tier) that takes seconds; only execs during an installer window (or, with
+trusted compiler outputs, any miss) wait."""
 
 INSTALLERS: dict[str, str] = {
     "/usr/bin/dpkg": "dpkg",
@@ -118,6 +121,13 @@ class InstallerTrust:
         self._filesystems = filesystems
         self.compilers = CompilerWatch(self._fan.mark_inode_fd, self._key_trusted) \
             if trust_outputs else None
+        # The installers' own exec events too: a dpkg or rpm that exited before the daemon read
+        # its last close-write is still known by them.
+        self._installer_execs = CompilerWatch(
+            self._fan.mark_inode_fd, self._key_trusted,
+            paths=lambda: sorted({os.path.realpath(p) for p in INSTALLERS if os.path.isfile(p)}),
+            name_of=lambda real: INSTALLERS.get(real) or next(
+                (n for p, n in INSTALLERS.items() if os.path.realpath(p) == real), None))
         self._closed = ClosedFiles(self._drain, self._writer, self._on_exec)
         # The first-seen handler (forked later, so it inherits `_ask_handler`) asks on it.
         self._ask_daemon, self._ask_handler = socket.socketpair(
@@ -166,21 +176,22 @@ class InstallerTrust:
         """One question from the first-seen handler: is this digest trusted, counting what
         installers closed up to now?"""
         try:
-            digest = self._ask_daemon.recv(64, socket.MSG_DONTWAIT)
+            question = self._ask_daemon.recv(64, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
+        seq, digest = question[:_SEQ], question[_SEQ:]
         self.pump()
         trusted = self._engine is not None and self._engine.db.is_trusted(digest)
         with contextlib.suppress(OSError):
-            self._ask_daemon.send(b"1" if trusted else b"0")
+            self._ask_daemon.send(seq + (b"1" if trusted else b"0"))
 
     # --- the window
 
     def sync_windows(self) -> None:
         """Open or close the window to match the tokens (SIGUSR1, and every fallback check)."""
         windows = open_windows()
-        if self.compilers is not None:
-            self.compilers.refresh()  # a compiler upgraded since: its new inode
+        for watch in self._exec_watches():
+            watch.refresh()  # a compiler or installer upgraded since: its new inode
         if (windows or self.compilers is not None) and not self._marked:
             for fs in self._filesystems():
                 try:
@@ -236,10 +247,10 @@ class InstallerTrust:
         """Trust what installers (and compilers) closed since the last call; returns how many
         files."""
         with self._lock:
-            exited = self.compilers.exited() if self.compilers is not None else set()
+            exited = [(w, w.exited()) for w in self._exec_watches()]
             found = self._closed.collect()
-            if self.compilers is not None:
-                self.compilers.forget(exited)  # their events were all queued before we drained
+            for watch, pids in exited:
+                watch.forget(pids)  # their events were all queued before we drained
             if found:
                 self._record(found)
             return len(found)
@@ -250,9 +261,13 @@ class InstallerTrust:
         except BlockingIOError:
             return []
 
+    def _exec_watches(self) -> list[CompilerWatch]:
+        return [self._installer_execs] + ([self.compilers] if self.compilers else [])
+
     def _on_exec(self, ev: Event) -> None:
-        if self.compilers is not None and ev.mask & FAN_OPEN_EXEC:
-            self.compilers.on_exec(ev.fd, ev.pid)
+        if ev.mask & FAN_OPEN_EXEC:
+            for watch in self._exec_watches():
+                watch.on_exec(ev.fd, ev.pid)
 
     def _writer(self, pid: int) -> Writer | None:
         """Whose trust a close by `pid` carries: a trusted installer's while a window is open,
@@ -280,7 +295,9 @@ class InstallerTrust:
             exe = os.readlink(f"/proc/{pid}/exe")
             st = os.stat(f"/proc/{pid}/exe")
         except OSError:
-            return None  # gone already: cannot tell, so not trusted
+            # Gone already: its exec event says what it ran (or nothing: not trusted).
+            known = self._installer_execs.writer(pid)
+            return known.name if known is not None else None
         name = INSTALLERS.get(exe)
         if name is None or not self._key_trusted(InodeKey.from_stat(st)):
             return None  # a dpkg whose content the kernel does not trust is not an installer
@@ -326,6 +343,7 @@ class _InstallerAwareTrust:
     def __init__(self, db: TrustLookup, ask: socket.socket, *, always_ask: bool = False) -> None:
         self._db = db
         self._ask: socket.socket | None = ask
+        self._seq = 0
         self._always_ask = always_ask
         """With trusted compiler outputs: a miss may be what a compiler closed a moment ago."""
 
@@ -343,15 +361,22 @@ class _InstallerAwareTrust:
             return False
         if not self._always_ask and not any(WINDOW_DIR.glob("*.open")):  # a stat and a readdir
             return False
+        self._seq += 1
+        seq = self._seq.to_bytes(_SEQ, "little")
+        deadline = time.monotonic() + ASK_TIMEOUT_S
         try:
-            self._ask.settimeout(ASK_TIMEOUT_S)
-            self._ask.send(digest)
-            return self._ask.recv(1) == b"1"
+            self._ask.send(seq + digest)
+            while (left := deadline - time.monotonic()) > 0:
+                self._ask.settimeout(left)
+                answer = self._ask.recv(_SEQ + 1)
+                if answer[:_SEQ] == seq:  # a late answer to an earlier question is dropped
+                    return answer[_SEQ:] == b"1"
+        except TimeoutError:
+            return False  # the daemon is busy (or it is the one exec'ing): not trusted now
         except OSError:
-            # A late answer would be read as the answer to the next question: never ask again.
             self._ask.close()
             self._ask = None
-            return False
+        return False
 
 
 # --- the hooks' side (`trustdb service installer-begin|end`) -----------------------------------

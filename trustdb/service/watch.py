@@ -9,9 +9,16 @@ spurious wake-up costs one read transaction, and a lost one is caught by the slo
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
+import inotify_simple
 from inotify_simple import INotify, flags
+
+# inotify_simple finds libc with ctypes.util.find_library on first use, which runs ldconfig and
+# then gcc and objdump: execs the enforcing daemon must not make (and that the database need not
+# trust). libc is mapped already: use it.
+inotify_simple._libc = inotify_simple._libc or ctypes.CDLL(None, use_errno=True)  # type: ignore[attr-defined]
 
 DATA_FILE = "data.mdb"
 _MASK = flags.MODIFY | flags.CLOSE_WRITE | flags.MOVED_TO | flags.CREATE
