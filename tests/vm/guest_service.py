@@ -293,6 +293,9 @@ def test_preflight_lists_what_would_be_denied_then_import_and_trust() -> None:
                                     *toolchain()})))
     r = td("service", "preflight")
     assert r.returncode == 0, r.stdout[-2000:]
+    init = subprocess.run(["rpm", "--initdb", "--dbpath", str(WORK / "rpmdb")], env=ENV,
+                          capture_output=True, text=True, check=False)
+    assert init.returncode == 0, init.stderr
 
 
 # --- audit, then enforce ---------------------------------------------------------------------
@@ -484,8 +487,7 @@ def test_rpm_install_scriptlet_runs_its_new_binary() -> None:
     """rpm -i (Debian's rpm, a real rpmbuild package) inside a trusted-installer window: the
     %post runs the binary rpm unpacked a moment before; the window's end verifies against the
     rpm database (installer-end --rpm, what the dnf5 actions hook runs)."""
-    dbpath = WORK / "rpmdb"
-    subprocess.run(["rpm", "--initdb", "--dbpath", str(dbpath)], check=True, env=ENV)
+    dbpath = WORK / "rpmdb"  # made before enforcing (test_preflight...)
     cli = " ".join(TD)
     script = (f"{cli} service installer-begin && "
               f"rpm -i --nodeps --dbpath {dbpath} {ARTIFACTS / 'tdsvc-rpm.rpm'}; rc=$?; "
