@@ -162,9 +162,9 @@ def test_start_returns_when_enforcing() -> None:
 
 
 def test_watchdog_and_ordering() -> None:
-    assert int(prop("WatchdogUSec") or 0) > 0
+    assert prop("WatchdogUSec") not in ("", "0", "infinity"), prop("WatchdogUSec")
     deadline = time.monotonic() + 120
-    while int(prop("WatchdogTimestampMonotonic") or 0) == 0:
+    while prop("WatchdogTimestamp") in ("", "n/a"):
         assert time.monotonic() < deadline, "no watchdog ping reached systemd"
         time.sleep(1)
     before = prop("Before").split()
