@@ -488,7 +488,9 @@ def test_rpm_install_scriptlet_runs_its_new_binary() -> None:
     %post runs the binary rpm unpacked a moment before; the window's end verifies against the
     rpm database (installer-end --rpm, what the dnf5 actions hook runs)."""
     dbpath = WORK / "rpmdb"  # made before enforcing (test_preflight...)
-    cli = " ".join(TD)
+    import shlex
+
+    cli = shlex.join(TD)
     script = (f"{cli} service installer-begin && "
               f"rpm -i --nodeps --dbpath {dbpath} {ARTIFACTS / 'tdsvc-rpm.rpm'}; rc=$?; "
               f"{cli} service installer-end --rpm --rpm-dbpath {dbpath}; exit $rc")
