@@ -9,6 +9,7 @@ struct td_inode_key td_abi_inode_key;
 struct td_event td_abi_event;
 struct td_task td_abi_task;
 struct td_config td_abi_config;
+struct td_first_seen_group td_abi_first_seen_group;
 enum td_hook td_abi_hook;
 enum td_verdict td_abi_verdict;
 enum td_mode td_abi_mode;

@@ -48,6 +48,14 @@ struct {
 	__type(value, __u32);
 } program_flags SEC(".maps");
 
+/* The first-seen handler's fanotify group (struct td_first_seen_group), see td_vouched_by_handler. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct td_first_seen_group);
+} first_seen_group SEC(".maps");
+
 const volatile struct td_config td_cfg = {};
 
 /* ---- inode keys ------------------------------------------------------------------------- */
@@ -113,6 +121,64 @@ static __always_inline __u32 td_program_flags(struct task_struct *task)
 	td_file_key(exe, &key);
 	flags = bpf_map_lookup_elem(&program_flags, &key);
 	return flags ? *flags : 0;
+}
+
+/* ---- the first-seen handler's word for an inode whose key moved ------------------------- */
+
+/* The bit the handler adds to the ignore mask of an inode whose content it verified as trusted
+ * (FS_CLOSE_WRITE: an event its group never asks for, so ignoring it changes nothing else). */
+#define TD_VOUCHED_BIT 0x00000008U
+#define TD_MAX_MARKS 8
+
+/* Has the first-seen handler verified this inode's content as trusted, with no change to the
+ * content since? Its ignore mark says so: the kernel clears an ignore mask on every
+ * modification of the content (FS_MODIFY: write, truncate, fallocate, copy_file_range), and
+ * the handler flushes all of them when the database changes. A key that misses only because
+ * ctime moved without the content changing (chmod, chown, rename, link, utime, xattr), before
+ * the handler's notification of that change has dropped the mark, is then still trusted:
+ * otherwise a trusted file exec'd right after a chmod was killed now and then. Stores through
+ * a shared-writable mapping raise no FS_MODIFY: callers refuse files with writers first. */
+static __always_inline bool td_vouched_by_handler(struct inode *inode)
+{
+	__u32 zero = 0;
+	struct td_first_seen_group *g = bpf_map_lookup_elem(&first_seen_group, &zero);
+	struct hlist_node *node;
+	struct fsnotify_mark *mark;
+	int i;
+
+	if (!g || !g->group)
+		return false;
+	node = BPF_CORE_READ(inode, i_fsnotify_marks, list.first);
+	for (i = 0; i < TD_MAX_MARKS && node; i++) {
+		mark = (void *)node - bpf_core_field_offset(struct fsnotify_mark, obj_list);
+		if ((__u64)BPF_CORE_READ(mark, group) == g->group &&
+		    (BPF_CORE_READ(mark, ignore_mask) & TD_VOUCHED_BIT))
+			return true;
+		node = BPF_CORE_READ(node, next);
+	}
+	return false;
+}
+
+/* Is the file trusted: its key in the map, or vouched for by the handler (see above)? */
+static __always_inline bool td_file_trusted(struct file *file, const struct td_inode_key *key)
+{
+	return td_is_trusted(key) || td_vouched_by_handler(BPF_CORE_READ(file, f_inode));
+}
+
+/* Fills in the first-seen handler's group: the file behind fd `fd` of process `tgid`. Run once
+ * by userspace (bpf_iter over every task's files) after the handler started. */
+SEC("iter/task_file")
+int find_first_seen_group(struct bpf_iter__task_file *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct file *file = ctx->file;
+	__u32 zero = 0;
+	struct td_first_seen_group *g = bpf_map_lookup_elem(&first_seen_group, &zero);
+
+	if (!task || !file || !g || task->tgid != g->tgid || ctx->fd != g->fd)
+		return 0;
+	g->group = (__u64)BPF_CORE_READ(file, private_data);
+	return 0;
 }
 
 /* Does the file have writers right now: an fd open for writing anywhere (i_writecount > 0;
@@ -374,7 +440,7 @@ static __always_inline __u8 td_check_file(struct task_struct *task, __u8 hook, s
 	td_file_key(file, &key);
 	if (td_file_has_writers(file))
 		return td_deny(task, hook, TD_REASON_WRITABLE, &key, file);
-	if (td_is_trusted(&key)) {
+	if (td_file_trusted(file, &key)) {
 		if (td_cfg.log_allows)
 			td_emit(task, hook, TD_ALLOW, TD_REASON_TRUSTED, &key, file);
 		return TD_ALLOW;

@@ -113,7 +113,7 @@ static __always_inline int lsm_check_code(__u8 hook, struct file *file, bool ful
 	td_file_key(file, &key);
 	if (td_file_has_writers(file))
 		return lsm_deny(task, hook, TD_REASON_WRITABLE, &key, file, full_path);
-	if (!td_is_trusted(&key))
+	if (!td_file_trusted(file, &key))
 		return lsm_deny(task, hook, TD_REASON_UNTRUSTED, &key, file, full_path);
 	if (td_cfg.log_allows)
 		lsm_emit(task, hook, TD_ALLOW, TD_REASON_TRUSTED, &key, file, full_path);

@@ -85,6 +85,16 @@ struct td_task {
 	__u8 _pad[7];
 };
 
+/* The one entry of the `first_seen_group` array. Userspace writes tgid and fd (the first-seen
+ * handler's fanotify permission group) and runs the `find_first_seen_group` iterator, which
+ * fills in group: the kernel's struct fsnotify_group, compared with mark owners (never
+ * dereferenced). group == 0: no handler, no ignore mark vouches for anything. */
+struct td_first_seen_group {
+	__u32 tgid;
+	__u32 fd;
+	__u64 group;
+};
+
 /* Configuration, a `const volatile` global (`td_cfg`) set in .rodata before load. */
 struct td_config {
 	__u64 scope_cgroup_id; /* cgroup v2 id of the scope; 0 = the whole system */

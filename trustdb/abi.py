@@ -101,6 +101,22 @@ class CTask(ctypes.Structure):
     ]
 
 
+class CFirstSeenGroup(ctypes.Structure):
+    """The one value of the `first_seen_group` array: whose fanotify group vouches for
+    inodes (tgid, fd in), and the group the `find_first_seen_group` iterator found (out)."""
+
+    _fields_ = [
+        ("tgid", ctypes.c_uint32),
+        ("fd", ctypes.c_uint32),
+        ("group", ctypes.c_uint64),
+    ]
+
+
+VOUCHED_BIT = 0x08
+"""FAN_CLOSE_WRITE in an ignore mask of the first-seen handler's group: this inode's content
+was verified as trusted and has not been modified since (bpf/common.bpf.h)."""
+
+
 class CConfig(ctypes.Structure):
     """`const volatile struct td_config td_cfg`, set in .rodata before load."""
 

@@ -17,6 +17,7 @@ every filesystem from `start()` on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from types import TracebackType
@@ -84,6 +85,8 @@ class Engine:
                 if self.config.scope.system_wide:
                     self._handler.start()
             backend.attach()
+            if self._handler is not None and self._handler.pid:
+                _vouch_by(backend, self._handler)
         except BaseException:
             self._stop_handler()
             backend.detach()
@@ -159,6 +162,8 @@ class Engine:
                 handler.start(tree_pid=_pid_of(pidfd))
             except HandlerError as e:
                 self.first_seen_warning = str(e)
+            else:
+                _vouch_by(self.backend, handler)
 
     def confine_pid(self, pid: int) -> None:
         """Confine by pid (racy if the pid can be reused: prefer `confine` with a pidfd held
@@ -168,6 +173,18 @@ class Engine:
             self.confine(fd)
         finally:
             os.close(fd)
+
+
+def _vouch_by(backend: Backend, handler: FirstSeenHandler) -> None:
+    """Tell the BPF side which fanotify group's ignore marks vouch for verified content (a
+    backend without that support, or a kernel that refuses the iterator, just goes without:
+    a trusted file then asks again after a chmod, and may be killed if it races it)."""
+    vouch = getattr(backend, "vouch_by", None)
+    if vouch is None or handler.group_fd < 0:
+        return
+    with contextlib.suppress(BackendError):
+        if vouch(handler.pid, handler.group_fd):
+            handler.vouched()
 
 
 def _pid_of(pidfd: int) -> int:

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from trustdb.abi import VOUCHED_BIT
 from trustdb.denial_stderr import write_to_stderr_of
 from trustdb.fanotify import (
     FAN_ATTRIB,
@@ -170,6 +171,9 @@ class FirstSeenHandler:
         self._report_r = -1
         self._stats = mmap.mmap(-1, mmap.PAGESIZE)
         self._buffer = b""
+        self.group_fd = -1
+        """The handler's permission group, as an fd number in its own process (for the BPF
+        side to recognise its ignore marks: `Backend.vouch_by`)."""
 
     @property
     def pid(self) -> int:
@@ -211,11 +215,20 @@ class FirstSeenHandler:
                 break
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
-        if line != b"R":
-            self.stop()
-            raise HandlerError(f"first-seen handler: {line[2:].decode(errors='replace')}"
-                               if line else "first-seen handler died at start")
-        os.set_blocking(self._report_r, False)
+        ready, _, fd = line.partition(b" ")
+        if ready == b"R" and fd.isdigit():
+            self.group_fd = int(fd)
+            os.set_blocking(self._report_r, False)
+            return
+        self.stop()
+        raise HandlerError(f"first-seen handler: {line[2:].decode(errors='replace')}"
+                           if line else "first-seen handler died at start")
+
+    def vouched(self) -> None:
+        """The BPF side now recognises this handler's ignore marks: ctime-only changes need
+        no flush any more (told to the handler process through its control pipe)."""
+        if self._ctl_w >= 0:
+            os.write(self._ctl_w, b"V")
 
     def fileno(self) -> int:
         """Readable when denial lines are waiting (`denials()`)."""
@@ -317,6 +330,8 @@ class _Serve:
         self.report = report
         self.reported: set[tuple[int, InodeKey | None]] = set()
         self.script_files = ScriptIdentities()
+        self.vouched = False
+        """The BPF side reads our ignore marks (bpf/common.bpf.h, td_vouched_by_handler)."""
 
     def run(self, targets: list[str], how: str) -> int:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -344,7 +359,7 @@ class _Serve:
         if not marked:
             raise HandlerError("no mount could be marked")
         self.perm, self.changes = perm, changes
-        os.write(self.report, b"R\n")
+        os.write(self.report, f"R {perm.fd}\n".encode())
         self._loop()
         return 0
 
@@ -356,7 +371,10 @@ class _Serve:
         while True:
             ready = {fd for fd, _ in poller.poll(int(GENERATION_POLL_S * 1000))}
             if self.ctl in ready:
-                return
+                word = os.read(self.ctl, 64)
+                if not word:
+                    return  # EOF: stop
+                self.vouched = self.vouched or b"V" in word
             if self.changes.fd in ready:
                 self._on_changes()
             if self.perm.fd in ready:
@@ -370,8 +388,10 @@ class _Serve:
     def _on_changes(self) -> None:
         """A watched inode's ctime moved (chmod, link, rename, utime, xattr): its key is stale
         and its ignore mark must go before its next exec. One flush drops them all (which
-        inode it was matters less than how fast the mark goes)."""
-        if any(True for _ in self.changes.read()):
+        inode it was matters less than how fast the mark goes). Once the BPF side takes our
+        ignore marks as vouching for unmodified content (`vouched`), a stale key no longer
+        kills, and the marks stay: flushing them would only destroy that evidence."""
+        if any(True for _ in self.changes.read()) and not self.vouched:
             self._flush()
 
     def _flush(self) -> None:
@@ -435,6 +455,8 @@ class _Serve:
                                                                       Outcome.INSERTED)
                     and not _settled_data(ev.fd, checked)):
                 mask = 0  # a file read as data now may be loaded as a script later
+            if mask and checked.outcome in (Outcome.KNOWN, Outcome.INSERTED):
+                mask |= VOUCHED_BIT  # the BPF side may trust it if only its ctime moves
             if mask:
                 self._ignore(ev.fd, checked, mask)
             if verdict.denial:

@@ -23,12 +23,22 @@ import contextlib
 import ctypes
 import errno as errno_mod
 import os
-import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from trustdb.libbpf_calls import (
+    _RB_SAMPLE_FN,
+    BPF_ANY,
+    BPF_EXIST,
+    BPF_NOEXIST,
+    LibbpfError,
+    _check,
+    _check_ptr,
+    _clear_log,
+    _lib,
+)
 
 __all__ = [
     "BPF_ANY",
@@ -42,142 +52,8 @@ __all__ = [
     "open_pinned_map",
 ]
 
-BPF_ANY = 0
-BPF_NOEXIST = 1
-BPF_EXIST = 2
-
 _BTF_KIND_VAR = 14
 _BTF_KIND_DATASEC = 15
-
-
-class LibbpfError(OSError):
-    """A libbpf call failed. `errno` is set; `log` holds libbpf's recent messages."""
-
-    def __init__(self, err: int, what: str, log: str = "") -> None:
-        msg = f"{what}: {os.strerror(err)}"
-        if log:
-            msg += "\n" + log
-        super().__init__(err, msg)
-        self.log = log
-
-    def __str__(self) -> str:
-        return str(self.args[1])
-
-
-# ---- the library and its log --------------------------------------------------------------
-
-try:
-    _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-except OSError as e:
-    raise ImportError(
-        "libbpf.so.1 is not installed (Debian/Ubuntu: apt install libbpf1; Fedora: dnf install "
-        "libbpf)",
-        name="libbpf.so.1",
-    ) from e
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
-
-# libbpf_print_fn_t: int (*)(enum libbpf_print_level, const char *fmt, va_list ap). On x86_64
-# a va_list argument is a pointer, so vsnprintf can format it here.
-_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-_log_lines: deque[str] = deque(maxlen=60)
-_log_lock = threading.Lock()
-
-
-_print_buf = ctypes.create_string_buffer(1 << 20)
-"""One buffer for every message, used under _log_lock: a load prints about 2,300 lines, and a
-fresh zeroed 1 MiB buffer per line cost 50 ms of `trustdb run`'s start-up (profiled)."""
-
-
-def _on_print(level: int, fmt: bytes, ap: int) -> int:
-    # One call can carry the whole verifier log; its last lines say what went wrong.
-    with _log_lock:
-        n = _libc.vsnprintf(_print_buf, len(_print_buf), fmt, ap)
-        text = ctypes.string_at(_print_buf, max(0, min(n, len(_print_buf) - 1)))
-        _log_lines.extend(text.decode(errors="replace").splitlines())
-    return 0
-
-
-_print_cb = _PRINT_FN(_on_print)  # kept referenced for the life of the process
-_lib.libbpf_set_print.argtypes = [_PRINT_FN]
-_lib.libbpf_set_print.restype = ctypes.c_void_p
-_lib.libbpf_set_print(_print_cb)
-
-
-def _take_log() -> str:
-    with _log_lock:
-        lines = list(_log_lines)
-        _log_lines.clear()
-    # The verifier dump can be long; its last lines say what went wrong.
-    return "\n".join(lines[-25:])
-
-
-def _clear_log() -> None:
-    with _log_lock:
-        _log_lines.clear()
-
-
-def _check(ret: int, what: str) -> int:
-    """libbpf 1.x int APIs return -errno."""
-    if ret < 0:
-        raise LibbpfError(-ret, what, _take_log())
-    return ret
-
-
-def _check_ptr(ptr: int | None, what: str) -> int:
-    """libbpf 1.x pointer APIs return NULL and set errno."""
-    if not ptr:
-        err = ctypes.get_errno() or errno_mod.EINVAL
-        raise LibbpfError(err, what, _take_log())
-    return ptr
-
-
-def _fn(name: str, restype: type | None, *argtypes: type) -> None:
-    f = getattr(_lib, name)
-    f.restype = restype
-    f.argtypes = list(argtypes)
-
-
-_p = ctypes.c_void_p
-_fn("bpf_object__open_file", _p, ctypes.c_char_p, _p)
-_fn("bpf_object__load", ctypes.c_int, _p)
-_fn("bpf_object__close", None, _p)
-_fn("bpf_object__btf", _p, _p)
-_fn("bpf_object__find_map_by_name", _p, _p, ctypes.c_char_p)
-_fn("bpf_object__find_program_by_name", _p, _p, ctypes.c_char_p)
-_fn("bpf_object__next_program", _p, _p, _p)
-_fn("bpf_object__next_map", _p, _p, _p)
-_fn("bpf_program__name", ctypes.c_char_p, _p)
-_fn("bpf_program__attach", _p, _p)
-_fn("bpf_program__set_autoload", ctypes.c_int, _p, ctypes.c_bool)
-_fn("bpf_program__fd", ctypes.c_int, _p)
-_fn("bpf_link__destroy", ctypes.c_int, _p)
-_fn("bpf_map__name", ctypes.c_char_p, _p)
-_fn("bpf_map__fd", ctypes.c_int, _p)
-_fn("bpf_map__set_max_entries", ctypes.c_int, _p, ctypes.c_uint32)
-_fn("bpf_map__max_entries", ctypes.c_uint32, _p)
-_fn("bpf_map__key_size", ctypes.c_uint32, _p)
-_fn("bpf_map__value_size", ctypes.c_uint32, _p)
-_fn("bpf_map__initial_value", _p, _p, ctypes.POINTER(ctypes.c_size_t))
-_fn("btf__find_by_name_kind", ctypes.c_int, _p, ctypes.c_char_p, ctypes.c_uint32)
-_fn("btf__type_by_id", _p, _p, ctypes.c_uint32)
-_fn("btf__name_by_offset", ctypes.c_char_p, _p, ctypes.c_uint32)
-_fn("bpf_map_update_elem", ctypes.c_int, ctypes.c_int, _p, _p, ctypes.c_uint64)
-_fn("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _p, _p)
-_fn("bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, _p)
-_fn("bpf_map_get_next_key", ctypes.c_int, ctypes.c_int, _p, _p)
-_fn("bpf_map_update_batch", ctypes.c_int, ctypes.c_int, _p, _p, ctypes.POINTER(ctypes.c_uint32), _p)
-_fn("bpf_link__pin", ctypes.c_int, _p, ctypes.c_char_p)
-_fn("bpf_map__pin", ctypes.c_int, _p, ctypes.c_char_p)
-_fn("bpf_obj_get", ctypes.c_int, ctypes.c_char_p)
-_fn("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _p, ctypes.POINTER(ctypes.c_uint32))
-_fn("bpf_map_delete_batch", ctypes.c_int, ctypes.c_int, _p, ctypes.POINTER(ctypes.c_uint32), _p)
-_RB_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, _p, _p, ctypes.c_size_t)
-_fn("ring_buffer__new", _p, ctypes.c_int, _RB_SAMPLE_FN, _p, _p)
-_fn("ring_buffer__poll", ctypes.c_int, _p, ctypes.c_int)
-_fn("ring_buffer__consume", ctypes.c_int, _p)
-_fn("ring_buffer__epoll_fd", ctypes.c_int, _p)
-_fn("ring_buffer__free", None, _p)
 
 
 class _BtfType(ctypes.Structure):
@@ -402,6 +278,21 @@ class BpfObject:
         except BaseException:
             self.detach()
             raise
+
+    def run_iter(self, prog_name: str) -> bytes:
+        """Run an attached iterator program once; what it printed (often nothing: it may
+        write maps instead)."""
+        if prog_name not in self._link_names:
+            raise LibbpfError(errno_mod.ENOENT, f"iterator {prog_name} is not attached")
+        link = self._links[self._link_names.index(prog_name)]
+        fd = _check(_lib.bpf_iter_create(_lib.bpf_link__fd(link)), f"iterate {prog_name}")
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
 
     def detach(self) -> None:
         """Destroy every link (idempotent). The programs stay loaded until close()."""

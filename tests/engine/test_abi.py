@@ -25,6 +25,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "td_event": abi.CEvent,
     "td_task": abi.CTask,
     "td_config": abi.CConfig,
+    "td_first_seen_group": abi.CFirstSeenGroup,
 }
 ENUMS: dict[str, tuple[type[enum.IntEnum | enum.IntFlag], str]] = {
     "td_hook": (abi.Hook, "TD_HOOK_"),

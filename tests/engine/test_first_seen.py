@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -88,6 +89,84 @@ def test_chmod_rename_link_right_before_exec_never_kill(db: Path, env: dict[str,
     done; echo ok=$ok bad=$bad"""
     got = run(db, script, env)
     assert got.stdout.strip().splitlines()[-1] == "ok=300 bad=0", got.stderr[-2000:]
+
+
+def test_metadata_change_right_before_exec_while_the_handler_is_busy(
+        db: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """The same, with the handler kept busy hashing first-seen files, so that its answer to a
+    chmod/rename/link (dropping ignore marks) comes late: an exec that skipped the handler on
+    an ignore mark then met a stale key and was killed. A trusted file the tree can change is
+    therefore never exec-ignored: each of its execs asks, and is verified under its new key."""
+    t = tmp_path / "t"
+    shutil.copy2("/bin/true", t)
+    big = _libpython()
+    script = f"""cd {tmp_path}; ./t
+    for b in 1 2 3; do
+      ( while [ ! -e stop ]; do rm -f busy$b; cp {big} busy$b; cat busy$b > /dev/null; done ) &
+    done
+    ok=0; bad=0
+    for i in {{1..250}}; do
+      chmod 700 t; if ./t; then ok=$((ok+1)); else bad=$((bad+1)); fi
+      mv t t2; if ./t2; then ok=$((ok+1)); else bad=$((bad+1)); fi; mv t2 t
+      chmod 755 t
+    done; touch stop; wait; echo ok=$ok bad=$bad"""
+    got = run(db, script, env, timeout=300)
+    assert got.stdout.strip().splitlines()[-1] == "ok=500 bad=0", got.stderr[-2000:]
+
+
+def test_chmod_from_outside_racing_execs_of_an_ignored_file(db: Path, env: dict[str, str]
+                                                           ) -> None:
+    """A trusted file on a read-only mount of the tree carries a full ignore mark (its opens
+    and execs never ask). Outside the tree, a thread chmods it without pause (every chmod
+    moves ctime, so the kernel map's key is stale each time) while the tree execs it 400
+    times. Before, an exec that came between a chmod and the handler's flush of the marks was
+    killed; now the BPF side takes the handler's ignore mark as vouching for the unmodified
+    content, and every exec runs."""
+    import threading
+
+    repo = Path(__file__).resolve().parents[2]
+    (repo / "build").mkdir(exist_ok=True)
+    where = Path(tempfile.mkdtemp(prefix="vouch-", dir=repo / "build"))  # read-only inside
+    try:
+        t = where / "true"
+        shutil.copy2("/bin/true", t)
+        trust_files(db, {str(t)})
+        stop = threading.Event()
+
+        def chmod_storm() -> None:
+            mode = 0o755
+            while not stop.is_set():
+                mode ^= 0o010
+                os.chmod(t, mode)
+                time.sleep(0.0002)
+
+        thread = threading.Thread(target=chmod_storm)
+        script = f"""{t}; ok=0; bad=0; touch {workdir_of(env)}/go
+        for i in {{1..400}}; do if {t}; then ok=$((ok+1)); else bad=$((bad+1)); fi; done
+        echo ok=$ok bad=$bad"""
+        go = workdir_of(env) / "go"
+        proc = subprocess.Popen([*TRUSTDB, "run", "--db", str(db), "--", "bash", "-c", script],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=workdir_of(env))
+        deadline = time.monotonic() + 60
+        while not go.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        thread.start()
+        try:
+            out, err = proc.communicate(timeout=240)
+        finally:
+            stop.set()
+            thread.join()
+        assert out.strip().splitlines()[-1] == "ok=400 bad=0", err[-2000:]
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _libpython() -> str:
+    """A large trusted file (this Python's shared library, else its executable)."""
+    import sysconfig
+    lib = Path(sysconfig.get_config_var("LIBDIR") or "/", sysconfig.get_config_var("LDLIBRARY") or "")
+    return os.path.realpath(lib if lib.is_file() else sys.executable)
 
 
 def test_copies_of_trusted_libraries_load(db: Path, env: dict[str, str], tmp_path: Path) -> None:

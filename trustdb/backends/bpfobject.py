@@ -14,7 +14,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from trustdb.abi import BackendId, CConfig, CInodeKey, CTask, Mode, ProgramFlag
+from trustdb.abi import BackendId, CConfig, CFirstSeenGroup, CInodeKey, CTask, Mode, ProgramFlag
 from trustdb.backends.interface import (
     DEFAULT_MAX_ENTRIES,
     Backend,
@@ -271,6 +271,22 @@ class BpfBackend(Backend):
                     m.delete(ckey)
             except LibbpfError as e:
                 raise BackendError(f"{self.name}: cannot set program flags: {e.strerror}") from e
+
+    def vouch_by(self, tgid: int, fd: int) -> bool:
+        """Let the ignore marks of the fanotify group at fd `fd` of process `tgid` (the
+        first-seen handler) vouch for inodes whose key moved without their content changing
+        (bpf/common.bpf.h, td_vouched_by_handler). Returns whether the group was found."""
+        if self._obj is None:
+            raise BackendError(f"{self.name}: not loaded")
+        m = self._obj.map("first_seen_group")
+        zero = bytes(4)
+        try:
+            m.update(zero, bytes(CFirstSeenGroup(tgid, fd, 0)))
+            self._obj.run_iter("find_first_seen_group")
+            got = m.lookup(zero)
+        except LibbpfError as e:
+            raise BackendError(f"{self.name}: cannot find the first-seen group: {e}") from e
+        return got is not None and CFirstSeenGroup.from_buffer_copy(got).group != 0
 
     def is_confined(self, pidfd: int) -> bool:
         """Whether the task behind `pidfd` carries the confinement mark."""

@@ -24,7 +24,13 @@ COMMON_HOLES: tuple[str, ...] = (
     "inline-code: python3 -c, bash -c, node -e, code on an interpreter's stdin and eval() are "
     "never a file: no backend judges them",
     "unconfined-writers: in a `run` scope a process outside the tree can still write into a "
-    "file the tree has mapped; exec and mmap refuse files with writers only at that moment",
+    "file the tree has mapped; exec and mmap refuse files with writers only at that moment "
+    "(and stores through a shared mapping made outside raise no modify event, so the "
+    "first-seen handler's ignore mark keeps vouching for that inode)",
+    "memfd-copies: a memfd (or other unmarkable file) holding a copy of trusted content is "
+    "denied: fanotify cannot mark memfd files, so no first-seen check inserts its key, and "
+    "neither kernel has in-kernel hashing the programs could use here (IMA/fs-verity off); "
+    "a false denial, never a route",
     "wx-system-wide: anonymous executable memory (JITs) is refused inside `run` only; the "
     "system-wide service leaves it to the policy's seccomp/MDWE",
     "overlayfs: mappings on overlayfs or FUSE passthrough are backed by another file than the "
