@@ -115,6 +115,9 @@ class Engine:
     def _stop_handler(self) -> None:
         handler, self._handler = self._handler, None
         if handler is not None:
+            if self._backend is not None and handler.group_fd >= 0:
+                with contextlib.suppress(BackendError, AttributeError):
+                    self._backend.vouch_by(0, -1)  # type: ignore[attr-defined]
             handler.stop()
 
     def __enter__(self) -> Self:

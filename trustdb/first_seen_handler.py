@@ -16,147 +16,36 @@ After a file is verified its inode gets an ignore mark: later opens and execs ra
 The kernel clears ignore marks when the content is modified; chmod, chown, link, rename, utime
 and xattr change ctime (part of the key) without clearing them, so a second group watches each
 ignored inode for FAN_ATTRIB / FAN_MOVE_SELF and drops every ignore mark when one fires (the
-next open of each file asks again). A change of the database generation does the same.
+next open of each file asks again), until the BPF side recognises this handler's group: then
+an ignore mark carrying VOUCHED_BIT vouches for the inode's unmodified content even after its
+key went stale (bpf/common.bpf.h), and the marks stay. A change of the database generation
+drops every mark.
+
+Modules: this one (the parent's side: fork, ready line, denials, counters, stop),
+trustdb.first_seen_serve (the handler process and its loop), trustdb.first_seen_marks (what
+is marked, and which files' opens must stay visible).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import mmap
 import os
 import select
 import signal
-import struct
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
-from trustdb.abi import VOUCHED_BIT
-from trustdb.denial_stderr import write_to_stderr_of
-from trustdb.fanotify import (
-    FAN_ATTRIB,
-    FAN_MOVE_SELF,
-    FAN_NOFD,
-    FAN_OPEN_EXEC_PERM,
-    FAN_OPEN_PERM,
-    Event,
-    Fanotify,
-    FanotifyError,
+from trustdb.first_seen_marks import HandlerError, host_filesystems, tree_mounts
+from trustdb.first_seen_serve import (
+    START_TIMEOUT_S,
+    STATS_FORMAT,
+    STATS_NAMES,
+    Denial,
+    HandlerConfig,
+    Serve,
 )
-from trustdb.first_seen import (
-    NO_INTERPRETERS,
-    Checked,
-    FirstSeen,
-    Interpreters,
-    KeyMap,
-    OpenTrust,
-    Outcome,
-    answer,
-    has_writers,
-    is_script_for,
-)
-from trustdb.model import InodeKey
-from trustdb.script_args import ScriptIdentities
-from trustdb.write_opens import TRUNCATE, opening_for_write
-
-PERM_MASK = FAN_OPEN_EXEC_PERM | FAN_OPEN_PERM
-CHANGE_MASK = FAN_ATTRIB | FAN_MOVE_SELF
-GENERATION_POLL_S = 1.0
-START_TIMEOUT_S = 30.0
-REALTIME_PRIORITY = 10
-
-SKIP_FSTYPES = frozenset(
-    {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "tracefs", "debugfs", "securityfs", "bpf",
-     "mqueue", "pstore", "configfs", "fusectl", "hugetlbfs", "autofs", "binfmt_misc",
-     "efivarfs", "rpc_pipefs", "nsfs", "devtmpfs"}
-)
-"""Filesystems nobody executes from (or that cannot be marked)."""
-
-_STATS = ("events", "exec_events", "unconfined", "hashed", "inserted", "denied", "ignored",
-          "ignore_flushes", "errors")
-_STATS_FMT = struct.Struct(f"={len(_STATS)}Q")
-_PR_SET_PDEATHSIG = 1
-
-
-class HandlerError(FanotifyError):
-    """The first-seen handler could not start (one line)."""
-
-
-# --- what to mark ---------------------------------------------------------------------------
-
-
-def _mountinfo(path: str) -> Iterator[tuple[str, str, list[str]]]:
-    with open(path) as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            mnt = fields[4].encode().decode("unicode_escape")
-            yield mnt, fields[sep + 1], fields[5].split(",")
-
-
-def tree_mounts(pid: int) -> list[str]:
-    """Paths (through /proc/<pid>/root) of the mounts in `pid`'s mount namespace that code can
-    be executed from. Refuses a task that shares our mount namespace: marking those mounts
-    would make the whole machine pay."""
-    if os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
-        raise HandlerError(f"pid {pid} shares this process's mount namespace: not marking "
-                           "the host's mounts")
-    out: list[str] = []
-    for mnt, fstype, opts in _mountinfo(f"/proc/{pid}/mountinfo"):
-        if fstype in SKIP_FSTYPES or "noexec" in opts:
-            continue
-        out.append(f"/proc/{pid}/root{mnt}")
-    return out
-
-
-def host_filesystems(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
-    """One mount point per exec-capable filesystem (the service marks whole filesystems)."""
-    seen: set[int] = set()
-    out: list[str] = []
-    for mnt, fstype, opts in _mountinfo(mountinfo):
-        if fstype in SKIP_FSTYPES or "noexec" in opts:
-            continue
-        try:
-            dev = os.stat(mnt).st_dev
-        except OSError:
-            continue
-        if dev not in seen:
-            seen.add(dev)
-            out.append(mnt)
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class Denial:
-    """One answer FAN_DENY (or, in audit mode, one that would have been)."""
-
-    tgid: int
-    path: str
-    dev: int
-    """Kernel encoding, as in InodeKey."""
-    ino: int
-    what: str
-    """`exec` (untrusted content executed) or `script` (an interpreter loading it)."""
-    denied: bool
-
-
-@dataclass(frozen=True, slots=True)
-class HandlerConfig:
-    open_trust: OpenTrust
-    keys: KeyMap
-    is_confined: Callable[[int], bool] | None
-    """pidfd -> carries the confinement mark (None: every task counts, the service)."""
-    enforce: bool
-    interpreters: Interpreters = NO_INTERPRETERS
-    db_option: str = ""
-    """` --db PATH` for the `trustdb trust` command in denial lines ('' for the default)."""
-    deny_trusted_writes: bool = False
-    """Refuse confined tasks write opens of trusted files (runs only: the service would refuse
-    the whole machine, package managers included)."""
-
 
 # --- the parent's side ------------------------------------------------------------------------
 
@@ -193,7 +82,7 @@ class FirstSeenHandler:
             try:
                 os.close(ctl_w)
                 os.close(report_r)
-                code = _Serve(self._config, self._stats, ctl_r, report_w).run(targets, how)
+                code = Serve(self._config, self._stats, ctl_r, report_w).run(targets, how)
             except BaseException as e:  # noqa: BLE001 - report, then leave without cleanup
                 with contextlib.suppress(OSError):
                     os.write(report_w, f"E {type(e).__name__}: {e}\n".encode())
@@ -245,7 +134,7 @@ class FirstSeenHandler:
         return [Denial(**json.loads(ln[2:])) for ln in lines if ln.startswith(b"D ")]
 
     def stats(self) -> dict[str, int]:
-        return dict(zip(_STATS, _STATS_FMT.unpack_from(self._stats, 0), strict=True))
+        return dict(zip(STATS_NAMES, STATS_FORMAT.unpack_from(self._stats, 0), strict=True))
 
     def alive(self) -> bool:
         if not self._pid:
@@ -281,314 +170,5 @@ class FirstSeenHandler:
             self._report_r = -1
 
 
-# --- the handler process ------------------------------------------------------------------------
-
-
-def _close_inherited(keep: set[int]) -> None:
-    """Close what the supervisor held (pipes of the confined child, BPF links and programs),
-    keeping BPF maps and `keep`: a handler must not keep the tree's gate or links alive."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd <= 2 or fd in keep:
-            continue
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:bpf-map":
-                continue
-            os.close(fd)
-        except OSError:
-            continue
-
-
-def _realtime() -> None:
-    """Run as a real-time task: a chmod, link or rename of a watched file is followed by an exec
-    within a fork's time, and the ignore marks must be gone before that exec opens the file.
-    The handler only ever sleeps in poll between events, and the kernel's RT throttling caps a
-    runaway anyway."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
-
-
-def _forget_parent_lmdb_envs() -> None:
-    """py-lmdb refuses a second open of an environment "in this process" by remembering the
-    open ones in memory, which fork copies. LMDB's own rule is the opposite: a forked child
-    must not use the parent's environment (its fcntl locks stayed with the parent) and must
-    open its own. Key the guard by our pid so that this process's one open goes through."""
-    try:
-        import lmdb._envid as envid
-    except ImportError:  # an older py-lmdb: no such guard
-        return
-    pid = os.getpid()
-    envid.env_keys = lambda path, subdir: (("first-seen handler", pid, os.fsdecode(path)),)
-
-
-class _Serve:
-    def __init__(self, config: HandlerConfig, stats: mmap.mmap, ctl: int, report: int) -> None:
-        self.config = config
-        self.stats_map = stats
-        self.counts = dict.fromkeys(_STATS, 0)
-        self.ctl = ctl
-        self.report = report
-        self.reported: set[tuple[int, InodeKey | None]] = set()
-        self.script_files = ScriptIdentities()
-        self.vouched = False
-        """The BPF side reads our ignore marks (bpf/common.bpf.h, td_vouched_by_handler)."""
-
-    def run(self, targets: list[str], how: str) -> int:
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:
-            return 1
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards ^C to the tree
-        _realtime()
-        perm = Fanotify.permission()
-        changes = Fanotify.inode_changes()
-        _close_inherited({self.ctl, self.report, perm.fd, changes.fd})
-        _forget_parent_lmdb_envs()
-        trust = self.config.open_trust()
-        self.first_seen = FirstSeen(trust, self.config.keys)
-        self.generation = trust.generation
-        marked = 0
-        for target in targets:
-            try:
-                if how == "mount":
-                    perm.mark_mount(target, PERM_MASK)
-                else:
-                    perm.mark_filesystem(target, PERM_MASK)
-                marked += 1
-            except FanotifyError:
-                continue  # an overmounted or vanished mount point
-        if not marked:
-            raise HandlerError("no mount could be marked")
-        self.perm, self.changes = perm, changes
-        os.write(self.report, f"R {perm.fd}\n".encode())
-        self._loop()
-        return 0
-
-    def _loop(self) -> None:
-        poller = select.poll()
-        for fd in (self.ctl, self.changes.fd, self.perm.fd):
-            poller.register(fd, select.POLLIN)
-        next_gen = time.monotonic() + GENERATION_POLL_S
-        while True:
-            ready = {fd for fd, _ in poller.poll(int(GENERATION_POLL_S * 1000))}
-            if self.ctl in ready:
-                word = os.read(self.ctl, 64)
-                if not word:
-                    return  # EOF: stop
-                self.vouched = self.vouched or b"V" in word
-            if self.changes.fd in ready:
-                self._on_changes()
-            if self.perm.fd in ready:
-                for ev in self.perm.read():
-                    self._on_permission(ev)
-            if time.monotonic() >= next_gen:
-                next_gen = time.monotonic() + GENERATION_POLL_S
-                self._check_generation()
-            _STATS_FMT.pack_into(self.stats_map, 0, *self.counts.values())
-
-    def _on_changes(self) -> None:
-        """A watched inode's ctime moved (chmod, link, rename, utime, xattr): its key is stale
-        and its ignore mark must go before its next exec. One flush drops them all (which
-        inode it was matters less than how fast the mark goes). Once the BPF side takes our
-        ignore marks as vouching for unmodified content (`vouched`), a stale key no longer
-        kills, and the marks stay: flushing them would only destroy that evidence."""
-        if any(True for _ in self.changes.read()) and not self.vouched:
-            self._flush()
-
-    def _flush(self) -> None:
-        self.perm.flush_inode_marks()
-        self.changes.flush_inode_marks()
-        self.counts["ignore_flushes"] += 1
-
-    def _check_generation(self) -> None:
-        try:
-            generation = self.first_seen.trust.generation
-        except Exception:  # noqa: BLE001 - a busy database: try again next time
-            return
-        if generation != self.generation:
-            self.generation = generation
-            self._flush()
-            self.first_seen.forget_untrusted()
-
-    def _on_permission(self, ev: Event) -> None:
-        if ev.fd == FAN_NOFD:
-            return
-        allow = True
-        try:
-            self.counts["events"] += 1
-            self.counts["exec_events"] += bool(ev.mask & FAN_OPEN_EXEC_PERM)
-            allow = self._decide(ev)
-        except Exception:  # noqa: BLE001 - never leave an open waiting
-            self.counts["errors"] += 1
-        finally:
-            try:
-                self.perm.respond(ev.fd, allow)
-            finally:
-                os.close(ev.fd)
-
-    def _decide(self, ev: Event) -> bool:
-        try:
-            pidfd = os.pidfd_open(ev.pid)
-        except OSError:
-            return True
-        try:
-            if self.config.is_confined is not None and not self.config.is_confined(pidfd):
-                self.counts["unconfined"] += 1
-                return True
-            is_exec = bool(ev.mask & FAN_OPEN_EXEC_PERM)
-            script = False
-            if not is_exec and self.config.interpreters:
-                interpreter = self._interpreter(ev.pid)
-                script = interpreter is not None and self._is_script(ev, interpreter)
-            hashed = self.first_seen.hashed
-            checked = self.first_seen.check(ev.fd, code=script)
-            self.counts["hashed"] += self.first_seen.hashed - hashed
-            self.counts["inserted"] += checked.outcome == Outcome.INSERTED
-            known = checked.outcome in (Outcome.KNOWN, Outcome.INSERTED)
-            writable = known and self.config.deny_trusted_writes and _watch_writes(ev.fd)
-            verdict = answer(checked, is_exec=is_exec, enforce=self.config.enforce,
-                             script_for_interpreter=script, open_mask=FAN_OPEN_PERM,
-                             exec_mask=FAN_OPEN_EXEC_PERM,
-                             write_open=writable and not is_exec and self._write_open(ev),
-                             writable_mount=writable)
-            mask = verdict.ignore_mask
-            if (self.config.interpreters and checked.outcome not in (Outcome.KNOWN,
-                                                                      Outcome.INSERTED)
-                    and not _settled_data(ev.fd, checked)):
-                mask = 0  # a file read as data now may be loaded as a script later
-            if mask and checked.outcome in (Outcome.KNOWN, Outcome.INSERTED):
-                mask |= VOUCHED_BIT  # the BPF side may trust it if only its ctime moves
-            if mask:
-                self._ignore(ev.fd, checked, mask)
-            if verdict.denial:
-                self._report(ev, pidfd, verdict.denial, checked, denied=not verdict.allow)
-            return verdict.allow
-        finally:
-            os.close(pidfd)
-
-    def _ignore(self, fd: int, checked: Checked, mask: int) -> None:
-        """Ignore later events of this inode, watched for ctime changes first; if its ctime
-        moved meanwhile, take the marks back (its key is already stale)."""
-        try:
-            self.changes.mark_inode_fd(fd, CHANGE_MASK)
-            self.perm.ignore_inode_fd(fd, mask)
-        except FanotifyError:
-            return  # e.g. a filesystem without file handles: keep asking
-        if checked.key is not None and InodeKey.from_stat(os.fstat(fd)) != checked.key:
-            self._flush()
-            return
-        self.counts["ignored"] += 1
-
-    def _write_open(self, ev: Event) -> bool:
-        """A confined task opening trusted content for writing (route 3: the bytes a trusted
-        key vouches for must not change under it). Its write access is already taken while it
-        waits here, so a read lease is refused; the syscall's flags say it is the opener.
-        O_RDONLY | O_TRUNC takes no write access before this event: only its flags tell."""
-        if not self.config.deny_trusted_writes:
-            return False
-        if has_writers(ev.fd):
-            return bool(opening_for_write(ev.pid))
-        return bool(opening_for_write(ev.pid, TRUNCATE))
-
-    def _interpreter(self, pid: int) -> str | None:
-        """The interpreter's name if `pid` runs one (known by its exe's key or content)."""
-        interpreters = self.config.interpreters
-        try:
-            st = os.stat(f"/proc/{pid}/exe")  # stat, never open: that would ask ourselves
-            exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
-        except OSError:
-            return None
-        key = InodeKey.from_stat(st)
-        if key in interpreters.keys:
-            return exe
-        if interpreters.digests:
-            cached = self.first_seen.trust.digest_cache().lookup(key, st.st_size)
-            digest = cached.blake3 if cached else self.first_seen.inserted.get(key)
-            if digest in interpreters.digests:
-                return interpreters.name_of(digest) or exe
-        return None
-
-    def _is_script(self, ev: Event, interpreter: str) -> bool:
-        try:
-            st = os.fstat(ev.fd)
-            head = os.pread(ev.fd, 2, 0)
-            path = os.readlink(f"/proc/self/fd/{ev.fd}")
-        except OSError:
-            return False
-        return is_script_for(path, head, (st.st_dev, st.st_ino),
-                             self.script_files.of(ev.pid, interpreter))
-
-    def _report(self, ev: Event, pidfd: int, what: str, checked: Checked, *,
-                denied: bool) -> None:
-        """Tell the supervisor (log, its stderr) and, once per process and file, the blocked
-        task itself: a shell retries an exec along $PATH."""
-        key = checked.key
-        once = (ev.pid, key)
-        if once in self.reported:
-            return
-        if len(self.reported) > 4096:
-            self.reported.clear()
-        self.reported.add(once)
-        path = _event_path(ev.fd)
-        self.counts["denied"] += denied
-        if what == "write":
-            line = (f"trustdb: denied write open of {path} (pid {ev.pid}): its content is "
-                    "trusted, and trusted files may not be modified inside trustdb run (write a "
-                    "new file instead)")
-        else:
-            thing = "exec" if what == "exec" else "script load (by an interpreter)"
-            line = (f"trustdb: denied {thing} of {path} (pid {ev.pid}): its content is not in "
-                    f"the trust database. To trust it: trustdb trust{self.config.db_option} "
-                    f"{path}")
-        if denied:
-            write_to_stderr_of(pidfd, line)
-        denial = Denial(ev.pid, path, key.dev if key else 0, key.ino if key else 0, what, denied)
-        with contextlib.suppress(OSError):
-            os.write(self.report, b"D " + json.dumps(_asdict(denial)).encode() + b"\n")
-
-
-SYSTEM_TREES = ("/usr/", "/lib/", "/lib64/", "/lib32/", "/libx32/", "/bin/", "/sbin/", "/etc/",
-                "/opt/")
-"""Trusted files here keep full ignore marks even on a writable mount: every exec opens
-them, so watching their opens for writes would put round trips on every exec. Refusing writes
-there is the mount plan's job (read-only system trees inside `run`)."""
-
-
-def _watch_writes(fd: int) -> bool:
-    """Keep seeing opens of this trusted file (to refuse write opens): its mount in the tree is
-    writable and it lies outside the system trees (the workdir, tmp, /dev/shm, a home)."""
-    if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
-        return False
-    return not _event_path(fd).startswith(SYSTEM_TREES)
-
-
-def _settled_data(fd: int, checked: Checked) -> bool:
-    """Data that no confined task can have written and that looks like no script (no script
-    suffix, no `#!`): on a read-only mount or in the system trees, which the tree cannot write
-    (the same rule as `_watch_writes`): /etc/ld.so.cache, locales, zoneinfo. Its opens may be
-    ignored even while interpreters are judged; without that every exec paid a handler round
-    trip for ld.so.cache (exec under `run` x1.35)."""
-    if checked.outcome != Outcome.NOT_EXECUTABLE:
-        return False
-    try:
-        if _watch_writes(fd):
-            return False
-        head = os.pread(fd, 2, 0)
-    except OSError:
-        return False
-    return not is_script_for(_event_path(fd), head, (-1, -1), ())
-
-
-def _asdict(d: Denial) -> dict[str, object]:
-    return {name: getattr(d, name) for name in Denial.__slots__}
-
-
-def _event_path(fd: int) -> str:
-    """The file's path as the tree sees it (the kernel prints it from the tree's root)."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return f"fd {fd}"
-
-
-__all__ = ["FirstSeenHandler", "HandlerConfig", "HandlerError", "host_filesystems",
+__all__ = ["Denial", "FirstSeenHandler", "HandlerConfig", "HandlerError", "host_filesystems",
            "tree_mounts"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.conftest import Confined, closure
+from tests.engine.route_cases import SELF_WRITTEN_CODE, case_id
 from tests.engine.test_tracepoint import KILLED, Events, _b, _denials, _describe, events
 from trustdb.abi import Hook, ProgramFlag, Reason, Verdict
 from trustdb.model import InodeKey
@@ -204,19 +205,7 @@ def test_trusted_library_rewritten_while_mapped(
 # ---- route 4: code the process writes itself ---------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["selfcode", "rwx"],
-        ["selfcode", "mprotect"],
-        ["selfcode", "shared"],
-        ["shmexec"],
-        ["readimpliesexec"],
-        ["fileselfcode", "wx", "PROBE"],
-        ["fileselfcode", "written", "PROBE"],
-    ],
-    ids=lambda a: "-".join(a[:2]),
-)
+@pytest.mark.parametrize("argv", SELF_WRITTEN_CODE, ids=case_id)
 def test_self_written_code_denied(
     enforce: Confined, events: Events, bins: dict[str, Path], argv: list[str]
 ) -> None:

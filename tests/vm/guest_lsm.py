@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine.route_cases import SELF_WRITTEN_CODE, case_id
 from trustdb.abi import CEvent, Hook, Mode, ProgramFlag, Reason, Verdict
 from trustdb.backends.interface import EngineConfig, Scope
 from trustdb.backends.lsm import LsmBackend
@@ -407,19 +408,7 @@ def test_proc_pid_mem_write_denied(engine: Engine, files: Path) -> None:
 # ---- issue 8: route 4, code the process writes itself ----------------------------------------
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["selfcode", "rwx"],
-        ["selfcode", "mprotect"],
-        ["selfcode", "shared"],
-        ["shmexec"],
-        ["readimpliesexec"],
-        ["fileselfcode", "wx", "PROBE"],
-        ["fileselfcode", "written", "PROBE"],
-    ],
-    ids=lambda a: "-".join(a[:2]),
-)
+@pytest.mark.parametrize("argv", SELF_WRITTEN_CODE, ids=case_id)
 def test_self_written_code_denied(engine: Engine, files: Path, argv: list[str]) -> None:
     probe = str(files / "tdprobe")
     args = [probe if a == "PROBE" else a for a in argv]

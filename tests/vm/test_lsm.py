@@ -97,7 +97,8 @@ def test_lsm_suite_in_vm(kernel: str, artifacts: Path) -> None:
             str(HERE / "guest_lsm.py"), f"--junitxml={xml}",
         ],
         shares=[artifacts],
-        env={"TD_VM_ARTIFACTS": str(artifacts), "PYTHONDONTWRITEBYTECODE": "1"},
+        env={"TD_VM_ARTIFACTS": str(artifacts), "PYTHONDONTWRITEBYTECODE": "1",
+             "PYTHONPATH": str(runner.REPO)},
         timeout=900,
     )  # fmt: skip
     tail = "\n".join(result.console.splitlines()[-60:])
@@ -147,7 +148,8 @@ def test_lsm_refused_without_bpf_in_lsm_list(kernel: str, artifacts: Path) -> No
         kernel,
         [guest_python(), str(script)],
         shares=[artifacts],
-        env={"PYTHONDONTWRITEBYTECODE": "1"},
+        env={"PYTHONDONTWRITEBYTECODE": "1",
+             "PYTHONPATH": str(runner.REPO)},
         lsm="lockdown,capability,landlock,yama",
         timeout=600,
     )

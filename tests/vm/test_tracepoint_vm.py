@@ -39,7 +39,8 @@ def test_tracepoint_suite_in_vm(kernel: str, tmp_path: Path) -> None:
         kernel,
         ["sh", "-c", script],
         shares=[tmp_path],
-        env={"TRUSTDB_CGROUP2": "/sys/fs/cgroup", "PYTHONDONTWRITEBYTECODE": "1"},
+        env={"TRUSTDB_CGROUP2": "/sys/fs/cgroup", "PYTHONDONTWRITEBYTECODE": "1",
+             "PYTHONPATH": str(runner.REPO)},
         timeout=900,
     )
     out = log.read_text() if log.exists() else result.console[-4000:]

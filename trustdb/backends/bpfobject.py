@@ -275,13 +275,16 @@ class BpfBackend(Backend):
     def vouch_by(self, tgid: int, fd: int) -> bool:
         """Let the ignore marks of the fanotify group at fd `fd` of process `tgid` (the
         first-seen handler) vouch for inodes whose key moved without their content changing
-        (bpf/common.bpf.h, td_vouched_by_handler). Returns whether the group was found."""
+        (bpf/common.bpf.h, td_vouched_by_handler). Returns whether the group was found.
+        `tgid` 0 forgets the group (call it when the handler stops)."""
         if self._obj is None:
             raise BackendError(f"{self.name}: not loaded")
         m = self._obj.map("first_seen_group")
         zero = bytes(4)
         try:
-            m.update(zero, bytes(CFirstSeenGroup(tgid, fd, 0)))
+            m.update(zero, bytes(CFirstSeenGroup(tgid, max(fd, 0), 0)))
+            if tgid == 0:
+                return False  # forgotten: the group's memory may belong to another one later
             self._obj.run_iter("find_first_seen_group")
             got = m.lookup(zero)
         except LibbpfError as e:

@@ -31,7 +31,9 @@ class TracepointBackend(BpfBackend):
     holes = (
         "sigkill-not-eperm: a denial kills the process instead of failing the call, so a "
         "program that would fall back on EPERM (pcre2's JIT, a library probe) dies; `run` adds "
-        "PR_SET_MDWE so that W+X mappings fail before the kernel programs see them",
+        "PR_SET_MDWE so that W+X mappings fail before the kernel programs see them; the "
+        "denial line of a kill reaches `run`'s caller, but a tool killed inside the tree with "
+        "its own stderr pipe (an agent's tool) may see only EOF: its fds close as it dies",
         "scripts-in-userspace: `#!` scripts and interpreters' script files are judged by "
         "fanotify permission events in the supervisor, not in the kernel (at sched_process_exec "
         "the kernel has already swapped a script for its interpreter)",

@@ -1,0 +1,113 @@
+"""What the first-seen handler marks, and which files' opens it may stop seeing.
+
+- `tree_mounts`: the mounts of a confined child's own mount namespace (`trustdb run`);
+  `host_filesystems`: every exec-capable filesystem (the service).
+- `watch_writes` / `settled_data`: whether an inode's ignore mark may cover its opens (a file
+  the tree can write must keep being seen, so that a write open of trusted content is refused
+  and data it wrote is judged again when an interpreter loads it as a script).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from trustdb.fanotify import FanotifyError
+from trustdb.first_seen import Checked, Outcome, is_script_for
+
+
+class HandlerError(FanotifyError):
+    """The first-seen handler could not start (one line)."""
+
+
+SKIP_FSTYPES = frozenset(
+    {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "tracefs", "debugfs", "securityfs", "bpf",
+     "mqueue", "pstore", "configfs", "fusectl", "hugetlbfs", "autofs", "binfmt_misc",
+     "efivarfs", "rpc_pipefs", "nsfs", "devtmpfs"}
+)
+"""Filesystems nobody executes from (or that cannot be marked)."""
+
+
+def _mountinfo(path: str) -> Iterator[tuple[str, str, list[str]]]:
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            mnt = fields[4].encode().decode("unicode_escape")
+            yield mnt, fields[sep + 1], fields[5].split(",")
+
+
+def tree_mounts(pid: int) -> list[str]:
+    """Paths (through /proc/<pid>/root) of the mounts in `pid`'s mount namespace that code can
+    be executed from. Refuses a task that shares our mount namespace: marking those mounts
+    would make the whole machine pay."""
+    if os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+        raise HandlerError(f"pid {pid} shares this process's mount namespace: not marking "
+                           "the host's mounts")
+    out: list[str] = []
+    for mnt, fstype, opts in _mountinfo(f"/proc/{pid}/mountinfo"):
+        if fstype in SKIP_FSTYPES or "noexec" in opts:
+            continue
+        out.append(f"/proc/{pid}/root{mnt}")
+    return out
+
+
+def host_filesystems(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """One mount point per exec-capable filesystem (the service marks whole filesystems)."""
+    seen: set[int] = set()
+    out: list[str] = []
+    for mnt, fstype, opts in _mountinfo(mountinfo):
+        if fstype in SKIP_FSTYPES or "noexec" in opts:
+            continue
+        try:
+            dev = os.stat(mnt).st_dev
+        except OSError:
+            continue
+        if dev not in seen:
+            seen.add(dev)
+            out.append(mnt)
+    return out
+
+
+SYSTEM_TREES = ("/usr/", "/lib/", "/lib64/", "/lib32/", "/libx32/", "/bin/", "/sbin/", "/etc/",
+                "/opt/")
+"""Trusted files here keep full ignore marks even on a writable mount: every exec opens
+them, so watching their opens for writes would put round trips on every exec. Refusing writes
+there is the mount plan's job (read-only system trees inside `run`)."""
+
+
+def watch_writes(fd: int) -> bool:
+    """Keep seeing opens of this trusted file (to refuse write opens): its mount in the tree is
+    writable and it lies outside the system trees (the workdir, tmp, /dev/shm, a home)."""
+    if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+        return False
+    return not event_path(fd).startswith(SYSTEM_TREES)
+
+
+def settled_data(fd: int, checked: Checked) -> bool:
+    """Data that no confined task can have written and that looks like no script (no script
+    suffix, no `#!`): on a read-only mount or in the system trees, which the tree cannot write
+    (the same rule as `_watch_writes`): /etc/ld.so.cache, locales, zoneinfo. Its opens may be
+    ignored even while interpreters are judged; without that every exec paid a handler round
+    trip for ld.so.cache (exec under `run` x1.35)."""
+    if checked.outcome != Outcome.NOT_EXECUTABLE:
+        return False
+    try:
+        if watch_writes(fd):
+            return False
+        head = os.pread(fd, 2, 0)
+    except OSError:
+        return False
+    return not is_script_for(event_path(fd), head, (-1, -1), ())
+
+
+def event_path(fd: int) -> str:
+    """The file's path as the tree sees it (the kernel prints it from the tree's root)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
+
+
+__all__ = ["SKIP_FSTYPES", "SYSTEM_TREES", "HandlerError", "event_path", "host_filesystems",
+           "settled_data", "tree_mounts", "watch_writes"]
