@@ -3,7 +3,8 @@
 
 The unit is installed as is into /run/systemd/system with one drop-in for what a guest without
 an install needs: ExecStart/ExecStop run this tree's CLI by its interpreter (no /usr/bin/trustdb),
-and the database lives in /run/tdsys (the root is read-only, so StateDirectory= cannot be made).
+the database lives in /run/tdsys (the root is read-only, so StateDirectory= cannot be made), and
+TimeoutStopSec= allows for Python's start-up under emulation.
 Every sandboxing directive of the unit stays. Cases, in order: start (Type=notify: `systemctl
 start` returns once READY=1 came), untrusted denied and trusted runs, watchdog pings, ordering,
 `systemctl restart` (pins kept, adopted, never a gap), kill -9 (Restart=always brings it back
@@ -49,6 +50,8 @@ ExecStop={py} -c "from trustdb.cli import main; main()" service stop --from-unit
 StateDirectory=
 LogsDirectory=
 ReadWritePaths={work}
+# Under emulation the CLI takes ~10 s to start: ExecStop would be killed at the unit's 10 s.
+TimeoutStopSec=300
 """
 
 
