@@ -15,15 +15,9 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from trustdb.db import (
-    SCHEMA_VERSION,
-    BusyError,
-    DatabaseError,
-    DiskFullError,
-    SchemaError,
-    TrustDB,
-    path_key,
-)
+from trustdb.db import TrustDB
+from trustdb.dbrecords import BusyError, DatabaseError, DiskFullError, SchemaError
+from trustdb.dbschema import SCHEMA_VERSION, path_key
 from trustdb.hashing import hash_file
 from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, TrustEntry
 

@@ -31,7 +31,7 @@ from typing import TextIO
 
 from trustdb.abi import Mode
 from trustdb.backends.interface import BackendError, EngineConfig, Scope
-from trustdb.db import DatabaseError
+from trustdb.dbrecords import DatabaseError
 from trustdb.service import preflight
 from trustdb.service.engine import ServiceEngine
 from trustdb.service.installers import InstallerTrust

@@ -8,9 +8,7 @@ This module is the public face: `TrustDB`, its records and its errors.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +18,7 @@ from typing import Self, TypeVar
 
 import lmdb
 
+from trustdb.dbenv import Replayable, map_size_for, translate, writer_lock
 from trustdb.dbrecords import (
     BusyError,
     ContentRecord,
@@ -51,79 +50,20 @@ from trustdb.dbschema import (
     _matching_keys,
     _read_generation,
     _scan,
-    path_key,
 )
 from trustdb.dbview import DigestCacheView, MirrorSnapshot
 from trustdb.dbwrite import Items, _Txn, received
-from trustdb.hashing import FRESH_CTIME_SECONDS
 from trustdb.model import FileDigests, FileKind, InodeKey, SkippedEntry, StreamItem
 
-__all__ = [
-    "DEFAULT_DB",
-    "FRESH_CTIME_SECONDS",
-    "SCHEMA_VERSION",
-    "BusyError",
-    "ContentRecord",
-    "DatabaseError",
-    "DatabaseStatus",
-    "DiskFullError",
-    "PathRecord",
-    "SchemaError",
-    "SourceRecord",
-    "TrustDB",
-    "WriteStats",
-    "path_key",
-]
+__all__ = ["DEFAULT_DB", "ItemSource", "TrustDB"]
+"""Records and errors live in `trustdb.dbrecords`, the format in `trustdb.dbschema`."""
 
 DEFAULT_DB = Path("/var/lib/trustdb")
-
-INITIAL_MAP_SIZE = 1 << 30
-"""Starting map size: room for about a million entries. On Linux the file only takes the pages
-it uses (the map is address space), and a full map means redoing the whole transaction."""
 
 R = TypeVar("R")
 
 ItemSource = Items | Callable[[], Items]
 """What a source write consumes: the items, or a function that produces them afresh."""
-
-
-class _Replayable:
-    """Iterate a stream once while recording it, so a retried transaction sees the same items
-    (for plain iterables; a callable ItemSource is asked again instead)."""
-
-    def __init__(self, items: Iterable[tuple[StreamItem, float]]) -> None:
-        self._source: Iterator[tuple[StreamItem, float]] | None = iter(items)
-        self._seen: list[tuple[StreamItem, float]] = []
-
-    def __iter__(self) -> Iterator[tuple[StreamItem, float]]:
-        yield from self._seen
-        if self._source is None:
-            return
-        for pair in self._source:
-            self._seen.append(pair)
-            yield pair
-        self._source = None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def _disk_full(where: Path) -> bool:
-    """LMDB turns a short write into EIO; a (nearly) full filesystem explains it."""
-    try:
-        st = os.statvfs(where)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < (1 << 20)
-
-
-def _translate(e: lmdb.Error, where: Path) -> DatabaseError:
-    """Turn an LMDB failure into the stage's error type (one line)."""
-    text = _one_line(e)
-    if "No space left" in text or ("Input/output error" in text and _disk_full(where)):
-        return DiskFullError(f"disk full writing {where}; nothing was changed")
-    return DatabaseError(f"database {where}: {text}")
 
 
 class TrustDB:
@@ -165,7 +105,7 @@ class TrustDB:
                 path.mkdir(mode=0o755, parents=True, exist_ok=True)
             env = lmdb.open(
                 str(path),
-                map_size=map_size or _map_size_for(path),
+                map_size=map_size or map_size_for(path),
                 max_dbs=0,
                 readonly=not write,
                 subdir=True,
@@ -178,7 +118,7 @@ class TrustDB:
                 or not (path / "lock.mdb").exists(),
             )
         except lmdb.Error as e:
-            raise _translate(e, path) from e
+            raise translate(e, path) from e
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise DiskFullError(f"disk full creating {path}") from e
@@ -246,7 +186,7 @@ class TrustDB:
                 lambda: received(items())  # type: ignore[operator]
             )
         else:
-            replay = _Replayable(received(items))
+            replay = Replayable(received(items))
             produce = replay.__iter__
 
         def body(t: _Txn) -> tuple[int, int, int]:
@@ -332,7 +272,7 @@ class TrustDB:
         -> (body's result, generation after)."""
         if not self._write:
             raise DatabaseError(f"database {self.path} was opened read-only")
-        with self._writer_lock():
+        with writer_lock(self.path, self._busy_timeout):
             while True:
                 try:
                     return self._attempt(body, bump=bump)
@@ -341,7 +281,7 @@ class TrustDB:
                 except lmdb.MapResizedError:
                     self._env.set_mapsize(0)  # another process grew the map: adopt its size
                 except lmdb.Error as e:
-                    raise _translate(e, self.path) from e
+                    raise translate(e, self.path) from e
 
     def _attempt(self, body: Callable[[_Txn], R], *, bump: bool) -> tuple[R, int]:
         txn = self._env.begin(write=True)
@@ -365,34 +305,6 @@ class TrustDB:
     def _grow(self) -> None:
         size = self._env.info()["map_size"] * 4
         self._env.set_mapsize(size)
-
-    @contextmanager
-    def _writer_lock(self) -> Iterator[None]:
-        lock_path = self.path / "writer.lock"
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise DatabaseError(f"cannot open {lock_path}: {e.strerror}") from e
-        try:
-            deadline = time.monotonic() + self._busy_timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                        raise BusyError(
-                            f"another writer holds {self.path} ({holder or 'unknown'}); "
-                            "try again when it has finished"
-                        ) from None
-                    time.sleep(0.05)
-            os.ftruncate(fd, 0)
-            cmd = " ".join(os.path.basename(a) for a in sys.argv[:3])
-            os.pwrite(fd, f"pid {os.getpid()}: {cmd}\n".encode(), 0)
-            yield
-        finally:
-            os.close(fd)  # releases the flock
 
     # --- reads ---
     def _begin_read(self) -> lmdb.Transaction[bytes]:
@@ -522,12 +434,3 @@ class TrustDB:
     def digest_cache(self) -> DigestCacheView:
         """A read-only `trustdb_importers.interface.DigestCache` over cached verifications."""
         return DigestCacheView(self._read)
-
-
-def _map_size_for(path: Path) -> int:
-    """Start with room to double: never below what the file already holds."""
-    try:
-        used = os.stat(path / "data.mdb").st_size
-    except FileNotFoundError:
-        used = 0
-    return max(INITIAL_MAP_SIZE, 2 * used)

@@ -1,5 +1,5 @@
-"""The trust database's errors and the records it hands out (values only; `trustdb.db`
-re-exports them, callers import them from there)."""
+"""The trust database's errors and the records it hands out (values only; callers import them
+from here, `trustdb.db` does not re-export them)."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from trustdb.backends.interface import KeySink
-from trustdb.db import DatabaseError
+from trustdb.dbrecords import DatabaseError
 from trustdb.dbview import ChangeSet
 from trustdb.fskeys import (
     OVERLAYFS_SUPER_MAGIC,

@@ -156,7 +156,8 @@ class EngineSession:
                  interpreters: Interpreters | InterpretersFrom | None = None,
                  programs: Sequence[tuple[ProgramRef, int]] = ()) -> None:
         from trustdb import events
-        from trustdb.db import DatabaseError, TrustDB
+        from trustdb.db import TrustDB
+        from trustdb.dbrecords import DatabaseError
         from trustdb.engine import Engine as BackendEngine
         from trustdb.first_seen import NO_INTERPRETERS
         from trustdb.libbpf import LibbpfError, RingBuffer

@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from trustdb.db import PathRecord, TrustDB
+from trustdb.db import TrustDB
+from trustdb.dbrecords import PathRecord
 from trustdb.hashing import HashingError, NotExecutable, hash_many
 from trustdb.model import InodeKey, SkippedEntry
 from trustdb.walk import walk

@@ -21,9 +21,10 @@ import pytest
 
 from tests.engine.conftest import Confined, closure
 from trustdb.abi import Hook, Mode, Verdict
-from trustdb.db import FRESH_CTIME_SECONDS, PathRecord, TrustDB
+from trustdb.db import TrustDB
+from trustdb.dbrecords import PathRecord
 from trustdb.events import REASON_UNTRUSTED_EXEC, Decision, EventReader, EventSink
-from trustdb.hashing import hash_file
+from trustdb.hashing import FRESH_CTIME_SECONDS, hash_file
 from trustdb.mirror import (
     OVERLAYFS_SUPER_MAGIC,
     REASON_NOT_REGULAR,

@@ -12,13 +12,8 @@ from pathlib import Path
 import blake3
 import pytest
 from trustdb_importers.ondisk import CONFIG_CHANGED, MISMATCH, SIZE_MISMATCH
-from trustdb_importers.rpm import (
-    RpmDbImporter,
-    RpmFileImporter,
-    RpmImporterError,
-    package_header,
-    parse_header_blob,
-)
+from trustdb_importers.rpm import RpmDbImporter, RpmFileImporter, RpmImporterError
+from trustdb_importers.rpmheader import package_header, parse_header_blob
 
 from tests.importers.conftest import ELF_SOURCE, SCRIPT, RpmFiles, collect_all, run_tool, trustdb
 from trustdb.db import TrustDB

@@ -19,7 +19,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from trustdb.db import DEFAULT_DB, BusyError, DatabaseError, DiskFullError, SchemaError
+from trustdb.db import DEFAULT_DB
+from trustdb.dbrecords import BusyError, DatabaseError, DiskFullError, SchemaError
 
 
 class ExitCode(IntEnum):

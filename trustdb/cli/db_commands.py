@@ -39,7 +39,8 @@ from trustdb.cli.output import (
     print_json,
     source_record_json,
 )
-from trustdb.db import DatabaseError, TrustDB
+from trustdb.db import TrustDB
+from trustdb.dbrecords import DatabaseError
 from trustdb.hashing import HashingError
 from trustdb.hashpool import HashPool
 from trustdb.walk import ScanProgress, scan

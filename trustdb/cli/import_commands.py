@@ -36,7 +36,8 @@ from trustdb.cli.common import (
     fatal,
     prepare_new_database,
 )
-from trustdb.db import DatabaseError, TrustDB, WriteStats
+from trustdb.db import TrustDB
+from trustdb.dbrecords import DatabaseError, WriteStats
 from trustdb.model import SkippedEntry, StreamItem
 from trustdb_importers.interface import Importer, ImporterError
 from trustdb_importers.ondisk import ImportStats, OnDiskImporter

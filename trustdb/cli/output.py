@@ -12,7 +12,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from trustdb.db import PathRecord, SourceRecord
+from trustdb.dbrecords import PathRecord, SourceRecord
 
 
 def iso_time(t: float | None) -> str | None:

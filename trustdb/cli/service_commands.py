@@ -181,7 +181,8 @@ def installer_end(
     """dpkg's post-invoke hook (dnf5's post_transaction action with --rpm): import the package
     database (what it vouches for stays trusted), then close the window (what it does not vouch
     for loses the trust it got at close, reported)."""
-    from trustdb.db import DatabaseError, TrustDB
+    from trustdb.db import TrustDB
+    from trustdb.dbrecords import DatabaseError
     from trustdb.service import installers
     from trustdb_importers.deb import DebImporter
     from trustdb_importers.interface import Importer, ImporterError

@@ -20,7 +20,8 @@ from trustdb.cli.common import (
 )
 from trustdb.cli.log_commands import LogFileOption, read_decisions
 from trustdb.cli.output import local_time, path_record_json, print_json
-from trustdb.db import DatabaseError, TrustDB
+from trustdb.db import TrustDB
+from trustdb.dbrecords import DatabaseError
 from trustdb.events import DEFAULT_LOG, Decision
 from trustdb.why import Explanation, executable_files_of, explain_path
 

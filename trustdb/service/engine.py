@@ -82,7 +82,7 @@ class ServiceEngine:
         """`trust_hook` wraps how the first-seen handler opens the database (trusted
         installers answer for what they are writing right now)."""
         from trustdb import events
-        from trustdb.db import DatabaseError
+        from trustdb.dbrecords import DatabaseError
 
         started = time.monotonic()
         self._pins = pins or PinStore()

@@ -219,7 +219,7 @@ class InstallerTrust:
 
     def _close_window(self) -> None:
         """Drop the installer sources: only what the package database vouches for stays."""
-        from trustdb.db import DatabaseError
+        from trustdb.dbrecords import DatabaseError
 
         if not self.trusted or self._engine is None:
             return
@@ -304,7 +304,7 @@ class InstallerTrust:
         return name
 
     def _record(self, found: list[tuple[Writer, TrustEntry]]) -> None:
-        from trustdb.db import DatabaseError
+        from trustdb.dbrecords import DatabaseError
 
         assert self._engine is not None
         by_source: dict[Writer, list[TrustEntry]] = {}

@@ -21,7 +21,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from trustdb.db import DatabaseError, TrustDB
+from trustdb.db import TrustDB
+from trustdb.dbrecords import DatabaseError
 from trustdb.hashing import HashingError, hash_file
 
 BOOT_AND_LOGIN: tuple[tuple[str, str], ...] = (
