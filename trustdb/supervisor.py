@@ -117,7 +117,8 @@ class _Signals:
 
 def _recorded_paths(db: Path) -> list[tuple[str, bytes]]:
     """(path, digest) of every trusted fact (interpreters are recognised by recorded name)."""
-    from trustdb.db import DatabaseError, TrustDB
+    from trustdb.db import TrustDB
+    from trustdb.dbrecords import DatabaseError
 
     try:
         with TrustDB.open(db) as t:
