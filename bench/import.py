@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,29 @@ def hash_floor_seconds(nbytes: int) -> float:
     return nbytes * per_byte / (os.cpu_count() or 1)
 
 
+def hashed_files(db: Path) -> list[str]:
+    """The files the import read in full: what it trusted (from `trustdb list --json`)."""
+    cmd = [sys.executable, "-c", "from trustdb.cli import main; main()", "list", "--json"]
+    out = subprocess.run([*cmd, "--db", str(db)], capture_output=True, text=True, check=True)
+    return sorted({e["path"] for e in json.loads(out.stdout) if os.path.isfile(e["path"])})
+
+
+def side_by_side(list_file: Path) -> float:
+    """`xargs md5sum` and `xargs b3sum` over the same files, run at the same time (issue 11's
+    baseline: what reading them for dpkg's MD5 and for BLAKE3 costs the tools built for it)."""
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            ["xargs", "-0", tool], stdin=open(list_file, "rb"),  # noqa: SIM115
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for tool in ("md5sum", "b3sum")
+    ]
+    for p in procs:
+        p.wait()
+    return time.monotonic() - start
+
+
 def describe(name: str, wall: float, src: dict[str, Any]) -> None:
     st, w = src["stats"], src["write"]
     print(
@@ -63,11 +87,16 @@ def describe(name: str, wall: float, src: dict[str, Any]) -> None:
     )
 
 
+def _fmt(xs: list[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in xs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", help="dpkg root (default /)")
     ap.add_argument("--admindir", help="dpkg admin dir")
     ap.add_argument("--keep", type=Path, help="database directory to use and keep")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     extra = []
     if args.root:
@@ -75,10 +104,21 @@ def main() -> None:
     if args.admindir:
         extra += ["--admindir", args.admindir]
 
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="trustdb-bench-") as tmp:
         db = args.keep or Path(tmp) / "db"
         first_wall, first, _ = run_import(db, extra)
+        list_file = Path(tmp) / "files.lst"
+        list_file.write_bytes(b"\0".join(os.fsencode(p) for p in hashed_files(db)))
+        # Alternating rounds: baseline, fresh import (a new database), baseline, unchanged.
+        base, fresh, unchanged = [], [first_wall], []
+        for r in range(args.rounds):
+            base.append(side_by_side(list_file))
+            fresh.append(run_import(Path(tmp) / f"fresh{r}", extra)[0])
+            base.append(side_by_side(list_file))
+            unchanged.append(run_import(db, extra)[0])
         second_wall, second, _ = run_import(db, extra)
+        unchanged.append(second_wall)
 
     describe("first import (fresh db)   ", first_wall, first)
     describe("second import (unchanged) ", second_wall, second)
@@ -95,6 +135,19 @@ def main() -> None:
     print(
         f"hashing floor for the first import on {os.cpu_count()} cores: {floor:.2f} s "
         f"(first import / floor: {first_wall / floor:.2f})"
+    )
+    noise = statistics.median(abs(a / b - 1) for a, b in zip(base[::2], base[1::2]))
+    print(
+        f"fresh import: median {statistics.median(fresh):.2f} s (runs {_fmt(fresh)}); md5sum + "
+        f"b3sum side by side over the {len(hashed_files(db))} files it read: median "
+        f"{statistics.median(base):.2f} s (runs {_fmt(base)}); ratio "
+        f"{statistics.median(fresh) / statistics.median(base):.2f} (goal <= 1.5; noise floor "
+        f"{noise:.2f})"
+    )
+    print(
+        f"unchanged re-import: median {statistics.median(unchanged):.2f} s (runs "
+        f"{_fmt(unchanged)}; goal < 0.5 s); load average {load_start:.2f} -> "
+        f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
     )
     if second["write"]["added"] or second["write"]["removed"]:
         sys.exit("bench: the unchanged re-import wrote something")
