@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -94,10 +95,11 @@ def test_identities_follow_an_exec(tmp_path: Path) -> None:
     ids = ScriptIdentities()
     with subprocess.Popen(["bash", str(script)], cwd=tmp_path) as p:
         try:
-            for _ in range(100):
-                if Path(f"/proc/{p.pid}/cmdline").read_bytes().startswith(b"bash"):
-                    break
             st = script.stat()
+            for _ in range(200):  # until the child has exec'd bash (its cmdline changes)
+                if ids.of(p.pid, "bash"):
+                    break
+                time.sleep(0.01)
             assert ids.of(p.pid, "bash") == {(st.st_dev, st.st_ino)}
         finally:
             p.kill()

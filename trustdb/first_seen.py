@@ -218,12 +218,13 @@ class FirstSeen:
 
 
 def is_script_for(path: str, head: bytes, identity: tuple[int, int],
-                  script_files: Collection[tuple[int, int]]) -> bool:
+                  script_files: Collection[tuple[int, int]], *, by_name: bool = True) -> bool:
     """Whether an interpreter opening the file `identity` (st_dev, st_ino), reached as `path`,
     is loading code: it is one of the files its command line or environment names as code
     (`trustdb.script_args`: by identity, so a symlink or /dev/fd/N is the same file), it has a
-    `#!` first line, or it is named like script content (`hashing.is_script_name`)."""
-    return identity in script_files or head.startswith(b"#!") or is_script_name(path)
+    `#!` first line, or (`by_name`) it is named like script content (`hashing.is_script_name`)."""
+    return (identity in script_files or head.startswith(b"#!")
+            or (by_name and is_script_name(path)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +236,10 @@ class Interpreters:
     digests: Collection[bytes] = ()
     """A mapping digest -> the interpreter's name (`python3.11`, `mawk`: how its command line
     is read, `trustdb.script_args`) where known; a plain collection otherwise."""
+    deny_inline: tuple[str, ...] = ()
+    """Interpreter names whose inline code is refused (the policy's deny_inline)."""
+    read_sources: tuple[str, ...] = ()
+    """Interpreter names judged by command line and `#!` only (the policy's read_sources)."""
 
     def __bool__(self) -> bool:
         return bool(self.keys or self.digests)

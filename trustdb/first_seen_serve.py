@@ -42,6 +42,7 @@ from trustdb.first_seen import (
     is_script_for,
 )
 from trustdb.first_seen_marks import HandlerError, event_path, settled_data, watch_writes
+from trustdb.inline_code import inline_refusal, is_libc, listed
 from trustdb.model import InodeKey
 from trustdb.script_args import ScriptIdentities
 from trustdb.write_opens import TRUNCATE, opening_for_write
@@ -243,6 +244,11 @@ class Serve:
             is_exec = bool(ev.mask & FAN_OPEN_EXEC_PERM)
             script = False
             if not is_exec and self.config.interpreters:
+                if self.config.interpreters.deny_inline and is_libc(event_path(ev.fd)):
+                    refusal = inline_refusal(ev.pid, self.config.interpreters.deny_inline,
+                                             self._interpreter_of)
+                    if refusal:
+                        return self._refuse_inline(ev, pidfd, refusal)
                 interpreter = self._interpreter(ev.pid)
                 script = interpreter is not None and self._is_script(ev, interpreter)
             hashed = self.first_seen.hashed
@@ -261,6 +267,8 @@ class Serve:
                                                                       Outcome.INSERTED)
                     and not settled_data(ev.fd, checked)):
                 mask = 0  # a file read as data now may be loaded as a script later
+            if self.config.interpreters.deny_inline and is_libc(event_path(ev.fd)):
+                mask &= FAN_OPEN_EXEC_PERM  # its opens are where inline code is refused
             if mask and checked.outcome in (Outcome.KNOWN, Outcome.INSERTED):
                 mask |= VOUCHED_BIT  # the BPF side may trust it if only its ctime moves
             if mask:
@@ -297,12 +305,15 @@ class Serve:
 
     def _interpreter(self, pid: int) -> str | None:
         """The interpreter's name if `pid` runs one (known by its exe's key or content)."""
-        interpreters = self.config.interpreters
         try:
             st = os.stat(f"/proc/{pid}/exe")  # stat, never open: that would ask ourselves
             exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
         except OSError:
             return None
+        return self._interpreter_of(st, exe)
+
+    def _interpreter_of(self, st: os.stat_result, exe: str) -> str | None:
+        interpreters = self.config.interpreters
         key = InodeKey.from_stat(st)
         if key in interpreters.keys:
             return exe
@@ -320,8 +331,24 @@ class Serve:
             path = os.readlink(f"/proc/self/fd/{ev.fd}")
         except OSError:
             return False
+        by_name = not listed(interpreter, self.config.interpreters.read_sources)
         return is_script_for(path, head, (st.st_dev, st.st_ino),
-                             self.script_files.of(ev.pid, interpreter))
+                             self.script_files.of(ev.pid, interpreter), by_name=by_name)
+
+    def _refuse_inline(self, ev: Event, pidfd: int, refusal: str) -> bool:
+        """deny_inline (trustdb.inline_code): the interpreter's C library open is refused."""
+        enforce = self.config.enforce
+        line = (f"trustdb: {'denied' if enforce else 'would deny (audit)'} inline code of "
+                f"{refusal} (pid {ev.pid}): the policy refuses inline code for this "
+                "interpreter (deny_inline); put the code in a trusted file")
+        self.counts["denied"] += enforce
+        if enforce:
+            write_to_stderr_of(pidfd, line)
+        key = InodeKey.from_stat(os.fstat(ev.fd))
+        denial = Denial(ev.pid, refusal, key.dev, key.ino, "inline", enforce)
+        with contextlib.suppress(OSError):
+            os.write(self.report, b"D " + json.dumps(_asdict(denial)).encode() + b"\n")
+        return not enforce
 
     def _report(self, ev: Event, pidfd: int, what: str, checked: Checked, *,
                 denied: bool) -> None:

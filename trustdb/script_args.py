@@ -284,6 +284,11 @@ def _is_proc_root(fd: int) -> bool:
     return os.fstat(fd).st_ino == 1
 
 
+def resolve_fd(pid: int, path: str) -> int | None:
+    """An O_PATH fd of the file `path` names for task `pid` (the caller closes it), or None."""
+    return _walk(pid, path)
+
+
 def resolve_in_tree(pid: int, path: str) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the regular file `path` names for task `pid`, or None."""
     fd = _walk(pid, path)
@@ -299,7 +304,7 @@ def resolve_in_tree(pid: int, path: str) -> tuple[int, int] | None:
 # --- one process --------------------------------------------------------------------------------
 
 
-def _read_nul_list(path: str) -> list[str]:
+def read_nul_list(path: str) -> list[str]:
     with open(path, "rb") as f:
         return [a.decode(errors="surrogateescape") for a in f.read().split(b"\0")[:-1]]
 
@@ -307,8 +312,8 @@ def _read_nul_list(path: str) -> list[str]:
 def read_plan(pid: int, name: str) -> ScriptPlan:
     """The script plan of task `pid` (interpreter `name`), from its /proc files (fixed at its
     last exec)."""
-    argv = _read_nul_list(f"/proc/{pid}/cmdline")
-    env = dict(e.partition("=")[::2] for e in _read_nul_list(f"/proc/{pid}/environ"))
+    argv = read_nul_list(f"/proc/{pid}/cmdline")
+    env = dict(e.partition("=")[::2] for e in read_nul_list(f"/proc/{pid}/environ"))
     return script_plan(argv, env, name)
 
 

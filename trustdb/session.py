@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from trustdb.abi import Mode
     from trustdb.first_seen import Interpreters, OpenTrust
     from trustdb.first_seen_handler import Denial as FirstSeenDenial
-    from trustdb.policy import ProgramRef
+    from trustdb.policy.model import ProgramRef
 
 PRIME_COVERAGE = 0.9
 """`run` attaches on a map filled from the verification cache alone when the cache holds at
@@ -69,6 +69,8 @@ loaded and attached."""
 
 WRITE_TRUSTED = "write_trusted"
 """Reason of a write open of trusted content refused by the first-seen handler."""
+INLINE_CODE = "inline_code"
+"""Reason of inline code refused by the policy's deny_inline (trustdb.inline_code)."""
 
 # --- what a person reads on stderr ------------------------------------------------------------
 
@@ -86,6 +88,8 @@ _REASON_WORDS = {
                  "executable stack); only a program allowed as a JIT may",
     "unverifiable": "the mapping could not be inspected (denied, failing closed)",
     "proc_mem": "/proc/PID/mem is not writable inside the tree",
+    "inline_code": "the policy refuses inline code (-c, -e, stdin) for this interpreter "
+                   "(deny_inline); put the code in a trusted file",
 }
 
 
@@ -122,6 +126,8 @@ class DenialReporter:
             return (f"trustdb: {verb} write open of {d.path} ({who}): its content is trusted, "
                     "and trusted files may not be modified inside trustdb run")
         hook = _HOOK_WORDS.get(d.hook, d.hook.name.lower())
+        if d.reason == INLINE_CODE:
+            hook = "inline code"
         path = d.path or f"inode {d.dev >> 20}:{d.dev & 0xFFFFF}/{d.ino}"
         is_command = self.command and d.hook == Hook.EXEC and (
             path == self.command or (d.tgid == self.command_pid and
@@ -361,10 +367,11 @@ def _first_seen_decision(d: FirstSeenDenial, mode: Mode, backend: str) -> Decisi
     return Decision(
         time=dt.datetime.now(dt.UTC), pid=d.tgid, tgid=d.tgid, ppid=0, uid=0,
         comm=os.path.basename(d.path)[:15], path=d.path, dev=d.dev, ino=d.ino,
-        hook=Hook.SCRIPT if d.what == "script" else Hook.EXEC,
+        hook=Hook.SCRIPT if d.what in ("script", "inline") else Hook.EXEC,
         verdict=Verdict.DENY if d.denied else Verdict.AUDIT_DENY, mode=mode,
         backend=f"{backend}+fanotify",
-        reason={"exec": "untrusted_exec", "write": WRITE_TRUSTED}.get(d.what, "untrusted_script"),
+        reason={"exec": "untrusted_exec", "write": WRITE_TRUSTED,
+                "inline": INLINE_CODE}.get(d.what, "untrusted_script"),
         exe=d.path)
 
 

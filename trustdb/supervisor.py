@@ -33,7 +33,7 @@ from types import FrameType
 from typing import TextIO
 
 from trustdb import confine
-from trustdb import policy as policies
+from trustdb.policy import load as policies
 from trustdb.abi import Mode
 from trustdb.backends.interface import BackendError, EngineConfig, Scope
 from trustdb.confine import hardening
@@ -49,7 +49,7 @@ from trustdb.confine.pty import TerminalRelay
 from trustdb.db import DEFAULT_DB
 from trustdb.dns_relay import DnsRelay, host_nameservers
 from trustdb.first_seen import Interpreters
-from trustdb.policy import Policy
+from trustdb.policy.model import Policy, ScriptJudgement
 from trustdb.session import (
     REFRESH_INTERVAL_S,
     CachedDigest,
@@ -167,7 +167,7 @@ def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: De
          signals: _Signals, policy: Policy, db: Path, workdir: str, fs: FilesystemSetup,
          dns: DnsRelay | None) -> int:
     if engine_factory is None:
-        judged = policy.interpreters.scripts == policies.ScriptJudgement.TRUSTED
+        judged = policy.interpreters.scripts == ScriptJudgement.TRUSTED
         records = _recorded_paths(db) if judged else []
         recorded = recorded_interpreters(policy, records)  # flagged in the kernel too (lsm)
         engine_factory = functools.partial(
@@ -304,7 +304,9 @@ def _supervise_loop(child: confine.ConfinedChild, engine: Engine, signals: _Sign
 
 def _interpreters(policy: Policy, records: list[tuple[str, bytes]],
                   cached: CachedDigest) -> Interpreters:
-    return Interpreters(digests=interpreter_digests(policy, cached, records))
+    return Interpreters(digests=interpreter_digests(policy, cached, records),
+                        deny_inline=policy.interpreters.deny_inline,
+                        read_sources=policy.interpreters.read_sources)
 
 
 def _sweep_stale_cgroups() -> None:

@@ -22,8 +22,9 @@ import pytest
 
 from tests.engine import test_run as base
 from tests.engine.test_run import Outcome, run_confined, run_unconfined
-from trustdb import confine, policy
+from trustdb import confine
 from trustdb.confine.filesystem import plan_for
+from trustdb.policy import load as policy
 
 pytestmark = [pytest.mark.root]
 

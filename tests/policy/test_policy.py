@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from trustdb import policy
-from trustdb.policy import Enforcement, NetworkMode, ScriptJudgement
+from trustdb.policy import load as policy
+from trustdb.policy.model import Enforcement, FilesystemRules, NetworkMode, ScriptJudgement
+from trustdb.policy.paths import resolve
 
 REPO = Path(__file__).resolve().parents[2]
 TRUSTDB = [sys.executable, "-c", "from trustdb.cli import main; main()"]
@@ -108,9 +109,9 @@ def test_paths_expand(tmp_path: Path) -> None:
     (home / ".zsh_history").write_text("")
     work = tmp_path / "work"
     work.mkdir()
-    rules = policy.FilesystemRules(read_write=("$WORKDIR",), read_only=("~/missing",),
+    rules = FilesystemRules(read_write=("$WORKDIR",), read_only=("~/missing",),
                                    no_access=("~/.ssh", "~/.*_history"))
-    r = policy.resolve(rules, str(work), homes=[str(home)])
+    r = resolve(rules, str(work), homes=[str(home)])
     assert r.read_write == (str(work),)
     assert r.read_only == ()  # what does not exist is neither granted nor covered
     assert set(r.no_access) == {str(home / ".ssh"), str(home / ".bash_history"),

@@ -18,11 +18,25 @@ from typing import Protocol
 from trustdb.abi import Mode
 from trustdb.model import InodeKey
 
-
 # Holes both backends share (bpf/lsm_script.bpf.h, bpf/common.bpf.h say why).
 COMMON_HOLES: tuple[str, ...] = (
-    "inline-code: python3 -c, bash -c, node -e, code on an interpreter's stdin and eval() are "
-    "never a file: no backend judges them",
+    ("inline-code: python3 -c, bash -c, node -e and code on an interpreter's stdin are never a "
+    "file: refused in `run` only for the interpreters a policy lists in deny_inline (off in "
+    "agent: agents run bash -c all the time), and not for a statically linked interpreter "
+    "(no C library open to refuse); eval() of strings and code typed into an interactive "
+    "interpreter are out of every backend's reach"),
+    ("interpreter-args: an interpreter's script is the file its command line names, read as "
+    "that interpreter reads it (trustdb.script_args): an option we do not know that takes a "
+    "separate value is judged both ways; a trusted script that itself runs a file it reads "
+    "(exec(open(x).read()), source \"$1\") is trusted code choosing to do so"),
+    ("read-sources: for the interpreters a policy lists in read_sources (agent: node, which "
+    "reads the project's sources as data) a file named like a script is judged only when "
+    "their command line names it: a trusted tool's require() of an untrusted module in the "
+    "project runs"),
+    ("git-redirect-window: a new .git/commondir, config.worktree or gitdir planted in a "
+    "protected .git is removed one inotify round trip after it appears; a git started by the "
+    "user outside in that moment would read it; a repository the tree creates itself (git "
+    "init) has the tree's config and hooks"),
     "unconfined-writers: in a `run` scope a process outside the tree can still write into a "
     "file the tree has mapped; exec and mmap refuse files with writers only at that moment "
     "(and stores through a shared mapping made outside raise no modify event, so the "

@@ -49,15 +49,17 @@ class LsmBackend(BpfBackend):
         "database, no cgroup escape, no module load, no sysctl or raw device write."
     )
     holes = (
-        "script-names: an interpreter's script is judged only when its file is named like one "
-        "(.py .pyc .pl .pm .rb .sh .bash .js .mjs .cjs .lua .php .tcl); `python3 x` of a file "
-        "named otherwise, or one handed over through a pipe, is not",
-        "execstack-kill: an executable stack is found after exec's point of no return: the "
-        "process is killed (SIGKILL), not refused with EPERM",
-        "exec-inodes-lru: files mapped executable in the tree are remembered in a 65536-entry "
-        "LRU; past that the oldest lose their write protection (trusted files keep theirs)",
-        "read-implies-exec-brk: after personality(READ_IMPLIES_EXEC) the heap grown by brk() is "
-        "executable with no LSM hook on it; `run`'s seccomp refuses personality()",
+        ("script-names-in-kernel: the kernel's file_open check judges an interpreter's opens of "
+        "files named like scripts (.py .pyc .pl .pm .rb .sh .js .lua .php .tcl); the script a "
+        "command line names by any other name (a symlink, /dev/fd/N, evil.zip on PYTHONPATH, "
+        "awk -f, BASH_ENV) is refused by the supervisor's fanotify handler instead (EPERM as "
+        "well; it stops judging if the supervisor dies, the kernel check does not)"),
+        ("execstack-kill: an executable stack is found after exec's point of no return: the "
+        "process is killed (SIGKILL), not refused with EPERM"),
+        ("exec-inodes-lru: files mapped executable in the tree are remembered in a 65536-entry "
+        "LRU; past that the oldest lose their write protection (trusted files keep theirs)"),
+        ("read-implies-exec-brk: after personality(READ_IMPLIES_EXEC) the heap grown by brk() is "
+        "executable with no LSM hook on it; `run`'s seccomp refuses personality()"),
         *COMMON_HOLES,
     )
 

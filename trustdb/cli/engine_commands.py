@@ -94,7 +94,8 @@ def run(
         fatal("trustdb run needs root (it loads BPF programs)", ExitCode.NO_PERMISSION)
     require_database(db)
     _check_install()
-    from trustdb import policy as policies
+    from trustdb.policy import load as policies
+    from trustdb.policy.model import Enforcement
     from trustdb import supervisor
 
     try:
@@ -110,7 +111,7 @@ def run(
     options = supervisor.RunOptions(
         argv=command,
         db=db,
-        mode=Mode.AUDIT if chosen.mode == policies.Enforcement.AUDIT else Mode.ENFORCE,
+        mode=Mode.AUDIT if chosen.mode == Enforcement.AUDIT else Mode.ENFORCE,
         backend=backend,
         policy=chosen,
         workdir=str((workdir or Path.cwd()).absolute()),

@@ -25,7 +25,7 @@ app.add_typer(policy_app, name="policy")
 @policy_app.command("list")
 def list_policies(as_json: JsonOption = False) -> None:
     """The policies found (NAME and the file it comes from), first match of the search path."""
-    from trustdb import policy
+    from trustdb.policy import load as policy
 
     found = policy.available()
     if as_json or GLOBAL.json:
@@ -46,7 +46,7 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Every setting of a policy, defaults filled in."""
-    from trustdb import policy
+    from trustdb.policy import load as policy
 
     try:
         chosen = policy.load(name)
@@ -79,7 +79,7 @@ def check(
     files: Annotated[list[Path], typer.Argument(metavar="FILE...", help="Policy files.")],
 ) -> None:
     """Check policy files: each error as file:line; unknown keys are errors. Exit 2 if any."""
-    from trustdb import policy
+    from trustdb.policy import load as policy
 
     bad = 0
     for f in files:

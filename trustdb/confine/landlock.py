@@ -24,25 +24,18 @@ CREATE_RULESET_VERSION = 1
 RULE_PATH_BENEATH = 1
 RULE_NET_PORT = 2
 
-# LANDLOCK_ACCESS_FS_*, and the ABI that introduced each.
-EXECUTE = 1 << 0
-WRITE_FILE = 1 << 1
-READ_FILE = 1 << 2
-READ_DIR = 1 << 3
-REMOVE_DIR = 1 << 4
-REMOVE_FILE = 1 << 5
-MAKE_CHAR = 1 << 6
-MAKE_DIR = 1 << 7
-MAKE_REG = 1 << 8
-MAKE_SOCK = 1 << 9
-MAKE_FIFO = 1 << 10
-MAKE_BLOCK = 1 << 11
-MAKE_SYM = 1 << 12
-REFER = 1 << 13  # ABI 2
-TRUNCATE = 1 << 14  # ABI 3
-IOCTL_DEV = 1 << 15  # ABI 5
-FS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1,
-             5: (1 << 16) - 1}
+# LANDLOCK_ACCESS_FS_*: bit i is the i-th right; ABI 1 has the first 13, later ABIs add one each.
+(EXECUTE, WRITE_FILE, READ_FILE, READ_DIR, REMOVE_DIR, REMOVE_FILE, MAKE_CHAR, MAKE_DIR, MAKE_REG,
+ MAKE_SOCK, MAKE_FIFO, MAKE_BLOCK, MAKE_SYM, REFER, TRUNCATE, IOCTL_DEV) = (1 << i for i in range(16))
+INTRODUCED = {REFER: 2, TRUNCATE: 3, IOCTL_DEV: 5}
+"""The ABI that introduced each right after ABI 1 (all others: ABI 1)."""
+
+
+def fs_rights(abi: int) -> int:
+    """Every filesystem right the kernel's Landlock ABI `abi` handles."""
+    return sum(1 << i for i in range(16) if abi >= INTRODUCED.get(1 << i, 1))
+
+
 FILE_ONLY = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 """The rights that mean something on a file (a rule on a file may hold only these)."""
 
@@ -112,7 +105,7 @@ class Ruleset:
         self.abi = abi_version() if abi is None else abi
         if self.abi < 1:
             raise ConfineError("landlock is not available on this kernel")
-        fs = FS_BY_ABI[min(self.abi, 5)]
+        fs = fs_rights(self.abi)
         net = (NET_BIND_TCP | NET_CONNECT_TCP) if self.abi >= 4 and rules.restrict_network else 0
         scoped = (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if self.abi >= 6 and rules.scope_ipc else 0
         attr = _RulesetAttr(fs, net, scoped)

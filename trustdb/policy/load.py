@@ -212,7 +212,7 @@ def parse(text: str, source: str = "<policy>", default_name: str = "policy") -> 
         raise c.fail(("network", "mode"), "ports are listed but network.mode is not \"ports\"")
     jit = c.table(top.get("jit", {}), ("jit",), {"programs"})
     interp = c.table(top.get("interpreters", {}), ("interpreters",),
-                     {"programs", "scripts", "deny_inline"})
+                     {"programs", "scripts", "deny_inline", "read_sources"})
     compilers = c.table(top.get("compilers", {}), ("compilers",), {"trust_outputs"})
     return Policy(
         name=name,
@@ -233,6 +233,7 @@ def parse(text: str, source: str = "<policy>", default_name: str = "policy") -> 
             scripts=c.choice(interp, ("interpreters", "scripts"), ScriptJudgement,
                              ScriptJudgement.TRUSTED),
             deny_inline=c.strings(interp, ("interpreters", "deny_inline")),
+            read_sources=c.strings(interp, ("interpreters", "read_sources")),
         ),
         trust_compiler_outputs=c.boolean(compilers, ("compilers", "trust_outputs"), False),
         service=_service(c, top.get("service", {})),

@@ -86,6 +86,10 @@ class InterpreterRules:
     deny_inline: tuple[str, ...] = ()
     """Interpreter names (basenames) whose inline code (`-c`, `-e`) is refused where the
     backend sees the arguments."""
+    read_sources: tuple[str, ...] = ()
+    """Interpreter names (basenames, globs) that read source files as data (a node-based
+    agent reads the project's .js files): for them a script is only what their command line
+    and environment name, or a `#!` file, not any file named like a script."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,8 @@ class Policy:
             "jit": {"programs": [str(r) for r in self.jit]},
             "interpreters": {"programs": [str(r) for r in interp.programs],
                              "scripts": interp.scripts.value,
-                             "deny_inline": list(interp.deny_inline)},
+                             "deny_inline": list(interp.deny_inline),
+                             "read_sources": list(interp.read_sources)},
             "compilers": {"trust_outputs": self.trust_compiler_outputs},
             "service": {"mode": svc.mode.value,
                         "uids": {str(k): v.value for k, v in svc.per_uid.items()},

@@ -1,0 +1,58 @@
+"""deny_inline (issue 10, section 3), tracepoint backend: a policy that refuses inline code for
+listed interpreters, where the backend sees their arguments (trustdb.inline_code): the
+command line read once the new program runs, at its C library open, before its first
+instruction. The agent policy leaves deny_inline empty (agents run `bash -c` all the time);
+these runs use a copy of it that lists python3, perl and bash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.engine.test_run import run_confined, workdir_of
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf]
+
+MARK = "INLINE-CODE-RAN"
+PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture
+def deny_inline_policy(tmp_path: Path) -> Path:
+    agent = (Path(__file__).parents[2] / "policies" / "agent.toml").read_text()
+    assert "deny_inline = []" in agent
+    policy = tmp_path / "no-inline.toml"
+    policy.write_text(agent.replace("deny_inline = []",
+                                    'deny_inline = ["python3", "perl", "bash"]'))
+    return policy
+
+
+@pytest.mark.parametrize("command", [
+    f"{PYTHON} -c 'print(\"{MARK}\")'",
+    f"{PYTHON} -W ignore -Bc 'print(\"{MARK}\")'",
+    f"echo 'print(\"{MARK}\")' | {PYTHON}",
+    f"echo 'print(\"{MARK}\")' | {PYTHON} -",
+    f"/lib64/ld-linux-x86-64.so.2 {PYTHON} -c 'print(\"{MARK}\")'",
+    f"perl -e 'print \"{MARK}\\n\"'",
+    f"bash -c 'echo {MARK}'",
+    f"cp /usr/bin/python3.11 ./notpython && ./notpython -c 'print(\"{MARK}\")'",
+])
+def test_inline_code_refused(interpreters_db: Path, run_env: dict[str, str],
+                             deny_inline_policy: Path, command: str) -> None:
+    got = run_confined(interpreters_db, f"{command}; echo rc=$?", run_env,
+                       "--policy", str(deny_inline_policy))
+    assert MARK not in got.out, (got.out, got.err)
+    assert "rc=0" not in got.out, got.out
+    assert "denied inline code of" in got.err and "deny_inline" in got.err, got.err
+
+
+def test_scripts_and_modules_still_run(interpreters_db: Path, run_env: dict[str, str],
+                                       deny_inline_policy: Path) -> None:
+    """Control: a trusted module or script is no inline code; sh (not listed) keeps -c."""
+    (workdir_of(run_env) / "data.json").write_text('{"a": 1}\n')
+    got = run_confined(interpreters_db, f"{PYTHON} -m json.tool data.json; echo rc=$?", run_env,
+                       "--policy", str(deny_inline_policy))
+    assert '"a": 1' in got.out and "rc=0" in got.out, (got.out, got.err)
+    assert "denied" not in got.err, got.err
