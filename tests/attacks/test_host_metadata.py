@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.attacks.conftest import inline_code
 from tests.engine.test_run import run_confined, workdir_of
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -46,13 +47,8 @@ def _host_file() -> str:
     return found[0]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HOLE: Landlock ABI 7 has no right for chmod/chown/utime/setxattr and the system trees "
-    "are not read-only mounts under Landlock: the tree can set setuid bits or file "
-    "capabilities on host binaries (trustdb.confine.filesystem: fs.read_only is not bound "
-    "read-only when Landlock is in force)"))
 def test_metadata_of_a_system_file(interpreters_db: Path, run_env: dict[str, str]) -> None:
     (workdir_of(run_env) / "probe.txt").write_text(PROBE)
-    got = run_confined(interpreters_db, f"{sys.executable} probe.txt {_host_file()}", run_env)
+    got = run_confined(interpreters_db, f"{sys.executable} {inline_code('probe.txt')} {_host_file()}", run_env)
     assert "CHANGED" in got.out, (got.out, got.err)
     assert "CHANGED nothing" in got.out, got.out

@@ -61,6 +61,23 @@ def dns_relay_wanted(policy: Policy) -> bool:
     return net.mode == NetworkMode.PORTS and not net.udp and 53 in net.connect_tcp
 
 
+# Mounted for the tree on their own (the new proc, /sys read-only) before the plan's binds.
+_MOUNTED_APART = ("/proc", "/sys")
+
+
+def read_only_mounts(read_only: Sequence[str], writable: Sequence[str]) -> tuple[str, ...]:
+    """The policy's read-only paths that become read-only bind mounts as well, with Landlock or
+    without: Landlock has no right for chmod, chown, utime or setxattr, so only a read-only mount
+    stops the confined root from setting a setuid bit or a file capability on a host binary, or
+    moving a trusted file's ctime. A path that holds a writable grant (a workdir under /opt)
+    stays Landlock's alone, or the grant below it would turn read-only too."""
+    def holds_grant(p: str) -> bool:
+        return any(w == p or w.startswith(p.rstrip("/") + "/") for w in writable)
+    # /bin -> usr/bin on merged-/usr systems: the target, once.
+    real = dict.fromkeys(os.path.realpath(p) for p in read_only if p.startswith("/"))
+    return tuple(p for p in real if p not in _MOUNTED_APART and not holds_grant(p))
+
+
 def plan_for(policy: Policy, db: Path, workdir: str, extra_read_only: Sequence[str] = (),
              *, abi: int | None = None, resolv_conf: str = "") -> FilesystemSetup:
     """`resolv_conf`: the file to show at /etc/resolv.conf (the DNS relay's)."""
@@ -80,7 +97,8 @@ def plan_for(policy: Policy, db: Path, workdir: str, extra_read_only: Sequence[s
     ip_sockets = None if net.mode == NetworkMode.ALL else (
         seccomp.TCP_AND_UDP if net.udp else seccomp.TCP_ONLY)
     plan = MountPlan.for_run(
-        db, [*runtime, *extra_read_only, *fs.protected], hidden=hidden, private=private,
+        db, [*read_only_mounts(fs.read_only, (*read_write, *private)), *runtime,
+             *extra_read_only, *fs.protected], hidden=hidden, private=private,
         keep=tuple(p for p in granted if p not in PRIVATE_TMP),
         read_write=read_write, everything_read_only=abi < 1, pinned=fs.pinned,
         unlisted=unlisted_paths((*granted, *DEVICES, "/etc/trustdb"), private),
