@@ -16,7 +16,8 @@ from tests.conftest import REPO
 from tests.test_cli_db import project, run
 
 SCHEMAS = REPO / "schemas"
-SCHEMA_OF = {"import deb": "import", "import rpm": "import", "import python": "import"}
+SCHEMA_OF = {"import deb": "import", "import rpm": "import", "import python": "import",
+             "service trust-self": "import"}
 """Verbs that share one schema; every other verb's schema is schemas/<verb>.json, with a dash
 for a space (`policy show` -> schemas/policy-show.json)."""
 
