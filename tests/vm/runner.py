@@ -263,7 +263,8 @@ FailureAction=poweroff-force
 [Service]
 Type=oneshot
 Environment=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
-ExecStart=/bin/sh -c 'cd {cwd} && . {results}/run.sh; echo $$? > {results}/rc'
+# run.sh ends in `exec`: a subshell runs it, so that the status is still written.
+ExecStart=/bin/sh -c '(cd {cwd} && . {results}/run.sh); echo $$? > {results}/rc'
 StandardOutput=tty
 StandardError=tty
 TTYPath=/dev/console
