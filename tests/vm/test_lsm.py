@@ -74,7 +74,8 @@ def _junit_failures(xml: Path) -> tuple[int, list[str]]:
     for case in suite.iter("testcase"):
         for kind in ("failure", "error", "skipped"):
             el = case.find(kind)
-            if el is not None:
+            # A guest case marked xfail (a named, known gap) is reported, not failed.
+            if el is not None and el.get("type") != "pytest.xfail":
                 msg = (el.get("message") or "").splitlines()[0:1]
                 problems.append(f"{kind}: {case.get('name')}: {' '.join(msg)}")
     return int(suite.get("tests", "0")), problems
