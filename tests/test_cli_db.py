@@ -215,10 +215,10 @@ def test_second_writer_fails_fast_readers_proceed(tmp_path: Path, cli_env: dict[
     assert run(cli_env, "trust", str(root)).returncode == 0
     proc = start_big_trust(cli_env)
     try:
-        t0 = time.monotonic()
         second = run(cli_env, "trust", str(root / "bin" / "tool"))
         status = run(cli_env, "status")
-        elapsed = time.monotonic() - t0
+        # Order, not time: both answered while the first writer still holds the lock, so
+        # neither waited for it (a wall-clock bound broke under load).
         assert proc.poll() is None, "the first writer finished too early to test anything"
     finally:
         proc.kill()
@@ -229,7 +229,6 @@ def test_second_writer_fails_fast_readers_proceed(tmp_path: Path, cli_env: dict[
     )
     assert second.stderr.count("\n") == 1
     assert status.returncode == 0 and "entries: 2" in status.stdout
-    assert elapsed < 10
 
 
 @pytest.mark.root
