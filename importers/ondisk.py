@@ -30,6 +30,7 @@ from trustdb_importers.interface import DigestCache, Importer
 
 from trustdb.hashing import HashingError, classify, hash_file, is_script_name, with_name
 from trustdb.model import (
+    ABSENT,
     FileDigests,
     FileKind,
     InodeKey,
@@ -238,14 +239,14 @@ def verify_claim(
     except FileNotFoundError:
         if listed_only or claim.optional:
             return _NOT_A_FILE
-        return _Outcome(SkippedEntry(path, MISSING, origin, fatal=False))
+        return _Outcome(SkippedEntry(path, MISSING, origin, False, _seen(real, path, None)))
     except (OSError, HashingError) as e:
         reason = e.strerror if isinstance(e, OSError) else str(e)
         return _Outcome(SkippedEntry(path, f"cannot stat: {reason}", origin, fatal=True))
     if not statmod.S_ISREG(st.st_mode):
         if listed_only:
             return _NOT_A_FILE
-        return _Outcome(SkippedEntry(path, NOT_REGULAR, origin, fatal=False))
+        return _Outcome(SkippedEntry(path, NOT_REGULAR, origin, False, _seen(real, path, st)))
     if not all_files and not st.st_mode & 0o111:
         # Cheapest possible answer for the common case (documentation, data): 4 bytes.
         try:
@@ -259,11 +260,10 @@ def verify_claim(
             # A script source the package lists without a digest (pip's RECORD lists the .pyc
             # files it compiled at install so): nothing to verify; `trustdb trust` can vouch.
             return _Outcome(None)
-        return _Outcome(SkippedEntry(path, UNVERIFIABLE, origin, fatal=False))
+        return _Outcome(SkippedEntry(path, UNVERIFIABLE, origin, False, _seen(real, path, st)))
     if claim.size is not None and claim.size != st.st_size:
-        if claim.config:
-            return _Outcome(SkippedEntry(path, CONFIG_CHANGED, origin))
-        return _Outcome(SkippedEntry(path, SIZE_MISMATCH, origin, fatal=True))
+        reason, fatal = (CONFIG_CHANGED, False) if claim.config else (SIZE_MISMATCH, True)
+        return _Outcome(SkippedEntry(path, reason, origin, fatal, _seen(real, path, st)))
     # Only the digest the package records is computed beside BLAKE3 (dpkg: MD5; rpm, pip:
     # SHA-256): each extra digest is a full pass over the bytes (issue 11: the import is bound
     # by the digests the package manager forces on us).
@@ -282,12 +282,10 @@ def verify_claim(
             return _Outcome(SkippedEntry(path, str(e), origin, fatal=True))
         digests, key, hashed = result.digests, result.inode, result.digests.size
         cacheable = time.time() - result.stat.st_ctime >= FRESH_SECONDS
+        st = result.stat
     if not _matches(digests, claim):
-        skip = (
-            SkippedEntry(path, CONFIG_CHANGED, origin)
-            if claim.config
-            else (SkippedEntry(path, MISMATCH, origin, fatal=True))
-        )
+        reason, fatal = (CONFIG_CHANGED, False) if claim.config else (MISMATCH, True)
+        skip = SkippedEntry(path, reason, origin, fatal, _seen(real, path, st))
         return _Outcome(skip, hashed, cached)
     kind = with_name(digests.kind, real)  # a verification cached before SCRIPT_SOURCE existed
     if kind is FileKind.OTHER and not all_files:
@@ -303,6 +301,20 @@ def verify_claim(
         md5=digests.md5 if want_md5 else None,
     )
     return _Outcome(entry, hashed, cached)
+
+
+def _seen(real: str, path: str, st: os.stat_result | None) -> InodeKey | None:
+    """The key under which a skip's verdict holds (`SkippedEntry.seen`; st None: the file was
+    absent). None where a re-import could not check it the same way: the kept part's check
+    looks at `path`, which is not where the file was found under a root with links resolved
+    by hand; or the file changed too recently for its ctime to stand for its content."""
+    if real != path:
+        return None
+    if st is None:
+        return ABSENT
+    if time.time() - st.st_ctime < FRESH_SECONDS:
+        return None
+    return InodeKey.from_stat(st)
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,13 +365,23 @@ def _verify_package(
 
 def _still_recorded(part: PartState) -> bool:
     """Every file the part recorded is still a regular file with the same inode key and size
-    (ctime moves on any change to a file, so its content is the content recorded)."""
+    (ctime moves on any change to a file, so its content is the content recorded), and every
+    file it skipped is as it was judged: still absent, or still under the same key."""
     for raw, size, key in part.recorded:
         try:
             st = os.lstat(raw)
         except OSError:
             return False
         if st.st_size != size or not statmod.S_ISREG(st.st_mode) or InodeKey.from_stat(st) != key:
+            return False
+    for skip in part.skipped:
+        try:
+            seen = InodeKey.from_stat(os.lstat(skip.path))
+        except FileNotFoundError:
+            seen = ABSENT
+        except OSError:
+            return False
+        if seen != skip.seen:
             return False
     return True
 
@@ -415,6 +437,10 @@ def _results(verified: _Verified, stats: ImportStats) -> Iterator[StreamItem]:
         stats.cache_hits += len(kept.recorded)
         stats.bytes_recorded += sum(size for _p, size, _k in kept.recorded)
         stats.packages_kept += 1
+        for skip in kept.skipped:
+            stats.skipped += 1
+            stats.fatal += skip.fatal
+            yield skip
         yield KeptPart(verified.origin)
         return
     assert verified.pkg is not None

@@ -48,13 +48,18 @@ values are little-endian. Paths are raw bytes (`os.fsencode`: names that are not
                                      -> fingerprint[32] + <u32 files, u32 not_executable, u32 n>
                                         + n x (<u64 dev, u64 ino, i64 ctime_sec, u32 ctime_nsec,
                                         u64 size, u16 len(path)> + path)
+                                        [+ <u32 m> + m x (<u64 dev, u64 ino, i64 ctime_sec,
+                                        u32 ctime_nsec, u8 fatal, u16 len(path), u16
+                                        len(reason)> + path + reason)]
                 What the last import saw of one part of a source (a package): the digest of its
-                package-database records and their stat keys, and the inode key of every file
-                it recorded. An import that finds the same fingerprint and the same keys keeps
-                the part's entries without reading them again (`model.KeptPart`). Written only
-                for a part whose every file verified and was cacheable; all of a source's parts
-                are dropped when any of its paths is untrusted by hand, so nothing is kept
-                that a user removed. Not trust: only a hint for the importer.
+                package-database records and their stat keys, the inode key of every file it
+                recorded, and of every file it skipped with a verdict that holds while the key
+                does (a mismatch; a missing file has key 0, `model.ABSENT`). An import that
+                finds the same fingerprint and the same keys keeps the part's entries and repeats
+                its skips, without reading them again (`model.KeptPart`). Written only for a part
+                whose every file was recorded and cacheable, or skipped with such a key; all of
+                a source's parts are dropped when any of its paths is untrusted by hand, so
+                nothing is kept that a user removed. Not trust: only a hint for the importer.
 
 Versions. 2 added FileKind.SCRIPT_SOURCE and the L table. Version 1 databases are read as they
 are and stamped 2 by their first write; a trustdb that knows only version 1 refuses a version 2
@@ -119,6 +124,7 @@ _BY_DIGEST, _BY_SOURCE, _CONTENT_T, _VERIFIED_T = b"D", b"O", b"C", b"V"
 _PARTS = b"P"
 _PART_HEAD = struct.Struct("<III")
 _PART_FILE = struct.Struct("<QQqIQH")
+_PART_SKIP = struct.Struct("<QQqIBHH")
 
 
 def path_key(path: str) -> bytes:
@@ -250,18 +256,34 @@ def _part_key(sid: int, name: str) -> bytes:
     return _PARTS + _U32.pack(sid) + name.encode()
 
 
+RememberedSkip = tuple[bytes, str, bool, InodeKey]
+"""(raw path, reason, fatal, inode key when judged) of one skip a part remembers."""
+
+
 def _encode_part(
-    fingerprint: bytes, files: int, not_executable: int, recorded: list[tuple[bytes, int, InodeKey]]
+    fingerprint: bytes,
+    files: int,
+    not_executable: int,
+    recorded: list[tuple[bytes, int, InodeKey]],
+    skipped: list[RememberedSkip] = [],  # noqa: B006  read only
 ) -> bytes:
-    """recorded: (raw path, size, inode key) of every entry of the part."""
+    """recorded: (raw path, size, inode key) of every entry of the part; skipped: its skips."""
     out = [fingerprint, _PART_HEAD.pack(files, not_executable, len(recorded))]
     for raw, size, key in recorded:
         out.append(_PART_FILE.pack(key.dev, key.ino, key.ctime_sec, key.ctime_nsec, size, len(raw)))
         out.append(raw)
+    if skipped:
+        out.append(_U32.pack(len(skipped)))
+        for raw, reason, fatal, key in skipped:
+            text = reason.encode()
+            out.append(_PART_SKIP.pack(*key, fatal, len(raw), len(text)))
+            out += (raw, text)
     return b"".join(out)
 
 
-def _decode_part(value: bytes) -> tuple[bytes, int, int, list[tuple[bytes, int, InodeKey]]]:
+def _decode_part(
+    value: bytes,
+) -> tuple[bytes, int, int, list[tuple[bytes, int, InodeKey]], list[RememberedSkip]]:
     files, not_exec, n = _PART_HEAD.unpack_from(value, 32)
     at = 32 + _PART_HEAD.size
     recorded = []
@@ -270,4 +292,14 @@ def _decode_part(value: bytes) -> tuple[bytes, int, int, list[tuple[bytes, int, 
         at += _PART_FILE.size
         recorded.append((value[at : at + plen], size, InodeKey(dev, ino, sec, nsec)))
         at += plen
-    return value[:32], files, not_exec, recorded
+    skipped: list[RememberedSkip] = []
+    if at < len(value):  # records written before skips were remembered end here
+        (m,) = _U32.unpack_from(value, at)
+        at += _U32.size
+        for _ in range(m):
+            dev, ino, sec, nsec, fatal, plen, rlen = _PART_SKIP.unpack_from(value, at)
+            at += _PART_SKIP.size
+            raw, reason = value[at : at + plen], value[at + plen : at + plen + rlen].decode()
+            skipped.append((raw, reason, bool(fatal), InodeKey(dev, ino, sec, nsec)))
+            at += plen + rlen
+    return value[:32], files, not_exec, recorded, skipped

@@ -38,7 +38,7 @@ from trustdb.dbschema import (
     _verified_version,
     path_key,
 )
-from trustdb.model import FileDigests, InodeKey, PartState
+from trustdb.model import FileDigests, InodeKey, PartState, SkippedEntry
 
 _ENTRY_PATH_AT = 32 + _ENTRY.size
 _V_DIGEST_AT = _VERIFIED_VERSION.size
@@ -85,8 +85,12 @@ class DigestCacheView:
             raw = txn.get(_part_key(_SOURCE.unpack_from(source)[0], name))
         if raw is None:
             return None
-        fingerprint, files, not_executable, recorded = _decode_part(raw)
-        return PartState(fingerprint, files, not_executable, recorded)
+        fingerprint, files, not_executable, recorded, remembered = _decode_part(raw)
+        skipped = [
+            SkippedEntry(os.fsdecode(path), reason, name, fatal, key)
+            for path, reason, fatal, key in remembered
+        ]
+        return PartState(fingerprint, files, not_executable, recorded, skipped)
 
 
 class MirrorSnapshot:

@@ -27,6 +27,7 @@ from trustdb.dbschema import (
     _U32,
     _VERIFIED,
     CHANGE_LOG_KEEP,
+    RememberedSkip,
     MAX_LOGGED_PATHS,
     _changes_key,
     _decode_part,
@@ -144,13 +145,19 @@ class _Txn:
         discard = old_keys.discard
         skipped: list[SkippedEntry] = []
         part: list[tuple[bytes, int, InodeKey]] | None = []
+        part_skips: list[RememberedSkip] = []
         parts_seen: set[bytes] = set()
         added = unchanged = new = 0
         for item, received in stream:
             kind = type(item)
             if kind is SkippedEntry:
                 skipped.append(item)  # type: ignore[arg-type]
-                part = None  # a part with a problem is verified again next time
+                seen = item.seen  # type: ignore[union-attr]
+                if seen is None:
+                    part = None  # a part with a passing problem is verified again next time
+                else:
+                    raw = os.fsencode(item.path)  # type: ignore[union-attr]
+                    part_skips.append((raw, item.reason, item.fatal, seen))  # type: ignore[union-attr]
                 continue
             if kind is PartDone or kind is KeptPart:
                 key = _part_key(sid, item.name)  # type: ignore[union-attr]
@@ -158,8 +165,8 @@ class _Txn:
                 if kind is KeptPart:
                     unchanged += self.keep_part(key, sid_raw, discard)
                 else:
-                    self.write_part(key, item, part)  # type: ignore[arg-type]
-                part = []
+                    self.write_part(key, item, part, part_skips)  # type: ignore[arg-type]
+                part, part_skips = [], []
                 continue
             assert isinstance(item, TrustEntry)
             raw = os.fsencode(item.path)
@@ -189,19 +196,23 @@ class _Txn:
         raw = self.txn.get(key)
         if raw is None:
             return 0
-        recorded = _decode_part(raw)[3]
+        recorded = _decode_part(raw)[3]  # its remembered skips came again in the stream
         for path, _size, _key in recorded:
             pk = path if len(path) <= _MAX_DIRECT_PATH_KEY else path_key(os.fsdecode(path))
             discard(pk + b"\0" + sid_raw)
         return len(recorded)
 
     def write_part(
-        self, key: bytes, done: PartDone, recorded: list[tuple[bytes, int, InodeKey]] | None
+        self,
+        key: bytes,
+        done: PartDone,
+        recorded: list[tuple[bytes, int, InodeKey]] | None,
+        skips: list[RememberedSkip],
     ) -> None:
         if done.fingerprint is None or recorded is None:
             self.txn.delete(key)
             return
-        value = _encode_part(done.fingerprint, done.files, done.not_executable, recorded)
+        value = _encode_part(done.fingerprint, done.files, done.not_executable, recorded, skips)
         if self.txn.get(key) != value:
             self.txn.put(key, value)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 
@@ -99,6 +99,14 @@ class SkippedEntry:
     fatal: bool = False
     """True when the skip should make the command exit non-zero (unreadable, vanished,
     mismatched); False for benign skips (FIFO, socket, documentation)."""
+    seen: InodeKey | None = None
+    """The file's inode key when it was judged (`ABSENT`: it did not exist), for a verdict
+    that holds while the key does (a mismatch, a missing file): an unchanged re-import
+    repeats it without reading the file. None: judge again next time (a read error)."""
+
+
+ABSENT = InodeKey(0, 0, 0, 0)
+"""`SkippedEntry.seen` of a file that did not exist (no inode has number 0 on device 0)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +140,8 @@ class PartState:
     not_executable: int
     recorded: list[tuple[bytes, int, InodeKey]]
     """(raw path, size, inode key) of each entry the part recorded."""
+    skipped: list[SkippedEntry] = field(default_factory=list)
+    """The part's remembered skips (each with its `seen` key), repeated when it is kept."""
 
 
 StreamItem = TrustEntry | SkippedEntry | PartDone | KeptPart

@@ -286,6 +286,72 @@ def test_unchanged_packages_are_kept_without_reading_and_any_change_reverifies(
     assert f"FAILED  {deb_root}/usr/bin/hello-script [{ORIGIN}]" in tampered.stdout
 
 
+def test_a_package_with_failures_is_kept_with_its_failures_until_they_change(
+    deb_root: Path, cli_env: dict[str, str]
+) -> None:
+    """A package whose files failed (a mismatch, a missing file) is kept by its fingerprint too
+    (issue 11: nodejs, with 499 failed files, was read on every import), and its failures are
+    reported again, exit status and all. Once a failed file changes, the package is read
+    again: a repaired file is trusted, not hidden behind the remembered failure."""
+    script = deb_root / "usr/bin/hello-script"
+    good = script.read_bytes()
+    script.write_bytes(b"#!/bin/sh\necho evil\n")
+    (deb_root / "usr/lib/hello/libhello.so").rename(deb_root / "libhello.so.away")
+    time.sleep(ondisk.FRESH_SECONDS)
+
+    def run() -> tuple[int, dict[str, object], str]:
+        result = trustdb(cli_env, "import", "deb", "--root", str(deb_root), "--json")
+        assert result.returncode in (0, 3), result.stderr
+        (src,) = json.loads(result.stdout)["sources"]
+        return result.returncode, src, result.stdout
+
+    def failures(src: dict[str, object]) -> set[tuple[str, str]]:
+        return {(s["path"], s["reason"]) for s in src["skipped"]}  # type: ignore[attr-defined,index]
+
+    code, first, _ = run()
+    assert code == 3 and (str(script), MISMATCH) in failures(first)
+    assert (f"{deb_root}/usr/lib/hello/libhello.so", MISSING) in failures(first)
+    code, again, _ = run()
+    assert code == 3
+    assert again["stats"]["packages_kept"] == again["stats"]["packages"]  # type: ignore[index]
+    assert failures(again) == failures(first)
+    assert again["stats"]["fatal"] == first["stats"]["fatal"]  # type: ignore[index]
+    assert again["stats"]["bytes_hashed"] == 0  # type: ignore[index]
+
+    # Repaired: the script is read again and trusted; the library comes back too.
+    script.write_bytes(good)
+    (deb_root / "libhello.so.away").rename(deb_root / "usr/lib/hello/libhello.so")
+    time.sleep(ondisk.FRESH_SECONDS)
+    code, repaired, _ = run()
+    assert code == 0 and not failures(repaired)
+    assert repaired["stats"]["packages_kept"] == again["stats"]["packages_kept"] - 1  # type: ignore[index]
+    with TrustDB.open(Path(cli_env["TRUSTDB_DB"])) as db:
+        assert db.is_trusted(blake3.blake3(good).digest())
+
+
+def test_status_parser_agrees_with_python_debian() -> None:
+    """read_status parses dpkg's status file itself (python-debian's import and parser were a
+    fifth of an unchanged re-import); on this machine's real status file both must agree."""
+    from debian import deb822
+
+    from trustdb_importers.deb import STATUS_FIELDS, status_paragraphs
+
+    path = "/var/lib/dpkg/status"
+    if not os.path.exists(path):
+        pytest.skip("no dpkg status file on this machine")
+    with open(path, "rb") as f:
+        expected = [dict(p) for p in deb822.Deb822.iter_paragraphs(f, fields=list(STATUS_FIELDS))]
+    with open(path, encoding="utf-8") as f:
+        assert status_paragraphs(f.read()) == expected
+
+
+def test_status_parser_refuses_a_line_that_is_not_a_field() -> None:
+    from trustdb_importers.deb import status_paragraphs
+
+    with pytest.raises(ValueError, match="line 2"):
+        status_paragraphs("Package: a\nno colon here\n")
+
+
 def test_a_corrupt_part_record_is_not_trusted_blindly(
     deb_root: Path, cli_env: dict[str, str]
 ) -> None:

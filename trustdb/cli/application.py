@@ -11,10 +11,11 @@ from typing import Annotated
 import typer
 
 from trustdb import __version__
-from trustdb.cli import helptext
+from trustdb.cli import helptext, plainparams
 from trustdb.cli.common import GLOBAL, GlobalOptions, push_global_defaults
 
 helptext.install()
+plainparams.install()
 
 app = typer.Typer(
     name="trustdb",
