@@ -84,6 +84,26 @@ def watch_writes(fd: int) -> bool:
     return not event_path(fd).startswith(SYSTEM_TREES)
 
 
+def may_vouch(fd: int, *, writes_refused: bool) -> bool:
+    """May the handler's ignore mark vouch for this inode's content after its ctime moves
+    (VOUCHED_BIT)? Only where no writer in scope can change the bytes unseen: the kernel drops
+    the mark on FS_MODIFY, but a store through a shared-writable mapping raises none, so a
+    vouched file that anyone may map writable could run new code under an old mark.
+    - a read-only mount: nothing in this namespace can write it;
+    - `run` (`writes_refused`): every write open of trusted content in a watched file is
+      refused, so only an unwatched (read-only or system-tree) file cannot gain a writer;
+    - the service: root-owned and writable by nobody else (root may stop the service anyway)."""
+    try:
+        if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+            return True
+        if writes_refused:
+            return watch_writes(fd)
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return st.st_uid == 0 and not st.st_mode & 0o022
+
+
 def settled_data(fd: int, checked: Checked) -> bool:
     """Data that no confined task can have written and that looks like no script (no script
     suffix, no `#!`): on a read-only mount or in the system trees, which the tree cannot write

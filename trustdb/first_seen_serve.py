@@ -41,7 +41,13 @@ from trustdb.first_seen import (
     has_writers,
     is_script_for,
 )
-from trustdb.first_seen_marks import HandlerError, event_path, settled_data, watch_writes
+from trustdb.first_seen_marks import (
+    HandlerError,
+    event_path,
+    may_vouch,
+    settled_data,
+    watch_writes,
+)
 from trustdb.inline_code import inline_refusal, is_libc, listed
 from trustdb.model import InodeKey
 from trustdb.script_args import ScriptIdentities
@@ -269,7 +275,8 @@ class Serve:
                 mask = 0  # a file read as data now may be loaded as a script later
             if self.config.interpreters.deny_inline and is_libc(event_path(ev.fd)):
                 mask &= FAN_OPEN_EXEC_PERM  # its opens are where inline code is refused
-            if mask and checked.outcome in (Outcome.KNOWN, Outcome.INSERTED):
+            if mask and known and may_vouch(ev.fd,
+                                            writes_refused=self.config.deny_trusted_writes):
                 mask |= VOUCHED_BIT  # the BPF side may trust it if only its ctime moves
             if mask:
                 self._ignore(ev.fd, checked, mask)

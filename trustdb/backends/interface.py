@@ -40,7 +40,11 @@ COMMON_HOLES: tuple[str, ...] = (
     "unconfined-writers: in a `run` scope a process outside the tree can still write into a "
     "file the tree has mapped; exec and mmap refuse files with writers only at that moment "
     "(and stores through a shared mapping made outside raise no modify event, so the "
-    "first-seen handler's ignore mark keeps vouching for that inode)",
+    "first-seen handler's ignore mark keeps vouching for that inode). The mark vouches only "
+    "where no writer in scope can change the bytes unseen (a read-only mount, a watched file "
+    "in `run`, a root-owned file nobody else may write under the service): a user's own "
+    "copy of a trusted binary is asked about again after each chmod, and an exec racing that "
+    "chmod may be denied (a false denial, never a route)",
     "memfd-copies: a memfd (or other unmarkable file) holding a copy of trusted content is "
     "denied: fanotify cannot mark memfd files, so no first-seen check inserts its key, and "
     "neither kernel has in-kernel hashing the programs could use here (IMA/fs-verity off); "
