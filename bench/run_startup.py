@@ -10,8 +10,12 @@ PYTHONDONTWRITEBYTECODE, which would time the compiler instead).
 Two ways to start it: as a pip console script does (not isolated: trustdb.isolation re-execs
 it under `python -I` before the CLI's imports) and as the .deb/.rpm launcher does (`python3 -I`,
 one start). `--before DIR` times another checkout (main before a change) in the same rounds.
-Also printed: the interpreter with `from trustdb.cli import main` (the entry point's own cost),
-and a noise floor: the launcher case timed twice per round.
+Also printed: the interpreter with `from trustdb.cli import main` (the entry point's own cost)
+and with the CLI's imports (`trustdb.cli.application`), a noise floor (the launcher case timed
+twice per round), and the start-up phases `run` pays inside, timed in this process each round:
+the pass over every path record that finds interpreters by recorded name, the mount plan, the
+cover mounts applied in a throwaway mount namespace, and the kernel's load and verification of
+tracepoint.bpf.o (loaded, never attached).
 
     python3 bench/run_startup.py [--rounds N] [--db DIR] [--before CHECKOUT]
 """
@@ -26,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,6 +102,71 @@ def run_cmd(isolated: bool) -> list[str]:
     return [sys.executable, "-c", "from trustdb.cli import main; main()", "run", "--", "/bin/true"]
 
 
+def _fork_timed(work: Callable[[], object]) -> float:
+    """Seconds `work` takes in a forked child (which then exits: nothing it did outlives it)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 0
+        try:
+            started = time.perf_counter()
+            work()
+            os.write(w, repr(time.perf_counter() - started).encode())
+        except BaseException as e:  # noqa: BLE001  reported by the parent
+            os.write(w, f"!{type(e).__name__}: {e}".encode())
+            code = 1
+        os._exit(code)
+    os.close(w)
+    out = os.read(r, 4096).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    if out.startswith("!"):
+        raise SystemExit(f"bench: phase failed: {out[1:]}")
+    return float(out)
+
+
+def phases(db: Path, into: dict[str, list[float]]) -> int:
+    """One round of `run`'s inner start-up phases (see the module docstring); -> covers."""
+    sys.path.insert(0, str(REPO))
+    from trustdb.backends.tracepoint import TracepointBackend
+    from trustdb.confine.filesystem import plan_for
+    from trustdb.confine.mounts import apply_mount_plan
+    from trustdb.confine.programs import interpreter_names
+    from trustdb.confine.syscalls import CLONE_NEWNS, unshare
+    from trustdb.db import TrustDB
+    from trustdb.libbpf import BpfObject
+    from trustdb.policy import load as policies
+
+    def clock(name: str, seconds: float) -> None:
+        into.setdefault(name, []).append(seconds)
+
+    policy = policies.load("agent")
+    started = time.perf_counter()
+    with TrustDB.open(db) as t:
+        t.paths_named(interpreter_names(policy))  # type: ignore[arg-type]
+    clock("interpreters by recorded name (one pass over the DB)", time.perf_counter() - started)
+    started = time.perf_counter()
+    fs = plan_for(policy, db, os.getcwd())
+    clock("mount plan (plan_for)", time.perf_counter() - started)
+    plan = fs.plan
+
+    def mounts() -> None:
+        unshare(CLONE_NEWNS)
+        apply_mount_plan(plan)
+
+    clock("cover mounts (apply_mount_plan, own namespace)", _fork_timed(mounts))
+
+    def bpf_load() -> None:
+        obj = BpfObject(TracepointBackend().object_path)
+        obj.set_max_entries("trusted_inodes", 1 << 16)
+        obj.load()
+        obj.close()
+
+    clock("tracepoint.bpf.o load + verify (not attached)", _fork_timed(bpf_load))
+    return len(plan.hidden) + len(plan.unlisted) + len(plan.private)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=9)
@@ -129,6 +199,9 @@ def main() -> None:
             dbenv = {"TRUSTDB_DB": str(db), "PYTHONPATH": str(tree)}
             cases[f"python3 -c 'import trustdb.cli'{label}"] = (
                 [sys.executable, "-c", "from trustdb.cli import main"], {"PYTHONPATH": str(tree)})
+            cases[f"python3 -I: the CLI's imports{label}"] = (
+                [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); "
+                 "import trustdb.cli.application"], None)
             cases[f"trustdb run (console script){label}"] = (run_cmd(False), dbenv)
             launcher = [a.replace("{tree}", str(tree)) for a in run_cmd(True)]
             cases[f"trustdb run (-I launcher){label}"] = (launcher, dbenv)
@@ -138,9 +211,12 @@ def main() -> None:
             timed(cmd, extra)
         load_before = os.getloadavg()[0]
         times: dict[str, list[float]] = {name: [] for name in cases}
+        inner: dict[str, list[float]] = {}
+        covers = 0
         for _ in range(args.rounds):
             for name, (cmd, extra) in cases.items():
                 times[name].append(timed(cmd, extra, name))
+            covers = phases(db, inner)
     load = (load_before + os.getloadavg()[0]) / 2
     base = statistics.median(times[base_name])
     floor = statistics.median(
@@ -155,6 +231,9 @@ def main() -> None:
         cpu = statistics.median(CPU[name])
         print(f"  {name:48s} median {med:.3f} s  (min {min(ts):.3f})  x{med / base:.0f} of unshare"
               f"  CPU {cpu:.3f} s")
+    print(f"  inside run (this tree, in-process; {covers} covered paths in the plan):")
+    for name, ts in inner.items():
+        print(f"    {name:54s} median {statistics.median(ts):.3f} s  (min {min(ts):.3f})")
     for label in trees:
         if label:
             for kind in ("console script", "-I launcher"):

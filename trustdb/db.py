@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +37,7 @@ from trustdb.dbschema import (
     _CONTENT,
     _CONTENT_T,
     _ENTRIES,
+    _ENTRY,
     _FLAG_SHA256,
     _META,
     _SOURCE,
@@ -375,6 +377,18 @@ class TrustDB:
             prefix = _BY_SOURCE + _U32.pack(_SOURCE.unpack_from(raw)[0])
             for k, _v in _scan(txn, prefix):
                 yield self._record(txn, k[len(prefix) :])
+
+    def paths_named(self, named: re.Pattern[str]) -> list[tuple[str, bytes]]:
+        """(path, digest) of every recorded fact whose basename `named` matches: one pass over
+        the entries that decodes only their basenames (`run` looks for interpreters so)."""
+        out = []
+        with self._read() as txn:
+            for _k, v in _scan(txn, _ENTRIES):
+                start = 32 + _ENTRY.size  # the layout `_decode_entry` reads
+                raw = v[start : start + _ENTRY.unpack_from(v, 32)[1]]
+                if named.match(os.fsdecode(raw.rpartition(b"/")[2])):
+                    out.append((os.fsdecode(raw), v[:32]))
+        return out
 
     def _record(
         self, txn: lmdb.Transaction[bytes], ek: bytes, value: bytes | None = None

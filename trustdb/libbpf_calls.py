@@ -55,7 +55,15 @@ _print_buf = ctypes.create_string_buffer(1 << 20)
 fresh zeroed 1 MiB buffer per line cost 50 ms of `trustdb run`'s start-up (profiled)."""
 
 
+_LIBBPF_DEBUG = 2
+"""enum libbpf_print_level: WARN 0, INFO 1, DEBUG 2. A load prints ~3,600 DEBUG lines (its
+progress, never why it failed: that, the verifier log included, is WARN); formatting them cost
+about 20 ms of CPU per `trustdb run` (bench/run_startup.py)."""
+
+
 def _on_print(level: int, fmt: bytes, ap: int) -> int:
+    if level >= _LIBBPF_DEBUG:
+        return 0
     # One call can carry the whole verifier log; its last lines say what went wrong.
     with _log_lock:
         n = _libc.vsnprintf(_print_buf, len(_print_buf), fmt, ap)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import select
 import shlex
 import signal
@@ -41,6 +42,7 @@ from trustdb.confine.filesystem import FilesystemSetup, dns_relay_wanted, plan_f
 from trustdb.confine.git_guard import GitGuard
 from trustdb.confine.programs import (
     interpreter_digests,
+    interpreter_names,
     interpreter_refs,
     program_refs,
     recorded_interpreters,
@@ -115,14 +117,17 @@ class _Signals:
             self.kill_at = time.monotonic()
 
 
-def _recorded_paths(db: Path) -> list[tuple[str, bytes]]:
-    """(path, digest) of every trusted fact (interpreters are recognised by recorded name)."""
+def _recorded_paths(db: Path, named: re.Pattern[str] | None) -> list[tuple[str, bytes]]:
+    """(path, digest) of every trusted fact whose basename matches `named` (interpreters are
+    recognised by recorded name)."""
     from trustdb.db import TrustDB
     from trustdb.dbrecords import DatabaseError
 
+    if named is None:
+        return []
     try:
         with TrustDB.open(db) as t:
-            return [(r.path, r.digest) for r in t.iter_paths()]
+            return t.paths_named(named)
     except DatabaseError as e:
         raise SupervisorError(f"trust database {db}: {e}") from e
 
@@ -168,11 +173,11 @@ def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: De
          dns: DnsRelay | None) -> int:
     if engine_factory is None:
         judged = policy.interpreters.scripts == ScriptJudgement.TRUSTED
-        records = _recorded_paths(db) if judged else []
+        records = _recorded_paths(db, interpreter_names(policy)) if judged else []
         recorded = recorded_interpreters(policy, records)  # flagged in the kernel too (lsm)
         engine_factory = functools.partial(
             default_engine, programs=program_refs(policy) + interpreter_refs(recorded),
-            interpreters=functools.partial(_interpreters, policy, records) if judged else None)
+            interpreters=functools.partial(_interpreters, policy, recorded) if judged else None)
     mdwe = hardening.mdwe_supported()
     cgroup = confine.RunCgroup.create()
     child: confine.ConfinedChild | None = None
@@ -302,9 +307,9 @@ def _supervise_loop(child: confine.ConfinedChild, engine: Engine, signals: _Sign
     return status
 
 
-def _interpreters(policy: Policy, records: list[tuple[str, bytes]],
+def _interpreters(policy: Policy, recorded: dict[bytes, str],
                   cached: CachedDigest) -> Interpreters:
-    return Interpreters(digests=interpreter_digests(policy, cached, records),
+    return Interpreters(digests=interpreter_digests(policy, cached, recorded),
                         deny_inline=policy.interpreters.deny_inline,
                         read_sources=policy.interpreters.read_sources)
 
