@@ -137,7 +137,8 @@ static __always_inline __u32 td_program_flags(struct task_struct *task)
  * ctime moved without the content changing (chmod, chown, rename, link, utime, xattr), before
  * the handler's notification of that change has dropped the mark, is then still trusted:
  * otherwise a trusted file exec'd right after a chmod was killed now and then. Stores through
- * a shared-writable mapping raise no FS_MODIFY: callers refuse files with writers first. */
+ * a shared-writable mapping raise no FS_MODIFY: the handler adds the bit only where no writer
+ * in scope can change the bytes (trustdb.first_seen_marks.may_vouch). */
 static __always_inline bool td_vouched_by_handler(struct inode *inode)
 {
 	__u32 zero = 0;
@@ -151,7 +152,14 @@ static __always_inline bool td_vouched_by_handler(struct inode *inode)
 	node = BPF_CORE_READ(inode, i_fsnotify_marks, list.first);
 	for (i = 0; i < TD_MAX_MARKS && node; i++) {
 		mark = (void *)node - bpf_core_field_offset(struct fsnotify_mark, obj_list);
-		if ((__u64)BPF_CORE_READ(mark, group) == g->group &&
+		struct fsnotify_group *group = BPF_CORE_READ(mark, group);
+
+		/* The address alone is not enough: once the handler's group is freed, another
+		 * group may be allocated there before userspace forgets it. Only a permission-class
+		 * group (priority above notification) counts, and only CAP_SYS_ADMIN creates one
+		 * (an unprivileged fanotify_init gets FAN_CLASS_NOTIF; `run` denies fanotify). */
+		if ((__u64)group == g->group && BPF_CORE_READ(group, priority) > 0 &&
+		    !BPF_CORE_READ(group, shutdown) &&
 		    (BPF_CORE_READ(mark, ignore_mask) & TD_VOUCHED_BIT))
 			return true;
 		node = BPF_CORE_READ(node, next);

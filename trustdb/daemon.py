@@ -139,6 +139,9 @@ def _loop(engine: ServiceEngine, watch: DatabaseWatch, notifier: Notifier,
             except BlockingIOError:
                 pass
         engine.pump()
+        if engine.handler_restarted:
+            engine.handler_restarted = False
+            poller = _poller(engine, watch, wake_r, installers)
         if installers is not None:
             installers.on_ready(ready)
         now = time.monotonic()

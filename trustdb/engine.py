@@ -155,6 +155,17 @@ class Engine:
         h = self._handler
         return h if h is not None and h.pid else None
 
+    def forget_dead_handler(self) -> bool:
+        """True when the first-seen handler died: the BPF side forgets its group at once (its
+        freed memory may hold another group soon) and the caller fails closed."""
+        h = self._handler
+        if h is None or not h.gone:
+            return False
+        if self._backend is not None:
+            with contextlib.suppress(BackendError, AttributeError):
+                self._backend.vouch_by(0, -1)  # type: ignore[attr-defined]
+        return True
+
     def confine(self, pidfd: int) -> None:
         """Mark the task confined; the first time, the first-seen handler marks the mounts of
         its mount namespace (before the task runs anything, if it waits at a gate)."""

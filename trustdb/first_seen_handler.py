@@ -60,6 +60,7 @@ class FirstSeenHandler:
         self._report_r = -1
         self._stats = mmap.mmap(-1, mmap.PAGESIZE)
         self._buffer = b""
+        self._gone = False
         self.group_fd = -1
         """The handler's permission group, as an fd number in its own process (for the BPF
         side to recognise its ignore marks: `Backend.vouch_by`)."""
@@ -130,11 +131,19 @@ class FirstSeenHandler:
         with contextlib.suppress(BlockingIOError, OSError):
             while chunk := os.read(self._report_r, 65536):
                 self._buffer += chunk
+            self._gone = True  # end of file: the handler process is gone
         *lines, self._buffer = self._buffer.split(b"\n")
         return [Denial(**json.loads(ln[2:])) for ln in lines if ln.startswith(b"D ")]
 
     def stats(self) -> dict[str, int]:
         return dict(zip(STATS_NAMES, STATS_FORMAT.unpack_from(self._stats, 0), strict=True))
+
+    @property
+    def gone(self) -> bool:
+        """The handler process ended while it should still answer (a crash, the OOM killer):
+        its group is freed, the kernel allowed what was pending, and nothing judges scripts or
+        first-seen copies any more. Seen by `denials()` (its report pipe reads end of file)."""
+        return self._gone
 
     def alive(self) -> bool:
         if not self._pid:

@@ -49,6 +49,10 @@ class Engine(Protocol):
         """Readable when decisions are waiting."""
         ...
 
+    def handler_fileno(self) -> int | None:
+        """The first-seen handler's report pipe, if one runs."""
+        ...
+
     def pump(self) -> None:
         """Deliver waiting decisions to the consumers; follow database changes."""
         ...
@@ -307,6 +311,11 @@ class EngineSession:
     def fileno(self) -> int:
         return self._ring.epoll_fd
 
+    def handler_fileno(self) -> int | None:
+        """Readable when the first-seen handler has denials to report, or has died."""
+        handler = self._engine.first_seen
+        return handler.fileno() if handler is not None else None
+
     def pump(self) -> None:
         self._ring.consume()
         handler = self._engine.first_seen
@@ -317,6 +326,10 @@ class EngineSession:
                     consume(decision)
                 except Exception:  # noqa: BLE001 - as EventSink: keep delivering
                     self._sink.failures += 1
+        if self._engine.forget_dead_handler():
+            # Fail closed: without it scripts and first-seen copies go unjudged; the
+            # supervisor's cleanup kills the tree.
+            raise SupervisorError("the first-seen handler died: the tree is stopped")
         if self._reconcile is not None:
             if self._reconcile.is_alive():
                 return  # one sync at a time: the walk after the attach applies what changed

@@ -273,6 +273,9 @@ def _supervise_loop(child: confine.ConfinedChild, engine: Engine, signals: _Sign
     poller = select.poll()
     poller.register(child.pidfd, select.POLLIN)
     poller.register(engine.fileno(), select.POLLIN)
+    handler_fd = engine.handler_fileno()
+    if handler_fd is not None:
+        poller.register(handler_fd, select.POLLIN)  # its denials, or its death, wake us at once
     poller.register(wake, select.POLLIN)
     relayed = set(relay.fds()) if relay else set()
     for fd in relayed:

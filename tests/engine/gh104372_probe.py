@@ -39,7 +39,11 @@ def spawn_through_the_tree() -> None:
     for _ in range(n):
         subprocess.run([f"/proc/{pid}/root/bin/true"], check=True, timeout=20)
         spawned += 1
-    answered = sessions[0]._engine.first_seen.stats()["unconfined"]
+    handler = sessions[0]._engine.first_seen
+    deadline = time.monotonic() + 10  # the handler counts after it answers: let it catch up
+    while handler.stats()["unconfined"] < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    answered = handler.stats()["unconfined"]
 
 
 def supervisor_child_pid() -> int:

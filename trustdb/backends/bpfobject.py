@@ -211,7 +211,7 @@ class BpfBackend(Backend):
         if obj is not None:
             obj.close()
 
-    PINNED_MAPS = ("trusted_inodes", "events", "confined")
+    PINNED_MAPS = ("trusted_inodes", "events", "confined", "first_seen_group")
     """The maps a later process needs to adopt a pinned engine (trustdb.service.pins)."""
 
     def pin(self, directory: Path) -> None:

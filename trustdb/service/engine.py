@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trustdb import backends
-from trustdb.abi import CInodeKey, Mode
+from trustdb.abi import CFirstSeenGroup, CInodeKey, Mode
 from trustdb.backends.bpfobject import BpfBackend, MapKeySink
 from trustdb.backends.interface import Backend, BackendError, EngineConfig, KeySink
 from trustdb.closers import Closers
@@ -91,6 +91,8 @@ class ServiceEngine:
         self._trust_hook = trust_hook
         self._db_path = db_path
         self._handler: FirstSeenHandler | None = None
+        self.handler_restarted = False
+        """Set by `pump` when a dead handler was replaced (its fd changed: poll anew)."""
         self._closers = Closers()
         """The database and the loggers: for the life of this object."""
         self._engine_closers = Closers()
@@ -186,6 +188,7 @@ class ServiceEngine:
         keys = [CInodeKey.from_buffer_copy(k).to_key() for k in pinned]
         self._mirror.adopt(record.generation, keys)
         self._record = dataclasses.replace(record, daemon_pid=os.getpid())
+        self._forget_vouching()  # the group named there was the last daemon's handler
         self._start_handler(sink)
         resynced = self._mirror.refresh() is not None
         self._save()
@@ -252,6 +255,38 @@ class ServiceEngine:
         self._handler = handler
         self._engine_closers.append(handler.stop)
 
+    def _forget_vouching(self) -> None:
+        """Zero the pinned `first_seen_group`: the group it names is no handler of ours (the
+        last daemon's, or one that died), and its freed memory may hold another group soon
+        (bpf/common.bpf.h, td_vouched_by_handler). This daemon's new handler does not vouch:
+        a trusted file chmod'ed by root is then asked about again."""
+        assert self._record is not None
+        try:
+            m = self._pins.open_maps(self._record, ("first_seen_group",))["first_seen_group"]
+        except PinError as e:
+            print(f"trustdb: {e}", file=sys.stderr, flush=True)
+            return
+        try:
+            m.update(bytes(4), bytes(CFirstSeenGroup(0, 0, 0)))
+        except OSError as e:
+            print(f"trustdb: cannot forget the first-seen group: {e}", file=sys.stderr, flush=True)
+        finally:
+            os.close(m.fd)
+
+    def _restart_dead_handler(self) -> bool:
+        """A handler that died (crash, OOM kill) is replaced; meanwhile the pinned programs
+        denied first-seen copies (fail closed). True when a new one was started."""
+        handler = self._handler
+        if handler is None or not handler.gone:
+            return False
+        self._forget_vouching()
+        handler.stop()
+        self._handler = None
+        print("trustdb: the first-seen handler died; starting a new one", file=sys.stderr,
+              flush=True)
+        self._start_handler(self._mirror.sink)  # type: ignore[arg-type]
+        return True
+
     def _save(self) -> None:
         if self._record is None:
             return
@@ -305,6 +340,7 @@ class ServiceEngine:
                     consume(decision)
                 except Exception:  # noqa: BLE001 - as EventSink: keep delivering
                     self._sink.failures += 1
+        self.handler_restarted = self._restart_dead_handler() or self.handler_restarted
 
     def handler_fileno(self) -> int | None:
         """Readable when the first-seen handler has denials to report."""
