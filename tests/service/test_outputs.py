@@ -107,6 +107,27 @@ def test_cp_and_python_writes_stay_untrusted(watch: tuple[InstallerTrust, Path, 
     assert not _trusted(db, by_python), "a file written by python was trusted"
 
 
+def test_a_linkers_text_output_stays_untrusted(watch: tuple[InstallerTrust, Path, TrustDB]
+                                               ) -> None:
+    """The attack: a trusted linker writes text, not a program. `ld --oformat binary` of a
+    payload wrapped as data writes the payload's bytes as they are, mode 0755; an exec of it
+    fails with ENOEXEC and sh then runs it as a script. Only ELF objects a compiler or linker
+    writes become trusted."""
+    trust, mnt, db = watch
+    payload = mnt / "payload"
+    payload.write_text("echo pwned\n")
+    wrapped, out = mnt / "payload.o", mnt / "out"
+    subprocess.run(["ld", "-r", "-b", "binary", str(payload), "-o", str(wrapped)], check=True,
+                   cwd=mnt)
+    subprocess.run(["ld", "--oformat", "binary", "-o", str(out), str(wrapped)], check=True,
+                   capture_output=True)
+    assert out.read_text() == "echo pwned\n" and os.access(out, os.X_OK)
+    elf = _build(mnt, "real", "real")
+    trust.pump()
+    assert _trusted(db, elf), "the linked program itself was not trusted"
+    assert not _trusted(db, out), "text written by ld was trusted"
+
+
 def test_a_later_writer_supersedes_ld(watch: tuple[InstallerTrust, Path, TrustDB]) -> None:
     """The attack on the close-to-read gap: ld closes, another program rewrites the file before
     the daemon reads the event. The daemon must not bless the rewritten content."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from trustdb.fanotify import FAN_NOFD, Event
 from trustdb.hashing import HashingError, NotExecutable, hash_fd
-from trustdb.model import TrustEntry
+from trustdb.model import FileKind, TrustEntry
 
 FAN_CLOSE_WRITE = 0x08
 
@@ -36,6 +36,9 @@ class Writer:
     kind: str
     origin: str
     """e.g. `installed-by:dpkg`, `built-by:ld`."""
+    elf_only: bool = False
+    """A compiler's outputs count only as ELF objects: `gcc -E -o out` of a payload, or a
+    `#!` text, written by a trusted cc must not become trusted code for an interpreter."""
 
 
 def ignore_lease_breaks() -> None:
@@ -119,5 +122,7 @@ class ClosedFiles:
         if not path.startswith("/") or path.endswith(" (deleted)"):
             return []
         d = hashed.digests
+        if writer.elf_only and d.kind != FileKind.ELF:
+            return []
         return [(writer, TrustEntry(path=path, digest=d.blake3, size=d.size, kind=d.kind,
                                     origin=writer.origin))]

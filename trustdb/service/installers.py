@@ -280,7 +280,7 @@ class InstallerTrust:
             compiler = self.compilers.writer(pid)
             if compiler is not None:
                 return Writer(f"{BUILT_KIND}:{compiler.name}", BUILT_KIND,
-                              f"built-by:{compiler.name}")
+                              f"built-by:{compiler.name}", elf_only=True)
         return None
 
     def _key_trusted(self, key: InodeKey) -> bool:
