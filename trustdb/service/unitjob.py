@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 DEFAULT_UNIT = "trustdb.service"
@@ -42,15 +43,29 @@ def job_types(listing: str, unit: str) -> set[str]:
     return out
 
 
+LIST_JOBS_TIMEOUT_S = 3.0
+"""Well inside the unit's TimeoutStopSec (10 s): a hung systemctl must leave ExecStop time to
+unpin, never let the stop end by timeout with the pins still in place."""
+
+
 def restarting(unit: str | None = None) -> bool:
     unit = unit or own_unit()
     try:
         r = subprocess.run(["systemctl", "list-jobs", "--no-legend", "--plain", "--no-pager"],
-                           capture_output=True, text=True, timeout=10, check=False,
-                           env={**os.environ, "SYSTEMD_COLORS": "0"})
-    except (OSError, subprocess.TimeoutExpired):
+                           capture_output=True, text=True, timeout=LIST_JOBS_TIMEOUT_S,
+                           check=False, env={**os.environ, "SYSTEMD_COLORS": "0"})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        _say(f"cannot read the unit's job ({e}): stopping, not restarting")
         return False
     if r.returncode != 0:
+        _say(f"systemctl list-jobs failed ({r.stderr.strip() or r.returncode}): stopping")
         return False
     types = job_types(r.stdout, unit)
+    _say(f"jobs queued for {unit}: {', '.join(sorted(types)) or 'none'}")
     return "restart" in types and "stop" not in types
+
+
+def _say(line: str) -> None:
+    """What ExecStop read goes to the journal (its stderr), so a gap after a restart, or pins
+    kept after a stop, can be traced to the job systemd showed."""
+    print(f"trustdb: {line}", file=sys.stderr, flush=True)
