@@ -103,6 +103,8 @@ class Engine:
             interpreters=self._interpreters,
             db_option=self._db_option,
             deny_trusted_writes=not self.config.scope.system_wide,
+            events_fd=backend.events_fd,
+            tree_cgroup="" if self.config.scope.system_wide else self.config.scope.cgroup_path,
         ))
 
     def stop(self) -> None:

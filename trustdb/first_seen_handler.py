@@ -36,6 +36,7 @@ import select
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from trustdb.first_seen_marks import HandlerError, host_filesystems, tree_mounts
 from trustdb.first_seen_serve import (
@@ -46,6 +47,9 @@ from trustdb.first_seen_serve import (
     HandlerConfig,
     Serve,
 )
+
+if TYPE_CHECKING:
+    from trustdb.events import Decision
 
 # --- the parent's side ------------------------------------------------------------------------
 
@@ -90,6 +94,7 @@ class FirstSeenHandler:
             os._exit(code)
         os.close(ctl_r)
         os.close(report_w)
+        os.set_blocking(ctl_w, False)
         self._pid, self._ctl_w, self._report_r = pid, ctl_w, report_r
         self._wait_ready()
 
@@ -117,8 +122,23 @@ class FirstSeenHandler:
     def vouched(self) -> None:
         """The BPF side now recognises this handler's ignore marks: ctime-only changes need
         no flush any more (told to the handler process through its control pipe)."""
-        if self._ctl_w >= 0:
-            os.write(self._ctl_w, b"V")
+        self._send(b"V\n")
+
+    def tell(self, d: Decision, line: str) -> bool:
+        """Hand a BPF denial's line to the handler: it writes it into the stderr copy it holds
+        of the denied task, or to a live holder in the tree (trustdb.held_stderr). Never
+        blocks: False when the handler is gone or its pipe is full."""
+        kill = {"tgid": d.tgid, "ppid": d.ppid, "dev": d.dev, "ino": d.ino, "line": line[:3000]}
+        return self._send(b"K " + json.dumps(kill).encode() + b"\n")
+
+    def _send(self, message: bytes) -> bool:
+        """One message on the control pipe: atomic (below PIPE_BUF) and non-blocking."""
+        if self._ctl_w < 0:
+            return False
+        try:
+            return os.write(self._ctl_w, message) == len(message)
+        except OSError:
+            return False
 
     def fileno(self) -> int:
         """Readable when denial lines are waiting (`denials()`)."""

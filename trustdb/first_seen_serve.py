@@ -16,9 +16,10 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from trustdb.abi import VOUCHED_BIT
-from trustdb.denial_stderr import write_to_stderr_of
+from trustdb.denial_stderr import tell_live_holder, write_to_stderr_of
 from trustdb.fanotify import (
     FAN_ATTRIB,
     FAN_MOVE_SELF,
@@ -48,8 +49,9 @@ from trustdb.first_seen_marks import (
     settled_data,
     watch_writes,
 )
+from trustdb.held_stderr import HeldStderrs
 from trustdb.inline_code import inline_refusal, is_libc, listed
-from trustdb.model import InodeKey
+from trustdb.model import FileKind, InodeKey
 from trustdb.script_args import ScriptIdentities
 from trustdb.write_opens import TRUNCATE, opening_for_write
 
@@ -92,6 +94,10 @@ class HandlerConfig:
     deny_trusted_writes: bool = False
     """Refuse confined tasks write opens of trusted files (runs only: the service would refuse
     the whole machine, package managers included)."""
+    events_fd: int = -1
+    """The backend's ring buffer map (its positions tell when a kill's line has come)."""
+    tree_cgroup: str = ""
+    """The run's cgroup: a line with no held stderr goes to a live holder inside it."""
 
 
 # --- the handler process ------------------------------------------------------------------------
@@ -145,6 +151,8 @@ class Serve:
         self.script_files = ScriptIdentities()
         self.vouched = False
         """The BPF side reads our ignore marks (bpf/common.bpf.h, td_vouched_by_handler)."""
+        self.ctl_buffer = b""
+        self.stopping = False
 
     def run(self, targets: list[str], how: str) -> int:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -180,14 +188,25 @@ class Serve:
         poller = select.poll()
         for fd in (self.ctl, self.changes.fd, self.perm.fd):
             poller.register(fd, select.POLLIN)
+        os.set_blocking(self.ctl, False)
+        self.held = HeldStderrs(self.config.events_fd, poller, self._is_trusted_inode)
+        try:
+            self._serve(poller)
+        finally:
+            self.held.close()
+
+    def _serve(self, poller: select.poll) -> None:
         next_gen = time.monotonic() + GENERATION_POLL_S
-        while True:
-            ready = {fd for fd, _ in poller.poll(int(GENERATION_POLL_S * 1000))}
+        while not self.stopping:
+            settle = self.held.poll_timeout_ms()
+            timeout = int(GENERATION_POLL_S * 1000) if settle is None else settle
+            ready = {fd for fd, _ in poller.poll(timeout)}
             if self.ctl in ready:
-                word = os.read(self.ctl, 64)
-                if not word:
-                    return  # EOF: stop
-                self.vouched = self.vouched or b"V" in word
+                self._read_ctl()
+            for fd in ready:
+                if self.held.owns(fd):
+                    self.held.exited(fd)
+            self.held.settle(self._read_ctl)
             if self.changes.fd in ready:
                 self._on_changes()
             if self.perm.fd in ready:
@@ -197,6 +216,35 @@ class Serve:
                 next_gen = time.monotonic() + GENERATION_POLL_S
                 self._check_generation()
             STATS_FORMAT.pack_into(self.stats_map, 0, *self.counts.values())
+
+    def _read_ctl(self) -> None:
+        """The supervisor's lines: `V` (vouching is on), `K {json}` (a BPF denial's line for
+        the denied task's stderr); EOF: stop."""
+        try:
+            while chunk := os.read(self.ctl, 65536):
+                self.ctl_buffer += chunk
+            self.stopping = True  # EOF
+        except BlockingIOError:
+            pass
+        *lines, self.ctl_buffer = self.ctl_buffer.split(b"\n")
+        for line in lines:
+            if line == b"V":
+                self.vouched = True
+            elif line.startswith(b"K "):
+                with contextlib.suppress(Exception):
+                    self._tell(json.loads(line[2:]))
+
+    def _tell(self, kill: dict[str, Any]) -> None:
+        tgid, ppid, line = int(kill["tgid"]), int(kill["ppid"]), str(kill["line"])
+        told = self.held.tell(tgid, int(kill["dev"]), int(kill["ino"]), line)
+        if not told and self.config.tree_cgroup:
+            tell_live_holder(tgid, ppid, line, cgroup=self.config.tree_cgroup,
+                             is_trusted=self._is_trusted_inode)
+
+    def _is_trusted_inode(self, st: os.stat_result) -> bool:
+        """Trusted content is never a place for our lines (denial_stderr)."""
+        key = InodeKey.from_stat(st)
+        return key in self.config.keys or key in self.first_seen.inserted
 
     def _on_changes(self) -> None:
         """A watched inode's ctime moved (chmod, link, rename, utime, xattr): its key is stale
@@ -280,6 +328,10 @@ class Serve:
                 mask |= VOUCHED_BIT  # the BPF side may trust it if only its ctime moves
             if mask:
                 self._ignore(ev.fd, checked, mask)
+            if verdict.allow and self.config.enforce and _may_be_killed(ev.fd, checked, is_exec):
+                key = checked.key
+                self.held.hold(ev.pid, pidfd, key.dev if key else 0, key.ino if key else 0,
+                               checked.digest)
             if verdict.denial:
                 self._report(ev, pidfd, verdict.denial, checked, denied=not verdict.allow)
             return verdict.allow
@@ -350,7 +402,7 @@ class Serve:
                 "interpreter (deny_inline); put the code in a trusted file")
         self.counts["denied"] += enforce
         if enforce:
-            write_to_stderr_of(pidfd, line)
+            write_to_stderr_of(pidfd, line, self._is_trusted_inode)
         key = InodeKey.from_stat(os.fstat(ev.fd))
         denial = Denial(ev.pid, refusal, key.dev, key.ino, "inline", enforce)
         with contextlib.suppress(OSError):
@@ -379,11 +431,28 @@ class Serve:
             line = (f"trustdb: denied {thing} of {path} (pid {ev.pid}): its content is not in "
                     f"the trust database. To trust it: trustdb trust{self.config.db_option} "
                     f"{path}")
+        if checked.digest is not None and what != "write":
+            line += f" (content blake3 {checked.digest.hex()})"
         if denied:
-            write_to_stderr_of(pidfd, line)
+            write_to_stderr_of(pidfd, line, self._is_trusted_inode)
         denial = Denial(ev.pid, path, key.dev if key else 0, key.ino if key else 0, what, denied)
         with contextlib.suppress(OSError):
             os.write(self.report, b"D " + json.dumps(_asdict(denial)).encode() + b"\n")
+
+
+def _may_be_killed(fd: int, checked: Checked, is_exec: bool) -> bool:
+    """Whether the BPF programs may kill the opener next (so its stderr is worth holding):
+    it execs what we could not judge, or opens untrusted ELF code that can be mapped (a
+    shared object or executable: what ld.so, dlopen and ctypes open before mmap; an object
+    file or core dump is only ever read)."""
+    if is_exec:
+        return checked.outcome == Outcome.UNDECIDED
+    if checked.outcome != Outcome.UNTRUSTED or checked.kind != FileKind.ELF:
+        return False
+    try:
+        return os.pread(fd, 2, 16) in (b"\x02\x00", b"\x03\x00")  # e_type ET_EXEC, ET_DYN
+    except OSError:
+        return False
 
 
 def _asdict(d: Denial) -> dict[str, object]:

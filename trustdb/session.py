@@ -208,7 +208,8 @@ class EngineSession:
             if isinstance(consume, DenialReporter) and not config.scope.system_wide:
                 from trustdb.denial_stderr import tree_stderr_consumer
 
-                consumers.append(tree_stderr_consumer(consume.line, config.scope.cgroup_path))
+                consumers.append(tree_stderr_consumer(consume.line, config.scope.cgroup_path,
+                                                      self._tell_handler))
             self._sink = events.EventSink(self._engine.backend_name, *consumers)
             try:
                 self._ring = RingBuffer(self._engine.events_fd, self._on_sample)
@@ -297,6 +298,11 @@ class EngineSession:
             return None
         cached = self._db.digest_cache().lookup(InodeKey.from_stat(st), st.st_size)
         return cached.blake3 if cached is not None else None
+
+    def _tell_handler(self, d: Decision, line: str) -> bool:
+        """A BPF denial's line for the denied task's own stderr (trustdb.held_stderr)."""
+        handler = self._engine.first_seen
+        return handler is not None and handler.tell(d, line)
 
     def _on_sample(self, data: bytes) -> None:
         self._sink.on_sample(data)

@@ -649,3 +649,29 @@ def test_trustdb_run_copy_of_trusted_binary_runs(files: Path, trust_db: Path) ->
     shutil.copy2(files / "tdprobe", copy)
     r = _trustdb("run", "--backend", "lsm", "--", str(copy), "hello", db=trust_db)
     assert (r.returncode, r.stdout.strip()) == (0, "hello from trusted"), r.stderr
+
+
+def test_trustdb_run_denial_line_reaches_the_tools_own_stderr(files: Path, trust_db: Path
+                                                             ) -> None:
+    """Issue 10 part 4 on lsm: an agent (here bash, with `cat` reading each tool's stderr
+    pipe to EOF) sees the tool's own error (EPERM: the tool goes on) and the supervisor's line
+    in the same pipe, for LD_PRELOAD and dlopen of an untrusted library and an untrusted
+    exec. The line goes through the stderr copy the first-seen handler took at the library's
+    open (trustdb.held_stderr), or is written while an exec waits in its refused open."""
+    shells = [os.path.realpath(p) for p in ("/bin/bash", "/bin/cat")]
+    r = _trustdb("trust", "--db", str(trust_db), *shells, *_libraries(*shells), db=trust_db)
+    assert r.returncode == 0, r.stderr
+    f, probe = files, files / "tdprobe"
+    script = (f"echo preload; LD_PRELOAD={f}/libtdevil.so {probe} hello 2>&1 >/dev/null | cat;"
+              f" echo dlopen; {probe} dlopen {f}/libtdevil.so 2>&1 >/dev/null | cat;"
+              f" echo exec; {f}/untrusted hello 2>&1 >/dev/null | cat")
+    r = _trustdb("run", "--backend", "lsm", "--", "/bin/bash", "-c", script, db=trust_db)
+    _, preload, rest = r.stdout.partition("preload\n")
+    preload, _, rest = rest.partition("dlopen\n")
+    dlopen, _, execd = rest.partition("exec\n")
+    for name, text, verb, path in (("preload", preload, "executable mapping", "libtdevil.so"),
+                                   ("dlopen", dlopen, "executable mapping", "libtdevil.so"),
+                                   ("exec", execd, "exec", "untrusted")):
+        assert f"trustdb: denied {verb} of {f}/{path}" in text, (name, r.stdout, r.stderr)
+    assert "cannot be preloaded" in preload, preload  # ld.so's own words: the call failed
+    assert not (files / "evil-ran").exists()

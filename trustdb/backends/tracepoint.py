@@ -32,8 +32,9 @@ class TracepointBackend(BpfBackend):
         "sigkill-not-eperm: a denial kills the process instead of failing the call, so a "
         "program that would fall back on EPERM (pcre2's JIT, a library probe) dies; `run` adds "
         "PR_SET_MDWE so that W+X mappings fail before the kernel programs see them; the "
-        "denial line of a kill reaches `run`'s caller, but a tool killed inside the tree with "
-        "its own stderr pipe (an agent's tool) may see only EOF: its fds close as it dies",
+        "denial line of a kill reaches the killed tool's own stderr through a copy the "
+        "first-seen handler took at the library's open, except for code with no open the "
+        "handler sees (a memfd): then its parent's stderr, if it is alive in the tree",
         "scripts-in-userspace: `#!` scripts and interpreters' script files are judged by "
         "fanotify permission events in the supervisor, not in the kernel (at sched_process_exec "
         "the kernel has already swapped a script for its interpreter)",
