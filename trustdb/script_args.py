@@ -64,13 +64,24 @@ class _Syntax:
     """Without a file option, the first operand is the program itself (awk)."""
     stdin_without_script: bool = True
     """No script operand means code is read from stdin."""
+    interactive: str = ""
+    """Short options that read code from stdin after the script (`python -i`, `perl -d`)."""
+    code_modules: tuple[str, ...] = ()
+    """`-m` modules that run code from their arguments or stdin (`python -m timeit CODE`)."""
+    file_modules: tuple[str, ...] = ()
+    """`-m` modules that run the code in their file operands, whatever their names."""
+    module_code: str = ""
+    """Short options whose value becomes source text (`perl -MNAME` is `use NAME;`)."""
 
 
-_PYTHON = _Syntax(inline="c", with_value="WX", stops="m",
-                  long_with_value=("--check-hash-based-pycs",))
+_PYTHON = _Syntax(inline="c", with_value="WX", stops="m", interactive="i",
+                  long_with_value=("--check-hash-based-pycs",),
+                  code_modules=("timeit", "code", "pdb", "idlelib", "idlelib.idle", "cProfile",
+                                "profile", "trace", "asyncio"),
+                  file_modules=("doctest", "runpy", "pyclbr", "compileall", "py_compile"))
 _SHELL = _Syntax(inline="c", with_value="oO", long_with_value=("--rcfile", "--init-file"),
                  long_files=("--rcfile", "--init-file"))
-_PERL = _Syntax(inline="eE", with_value="IMmx")
+_PERL = _Syntax(inline="eE", with_value="IMmx", interactive="d", module_code="Mm")
 _RUBY = _Syntax(inline="e", with_value="IrCE", files="r")
 _NODE = _Syntax(inline="ep", with_value="r", files="r",
                 long_inline=("--eval", "--print"),
@@ -116,6 +127,8 @@ def parse_arguments(argv: list[str], syntax: _Syntax | None = None) -> ScriptPla
     s = syntax or syntax_for(argv[0])
     files: list[str] = []
     has_file_option = False
+    interactive = ""
+    """Code read from stdin after the script: inline code, and the script still counts."""
     i = 1
     while i < len(argv):
         arg = argv[i]
@@ -144,19 +157,32 @@ def parse_arguments(argv: list[str], syntax: _Syntax | None = None) -> ScriptPla
         for k, letter in enumerate(letters):
             if letter in s.inline:
                 return ScriptPlan(tuple(files), f"inline code (-{letter})")
+            if letter in s.interactive:
+                if letters[k + 1:k + 2] == ":":
+                    break  # perl -d:MODULE: a module by name, no debugger session
+                interactive = interactive or f"code on stdin (-{letter})"
             if letter in s.stops:
-                return ScriptPlan(tuple(files))
+                plan = _module_plan(argv[i + 1:] if k + 1 == len(letters) else
+                                    [letters[k + 1:], *argv[i + 1:]], s, files)
+                return ScriptPlan(plan.files, plan.inline or interactive)
             if letter in s.with_value:
                 value = letters[k + 1:]
                 if not value:
                     i += 1
                     value = argv[i] if i < len(argv) else ""
+                if letter in s.module_code and not _is_module_name(value):
+                    return ScriptPlan(tuple(files), f"inline code (-{letter}{value[:20]})")
                 if value:
                     files.append(value)  # judged if it is a file (see above)
                 has_file_option |= letter in s.files and bool(value)
                 break
         i += 1
-    operands = argv[i:]
+    plan = _operand_plan(argv[i:], s, files, has_file_option)
+    return ScriptPlan(plan.files, plan.inline or interactive)
+
+
+def _operand_plan(operands: list[str], s: _Syntax, files: list[str],
+                  has_file_option: bool) -> ScriptPlan:
     if s is _GENERIC:
         return ScriptPlan((*files, *operands))
     if s.program_text and not has_file_option:
@@ -170,15 +196,29 @@ def parse_arguments(argv: list[str], syntax: _Syntax | None = None) -> ScriptPla
     return ScriptPlan((*files, operands[0]))
 
 
+def _module_plan(rest: list[str], s: _Syntax, files: list[str]) -> ScriptPlan:
+    """`python -m MODULE ARGS`: a module that runs code from its arguments or stdin is inline
+    code; one that runs its file operands makes them code files."""
+    module = rest[0] if rest else ""
+    if module in s.code_modules:
+        return ScriptPlan(tuple(files), f"inline code (-m {module})")
+    if module in s.file_modules:
+        return ScriptPlan((*files, *(a for a in rest[1:] if not a.startswith("-"))))
+    return ScriptPlan(tuple(files))
+
+
+def _is_module_name(value: str) -> bool:
+    """perl's `-MNAME=args`: NAME becomes source text (`use NAME split(/,/, q{args})`), so
+    anything but a module name (or `-NAME` for `no`) in it is code."""
+    name = value.partition("=")[0].removeprefix("-")
+    return all(c.isalnum() or c in "_:" for c in name)
+
+
 # --- start-up files named by the environment ----------------------------------------------------
 
 
 def _option_files(value: str, syntax: _Syntax) -> tuple[str, ...]:
-    try:
-        words = shlex.split(value)
-    except ValueError:
-        words = value.split()
-    return parse_arguments(["interpreter", *words, "-"], syntax).files
+    return parse_arguments(["interpreter", *_words(value), "-"], syntax).files
 
 
 def environment_files(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
@@ -204,13 +244,38 @@ def environment_files(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def environment_inline(name: str, env: Mapping[str, str]) -> str:
+    """Why the environment makes the interpreter `name` run code that is no file ('' if not):
+    PYTHONINSPECT (stdin after the script), perl's PERL5OPT -M with code, node's
+    NODE_OPTIONS --import of a data: URL."""
+    s = syntax_for(name)
+    if s is _PYTHON and env.get("PYTHONINSPECT"):
+        return "code on stdin (PYTHONINSPECT)"
+    options = {_PERL: "PERL5OPT", _NODE: "NODE_OPTIONS"}.get(s, "")
+    value = env.get(options, "") if options else ""
+    if not value:
+        return ""
+    if s is _NODE:
+        return f"inline code ({options} data: URL)" if "data:" in value else ""
+    plan = parse_arguments(["interpreter", *_words(value), "-"], s)
+    return f"{plan.inline} in {options}" if plan.inline.startswith("inline") else ""
+
+
+def _words(value: str) -> list[str]:
+    try:
+        return shlex.split(value)
+    except ValueError:
+        return value.split()
+
+
 def script_plan(argv: list[str], env: Mapping[str, str], name: str) -> ScriptPlan:
     """Everything an interpreter started as `argv` with `env` loads as code. `name` is what
     the interpreter *is* (the name its trusted content was recorded under), never argv[0] or
     the file's current name, which the tree chooses (`exec -a awk perl ...`)."""
     syntax = syntax_for(name)
     plan = parse_arguments([name, *argv[1:]], syntax) if argv else ScriptPlan()
-    return ScriptPlan((*plan.files, *environment_files(name, env)), plan.inline)
+    inline = plan.inline or environment_inline(name, env)
+    return ScriptPlan((*plan.files, *environment_files(name, env)), inline)
 
 
 # --- resolving names inside the tree ------------------------------------------------------------

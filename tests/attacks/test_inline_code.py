@@ -38,6 +38,15 @@ def deny_inline_policy(tmp_path: Path) -> Path:
     f"perl -e 'print \"{MARK}\\n\"'",
     f"bash -c 'echo {MARK}'",
     f"cp /usr/bin/python3.11 ./notpython && ./notpython -c 'print(\"{MARK}\")'",
+    # Code that no -c names: a stdlib module that runs its arguments or stdin, an interactive
+    # session after the script, perl's -M module name (perl builds `use NAME;` from it).
+    f"{PYTHON} -m timeit -n1 'print(\"{MARK}\")'",
+    f"echo 'print(\"{MARK}\")' | {PYTHON} -m code",
+    f"{PYTHON} -m pdb -c '!print(\"{MARK}\")' -c q /dev/null",
+    f"echo 'print(\"{MARK}\")' | {PYTHON} -i /dev/null",
+    f"echo 'print(\"{MARK}\")' | PYTHONINSPECT=1 {PYTHON} /dev/null",
+    f"perl '-Mstrict;print \"{MARK}\\n\"' /dev/null",
+    f"PERL5OPT='-Mstrict;print \"{MARK}\\n\";' perl /dev/null",
 ])
 def test_inline_code_refused(interpreters_db: Path, run_env: dict[str, str],
                              deny_inline_policy: Path, command: str) -> None:
@@ -56,3 +65,14 @@ def test_scripts_and_modules_still_run(interpreters_db: Path, run_env: dict[str,
                        "--policy", str(deny_inline_policy))
     assert '"a": 1' in got.out and "rc=0" in got.out, (got.out, got.err)
     assert "denied" not in got.err, got.err
+
+
+def test_doctest_of_an_untrusted_text_file_refused(interpreters_db: Path, run_env: dict[str, str],
+                                                    deny_inline_policy: Path) -> None:
+    """`python3 -m doctest notes.txt` runs the `>>>` lines of a file named like no script:
+    the file is code, judged by content (untrusted here: refused)."""
+    (workdir_of(run_env) / "notes.txt").write_text(f'>>> print("{MARK}")\n')
+    got = run_confined(interpreters_db, f"{PYTHON} -m doctest notes.txt; echo rc=$?", run_env,
+                       "--policy", str(deny_inline_policy))
+    assert MARK not in got.out, (got.out, got.err)
+    assert "denied script load" in got.err, got.err
