@@ -6,7 +6,11 @@ startup on this machine (2.5k entries/s), before deciding anything. The first tr
 does more per entry (reads each executable file, checks dpkg's MD5, computes BLAKE3 and
 SHA-256); the second is what a package-manager hook or a restart pays.
 
-    python3 bench/import.py [--root DIR] [--admindir DIR] [--keep DIR]
+    python3 bench/import.py [--root DIR] [--admindir DIR] [--keep DIR] [--before CHECKOUT]
+
+`--before CHECKOUT` (another tree, e.g. `git worktree add /tmp/before 8f9a4bc`) times that tree's
+unchanged re-import on a copy of the same database in the same rounds, wall and CPU seconds.
+Bytecode caching is on for the timed commands (as for an installed trustdb).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import argparse
 import hashlib
 import json
 import os
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,12 +35,29 @@ FAPOLICYD_SECONDS = 54.7
 FAPOLICYD_ENTRIES = 137_000
 
 
-def run_import(db: Path, extra: list[str]) -> tuple[float, dict[str, Any], int]:
+REPO = Path(__file__).resolve().parent.parent
+CPU: dict[str, list[float]] = {}
+"""CPU seconds (user + system) of the timed commands, by case: less load-bound than wall."""
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_import(
+    db: Path, extra: list[str], tree: Path = REPO, case: str = ""
+) -> tuple[float, dict[str, Any], int]:
     cmd = [sys.executable, "-c", "from trustdb.cli import main; main()"]
     cmd += ["import", "deb", "--db", str(db), "--json", *extra]
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    cpu = _children_cpu()
     start = time.monotonic()
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     wall = time.monotonic() - start
+    if case:
+        CPU.setdefault(case, []).append(_children_cpu() - cpu)
     if result.returncode not in (0, 3):  # 3: imported, some files failed verification
         sys.exit(f"bench: import failed ({result.returncode}): {result.stderr.strip()}")
     (source,) = json.loads(result.stdout)["sources"]
@@ -97,6 +120,8 @@ def main() -> None:
     ap.add_argument("--admindir", help="dpkg admin dir")
     ap.add_argument("--keep", type=Path, help="database directory to use and keep")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--before", type=Path, help="another checkout, its unchanged re-import timed "
+                    "in the same rounds")
     args = ap.parse_args()
     extra = []
     if args.root:
@@ -112,13 +137,21 @@ def main() -> None:
         read_in_full = hashed_files(db)
         list_file.write_bytes(b"\0".join(os.fsencode(p) for p in read_in_full))
         # Alternating rounds: baseline, fresh import (a new database), baseline, unchanged.
-        base, fresh, unchanged = [], [first_wall], []
+        base, fresh, unchanged, before = [], [first_wall], [], []
+        old_db = Path(tmp) / "before-db"
+        if args.before is not None:
+            shutil.copytree(db, old_db)
+            run_import(old_db, extra, args.before.resolve())  # settles its own part records
+        run_import(db, extra)
         for r in range(args.rounds):
             base.append(side_by_side(list_file))
             fresh.append(run_import(Path(tmp) / f"fresh{r}", extra)[0])
             base.append(side_by_side(list_file))
-            unchanged.append(run_import(db, extra)[0])
-        second_wall, second, _ = run_import(db, extra)
+            for _ in range(3):  # short runs: three of each per round
+                unchanged.append(run_import(db, extra, case="unchanged")[0])
+                if args.before is not None:
+                    before.append(run_import(old_db, extra, args.before.resolve(), "before")[0])
+        second_wall, second, _ = run_import(db, extra, case="unchanged")
         unchanged.append(second_wall)
 
     describe("first import (fresh db)   ", first_wall, first)
@@ -145,11 +178,21 @@ def main() -> None:
         f"{statistics.median(fresh) / statistics.median(base):.2f} (goal <= 1.5; noise floor "
         f"{noise:.2f})"
     )
+    pairs = list(zip(unchanged[::2], unchanged[1::2]))
+    same = statistics.median(abs(a / b - 1) for a, b in pairs) if pairs else 0.0
     print(
-        f"unchanged re-import: median {statistics.median(unchanged):.2f} s (runs "
-        f"{_fmt(unchanged)}; goal < 0.5 s); load average {load_start:.2f} -> "
+        f"unchanged re-import: median {statistics.median(unchanged):.2f} s wall, "
+        f"{statistics.median(CPU['unchanged']):.2f} s CPU (runs {_fmt(unchanged)}; goal < 0.5 s; "
+        f"noise floor, consecutive runs: {same:.2f}); load average {load_start:.2f} -> "
         f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
     )
+    if before:
+        now, then = statistics.median(unchanged), statistics.median(before)
+        cnow, cthen = statistics.median(CPU["unchanged"]), statistics.median(CPU["before"])
+        print(
+            f"unchanged re-import, {args.before} in the same rounds: median {then:.2f} s wall, "
+            f"{cthen:.2f} s CPU; this tree / before = {now / then:.2f} wall, {cnow / cthen:.2f} CPU"
+        )
     if second["write"]["added"] or second["write"]["removed"]:
         sys.exit("bench: the unchanged re-import wrote something")
 

@@ -95,7 +95,9 @@ class DebImporter(OnDiskImporter):
         diversions = read_diversions(os.path.join(self.admindir, "diversions"))
         info = InfoDir.read(os.path.join(self.admindir, "info"))
         filters = PathFilters.read(self.root.host_path("etc/dpkg"))
-        common = repr((2, self.root.path, self.all_files, sorted(diversions.items()), filters))
+        # 3: part records remember a package's skips (SCHEMA: P); a trustdb that reads only
+        # their recorded files must not match them, or it would keep a failed package silently.
+        common = repr((3, self.root.path, self.all_files, sorted(diversions.items()), filters))
         claims = (
             FingerprintedPackage(
                 pkg.origin,
