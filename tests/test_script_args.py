@@ -97,9 +97,22 @@ def test_identities_follow_an_exec(tmp_path: Path) -> None:
         try:
             st = script.stat()
             for _ in range(200):  # until the child has exec'd bash (its cmdline changes)
-                if ids.of(p.pid, "bash"):
+                if (st.st_dev, st.st_ino) in ids.of(p.pid, "bash"):
                     break
                 time.sleep(0.01)
-            assert ids.of(p.pid, "bash") == {(st.st_dev, st.st_ino)}
+            # the script, and the rc files of $HOME that lie on a writable mount
+            assert (st.st_dev, st.st_ino) in ids.of(p.pid, "bash")
         finally:
             p.kill()
+
+
+def test_shell_rc_files_are_named_from_the_environment() -> None:
+    """A login or interactive shell runs rc files from $HOME ($ZDOTDIR for zsh): named so the
+    handler judges them where the tree can write them (trustdb.script_args.shell_rc_files)."""
+    from trustdb.script_args import shell_rc_files
+
+    assert "/w/h/.bash_profile" in shell_rc_files("bash", {"HOME": "/w/h"})
+    assert shell_rc_files("dash", {"HOME": "/w/h"}) == ("/w/h/.profile",)
+    assert "/z/.zshenv" in shell_rc_files("zsh", {"HOME": "/w/h", "ZDOTDIR": "/z"})
+    assert shell_rc_files("python3", {"HOME": "/w/h"}) == ()
+    assert shell_rc_files("bash", {"HOME": "relative"}) == ()

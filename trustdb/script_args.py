@@ -40,6 +40,9 @@ class ScriptPlan:
     """Paths it loads as code (its script, `-f` program files, start-up files, -r modules)."""
     inline: str = ""
     """Why it runs code that is no file (`-c`, `-e`, a program text, stdin); '' if it does not."""
+    rc_files: tuple[str, ...] = ()
+    """A shell's rc files under $HOME / $ZDOTDIR (login and interactive shells run them): code
+    where the tree can write them; on a read-only mount they are the user's own."""
 
 
 # --- how each interpreter reads its command line ------------------------------------------------
@@ -268,6 +271,22 @@ def _words(value: str) -> list[str]:
         return value.split()
 
 
+_RC_FILES = {
+    "bash": (".bash_profile", ".bash_login", ".profile", ".bashrc", ".bash_logout"),
+    "zsh": (".zshenv", ".zprofile", ".zshrc", ".zlogin", ".zlogout"),
+}
+
+
+def shell_rc_files(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
+    """The rc files a shell `name` may run from the directories its environment names."""
+    if syntax_for(name) is not _SHELL:
+        return ()
+    base = os.path.basename(name)
+    rc = _RC_FILES.get(base, (".profile",))
+    home = env.get("ZDOTDIR") or env.get("HOME", "") if base == "zsh" else env.get("HOME", "")
+    return tuple(f"{home}/{f}" for f in rc) if home.startswith("/") else ()
+
+
 def script_plan(argv: list[str], env: Mapping[str, str], name: str) -> ScriptPlan:
     """Everything an interpreter started as `argv` with `env` loads as code. `name` is what
     the interpreter *is* (the name its trusted content was recorded under), never argv[0] or
@@ -275,7 +294,8 @@ def script_plan(argv: list[str], env: Mapping[str, str], name: str) -> ScriptPla
     syntax = syntax_for(name)
     plan = parse_arguments([name, *argv[1:]], syntax) if argv else ScriptPlan()
     inline = plan.inline or environment_inline(name, env)
-    return ScriptPlan((*plan.files, *environment_files(name, env)), inline)
+    return ScriptPlan((*plan.files, *environment_files(name, env)), inline,
+                      shell_rc_files(name, env))
 
 
 # --- resolving names inside the tree ------------------------------------------------------------
@@ -354,16 +374,24 @@ def resolve_fd(pid: int, path: str) -> int | None:
     return _walk(pid, path)
 
 
-def resolve_in_tree(pid: int, path: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the regular file `path` names for task `pid`, or None."""
+def resolve_in_tree(pid: int, path: str, *, writable_only: bool = False
+                    ) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the regular file `path` names for task `pid`, or None (also, with
+    `writable_only`, when it lies on a read-only mount)."""
     fd = _walk(pid, path)
     if fd is None:
         return None
     try:
         st = os.fstat(fd)
+        if writable_only and os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+            return None
         return (st.st_dev, st.st_ino) if (st.st_mode & 0o170000) == 0o100000 else None
     finally:
         os.close(fd)
+
+
+def _writable_in_tree(pid: int, path: str) -> tuple[int, int] | None:
+    return resolve_in_tree(pid, path, writable_only=True)
 
 
 # --- one process --------------------------------------------------------------------------------
@@ -388,6 +416,7 @@ class ScriptIdentities:
     (a process re-reads its plan after an exec changes its command line)."""
 
     resolve: Callable[[int, str], tuple[int, int] | None] = resolve_in_tree
+    resolve_writable: Callable[[int, str], tuple[int, int] | None] = _writable_in_tree
     limit: int = 1024
     _cache: dict[int, tuple[bytes, frozenset[tuple[int, int]]]] | None = None
 
@@ -409,7 +438,9 @@ class ScriptIdentities:
             plan = read_plan(pid, name)
         except OSError:
             return frozenset()
-        ids = frozenset(i for i in (self.resolve(pid, p) for p in plan.files) if i)
+        found = [self.resolve(pid, p) for p in plan.files]
+        found += [self.resolve_writable(pid, p) for p in plan.rc_files]
+        ids = frozenset(i for i in found if i)
         if len(self._cache) >= self.limit:
             del self._cache[next(iter(self._cache))]
         self._cache[pid] = (stamp, ids)

@@ -33,3 +33,20 @@ def test_python_pth_in_user_site(interpreters_db: Path, run_env: dict[str, str])
     got = run_confined(interpreters_db,
                        "PYTHONUSERBASE=$PWD/ub /usr/bin/python3 -m json.tool /dev/null", run_env)
     assert MARK not in got.out, got.out
+
+
+@pytest.mark.parametrize("shell, rc, command", [
+    ("bash", ".bash_profile", "bash -l -c true"),
+    ("bash", ".profile", "bash --login -c true"),
+    ("bash", ".bashrc", "bash -i -c true"),
+    ("sh", ".profile", "sh -l -c true"),
+])
+def test_shell_rc_files_of_a_home_the_tree_chose(interpreters_db: Path, run_env: dict[str, str],
+                                                 shell: str, rc: str, command: str) -> None:
+    """A login or interactive shell runs its rc files from $HOME, which the tree sets to a
+    directory it writes: untrusted code no command line names (like $BASH_ENV)."""
+    home = workdir_of(run_env) / "home"
+    home.mkdir()
+    (home / rc).write_text(f"echo {MARK}\n")
+    got = run_confined(interpreters_db, f"HOME={home} {command} </dev/null", run_env)
+    assert MARK not in got.out, (shell, got.out, got.err)
