@@ -73,3 +73,40 @@ def test_git_commondir_redirects_config(interpreters_db: Path, run_env: dict[str
     subprocess.run(["git", "-C", str(repo), "status", "--short"], capture_output=True,
                    check=False, timeout=30)
     assert not marker.exists(), "the user's git status ran a command planted by the tree"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "HOLE (git-nested-repos): a repository the tree makes inside the workdir, registered as a "
+    "gitlink in the outer .git/index (which must stay writable: agents commit), is entered by "
+    "the user's next `git status` in the outer repository, with the nested repository's own "
+    "config (core.fsmonitor runs). Closing it needs the supervisor to find and disarm nested "
+    "repositories at the end of a run; not built"))
+def test_nested_repo_reached_by_the_outer_git_status(interpreters_db: Path,
+                                                     run_env: dict[str, str], repo: Path) -> None:
+    """The tree makes `foo/` a repository of its own with core.fsmonitor set, and adds it to
+    the outer index as a submodule entry (no .gitmodules needed). The bytes are prepared
+    outside in `stage/` (what the tree would write with its own git); the tree puts them in."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "-C", str(repo), "commit", "-q", "--allow-empty", "-m", "x"],
+                   check=True, timeout=30)
+    marker = repo / "ran-outside"
+    stage = repo / "stage"
+    subprocess.run([*git, "init", "-q", str(stage / "foo")], check=True, timeout=30)
+    subprocess.run([*git, "-C", str(stage / "foo"), "commit", "-q", "--allow-empty", "-m", "y"],
+                   check=True, timeout=30)
+    subprocess.run([*git, "-C", str(stage / "foo"), "config", "core.fsmonitor",
+                    f"touch {marker}; false"], check=True, timeout=30)
+    sha = subprocess.run([*git, "-C", str(stage / "foo"), "rev-parse", "HEAD"], check=True,
+                         capture_output=True, text=True, timeout=30).stdout.strip()
+    index = {"GIT_INDEX_FILE": str(stage / "index"), "PATH": "/usr/bin:/bin"}
+    subprocess.run([*git, "-C", str(repo), "read-tree", "HEAD"], env=index, check=True)
+    subprocess.run([*git, "-C", str(repo), "update-index", "--add", "--cacheinfo",
+                    f"160000,{sha},foo"], env=index, check=True, timeout=30)
+    (repo / "plant.txt").write_text(
+        "import os, shutil\nos.rename('stage/foo', 'foo')\n"
+        "shutil.copyfile('stage/index', '.git/index')\nprint('planted')\n")
+    got = run_confined(interpreters_db, f"{sys.executable} {inline_code('plant.txt')}", run_env)
+    assert "planted" in got.out, (got.out, got.err)
+    subprocess.run(["git", "-C", str(repo), "status", "--short"], capture_output=True,
+                   check=False, timeout=30)
+    assert not marker.exists(), "the user's git status ran the nested repository's command"
