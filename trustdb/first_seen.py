@@ -110,7 +110,10 @@ class KeyMap(Protocol):
 
 OpenTrust = Callable[[], TrustLookup]
 """Opens the trust database read-only. Called inside the handler process after it forked (an
-LMDB environment must not cross a fork)."""
+LMDB environment must not cross a fork). Two optional attributes (trustdb.service.installers,
+whose lookup asks the daemon): the opener's `inherited_fds`, fds the handler keeps when it closes
+what it inherited; the lookup's `serve_while_waiting(fd, serve)`, how it keeps the handler's
+permission group `fd` answered (`serve`) while it waits on the daemon."""
 
 
 def has_writers(fd: int) -> bool | None:

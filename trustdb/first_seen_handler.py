@@ -73,10 +73,11 @@ class FirstSeenHandler:
     def pid(self) -> int:
         return self._pid
 
-    def start(self, *, tree_pid: int = 0) -> None:
-        """Mark the mounts of `tree_pid`'s namespace, or (0) every filesystem, and answer."""
-        targets = tree_mounts(tree_pid) if tree_pid else host_filesystems()
-        how = "mount" if tree_pid else "filesystem"
+    def start(self, *, tree_pid: int = 0, mounts: list[str] | None = None) -> None:
+        """Mark the mounts of `tree_pid`'s namespace, or (0) every filesystem, and answer.
+        `mounts`: mark exactly these mounts instead (a test's own tmpfs)."""
+        targets = mounts or (tree_mounts(tree_pid) if tree_pid else host_filesystems())
+        how = "mount" if tree_pid or mounts else "filesystem"
         ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         sys.stdout.flush()

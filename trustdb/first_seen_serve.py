@@ -14,6 +14,7 @@ import select
 import signal
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -153,18 +154,26 @@ class Serve:
         """The BPF side reads our ignore marks (bpf/common.bpf.h, td_vouched_by_handler)."""
         self.ctl_buffer = b""
         self.stopping = False
+        self.backlog: deque[Event] = deque()
+        """Permission events read but not answered yet (see `_answer_parent`)."""
+        self.parent = 0
 
     def run(self, targets: list[str], how: str) -> int:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:
+        self.parent = os.getppid()
+        if self.parent == 1:
             return 1
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards ^C to the tree
         _realtime()
         perm = Fanotify.permission()
         changes = Fanotify.inode_changes()
-        _close_inherited({self.ctl, self.report, perm.fd, changes.fd})
+        inherited = getattr(self.config.open_trust, "inherited_fds", ())
+        _close_inherited({self.ctl, self.report, perm.fd, changes.fd, *inherited})
         _forget_parent_lmdb_envs()
         trust = self.config.open_trust()
+        serve_while_waiting = getattr(trust, "serve_while_waiting", None)
+        if serve_while_waiting is not None:
+            serve_while_waiting(perm.fd, self._answer_parent)
         self.first_seen = FirstSeen(trust, self.config.keys)
         self.generation = trust.generation
         marked = 0
@@ -210,8 +219,9 @@ class Serve:
             if self.changes.fd in ready:
                 self._on_changes()
             if self.perm.fd in ready:
-                for ev in self.perm.read():
-                    self._on_permission(ev)
+                self.backlog.extend(self.perm.read())
+                while self.backlog:
+                    self._on_permission(self.backlog.popleft())
             if time.monotonic() >= next_gen:
                 next_gen = time.monotonic() + GENERATION_POLL_S
                 self._check_generation()
@@ -245,6 +255,21 @@ class Serve:
         """Trusted content is never a place for our lines (denial_stderr)."""
         key = InodeKey.from_stat(st)
         return key in self.config.keys or key in self.first_seen.inserted
+
+    def _answer_parent(self) -> None:
+        """Called while a question to the daemon (our parent) is out (trustdb.service.installers):
+        the daemon may itself be blocked in an open that waits for our answer (a log line, a
+        window token, a lazy import), and would then never answer us. Its events are answered
+        now (without asking it anything); everyone else's wait in the backlog."""
+        poller = select.poll()
+        poller.register(self.perm.fd, select.POLLIN)
+        if poller.poll(0):
+            self.backlog.extend(self.perm.read())
+        mine = [ev for ev in self.backlog if ev.pid == self.parent]
+        if mine:
+            self.backlog = deque(ev for ev in self.backlog if ev.pid != self.parent)
+            for ev in mine:
+                self._on_permission(ev)
 
     def _on_changes(self) -> None:
         """A watched inode's ctime moved (chmod, link, rename, utime, xattr): its key is stale

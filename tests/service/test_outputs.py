@@ -7,20 +7,26 @@ holds it open. The system-wide run (`cc -o x x.c && ./x` under enforce) is in th
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import select
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from trustdb.db import TrustDB
+from trustdb.first_seen_handler import FirstSeenHandler, HandlerConfig
 from trustdb.hashing import hash_file
 from trustdb.model import InodeKey
 from trustdb.service import compilers
-from trustdb.service.installers import InstallerTrust
+from trustdb.service.installers import ASK_TIMEOUT_S, InstallerTrust
 
 SOURCE = '#include <stdio.h>\nint main(void) { puts("built %s"); return 0; }\n'
 
@@ -46,26 +52,35 @@ class _Engine:
         pass
 
 
-@pytest.fixture
-def watch(tmp_path: Path) -> Iterator[tuple[InstallerTrust, Path, TrustDB]]:
-    if os.geteuid() != 0 or shutil.which("cc") is None:
-        pytest.skip("needs root (fanotify, mount) and a C compiler")
+@contextlib.contextmanager
+def _watched_tmpfs(tmp_path: Path, keys: set[InodeKey], *, trust_outputs: bool,
+                   ) -> Iterator[tuple[InstallerTrust, Path, TrustDB]]:
+    """A tmpfs of the test's own, the close-write group marking only it, a database, and the
+    kernel's keys as `keys` (the trusted writers' own)."""
     mnt = tmp_path / "fs"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tdout", str(mnt)],
                       check=False).returncode:
         pytest.skip("cannot mount a tmpfs here")
     db = TrustDB.open(tmp_path / "db", write=True)
-    keys = {InodeKey.from_stat(os.stat(p)) for p in compilers.candidate_paths()}
-    trust = InstallerTrust(trust_outputs=True, filesystems=lambda: [str(mnt)])
+    trust = InstallerTrust(trust_outputs=trust_outputs, filesystems=lambda: [str(mnt)])
     try:
         trust.start(_Engine(db, keys))  # type: ignore[arg-type]
-        assert trust.compilers is not None and trust.compilers.compilers, "no compiler marked"
         yield trust, mnt, db
     finally:
         trust.stop()
         db.close()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def watch(tmp_path: Path) -> Iterator[tuple[InstallerTrust, Path, TrustDB]]:
+    if os.geteuid() != 0 or shutil.which("cc") is None:
+        pytest.skip("needs root (fanotify, mount) and a C compiler")
+    keys = {InodeKey.from_stat(os.stat(p)) for p in compilers.candidate_paths()}
+    with _watched_tmpfs(tmp_path, keys, trust_outputs=True) as (trust, mnt, db):
+        assert trust.compilers is not None and trust.compilers.compilers, "no compiler marked"
+        yield trust, mnt, db
 
 
 def _build(mnt: Path, name: str, variant: str) -> Path:
@@ -156,6 +171,64 @@ def test_a_writer_still_open_blocks_trust(watch: tuple[InstallerTrust, Path, Tru
         holder.wait()
 
 
+class _Keys(set):  # type: ignore[type-arg]
+    """The kernel map as the handler sees it (a set: inserts stay in the handler process)."""
+
+    def add(self, keys: list[InodeKey]) -> None:  # type: ignore[override]
+        self.update(keys)
+
+    def remove(self, keys: list[InodeKey]) -> None:  # type: ignore[override]
+        self.difference_update(keys)
+
+
+def _answer_questions(trust: InstallerTrust, mnt: Path, stop: threading.Event) -> None:
+    """The daemon's loop, reduced to its question channel. Before each answer it writes a file
+    on the marked mount, as the daemon writes its log or a window token: that open raises a
+    permission event the handler must answer while it waits for us."""
+    ask_fd = trust.filenos()[1]
+    n = 0
+    while not stop.is_set():
+        if select.select([ask_fd], [], [], 0.1)[0]:
+            n += 1
+            (mnt / f"daemon-wrote-{n}").write_text("a log line")
+            trust.answer()
+
+
+def test_first_seen_handler_asks_the_daemon(watch: tuple[InstallerTrust, Path, TrustDB],
+                                            tmp_path: Path) -> None:
+    """The system-wide race: `./x` runs before the daemon has read ld's close-write. The
+    first-seen handler (a real one, in audit mode, marking only this test's tmpfs) answers the
+    exec's permission event by asking the daemon, which drains the close-writes first. Two
+    ways this went wrong in the enforcing guest: the handler closed the question channel with
+    everything else it inherited (every such exec was denied, and the fd number, reused, was
+    another file's), and the daemon, blocked in an open of its own, could not answer the
+    handler that had to answer that open (15 s stalls, then a denial)."""
+    trust, mnt, db = watch
+    config = HandlerConfig(open_trust=trust.wrap_trust(functools.partial(TrustDB.open, db.path)),
+                           keys=_Keys(), is_confined=None, enforce=False)
+    handler = FirstSeenHandler(config)
+    handler.start(mounts=[str(mnt)])
+    stop = threading.Event()
+    daemon = threading.Thread(target=_answer_questions, args=(trust, mnt, stop), daemon=True)
+    daemon.start()
+    try:
+        out = _build(mnt, "asked", "asked")  # no pump: only the question makes the daemon look
+        started = time.monotonic()
+        ran = subprocess.run([str(out)], capture_output=True, text=True, check=True, timeout=60)
+        took = time.monotonic() - started
+        assert ran.stdout == "built asked\n"
+        denied = [d for d in handler.denials() if d.path == str(out)]
+        stats = handler.stats()
+        assert not denied, f"the handler found {out} untrusted: {denied}"
+        assert stats["errors"] == 0 and stats["inserted"] == 1, stats
+        assert took < ASK_TIMEOUT_S, f"the question waited {took:.1f} s: it timed out"
+        assert _trusted(db, out)
+    finally:
+        stop.set()
+        daemon.join()
+        handler.stop()
+
+
 def test_dpkg_in_a_window_is_trusted_at_close(tmp_path: Path) -> None:
     """The trusted-installer side of the same machinery: a window open, a real `dpkg -i` into a
     tmpfs (its own admindir and instdir): what dpkg closed is trusted `installed-by:dpkg`."""
@@ -164,36 +237,26 @@ def test_dpkg_in_a_window_is_trusted_at_close(tmp_path: Path) -> None:
 
     if os.geteuid() != 0 or shutil.which("dpkg") is None:
         pytest.skip("needs root and dpkg")
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tdinst", str(mnt)],
-                      check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    db = TrustDB.open(tmp_path / "db", write=True)
     dpkg = os.path.realpath(shutil.which("dpkg") or "")
-    keys = {InodeKey.from_stat(os.stat(dpkg))}
-    trust = InstallerTrust(filesystems=lambda: [str(mnt)])
     window = installers.WINDOW_DIR / f"test-{os.getpid()}.open"
-    try:
-        trust.start(_Engine(db, keys))  # type: ignore[arg-type]
-        installers.WINDOW_DIR.mkdir(parents=True, exist_ok=True)
-        window.write_text(str(os.getpid()))
-        trust.sync_windows()
-        deb = build_test_deb(tmp_path)
-        admin = mnt / "admin"
-        for sub in ("updates", "info", "triggers"):
-            (admin / sub).mkdir(parents=True)
-        (admin / "status").touch()
-        r = subprocess.run(["dpkg", f"--admindir={admin}", f"--instdir={mnt}", "--force-depends",
-                            "--force-not-root", "--force-script-chrootless", "--unpack",
-                            str(deb)], capture_output=True, text=True, check=False)
-        assert r.returncode == 0, r.stderr
-        trust.pump()
-        installed = mnt / "var/tmp/tdsvc-pkg/tdnew"
-        found = _trusted(db, installed)
-        assert found and all("installed-by:dpkg" in f for f in found), found
-    finally:
-        window.unlink(missing_ok=True)
-        trust.stop()
-        db.close()
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with _watched_tmpfs(tmp_path, {InodeKey.from_stat(os.stat(dpkg))},
+                        trust_outputs=False) as (trust, mnt, db):
+        try:
+            installers.WINDOW_DIR.mkdir(parents=True, exist_ok=True)
+            window.write_text(str(os.getpid()))
+            trust.sync_windows()
+            deb = build_test_deb(tmp_path)
+            admin = mnt / "admin"
+            for sub in ("updates", "info", "triggers"):
+                (admin / sub).mkdir(parents=True)
+            (admin / "status").touch()
+            r = subprocess.run(["dpkg", f"--admindir={admin}", f"--instdir={mnt}",
+                                "--force-depends", "--force-not-root",
+                                "--force-script-chrootless", "--unpack", str(deb)],
+                               capture_output=True, text=True, check=False)
+            assert r.returncode == 0, r.stderr
+            trust.pump()
+            found = _trusted(db, mnt / "var/tmp/tdsvc-pkg/tdnew")
+            assert found and all("installed-by:dpkg" in f for f in found), found
+        finally:
+            window.unlink(missing_ok=True)

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm import guest_common
+from tests.vm.guest_common import runs
+
 ARTIFACTS = Path(os.environ.get("TD_VM_ARTIFACTS", "/nonexistent"))
 WORK = Path("/tmp/tdsvc")
 DB = WORK / "db"
@@ -54,21 +57,12 @@ ENV = {**os.environ, "TRUSTDB_DB": str(DB), "TRUSTDB_LOG": str(LOG),
 
 
 def metric(name: str, value: float) -> None:
-    print(f"\nMETRIC {BACKEND} {name} {value:.4f}", flush=True)
+    guest_common.metric(BACKEND, name, value)
 
 
 def td(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*TD, *args], env=ENV, capture_output=True, text=True,
                           timeout=timeout, check=False)
-
-
-def runs(path: str | Path, *args: str) -> bool:
-    """Whether `path` ran to a clean exit (lsm: EPERM at exec; tracepoint: SIGKILL)."""
-    try:
-        r = subprocess.run([str(path), *args], capture_output=True, timeout=120, check=False)
-    except PermissionError:
-        return False
-    return r.returncode == 0
 
 
 class Daemon:
@@ -204,7 +198,7 @@ def _with_libraries(programs: list[str]) -> set[str]:
 def toolchain() -> set[str]:
     """What `cc -o x x.c` and `rpm -i` run and map, trusted as a person would (from their
     packages): the gcc driver, cc1, collect2, as, ld and the LTO plugin ld loads; rpm."""
-    progs = [shutil.which(p) or p for p in ("cc", "as", "ld", "rpm")]
+    progs = [shutil.which(p) or p for p in ("cc", "as", "ld", "rpm", "bpftool")]
     progs += [subprocess.run(["cc", f"-print-prog-name={p}"], capture_output=True, text=True,
                              check=True).stdout.strip() for p in ("cc1", "collect2", "lto-wrapper")]
     plugin = subprocess.run(["cc", "-print-file-name=liblto_plugin.so"], capture_output=True,
@@ -405,7 +399,12 @@ def _wait_key(m, key, present: bool, timeout: float = 10.0) -> float:  # type: i
         if (m.lookup(raw) is not None) == present:
             return time.monotonic() - start
         time.sleep(0.001)
-    pytest.fail(f"key {'never appeared' if present else 'never left'} in {timeout}s")
+    d = STATE.get("daemon")
+    if isinstance(d, Daemon):
+        d.send(signal.SIGUSR2)  # faulthandler: where the daemon's loop is
+        time.sleep(3)
+    pytest.fail(f"key {'never appeared' if present else 'never left'} in {timeout}s: "
+                f"{d.stderr() if isinstance(d, Daemon) else 'no daemon'}")
 
 
 def test_live_trust_and_untrust_latency() -> None:
@@ -484,9 +483,9 @@ def test_file_written_by_cp_during_a_window_stays_untrusted() -> None:
 
 
 @pytest.mark.xfail(BACKEND == "lsm", strict=False, reason=(
-    "KNOWN GAP (issue 9): on the lsm backend the %post's exec of the binary rpm unpacked a moment "
-    "before is denied inside the window (seen at the end of the session, not yet diagnosed); "
-    "dpkg's window works on both backends"))
+    "issue 9: on lsm the %post's exec of the binary rpm unpacked a moment before was denied "
+    "once; the likely cause (the first-seen handler had closed its question channel to the "
+    "daemon) is fixed, and this mark goes once a full lsm run shows it"))
 def test_rpm_install_scriptlet_runs_its_new_binary() -> None:
     """rpm -i (Debian's rpm, a real rpmbuild package) inside a trusted-installer window: the
     %post runs the binary rpm unpacked a moment before; the window's end verifies against the
@@ -513,8 +512,6 @@ ARTIFACTS_RPM_BIN = "/var/tmp/tdsvc-rpm/tdrpm"
 HELLO_C = '#include <stdio.h>\nint main(void) { puts("built here"); return 0; }\n'
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "KNOWN BUG (issue 9): with compiler outputs on, the enforcing guest deadlocks right after `cc -o x x.c && ./x` succeeds (every task blocks; found at the end of the session, not diagnosed). The host tier (tests/service/test_outputs.py) tests the mechanism with real gcc/ld"))
 def test_compiler_output_runs_on_the_first_try() -> None:
     """The workstation policy: `cc -o x x.c && ./x` under enforce, first try, with provenance
     built-by:<linker>; what cp or python writes from it stays denied."""
@@ -541,8 +538,6 @@ def test_compiler_output_runs_on_the_first_try() -> None:
     assert not runs(by_python), "an interpreter's write was trusted"
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "NOT YET RUN (issue 9): the guest never reached this case (it runs after the compiler-output case, which deadlocks the guest); kept out of CI until it is proven"))
 def test_map_grows_without_a_gap() -> None:
     """The database outgrows the pinned map: the daemon loads a larger engine, attaches it while
     the old one still decides, then removes the old. An untrusted binary is tried all along and

@@ -25,6 +25,9 @@ from typing import Self
 
 import pytest
 
+from tests.vm import guest_common
+from tests.vm.guest_common import runs
+
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("TD_VM_ARTIFACTS", "/nonexistent"))
 WORK = Path("/run/tdsys")
@@ -56,20 +59,12 @@ TimeoutStopSec=300
 
 
 def metric(name: str, value: float) -> None:
-    print(f"\nMETRIC systemd {name} {value:.4f}", flush=True)
+    guest_common.metric("systemd", name, value)
 
 
 def sh(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
                           check=False, env=ENV)
-
-
-def runs(path: str | Path, *args: str) -> bool:
-    try:
-        r = subprocess.run([str(path), *args], capture_output=True, timeout=120, check=False)
-    except PermissionError:
-        return False
-    return r.returncode == 0
 
 
 def prop(name: str) -> str:

@@ -81,6 +81,25 @@ def _junit_failures(xml: Path) -> tuple[int, list[str]]:
     return int(suite.get("tests", "0")), problems
 
 
+def assert_guest_passed(result: runner.VmResult, xml: Path, min_cases: int, label: str, *,
+                        tail_lines: int = 80) -> int:
+    """The verdict on one guest pytest run: it finished, wrote its junit file, every case
+    passed (a guest xfail is a named gap, reported), it exited 0, and at least `min_cases` ran.
+    Prints the guest's `METRIC` lines for the report first. Returns how many cases ran."""
+    tail = "\n".join(result.console.splitlines()[-tail_lines:])
+    for line in result.console.splitlines():
+        if line.startswith("METRIC "):
+            print(line)
+    assert not result.timed_out, f"{label}: VM timed out after {result.seconds:.0f}s\n{tail}"
+    assert xml.exists(), f"{label}: the guest wrote no results (exit {result.returncode})\n{tail}"
+    total, problems = _junit_failures(xml)
+    assert not problems, (f"{label}: {len(problems)} of {total} cases:\n" + "\n".join(problems)
+                          + "\n" + tail)
+    assert result.returncode == 0, f"{label}: guest pytest exited {result.returncode}\n{tail}"
+    assert total >= min_cases, f"{label}: only {total} cases ran"
+    return total
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_lsm_suite_in_vm(kernel: str, artifacts: Path) -> None:
     bpf_object = runner.REPO / "build" / "bpf" / "lsm.bpf.o"
@@ -102,13 +121,7 @@ def test_lsm_suite_in_vm(kernel: str, artifacts: Path) -> None:
              "PYTHONPATH": str(runner.REPO)},
         timeout=900,
     )  # fmt: skip
-    tail = "\n".join(result.console.splitlines()[-60:])
-    assert not result.timed_out, f"{kernel}: VM timed out after {result.seconds:.0f}s\n{tail}"
-    assert xml.exists(), f"{kernel}: the guest wrote no results (exit {result.returncode})\n{tail}"
-    total, problems = _junit_failures(xml)
-    assert not problems, f"{kernel}: {len(problems)} of {total} cases:\n" + "\n".join(problems)
-    assert result.returncode == 0, f"{kernel}: guest pytest exited {result.returncode}\n{tail}"
-    assert total >= MIN_CASES, f"{kernel}: only {total} cases ran"
+    total = assert_guest_passed(result, xml, MIN_CASES, kernel, tail_lines=60)
     print(f"{kernel}: {total} cases passed in the VM ({result.seconds:.0f}s with boot)")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.vm import runner
-from tests.vm.test_lsm import _junit_failures, build_artifacts, guest_python
+from tests.vm.test_lsm import assert_guest_passed, build_artifacts, guest_python
 
 HERE = Path(__file__).resolve().parent
 KERNEL = os.environ.get("TRUSTDB_VM_KERNELS", "6.12").split(",")[-1]
@@ -42,14 +42,5 @@ def test_unit_under_systemd_in_vm(tmp_path: Path) -> None:
         echo=bool(os.environ.get("TD_VM_ECHO")),
         systemd=True,
     )  # fmt: skip
-    tail = "\n".join(result.console.splitlines()[-120:])
-    for line in result.console.splitlines():
-        if line.startswith("METRIC "):
-            print(line)
-    assert not result.timed_out, f"VM timed out after {result.seconds:.0f}s\n{tail}"
-    assert xml.exists(), f"the guest wrote no results (exit {result.returncode})\n{tail}"
-    total, problems = _junit_failures(xml)
-    assert not problems, f"{len(problems)} of {total} cases:\n" + "\n".join(problems) + "\n" + tail
-    assert result.returncode == 0, f"guest pytest exited {result.returncode}\n{tail}"
-    assert total >= MIN_CASES, f"only {total} cases ran"
+    total = assert_guest_passed(result, xml, MIN_CASES, "systemd", tail_lines=120)
     print(f"{total} systemd cases passed in the {KERNEL} VM ({result.seconds:.0f}s)")

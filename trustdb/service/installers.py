@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import sys
 import threading
@@ -328,13 +329,25 @@ class InstallerTrust:
     def wrap_trust(self, opener: OpenTrust) -> OpenTrust:
         """How the first-seen handler opens the database: as `opener` does, but a digest the
         database does not trust while a window is open is asked of the daemon."""
-        ask = self._ask_handler
-        always = self.compilers is not None
+        return _AskingOpener(opener, self._ask_handler, always_ask=self.compilers is not None)
 
-        def open_with_installers() -> TrustLookup:
-            return _InstallerAwareTrust(opener(), ask, always_ask=always)
 
-        return open_with_installers
+@dataclass(frozen=True, slots=True)
+class _AskingOpener:
+    """The handler's OpenTrust. The handler closes every fd it inherited but `inherited_fds`:
+    the question channel must survive that (else every question fails, and the fd number, once
+    reused, is another file's)."""
+
+    opener: OpenTrust
+    ask: socket.socket
+    always_ask: bool
+
+    @property
+    def inherited_fds(self) -> tuple[int, ...]:
+        return (self.ask.fileno(),)
+
+    def __call__(self) -> TrustLookup:
+        return _InstallerAwareTrust(self.opener(), self.ask, always_ask=self.always_ask)
 
 
 class _InstallerAwareTrust:
@@ -346,6 +359,8 @@ class _InstallerAwareTrust:
         self._seq = 0
         self._always_ask = always_ask
         """With trusted compiler outputs: a miss may be what a compiler closed a moment ago."""
+        self._asking = False
+        self._serve: tuple[int, Callable[[], None]] | None = None
 
     @property
     def generation(self) -> int:
@@ -354,29 +369,51 @@ class _InstallerAwareTrust:
     def digest_cache(self):  # type: ignore[no-untyped-def]
         return self._db.digest_cache()
 
+    def serve_while_waiting(self, fd: int, serve: Callable[[], None]) -> None:
+        """While a question is out, call `serve` whenever `fd` (the handler's permission group)
+        is readable, and once at the start: the daemon may be blocked in an open that waits for
+        the handler, and must be answered before it can answer us."""
+        self._serve = (fd, serve)
+
     def is_trusted(self, digest: bytes) -> bool:
         if self._db.is_trusted(digest):
             return True
-        if self._ask is None:
-            return False
+        if self._ask is None or self._asking:
+            return False  # asking: an event of the daemon's own, answered while it answers us
         if not self._always_ask and not any(WINDOW_DIR.glob("*.open")):  # a stat and a readdir
             return False
         self._seq += 1
         seq = self._seq.to_bytes(_SEQ, "little")
-        deadline = time.monotonic() + ASK_TIMEOUT_S
+        self._asking = True
         try:
             self._ask.send(seq + digest)
-            while (left := deadline - time.monotonic()) > 0:
-                self._ask.settimeout(left)
-                answer = self._ask.recv(_SEQ + 1)
-                if answer[:_SEQ] == seq:  # a late answer to an earlier question is dropped
-                    return answer[_SEQ:] == b"1"
-        except TimeoutError:
-            return False  # the daemon is busy (or it is the one exec'ing): not trusted now
+            return self._answer(seq, time.monotonic() + ASK_TIMEOUT_S)
         except OSError:
             self._ask.close()
             self._ask = None
+        finally:
+            self._asking = False
         return False
+
+    def _answer(self, seq: bytes, deadline: float) -> bool:
+        assert self._ask is not None
+        poller = select.poll()
+        poller.register(self._ask.fileno(), select.POLLIN)
+        if self._serve is not None:
+            poller.register(self._serve[0], select.POLLIN)
+            self._serve[1]()  # the daemon's events already read with the one being decided
+        while (left := deadline - time.monotonic()) > 0:
+            ready = {fd for fd, _ in poller.poll(max(1, int(left * 1000)))}
+            if self._serve is not None and self._serve[0] in ready:
+                self._serve[1]()
+            if self._ask.fileno() in ready:
+                try:
+                    answer = self._ask.recv(_SEQ + 1, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                if answer[:_SEQ] == seq:  # a late answer to an earlier question is dropped
+                    return answer[_SEQ:] == b"1"
+        return False  # the daemon is busy: not trusted now
 
 
 # --- the hooks' side (`trustdb service installer-begin|end`) -----------------------------------
