@@ -54,7 +54,9 @@ def run_import(
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     cpu = _children_cpu()
     start = time.monotonic()
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    # cwd "/": `python -c` puts the working directory first on sys.path, so run from a checkout
+    # it would import that checkout, whatever PYTHONPATH says (a --before that timed itself).
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd="/")
     wall = time.monotonic() - start
     if case:
         CPU.setdefault(case, []).append(_children_cpu() - cpu)

@@ -23,8 +23,10 @@ tracepoint.bpf.o (loaded, never attached).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,6 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+WORKDIR = tempfile.mkdtemp(prefix="td-bench-run-workdir-", dir="/var/tmp")
+"""Where the timed commands start (see `timed`); empty, outside the private /tmp of a run."""
+atexit.register(shutil.rmtree, WORKDIR, True)
 TREES = ["/usr/bin", "/usr/sbin", "/usr/lib/x86_64-linux-gnu", "/usr/libexec"]
 ALL_FILES_TREES = ["/usr/lib/python3", "/usr/lib/python3.11", "/usr/share/perl", "/usr/share/perl5"]
 
@@ -81,7 +86,11 @@ def _children_cpu() -> float:
 def timed(cmd: list[str], extra_env: dict[str, str] | None = None, name: str = "") -> float:
     cpu = _children_cpu()
     started = time.perf_counter()
-    r = subprocess.run(cmd, env=dict(env(), **(extra_env or {})), capture_output=True, check=False)
+    # cwd: `python -c` puts the working directory first on sys.path, so started in a checkout
+    # it would import that checkout whatever PYTHONPATH says (a --before that timed itself);
+    # the run's workdir is this directory too (a project directory, as for a user).
+    r = subprocess.run(cmd, env=dict(env(), **(extra_env or {})), capture_output=True,
+                       check=False, cwd=WORKDIR)
     elapsed = time.perf_counter() - started
     if name:
         CPU.setdefault(name, []).append(_children_cpu() - cpu)
@@ -147,7 +156,7 @@ def phases(db: Path, into: dict[str, list[float]]) -> int:
         t.paths_named(interpreter_names(policy))  # type: ignore[arg-type]
     clock("interpreters by recorded name (one pass over the DB)", time.perf_counter() - started)
     started = time.perf_counter()
-    fs = plan_for(policy, db, os.getcwd())
+    fs = plan_for(policy, db, WORKDIR)
     clock("mount plan (plan_for)", time.perf_counter() - started)
     plan = fs.plan
 
