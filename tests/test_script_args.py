@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from trustdb.script_args import (
-    ScriptIdentities,
     environment_files,
     parse_arguments,
     resolve_in_tree,
     script_plan,
 )
+from trustdb.script_files import ScriptFiles, names_planned
 
 
 @pytest.mark.parametrize(("argv", "files", "inline"), [
@@ -35,14 +35,35 @@ from trustdb.script_args import (
     (["mawk", "{print}", "data"], (), "inline code (program text)"),
     (["node", "-r", "./hook", "main"], ("./hook", "main"), ""),
     (["node", "--require=./hook", "-e", "1"], ("./hook",), "inline code (-e)"),
-    (["busybox", "sh", "s"], ("s",), ""),
-    (["busybox", "cat", "s"], (), ""),
+    (["bash", "-s", "x"], (), "code on stdin (-s)"),
+    (["sh", "-es", "x", "y"], (), "code on stdin (-s)"),
+    (["bash", "-i", "x"], ("x",), "code on stdin (-i)"),
     (["renamed-copy", "a", "b"], ("a", "b"), ""),
 ])
 def test_parse_arguments(argv: list[str], files: tuple[str, ...], inline: str) -> None:
     plan = parse_arguments(argv)
     assert plan.files == files
     assert plan.inline == inline
+
+
+@pytest.mark.parametrize(("argv", "files"), [
+    (["sh", "./evil"], ("./evil",)),  # exec -a sh busybox ./evil, or a symlink named sh
+    (["awk", "-f", "./evil.awk"], ("./evil.awk",)),
+    (["busybox", "sh", "s"], ("s",)),
+    (["/tmp/x/busybox", "ash", "s"], ("s",)),
+    (["busybox", "cat", "s"], ()),
+    (["cat", "s"], ()),
+    (["not-an-applet", "a", "b"], ("a", "b")),  # unknown: every operand is code
+    (["busybox", "not-an-applet", "a"], ("a",)),
+])
+def test_busybox_is_the_applet_argv0_names(argv: list[str], files: tuple[str, ...]) -> None:
+    assert script_plan(argv, {}, "busybox").files == files
+
+
+def test_names_planned() -> None:
+    assert names_planned(b"/wd/x", ("x",)) and names_planned(b"x", ("./x",))
+    assert names_planned(b"/dev/fd/3", ("/dev/fd/3",))
+    assert not names_planned(b"/wd/y", ("x",)) and not names_planned(b"/wd/ax", ("x",))
 
 
 def test_the_interpreters_own_name_decides_not_argv0() -> None:
@@ -92,7 +113,7 @@ def test_resolve_symlinks_and_descriptors(tmp_path: Path) -> None:
 def test_identities_follow_an_exec(tmp_path: Path) -> None:
     script = tmp_path / "s"
     script.write_text("sleep 30\n")
-    ids = ScriptIdentities()
+    ids = ScriptFiles()
     with subprocess.Popen(["bash", str(script)], cwd=tmp_path) as p:
         try:
             st = script.stat()
@@ -116,3 +137,21 @@ def test_shell_rc_files_are_named_from_the_environment() -> None:
     assert "/z/.zshenv" in shell_rc_files("zsh", {"HOME": "/w/h", "ZDOTDIR": "/z"})
     assert shell_rc_files("python3", {"HOME": "/w/h"}) == ()
     assert shell_rc_files("bash", {"HOME": "relative"}) == ()
+
+
+def test_identities_are_not_frozen(tmp_path: Path) -> None:
+    """A planned file created after the first look is found at the next (no cache of files)."""
+    files = ScriptFiles()
+    with subprocess.Popen(["sleep", "30"], cwd=tmp_path) as p:
+        try:
+            for _ in range(200):
+                plan = files.plan(p.pid, "bash")
+                if plan is not None and plan.files == ("30",):
+                    break
+                time.sleep(0.01)
+            assert files.of(p.pid, "bash") == frozenset()
+            (tmp_path / "30").write_text("x\n")
+            st = (tmp_path / "30").stat()
+            assert files.of(p.pid, "bash") == {(st.st_dev, st.st_ino)}
+        finally:
+            p.kill()

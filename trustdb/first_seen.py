@@ -279,6 +279,8 @@ def answer(checked: Checked, *, is_exec: bool, enforce: bool, script_for_interpr
         if script_for_interpreter:
             return _deny_script(enforce)
         return Answer(True, open_mask)
+    if script_for_interpreter:  # undecided (changing while hashed, open for writing): as code,
+        return _deny_script(enforce)  # it must be refused: nothing else judges a script load
     return Answer(True, 0)
 
 

@@ -51,10 +51,10 @@ from trustdb.first_seen_marks import (
     watch_writes,
 )
 from trustdb.held_stderr import HeldStderrs
-from trustdb.inline_code import inline_refusal, is_libc, listed
+from trustdb.inline_code import inline_refusal, interpreter_program, is_libc, listed
 from trustdb.model import FileKind, InodeKey
-from trustdb.script_args import ScriptIdentities
-from trustdb.write_opens import TRUNCATE, opening_for_write
+from trustdb.script_files import ScriptFiles
+from trustdb.write_opens import TRUNCATE, opening_for_write, opening_paths
 
 PERM_MASK = FAN_OPEN_EXEC_PERM | FAN_OPEN_PERM
 CHANGE_MASK = FAN_ATTRIB | FAN_MOVE_SELF
@@ -149,7 +149,9 @@ class Serve:
         self.ctl = ctl
         self.report = report
         self.reported: set[tuple[int, InodeKey | None]] = set()
-        self.script_files = ScriptIdentities()
+        self.script_files = ScriptFiles(open_paths=opening_paths)
+        self._fail_closed = False
+        """The event being decided is a confined task's non-exec open (see _on_permission)."""
         self.vouched = False
         """The BPF side reads our ignore marks (bpf/common.bpf.h, td_vouched_by_handler)."""
         self.ctl_buffer = b""
@@ -299,12 +301,22 @@ class Serve:
         if ev.fd == FAN_NOFD:
             return
         allow = True
+        self._fail_closed = False
         try:
             self.counts["events"] += 1
             self.counts["exec_events"] += bool(ev.mask & FAN_OPEN_EXEC_PERM)
             allow = self._decide(ev)
-        except Exception:  # noqa: BLE001 - never leave an open waiting
+        except Exception as e:  # noqa: BLE001 - never leave an open waiting
             self.counts["errors"] += 1
+            # A confined task's non-exec open is judged here alone (a script load), and the
+            # tree chooses what the parsing reads (its cmdline, environ, names): an error
+            # refuses it in enforce mode. An exec is judged again by the BPF side (its key is
+            # not in the map unless we inserted it), and the service's opens are the whole
+            # machine's, where a refusal on our bug would break unrelated work: those allow.
+            if self._fail_closed and self.config.enforce:
+                allow = False
+                with contextlib.suppress(OSError):
+                    os.write(self.report, f"E {type(e).__name__}: {e}\n".encode()[:4000])
         finally:
             try:
                 self.perm.respond(ev.fd, allow)
@@ -321,6 +333,7 @@ class Serve:
                 self.counts["unconfined"] += 1
                 return True
             is_exec = bool(ev.mask & FAN_OPEN_EXEC_PERM)
+            self._fail_closed = self.config.is_confined is not None and not is_exec
             script = False
             if not is_exec and self.config.interpreters:
                 if self.config.interpreters.deny_inline and is_libc(event_path(ev.fd)):
@@ -387,14 +400,10 @@ class Serve:
             return bool(opening_for_write(ev.pid))
         return bool(opening_for_write(ev.pid, TRUNCATE))
 
-    def _interpreter(self, pid: int) -> str | None:
-        """The interpreter's name if `pid` runs one (known by its exe's key or content)."""
-        try:
-            st = os.stat(f"/proc/{pid}/exe")  # stat, never open: that would ask ourselves
-            exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
-        except OSError:
-            return None
-        return self._interpreter_of(st, exe)
+    def _interpreter(self, pid: int) -> tuple[str, int] | None:
+        """The interpreter's name if `pid` runs one (known by its exe's key or content, or
+        the program ld.so runs), and where its argv starts in the cmdline."""
+        return interpreter_program(pid, self._interpreter_of)
 
     def _interpreter_of(self, st: os.stat_result, exe: str) -> str | None:
         interpreters = self.config.interpreters
@@ -408,16 +417,18 @@ class Serve:
                 return interpreters.name_of(digest) or exe
         return None
 
-    def _is_script(self, ev: Event, interpreter: str) -> bool:
+    def _is_script(self, ev: Event, program: tuple[str, int]) -> bool:
         try:
             st = os.fstat(ev.fd)
             head = os.pread(ev.fd, 2, 0)
             path = os.readlink(f"/proc/self/fd/{ev.fd}")
         except OSError:
             return False
+        interpreter, at = program
         by_name = not listed(interpreter, self.config.interpreters.read_sources)
-        return is_script_for(path, head, (st.st_dev, st.st_ino),
-                             self.script_files.of(ev.pid, interpreter), by_name=by_name)
+        identity = (st.st_dev, st.st_ino)
+        return (is_script_for(path, head, identity, (), by_name=by_name)
+                or self.script_files.is_code(ev.pid, interpreter, identity, at))
 
     def _refuse_inline(self, ev: Event, pidfd: int, refusal: str) -> bool:
         """deny_inline (trustdb.inline_code): the interpreter's C library open is refused."""

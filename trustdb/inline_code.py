@@ -61,28 +61,46 @@ InterpreterOf = Callable[[os.stat_result, str], "str | None"]
 """(stat of a program file, its current basename) -> its interpreter name, or None."""
 
 
-def inline_refusal(pid: int, deny: Sequence[str], interpreter_of: InterpreterOf) -> str:
-    """Why task `pid` must not run (e.g. `python3.11: inline code (-c)`), or ''."""
+def interpreter_program(pid: int, interpreter_of: InterpreterOf) -> tuple[str, int] | None:
+    """(interpreter name, index in task `pid`'s cmdline where that interpreter's own argv
+    starts) if `pid` runs an interpreter: its exe, or the program ld.so runs
+    (`ld.so /usr/bin/python3 ./evil`: /proc/PID/exe is ld.so)."""
     try:
         st = os.stat(f"/proc/{pid}/exe")  # stat, never open (that would ask the handler)
         exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return None
+    name = interpreter_of(st, exe)
+    if name is not None:
+        return name, 0
+    if not is_ld_so(exe):
+        return None
+    try:
         argv = read_nul_list(f"/proc/{pid}/cmdline")
+    except OSError:
+        return None
+    at = ld_so_program(argv)
+    program = resolve_fd(pid, argv[at]) if at else None
+    if program is None:
+        return None
+    try:
+        pst = os.fstat(program)
+    finally:
+        os.close(program)
+    name = interpreter_of(pst, os.path.basename(argv[at]))
+    return (name, at) if name is not None else None
+
+
+def inline_refusal(pid: int, deny: Sequence[str], interpreter_of: InterpreterOf) -> str:
+    """Why task `pid` must not run (e.g. `python3.11: inline code (-c)`), or ''."""
+    program = interpreter_program(pid, interpreter_of)
+    if program is None or not listed(program[0], deny):
+        return ""
+    name, at = program
+    try:
+        argv = read_nul_list(f"/proc/{pid}/cmdline")[at:]
         env = dict(e.partition("=")[::2] for e in read_nul_list(f"/proc/{pid}/environ"))
     except OSError:
-        return ""
-    name = interpreter_of(st, exe)
-    if name is None and is_ld_so(exe):
-        at = ld_so_program(argv)
-        program = resolve_fd(pid, argv[at]) if at else None
-        if program is None:
-            return ""
-        try:
-            pst = os.fstat(program)
-        finally:
-            os.close(program)
-        name = interpreter_of(pst, os.path.basename(argv[at]))
-        argv = argv[at:]
-    if name is None or not listed(name, deny):
         return ""
     inline = script_plan(argv, env, name).inline
     return f"{name}: {inline}" if inline else ""

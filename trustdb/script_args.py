@@ -22,7 +22,7 @@ import errno
 import fnmatch
 import os
 import shlex
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from trustdb.fskeys import fs_magic
@@ -69,6 +69,9 @@ class _Syntax:
     """No script operand means code is read from stdin."""
     interactive: str = ""
     """Short options that read code from stdin after the script (`python -i`, `perl -d`)."""
+    stdin: str = ""
+    """Short options that read the commands from stdin; every operand is an argument (`bash -s
+    x`: x is only $1)."""
     code_modules: tuple[str, ...] = ()
     """`-m` modules that run code from their arguments or stdin (`python -m timeit CODE`)."""
     file_modules: tuple[str, ...] = ()
@@ -82,7 +85,8 @@ _PYTHON = _Syntax(inline="c", with_value="WX", stops="m", interactive="i",
                   code_modules=("timeit", "code", "pdb", "idlelib", "idlelib.idle", "cProfile",
                                 "profile", "trace", "asyncio"),
                   file_modules=("doctest", "runpy", "pyclbr", "compileall", "py_compile"))
-_SHELL = _Syntax(inline="c", with_value="oO", long_with_value=("--rcfile", "--init-file"),
+_SHELL = _Syntax(inline="c", with_value="oO", stdin="s", interactive="i",
+                 long_with_value=("--rcfile", "--init-file"),
                  long_files=("--rcfile", "--init-file"))
 _PERL = _Syntax(inline="eE", with_value="IMmx", interactive="d", module_code="Mm")
 _RUBY = _Syntax(inline="e", with_value="IrCE", files="r")
@@ -124,14 +128,12 @@ def parse_arguments(argv: list[str], syntax: _Syntax | None = None) -> ScriptPla
     """The files and inline code one command line (argv[0] included) names."""
     if not argv:
         return ScriptPlan()
-    if os.path.basename(argv[0]) == "busybox" and len(argv) > 1:
-        applet = syntax_for(argv[1])
-        return ScriptPlan() if applet is _GENERIC else parse_arguments(argv[1:], applet)
     s = syntax or syntax_for(argv[0])
     files: list[str] = []
     has_file_option = False
     interactive = ""
     """Code read from stdin after the script: inline code, and the script still counts."""
+    from_stdin = ""
     i = 1
     while i < len(argv):
         arg = argv[i]
@@ -168,6 +170,8 @@ def parse_arguments(argv: list[str], syntax: _Syntax | None = None) -> ScriptPla
                 plan = _module_plan(argv[i + 1:] if k + 1 == len(letters) else
                                     [letters[k + 1:], *argv[i + 1:]], s, files)
                 return ScriptPlan(plan.files, plan.inline or interactive)
+            if letter in s.stdin:
+                from_stdin = from_stdin or f"code on stdin (-{letter})"
             if letter in s.with_value:
                 value = letters[k + 1:]
                 if not value:
@@ -180,6 +184,8 @@ def parse_arguments(argv: list[str], syntax: _Syntax | None = None) -> ScriptPla
                 has_file_option |= letter in s.files and bool(value)
                 break
         i += 1
+    if from_stdin:
+        return ScriptPlan(tuple(files), from_stdin)
     plan = _operand_plan(argv[i:], s, files, has_file_option)
     return ScriptPlan(plan.files, plan.inline or interactive)
 
@@ -287,10 +293,38 @@ def shell_rc_files(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(f"{home}/{f}" for f in rc) if home.startswith("/") else ()
 
 
+BUSYBOX_DATA_APPLETS = frozenset({
+    "cat", "head", "tail", "ls", "wc", "grep", "egrep", "fgrep", "cut", "sort", "uniq", "tr",
+    "od", "hexdump", "xxd", "md5sum", "sha1sum", "sha256sum", "sha512sum", "cmp", "diff",
+    "cp", "mv", "rm", "ln", "mkdir", "rmdir", "touch", "chmod", "chown", "stat", "du", "df",
+    "echo", "printf", "true", "false", "test", "[", "[[", "basename", "dirname", "readlink",
+    "realpath", "tee", "tar", "gzip", "gunzip", "zcat", "bzip2", "bunzip2", "xz", "unxz",
+    "less", "more", "strings", "base64", "dd", "truncate", "seq", "sleep", "date", "id",
+    "whoami", "uname", "pwd", "find", "which",
+})
+"""Busybox applets that read their operands as data, never as code. Any other applet is read
+as its own interpreter (`sh`, `awk`) or by the strict generic rule (every operand is code)."""
+
+
+def busybox_applet(argv: list[str]) -> tuple[str, list[str]]:
+    """The applet busybox runs for `argv` and that applet's own argv: busybox goes by
+    basename(argv[0]) (`exec -a sh busybox x`, a symlink named sh) unless that is busybox*,
+    then by argv[1]."""
+    base = os.path.basename(argv[0]) if argv else ""
+    if base.startswith("busybox"):
+        return (os.path.basename(argv[1]), argv[1:]) if len(argv) > 1 else ("", [])
+    return base, argv
+
+
 def script_plan(argv: list[str], env: Mapping[str, str], name: str) -> ScriptPlan:
     """Everything an interpreter started as `argv` with `env` loads as code. `name` is what
     the interpreter *is* (the name its trusted content was recorded under), never argv[0] or
-    the file's current name, which the tree chooses (`exec -a awk perl ...`)."""
+    the file's current name, which the tree chooses (`exec -a awk perl ...`). Busybox is the
+    one exception: it *is* whichever applet argv[0] names."""
+    if os.path.basename(name).startswith("busybox"):
+        name, argv = busybox_applet(argv)
+        if not argv or name in BUSYBOX_DATA_APPLETS:
+            return ScriptPlan()
     syntax = syntax_for(name)
     plan = parse_arguments([name, *argv[1:]], syntax) if argv else ScriptPlan()
     inline = plan.inline or environment_inline(name, env)
@@ -390,61 +424,12 @@ def resolve_in_tree(pid: int, path: str, *, writable_only: bool = False
         os.close(fd)
 
 
-def _writable_in_tree(pid: int, path: str) -> tuple[int, int] | None:
-    return resolve_in_tree(pid, path, writable_only=True)
-
-
 # --- one process --------------------------------------------------------------------------------
 
 
 def read_nul_list(path: str) -> list[str]:
     with open(path, "rb") as f:
         return [a.decode(errors="surrogateescape") for a in f.read().split(b"\0")[:-1]]
-
-
-def read_plan(pid: int, name: str) -> ScriptPlan:
-    """The script plan of task `pid` (interpreter `name`), from its /proc files (fixed at its
-    last exec)."""
-    argv = read_nul_list(f"/proc/{pid}/cmdline")
-    env = dict(e.partition("=")[::2] for e in read_nul_list(f"/proc/{pid}/environ"))
-    return script_plan(argv, env, name)
-
-
-@dataclass
-class ScriptIdentities:
-    """(dev, ino) of each confined interpreter's code files, per process and command line
-    (a process re-reads its plan after an exec changes its command line)."""
-
-    resolve: Callable[[int, str], tuple[int, int] | None] = resolve_in_tree
-    resolve_writable: Callable[[int, str], tuple[int, int] | None] = _writable_in_tree
-    limit: int = 1024
-    _cache: dict[int, tuple[bytes, frozenset[tuple[int, int]]]] | None = None
-
-    def of(self, pid: int, name: str) -> frozenset[tuple[int, int]]:
-        """The code files of task `pid`, the interpreter `name`."""
-        if self._cache is None:
-            self._cache = {}
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                stamp = name.encode() + b"\1" + f.read()
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                stamp += b"\1" + f.read()
-        except OSError:
-            return frozenset()
-        hit = self._cache.get(pid)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        try:
-            plan = read_plan(pid, name)
-        except OSError:
-            return frozenset()
-        found = [self.resolve(pid, p) for p in plan.files]
-        found += [self.resolve_writable(pid, p) for p in plan.rc_files]
-        ids = frozenset(i for i in found if i)
-        if len(self._cache) >= self.limit:
-            del self._cache[next(iter(self._cache))]
-        self._cache[pid] = (stamp, ids)
-        return ids
 
 
 def names(patterns: Iterable[str]) -> tuple[str, ...]:

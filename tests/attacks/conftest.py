@@ -19,7 +19,7 @@ import pytest
 
 from tests.engine import test_run as base
 
-INTERPRETERS = ("/usr/bin/python3.11", "/usr/bin/perl", "/usr/bin/mawk")
+INTERPRETERS = ("/usr/bin/python3.11", "/usr/bin/perl", "/usr/bin/mawk", "/usr/bin/busybox")
 LIBRARY_TREES = (
     "/usr/lib/python3.11", "/usr/lib/python3/dist-packages", "/usr/share/perl",
     "/usr/lib/x86_64-linux-gnu/perl-base", "/usr/lib/x86_64-linux-gnu/perl", "/usr/share/perl5",

@@ -37,6 +37,7 @@ def deny_inline_policy(tmp_path: Path) -> Path:
     f"/lib64/ld-linux-x86-64.so.2 {PYTHON} -c 'print(\"{MARK}\")'",
     f"perl -e 'print \"{MARK}\\n\"'",
     f"bash -c 'echo {MARK}'",
+    f"echo 'echo {MARK}' | bash -s x",  # x is only $1: the commands come from stdin
     f"cp /usr/bin/python3.11 ./notpython && ./notpython -c 'print(\"{MARK}\")'",
     # Code that no -c names: a stdlib module that runs its arguments or stdin, an interactive
     # session after the script, perl's -M module name (perl builds `use NAME;` from it).
