@@ -142,9 +142,9 @@ def test_shell_rc_files_are_named_from_the_environment() -> None:
 def test_identities_are_not_frozen(tmp_path: Path) -> None:
     """A planned file created after the first look is found at the next (no cache of files)."""
     files = ScriptFiles()
-    with subprocess.Popen(["sleep", "30"], cwd=tmp_path) as p:
+    with subprocess.Popen(["sleep", "30"], cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}) as p:
         try:
-            for _ in range(200):
+            for _ in range(200):  # no HOME: no shell rc files in the plan
                 plan = files.plan(p.pid, "bash")
                 if plan is not None and plan.files == ("30",):
                     break
