@@ -75,12 +75,6 @@ def test_git_commondir_redirects_config(interpreters_db: Path, run_env: dict[str
     assert not marker.exists(), "the user's git status ran a command planted by the tree"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HOLE (git-nested-repos): a repository the tree makes inside the workdir, registered as a "
-    "gitlink in the outer .git/index (which must stay writable: agents commit), is entered by "
-    "the user's next `git status` in the outer repository, with the nested repository's own "
-    "config (core.fsmonitor runs). Closing it needs the supervisor to find and disarm nested "
-    "repositories at the end of a run; not built"))
 def test_nested_repo_reached_by_the_outer_git_status(interpreters_db: Path,
                                                      run_env: dict[str, str], repo: Path) -> None:
     """The tree makes `foo/` a repository of its own with core.fsmonitor set, and adds it to
@@ -110,3 +104,20 @@ def test_nested_repo_reached_by_the_outer_git_status(interpreters_db: Path,
     subprocess.run(["git", "-C", str(repo), "status", "--short"], capture_output=True,
                    check=False, timeout=30)
     assert not marker.exists(), "the user's git status ran the nested repository's command"
+    assert "trustdb: set aside" in got.err and (repo / "foo" / ".git.trustdb-set-aside").exists()
+
+
+def test_submodule_the_tree_did_not_touch_is_kept(interpreters_db: Path,
+                                                  run_env: dict[str, str], repo: Path) -> None:
+    """Control: a submodule entry that was there before the run, unchanged, stays as it was."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q", str(repo / "dep")], check=True, timeout=30)
+    subprocess.run([*git, "-C", str(repo / "dep"), "commit", "-q", "--allow-empty", "-m", "y"],
+                   check=True, timeout=30)
+    sha = subprocess.run([*git, "-C", str(repo / "dep"), "rev-parse", "HEAD"], check=True,
+                         capture_output=True, text=True, timeout=30).stdout.strip()
+    subprocess.run([*git, "-C", str(repo), "update-index", "--add", "--cacheinfo",
+                    f"160000,{sha},dep"], check=True, timeout=30)
+    got = run_confined(interpreters_db, "echo ran", run_env)
+    assert "ran" in got.out and "set aside" not in got.err, (got.out, got.err)
+    assert (repo / "dep" / ".git").is_dir()

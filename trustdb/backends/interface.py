@@ -37,10 +37,10 @@ COMMON_HOLES: tuple[str, ...] = (
     "protected .git is removed one inotify round trip after it appears; a git started by the "
     "user outside in that moment would read it; a repository the tree creates itself (git "
     "init) has the tree's config and hooks"),
-    ("git-nested-repos: a repository the tree makes inside the workdir and adds to the outer "
-    ".git/index as a submodule entry (the index stays writable: agents commit) is entered by "
-    "the user's next `git status` of the outer repository, with the nested repository's own "
-    "config (core.fsmonitor runs a command outside any run)"),
+    ("git-nested-repos: a submodule entry of a protected repository that the tree added or "
+    "whose config, hooks or redirects it changed is set aside at the end of the run (its .git "
+    "renamed), since the user's next `git status` would enter it with its own config; until "
+    "then, a git started by the user outside while the run is active would run it"),
     "unconfined-writers: in a `run` scope a process outside the tree can still write into a "
     "file the tree has mapped; exec and mmap refuse files with writers only at that moment "
     "(and stores through a shared mapping made outside raise no modify event, so the "

@@ -21,7 +21,10 @@ import select
 import shutil
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
+
+from trustdb.confine.git_nested import set_aside_changed_nested_repos, submodule_entries
 
 REDIRECTS = frozenset({"commondir", "config.worktree", "gitdir"})
 """Names in a git directory that point git elsewhere or add config."""
@@ -46,7 +49,11 @@ class GitGuard:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._users: set[str] = set()
+        self._since = time.time_ns()
         dirs = [d for d in git_dirs if os.path.basename(d) == ".git" and os.path.isdir(d)]
+        self._git_dirs = dirs
+        self._submodules = {d: submodule_entries(d) for d in dirs}
+        """Each repository's populated submodules at the start (trustdb.confine.git_nested)."""
         if not dirs:
             return
         self._fd = _libc.inotify_init1(IN_CLOEXEC | IN_NONBLOCK)
@@ -75,6 +82,10 @@ class GitGuard:
         for d in self._dirs.values():  # a last sweep: nothing planted stays after the run
             for name in REDIRECTS:
                 self._remove(d, name)
+        for d in self._git_dirs:  # the tree is gone: submodules it changed (git_nested)
+            with contextlib.suppress(Exception):
+                set_aside_changed_nested_repos(d, self._since, self._submodules[d],
+                                               self._report)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
