@@ -159,3 +159,71 @@ def test_truncate_then_rewrite(interpreters_db: Path, run_env: dict[str, str]) -
 def test_rdonly_otrunc_then_rewrite(interpreters_db: Path, run_env: dict[str, str]) -> None:
     out = _attack(interpreters_db, run_env, RDONLY_TRUNC_WRITER)
     assert "RESULT 42" not in out and "refused 1" in out, out
+
+
+# Reopening the victim's own mapping for writing through /proc/PID/map_files (the writer is
+# the victim's child): an open of the same file, which the write-open check sees.
+MAP_FILES_WRITER = '''
+import os, sys
+off, code = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
+maps = f"/proc/{os.getppid()}/maps"
+line = next(l for l in open(maps) if l.rstrip().endswith("victimlib.bin"))
+rng = line.split()[0]
+try:
+    fd = os.open(f"/proc/{os.getppid()}/map_files/{rng}", os.O_RDWR)
+except OSError as e:
+    print("refused", e.errno)
+    sys.exit(0)
+os.pwrite(fd, code, off)
+print("rewritten")
+'''
+
+
+def test_map_files_reopen_refused(interpreters_db: Path, run_env: dict[str, str]) -> None:
+    out = _attack(interpreters_db, run_env, MAP_FILES_WRITER)
+    assert "RESULT 42" not in out and "refused" in out, out
+
+
+# The writer is there first: a write fd (or a shared-writable mapping) of the trusted copy held
+# from before the library is mapped executable, then the bytes are changed through it
+# (pwrite, copy_file_range, fallocate PUNCH_HOLE, a store through the mapping). The mapping of
+# a file with writers is refused (the process is killed on tracepoint), so nothing runs.
+WRITER_FIRST = '''
+import ctypes, mmap, os, sys
+how = sys.argv[1]
+fd = os.open("victimlib.bin", os.O_RDWR)
+shared = mmap.mmap(fd, 0, mmap.MAP_SHARED) if how == "mapping" else None
+if how == "mapping":
+    os.close(fd)
+lib = ctypes.CDLL("./victimlib.bin")
+fn = lib.PyInit__json
+fn.restype = ctypes.c_long
+addr = ctypes.cast(fn, ctypes.c_void_p).value
+base = min(int(l.split("-")[0], 16) for l in open("/proc/self/maps")
+           if l.rstrip().endswith("victimlib.bin") and int(l.split()[2], 16) == 0)
+off, code = addr - base, b"\\x48\\xc7\\xc0\\x2a\\x00\\x00\\x00\\xc3"
+if how == "pwrite":
+    os.pwrite(fd, code, off)
+elif how == "copy_file_range":
+    src = os.open("code.bin", os.O_RDONLY)
+    os.copy_file_range(src, fd, len(code), 0, off)
+elif how == "fallocate":
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate(fd, 3, ctypes.c_long(off & ~4095), ctypes.c_long(4096))  # PUNCH_HOLE|KEEP_SIZE
+else:
+    shared[off:off + len(code)] = code
+print("RESULT", fn(), flush=True)
+'''
+
+
+@pytest.mark.parametrize("how", ["pwrite", "copy_file_range", "fallocate", "mapping"])
+def test_writer_held_from_before_the_mapping(interpreters_db: Path, run_env: dict[str, str],
+                                             how: str) -> None:
+    workdir = workdir_of(run_env)
+    shutil.copyfile(_trusted_extension(), workdir / "victimlib.bin")
+    (workdir / "code.bin").write_bytes(b"\x48\xc7\xc0\x2a\x00\x00\x00\xc3")
+    (workdir / "victim.txt").write_text(WRITER_FIRST)
+    got = run_confined(interpreters_db, f"{sys.executable} {inline_code('victim.txt')} {how}; "
+                       "echo rc=$?", run_env)
+    assert "RESULT" not in got.out and "rc=137" in got.out, (got.out, got.err)
+    assert "denied executable mapping of" in got.err, got.err
