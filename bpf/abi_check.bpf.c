@@ -17,5 +17,6 @@ enum td_backend td_abi_backend;
 enum td_reason td_abi_reason;
 enum td_protect td_abi_protect;
 enum td_program_flag td_abi_program_flag;
+enum td_mode_rule td_abi_mode_rule;
 
 char LICENSE[] __attribute__((section("license"), used)) = "GPL";

@@ -259,6 +259,8 @@ static __always_inline bool td_task_confined(struct task_struct *task)
 	return true;
 }
 
+#include "modes.bpf.h"
+
 /* ---- decisions -------------------------------------------------------------------------- */
 
 /* Fill the fields every backend sets the same way (not path: each hook knows best). */
@@ -277,7 +279,20 @@ static __always_inline void td_event_init(struct td_event *e, struct task_struct
 		__builtin_memset(&e->file, 0, sizeof(e->file));
 	e->hook = hook;
 	e->verdict = verdict;
-	e->mode = td_cfg.mode;
+	e->mode = td_task_mode(task);
+	e->mode_rule = TD_MODE_RULE_DEFAULT;
+	e->mode_cgroup = 0;
+	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
+	if (td_cfg.scope_cgroup_id == 0) {
+		struct td_mode_choice *c;
+		__u32 zero = 0;
+
+		c = bpf_map_lookup_elem(&td_mode_scratch, &zero);
+		if (c) {
+			e->mode_rule = c->rule;
+			e->mode_cgroup = c->cgroup;
+		}
+	}
 	e->backend = td_cfg.backend;
 	e->reason = reason;
 	BPF_CORE_READ_STR_INTO(&e->comm, task, comm);
@@ -431,7 +446,7 @@ static __always_inline void td_emit(struct task_struct *task, __u8 hook, __u8 ve
 static __always_inline __u8 td_deny(struct task_struct *task, __u8 hook, __u32 reason,
 				    const struct td_inode_key *key, struct file *file)
 {
-	__u8 verdict = td_cfg.mode == TD_MODE_AUDIT ? TD_AUDIT_DENY : TD_DENY;
+	__u8 verdict = td_task_mode(task) == TD_MODE_AUDIT ? TD_AUDIT_DENY : TD_DENY;
 
 	if (verdict == TD_DENY)
 		bpf_send_signal(TD_SIGKILL);
@@ -470,6 +485,27 @@ static __always_inline __u8 td_check_self(struct task_struct *task, __u8 hook)
 	if (td_self_code_allowed(task))
 		return TD_ALLOW;
 	return td_deny(task, hook, TD_REASON_ANON_EXEC, NULL, NULL);
+}
+
+/* Service only: `moved` (moved by the current task) is now in a cgroup whose rule is audit.
+ * Never denied (systemd starts services that way), but logged: pid, uid and comm are the
+ * moved task's, path is the mover's comm, mode_cgroup the listed cgroup. */
+static __always_inline void td_note_mode_move(struct task_struct *moved)
+{
+	struct td_event *e;
+
+	if (td_cfg.scope_cgroup_id != 0 || td_task_mode(moved) != TD_MODE_AUDIT)
+		return;
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e)
+		return;
+	td_event_init(e, moved, TD_HOOK_TAMPER, TD_AUDIT_DENY, TD_REASON_MODE_MOVE, NULL);
+	if (e->mode_rule != TD_MODE_RULE_CGROUP) {
+		bpf_ringbuf_discard(e, 0);
+		return;
+	}
+	bpf_get_current_comm(e->path, TD_COMM_LEN);
+	bpf_ringbuf_submit(e, 0);
 }
 
 #endif /* __TRUSTDB_COMMON_BPF_H */

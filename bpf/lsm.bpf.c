@@ -86,7 +86,7 @@ static __always_inline int lsm_deny(struct task_struct *task, __u8 hook, __u32 r
 				    const struct td_inode_key *key, struct file *file,
 				    bool full_path)
 {
-	bool audit = td_cfg.mode == TD_MODE_AUDIT;
+	bool audit = td_task_mode(task) == TD_MODE_AUDIT;
 
 	lsm_emit(task, hook, audit ? TD_AUDIT_DENY : TD_DENY, reason, key, file, full_path);
 	return audit ? 0 : -EPERM;
@@ -309,6 +309,15 @@ int BPF_PROG(handle_exec_image, struct task_struct *p, pid_t old_pid, struct lin
 /* ---- no off switch ----------------------------------------------------------------------- */
 
 /* The mark follows every child and thread, whatever cgroup or namespace it moves to. */
+/* The service logs moves into cgroups whose rule is audit (td_note_mode_move). */
+SEC("tp_btf/cgroup_attach_task")
+int BPF_PROG(handle_cgroup_attach, struct cgroup *dst, const char *path, struct task_struct *moved,
+	     bool threadgroup)
+{
+	td_note_mode_move(moved);
+	return 0;
+}
+
 SEC("lsm/task_alloc")
 int BPF_PROG(handle_task_alloc, struct task_struct *task, unsigned long clone_flags, int ret)
 {

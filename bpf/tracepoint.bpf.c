@@ -236,8 +236,7 @@ int BPF_PROG(handle_exec, struct task_struct *p, pid_t old_pid, struct linux_bin
 
 	if (!td_task_confined(task))
 		return 0;
-	if (td_check_file(task, TD_HOOK_EXEC, bprm->file) != TD_ALLOW &&
-	    td_cfg.mode == TD_MODE_ENFORCE)
+	if (td_check_file(task, TD_HOOK_EXEC, bprm->file) == TD_DENY)
 		return 0;
 	/* The binary passed; now every other executable mapping the kernel made for it. */
 	td_check_image(task, bprm->file, true);
@@ -350,8 +349,10 @@ int BPF_PROG(handle_cgroup_attach, struct cgroup *dst, const char *path, struct 
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct td_task *t;
 
-	if (td_cfg.scope_cgroup_id == 0)
+	if (td_cfg.scope_cgroup_id == 0) {
+		td_note_mode_move(moved);
 		return 0;
+	}
 	if (td_cgroup_in_scope(dst)) {
 		td_mark_task(moved);
 		return 0;

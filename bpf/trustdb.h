@@ -47,6 +47,8 @@ enum td_reason {
 				   * an executable stack, W+X or written-then-executable pages */
 	TD_REASON_UNTRUSTED_SCRIPT = 13, /* an interpreter opened an untrusted script (lsm) */
 	TD_REASON_PROC_MEM = 14, /* a confined task opened /proc/PID/mem for writing (lsm) */
+	TD_REASON_MODE_MOVE = 15, /* a task was moved into a cgroup whose service rule is audit:
+				   * logged (never denied), naming the mover */
 };
 
 /* Value bits of the `program_flags` map (key: the td_inode_key of a program's executable). */
@@ -71,6 +73,16 @@ enum td_verdict {
 enum td_mode {
 	TD_MODE_ENFORCE = 0,
 	TD_MODE_AUDIT = 1,
+};
+
+/* Which service rule set an event's mode (td_event.mode_rule). The service's maps
+ * `mode_uids` (key: __u32 uid) and `mode_cgroups` (key: __u64 cgroup v2 id) hold a __u8
+ * enum td_mode each: the deepest listed ancestor of the task's cgroup wins, then its uid
+ * (audit by uid needs the effective uid in audit too), then td_config.mode. */
+enum td_mode_rule {
+	TD_MODE_RULE_DEFAULT = 0, /* td_config.mode: the service default, or the `run` tree's mode */
+	TD_MODE_RULE_UID = 1, /* mode_uids[uid] (td_event.uid) */
+	TD_MODE_RULE_CGROUP = 2, /* mode_cgroups[td_event.mode_cgroup] */
 };
 
 enum td_backend {
@@ -121,6 +133,9 @@ struct td_event {
 	__u32 reason; /* enum td_reason */
 	char comm[TD_COMM_LEN];
 	char path[TD_PATH_LEN]; /* full path where the hook can give it, else the file name */
+	__u64 mode_cgroup; /* TD_MODE_RULE_CGROUP: the listed cgroup whose rule set `mode` */
+	__u8 mode_rule; /* enum td_mode_rule: why `mode` is in force for this task */
+	__u8 _pad[7];
 };
 
 #endif /* __TRUSTDB_H */

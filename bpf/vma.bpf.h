@@ -209,7 +209,7 @@ static long td_image_step(__u64 i, void *arg)
 		w->verdict = td_check_self(task, TD_HOOK_EXEC);
 	else if (code == TD_CODE_FILE && w->files && (__u64)file != w->exe)
 		w->verdict = td_check_file(task, TD_HOOK_EXEC, file);
-	return w->verdict != TD_ALLOW && td_cfg.mode == TD_MODE_ENFORCE;
+	return w->verdict == TD_DENY;
 }
 
 /* Judge every executable mapping of the image the current task has just exec'd: the ELF

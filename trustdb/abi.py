@@ -40,6 +40,7 @@ class Reason(enum.IntEnum):
     ANON_EXEC = 12
     UNTRUSTED_SCRIPT = 13
     PROC_MEM = 14
+    MODE_MOVE = 15
 
 
 class Protect(enum.IntFlag):
@@ -68,6 +69,14 @@ class Verdict(enum.IntEnum):
 class Mode(enum.IntEnum):
     ENFORCE = 0
     AUDIT = 1
+
+
+class ModeRule(enum.IntEnum):
+    """Which service rule set an event's mode (td_event.mode_rule)."""
+
+    DEFAULT = 0
+    UID = 1
+    CGROUP = 2
 
 
 class BackendId(enum.IntEnum):
@@ -146,4 +155,7 @@ class CEvent(ctypes.Structure):
         ("reason", ctypes.c_uint32),
         ("comm", ctypes.c_char * TD_COMM_LEN),
         ("path", ctypes.c_char * TD_PATH_LEN),
+        ("mode_cgroup", ctypes.c_uint64),
+        ("mode_rule", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 7),
     ]

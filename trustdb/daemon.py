@@ -32,6 +32,7 @@ from typing import TextIO
 from trustdb.abi import Mode
 from trustdb.backends.interface import BackendError, EngineConfig, Scope
 from trustdb.dbrecords import DatabaseError
+from trustdb.policy.model import Enforcement, ServiceRules
 from trustdb.service import preflight
 from trustdb.service.engine import ServiceEngine
 from trustdb.service.installers import InstallerTrust
@@ -48,16 +49,20 @@ FALLBACK_CHECK_S = 5.0
 """A generation check (one read transaction, no scan) in case an inotify event was missed."""
 
 
-def daemon(*, db: Path, mode: Mode, backend: str | None, stderr: TextIO | None = None,
+def daemon(*, db: Path, mode: Mode | None, backend: str | None, stderr: TextIO | None = None,
            skip_preflight: bool = False, policy: str | None = None) -> int:
     """System-wide enforcement until SIGTERM/SIGINT (the service: only a person starts it).
     `policy` (a name or file, e.g. `workstation`): what the service takes from it is
-    `[compilers] trust_outputs`; without one, compiler outputs are not trusted."""
+    `[compilers] trust_outputs` and `[service]`: the default mode (`mode`, unless given) and
+    the per-uid and per-cgroup modes, re-read on SIGHUP. Without one, compiler outputs are not
+    trusted and every task has `mode` (enforce unless given)."""
     if os.geteuid() != 0:
         raise SupervisorError("trustdb daemon needs root (it loads BPF programs)")
     out = stderr or sys.stderr
     db = db.resolve()
-    trust_outputs = _trust_outputs(policy)
+    trust_outputs, rules = _read_policy(policy)
+    if mode is None:
+        mode = Mode.AUDIT if rules.mode == Enforcement.AUDIT else Mode.ENFORCE
     pinned = PinStore().current()
     # Already enforcing from pins (a restart after a crash): refusing now would not stop the
     # kernel, only the first-seen path; the preflight guards the switch, not the restart.
@@ -85,22 +90,23 @@ def daemon(*, db: Path, mode: Mode, backend: str | None, stderr: TextIO | None =
               flush=True)
     try:
         engine = ServiceEngine(config, db, backend, reporter,
-                               trust_hook=installers.wrap_trust if installers else None)
+                               trust_hook=installers.wrap_trust if installers else None,
+                               modes=rules)
     except BackendError as e:
         raise SupervisorError(str(e)) from e
     watch = DatabaseWatch(db)
-    publish_state(EngineState(os.getpid(), "daemon", engine.backend_name, mode.name.lower(),
-                              "system-wide"))
+    _publish(engine, mode)
     assert engine.report is not None
     how = "adopted the pinned engine" if engine.report.adopted else "loaded and pinned"
     status = (f"enforcing system-wide ({mode.name.lower()}) with the {engine.backend_name} "
               f"backend: {how} in {engine.report.seconds * 1000:.0f} ms")
     print(f"trustdb: {status}", file=out, flush=True)
+    _print_modes(engine, out)
     notifier.ready(status)
     try:
         if installers:
             installers.start(engine)
-        _loop(engine, watch, notifier, flags, wake_r, out, installers)
+        _loop(engine, watch, notifier, flags, wake_r, out, installers, policy)
     finally:
         notifier.stopping()
         if installers:
@@ -114,20 +120,58 @@ def daemon(*, db: Path, mode: Mode, backend: str | None, stderr: TextIO | None =
     return 0
 
 
-def _trust_outputs(policy: str | None) -> bool:
+def _read_policy(policy: str | None) -> tuple[bool, ServiceRules]:
+    """(trust compiler outputs, the [service] rules) of the policy."""
     if policy is None:
-        return False
+        return False, ServiceRules()
     from trustdb.policy.load import PolicyError, load
 
     try:
-        return load(policy).trust_compiler_outputs
+        loaded = load(policy)
     except PolicyError as e:
         raise SupervisorError(f"policy {policy}: {e}") from e
+    return loaded.trust_compiler_outputs, loaded.service
+
+
+def _publish(engine: ServiceEngine, mode: Mode) -> None:
+    modes = tuple(engine.modes.lines()) if engine.modes is not None else ()
+    publish_state(EngineState(os.getpid(), "daemon", engine.backend_name, mode.name.lower(),
+                              "system-wide", modes=modes))
+
+
+def _print_modes(engine: ServiceEngine, out: TextIO) -> None:
+    modes = engine.modes
+    if modes is not None:
+        print("trustdb: modes: " + "; ".join(modes.lines()), file=out, flush=True)
+
+
+def _reload_modes(engine: ServiceEngine, policy: str | None, out: TextIO) -> None:
+    """SIGHUP: the policy's per-uid and per-cgroup modes again (a bad policy file keeps the
+    rules in force: the kernel maps are not touched)."""
+    if policy is None:
+        return
+    try:
+        _, rules = _read_policy(policy)
+    except SupervisorError as e:
+        print(f"trustdb: {e}; the modes in force stay", file=out, flush=True)
+        return
+    _apply_modes(engine, out, rules)
+
+
+def _apply_modes(engine: ServiceEngine, out: TextIO, rules: ServiceRules | None = None) -> None:
+    from trustdb.libbpf import LibbpfError
+
+    try:
+        if engine.apply_modes(rules):
+            _print_modes(engine, out)
+            _publish(engine, engine.mode)
+    except (LibbpfError, OSError) as e:
+        print(f"trustdb: cannot apply the service modes: {e}", file=out, flush=True)
 
 
 def _loop(engine: ServiceEngine, watch: DatabaseWatch, notifier: Notifier,
           flags: dict[str, bool], wake_r: int, out: TextIO,
-          installers: InstallerTrust | None) -> None:
+          installers: InstallerTrust | None, policy: str | None = None) -> None:
     poller = _poller(engine, watch, wake_r, installers)
     tick = min(FALLBACK_CHECK_S, notifier.watchdog_interval_s or FALLBACK_CHECK_S)
     next_check = time.monotonic() + FALLBACK_CHECK_S
@@ -154,12 +198,14 @@ def _loop(engine: ServiceEngine, watch: DatabaseWatch, notifier: Notifier,
             notifier.reloading()
             started = time.monotonic()
             _refresh(engine, out, full=True)
+            _reload_modes(engine, policy, out)
             took = f"reloaded the trust database in {(time.monotonic() - started) * 1000:.0f} ms"
             print(f"trustdb: {took}", file=out, flush=True)
             notifier.ready(took)
         elif (watch.fileno() in ready and watch.changed()) or now >= next_check:
             next_check = now + FALLBACK_CHECK_S
             _refresh(engine, out, full=False)
+            _apply_modes(engine, out)  # a listed cgroup that appeared since gets its rule
             refreshed = True
         if refreshed and _grow(engine, out):
             poller = _poller(engine, watch, wake_r, installers)

@@ -100,6 +100,7 @@ class Engine:
             keys=backend.trusted_inodes,  # type: ignore[arg-type]
             is_confined=None if self.config.scope.system_wide else is_confined,
             enforce=self.config.mode == Mode.ENFORCE,
+            enforce_for=_service_modes(backend, self.config),
             interpreters=self._interpreters,
             db_option=self._db_option,
             deny_trusted_writes=not self.config.scope.system_wide,
@@ -209,3 +210,16 @@ def _pid_of(pidfd: int) -> int:
             if line.startswith("Pid:"):
                 return int(line.split()[1])
     raise HandlerError(f"fd {pidfd} is not a pidfd")
+
+
+def _service_modes(backend: Backend, config: EngineConfig) -> Callable[[int], bool] | None:
+    """System-wide: the per-task mode the kernel's mode maps give (trustdb.service.modes)."""
+    if not config.scope.system_wide or not hasattr(backend, "map"):
+        return None
+    from trustdb.service.modes import TaskModes
+
+    try:
+        return TaskModes(backend.map("mode_uids"), backend.map("mode_cgroups"),
+                         config.mode).enforce_for
+    except BackendError:
+        return None

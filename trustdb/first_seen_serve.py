@@ -92,6 +92,9 @@ class HandlerConfig:
     interpreters: Interpreters = NO_INTERPRETERS
     db_option: str = ""
     """` --db PATH` for the `trustdb trust` command in denial lines ('' for the default)."""
+    enforce_for: Callable[[int], bool] | None = None
+    """pid -> enforced? (the service's per-uid and per-cgroup modes, trustdb.service.modes);
+    None: `enforce` for every task."""
     deny_trusted_writes: bool = False
     """Refuse confined tasks write opens of trusted files (runs only: the service would refuse
     the whole machine, package managers included)."""
@@ -349,7 +352,10 @@ class Serve:
             self.counts["inserted"] += checked.outcome == Outcome.INSERTED
             known = checked.outcome in (Outcome.KNOWN, Outcome.INSERTED)
             writable = known and self.config.deny_trusted_writes and watch_writes(ev.fd)
-            verdict = answer(checked, is_exec=is_exec, enforce=self.config.enforce,
+            enforce = self.config.enforce
+            if self.config.enforce_for is not None and not known:
+                enforce = self.config.enforce_for(ev.pid)
+            verdict = answer(checked, is_exec=is_exec, enforce=enforce,
                              script_for_interpreter=script, open_mask=FAN_OPEN_PERM,
                              exec_mask=FAN_OPEN_EXEC_PERM,
                              write_open=writable and not is_exec and self._write_open(ev),

@@ -18,6 +18,7 @@ from trustdb.backends.interface import Backend, BackendError, EngineConfig
 from trustdb.closers import Closers
 from trustdb.db import DEFAULT_DB
 from trustdb.events import Decision
+from trustdb.events.decision import REASON_TAMPER_MODE_MOVE
 
 if TYPE_CHECKING:
     from trustdb.abi import Mode
@@ -122,10 +123,18 @@ class DenialReporter:
 
     def line(self, d: Decision) -> str:
         who = f"pid {d.tgid}, comm {d.comm}"
+        if d.reason == REASON_TAMPER_MODE_MOVE:
+            return (f"trustdb: {who} (uid {d.uid}) was moved by {d.path or '?'} into "
+                    f"{d.mode_rule}, whose mode is audit: its untrusted code will be logged, "
+                    "not denied")
         if d.hook == Hook.TAMPER:
             what = d.reason.removeprefix("tamper_").replace("_", " ")
             return f"trustdb: killed {who}: tried to lift its confinement ({what})"
-        verb = "denied" if d.verdict == Verdict.DENY else "would deny (audit)"
+        rule = d.mode_rule
+        if d.verdict == Verdict.DENY:
+            verb = f"denied ({rule}: enforce)" if rule else "denied"
+        else:
+            verb = f"would deny (audit: {rule})" if rule else "would deny (audit)"
         if d.reason == WRITE_TRUSTED:
             return (f"trustdb: {verb} write open of {d.path} ({who}): its content is trusted, "
                     "and trusted files may not be modified inside trustdb run")

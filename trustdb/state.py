@@ -25,11 +25,13 @@ class EngineState:
     confinement: str = ""
     """`run`: what confines the tree's filesystem and network (Landlock ABI N or the mount
     fallback, the network rules, seccomp's socket rule), as its first stderr line says."""
+    modes: tuple[str, ...] = ()
+    """`daemon`: the per-uid and per-cgroup modes in force (trustdb.service.modes)."""
 
     def to_dict(self) -> dict[str, object]:
         return {"pid": self.pid, "kind": self.kind, "backend": self.backend,
                 "mode": self.mode, "scope": self.scope, "command": self.command,
-                "confinement": self.confinement}
+                "confinement": self.confinement, "modes": list(self.modes)}
 
 
 def _state_path(pid: int) -> Path:
@@ -62,6 +64,7 @@ def running_engines() -> list[EngineState]:
     for p in sorted(STATE_DIR.glob("*.json")):
         try:
             d = json.loads(p.read_text())
+            d["modes"] = tuple(d.get("modes", ()))
             state = EngineState(**d)
         except (OSError, ValueError, TypeError):
             continue
@@ -75,7 +78,8 @@ def running_engines() -> list[EngineState]:
 def describe(s: EngineState) -> str:
     scope = s.scope if s.kind == "daemon" else f"cgroup {s.scope}: {s.command}"
     confinement = f" ({s.confinement})" if s.confinement else ""
-    return f"{s.mode} with the {s.backend} backend, {scope}{confinement}"
+    modes = f"; modes: {', '.join(s.modes)}" if s.modes else ""
+    return f"{s.mode} with the {s.backend} backend, {scope}{confinement}{modes}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ ENUMS: dict[str, tuple[type[enum.IntEnum | enum.IntFlag], str]] = {
     "td_reason": (abi.Reason, "TD_REASON_"),
     "td_protect": (abi.Protect, "TD_PROTECT_"),
     "td_program_flag": (abi.ProgramFlag, "TD_PROGRAM_"),
+    "td_mode_rule": (abi.ModeRule, "TD_MODE_RULE_"),
 }
 
 

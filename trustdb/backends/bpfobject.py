@@ -211,7 +211,8 @@ class BpfBackend(Backend):
         if obj is not None:
             obj.close()
 
-    PINNED_MAPS = ("trusted_inodes", "events", "confined", "first_seen_group")
+    PINNED_MAPS = ("trusted_inodes", "events", "confined", "first_seen_group",
+                   "mode_uids", "mode_cgroups")
     """The maps a later process needs to adopt a pinned engine (trustdb.service.pins)."""
 
     def pin(self, directory: Path) -> None:
@@ -227,6 +228,15 @@ class BpfBackend(Backend):
             self._obj.pin_links(directory / "links")
         except (LibbpfError, OSError) as e:
             raise BackendError(f"{self.name}: cannot pin under {directory}: {e}") from e
+
+    def map(self, name: str) -> BpfMap:
+        """One of the object's maps (its fd is the object's: do not close it)."""
+        if self._obj is None:
+            raise BackendError(f"{self.name}: not loaded")
+        try:
+            return self._obj.map(name)
+        except LibbpfError as e:
+            raise BackendError(f"{self.name}: map {name}: {e}") from e
 
     @property
     def attached(self) -> bool:

@@ -55,6 +55,13 @@ COMMON_HOLES: tuple[str, ...] = (
     "a false denial, never a route",
     "wx-system-wide: anonymous executable memory (JITs) is refused inside `run` only; the "
     "system-wide service leaves it to the policy's seccomp/MDWE",
+    ("service-modes-root: the service's per-uid and per-cgroup audit modes are decided by the "
+    "kernel per task, but root can put a task there: move it into a listed audit cgroup "
+    "(each such move is logged, reason tamper_mode_move) or change its uid to an audit uid "
+    "(not logged). Audit rules apply only to cgroups root alone can move tasks into "
+    "(delegated ones are refused); a `run` tree is decided by its own engine and never by them; "
+    "a listed enforce cgroup created after the daemon has its parent's mode until the next "
+    "5 s check"),
     "overlayfs: mappings on overlayfs or FUSE passthrough are backed by another file than the "
     "fd's; the tracepoint backend fails closed on them, and (dev, ino) keys there are unreliable",
 )

@@ -161,14 +161,17 @@ def _check_command(argv: list[str]) -> None:
 @app.command()
 def daemon(
     mode: Annotated[
-        str, typer.Option("--mode", help="enforce: deny untrusted code; audit: only log it.")
-    ] = "enforce",
+        str | None, typer.Option("--mode", help="enforce: deny untrusted code; audit: only log "
+                                 "it. The default for every task (default: the policy's "
+                                 "[service] mode, else enforce).")
+    ] = None,
     backend: BackendOption = None,
     db: DbOption = DEFAULT_DB_PATH,
     policy: Annotated[
         str | None,
         typer.Option("--policy", help="A policy name or file; the service uses its "
-                     "[compilers] trust_outputs (e.g. workstation: what cc/ld build may run)."),
+                     "[compilers] trust_outputs (e.g. workstation: what cc/ld build may run) "
+                     "and its [service] per-uid and per-cgroup modes (re-read on SIGHUP)."),
     ] = None,
 ) -> None:
     """Enforce system-wide until stopped (what packaging/trustdb.service runs).
@@ -179,12 +182,12 @@ def daemon(
     from trustdb import daemon as service
     from trustdb.session import SupervisorError
 
-    if mode not in ("enforce", "audit"):
+    if mode not in ("enforce", "audit", None):
         fatal(f"--mode must be enforce or audit, not {mode!r}", ExitCode.USAGE)
     try:
         status = service.daemon(
-            db=db, mode=Mode.ENFORCE if mode == "enforce" else Mode.AUDIT, backend=backend,
-            policy=policy)
+            db=db, mode=None if mode is None else Mode.ENFORCE if mode == "enforce" else
+            Mode.AUDIT, backend=backend, policy=policy)
     except SupervisorError as e:
         fatal(str(e))
     raise typer.Exit(code=status)

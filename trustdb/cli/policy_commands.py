@@ -53,7 +53,9 @@ def show(
     except policy.PolicyError as e:
         fatal(str(e), ExitCode.USAGE)
     data = chosen.to_dict()
+    resolved, in_force = _service_modes(chosen)
     if as_json or GLOBAL.json:
+        data["service_modes"] = {"resolved": resolved, "in_force": in_force}
         typer.echo(json.dumps(data, indent=2))
         return
     typer.echo(f"policy {chosen.name} ({chosen.source})")
@@ -64,6 +66,28 @@ def show(
                 typer.echo(f"    {key}: {_words(value)}")
         elif section not in ("name", "source"):
             typer.echo(f"  {section}: {_words(values)}")
+    typer.echo("  service modes, against this machine's cgroups now:")
+    for line in resolved:
+        typer.echo(f"    {line}")
+    typer.echo("  in force (the running daemon): " + ("; ".join(in_force) if in_force else
+                                                        "no daemon is running"))
+
+
+def _service_modes(chosen: Any) -> tuple[list[str], list[str]]:
+    """The policy's [service] modes as the daemon would resolve them now (cgroup paths to
+    ids, delegated cgroups refused), and what the running daemon has in force."""
+    from trustdb.abi import Mode
+    from trustdb.policy.model import Enforcement
+    from trustdb.service.modes import resolve
+    from trustdb.state import running_engines
+
+    default = Mode.AUDIT if chosen.service.mode == Enforcement.AUDIT else Mode.ENFORCE
+    try:
+        resolved = resolve(chosen.service, default).lines()
+    except OSError as e:
+        resolved = [f"cannot read the cgroups: {e}"]
+    in_force = [line for s in running_engines() if s.kind == "daemon" for line in s.modes]
+    return resolved, in_force
 
 
 def _words(value: Any) -> str:

@@ -134,6 +134,7 @@ def service_status(as_json: JsonOption = False) -> None:
             "instance": record.instance, "object_sha256": record.object_sha256},
         "instances": store.instances(),
         "daemon_pids": [s.pid for s in daemons],
+        "modes": [line for s in daemons for line in s.modes],
     }
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -145,6 +146,8 @@ def service_status(as_json: JsonOption = False) -> None:
                    f"database generation {record.generation} (pinned: kept if the daemon dies)")
     typer.echo("daemon: " + (", ".join(f"pid {p}" for p in info["daemon_pids"])  # type: ignore
                              if daemons else "not running"))
+    for line in info["modes"]:  # type: ignore[attr-defined]
+        typer.echo(f"mode: {line}")
 
 
 def _daemon_pids() -> list[int]:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from trustdb.abi import BackendId, CEvent, Hook, Mode, Reason, Verdict
+from trustdb.abi import BackendId, CEvent, Hook, Mode, ModeRule, Reason, Verdict
 
 # --- reasons (Santa's kAllowBinary / kBlockUnknown, as strings that land in the log) -----------
 
@@ -50,6 +50,8 @@ REASON_TAMPER_RAW_DEVICE = "tamper_raw_device"
 """A confined task opened a block device for writing."""
 REASON_TAMPER_SYSCTL = "tamper_sysctl"
 """A confined task opened /proc/sys for writing."""
+REASON_TAMPER_MODE_MOVE = "tamper_mode_move"
+"""Service: a task was moved into a cgroup whose rule is audit (logged, never denied)."""
 REASON_TAMPER_KERNEL_LOAD = "tamper_kernel_load"
 """A confined task loaded a kernel module, kexec image or policy."""
 
@@ -77,6 +79,19 @@ def reason_name(hook: Hook, code: int) -> str:
 
 
 BACKEND_NAMES = {BackendId.TRACEPOINT: "tracepoint", BackendId.LSM: "lsm"}
+
+CGROUP_NAMES: dict[int, str] = {}
+"""cgroup v2 id -> path of the cgroups the service's mode rules name (trustdb.service.modes
+fills it each time it resolves them), so that a decision names the rule by path."""
+
+
+def mode_rule_name(event: CEvent) -> str:
+    """Why the event's mode is in force: '' (the default), `uid N` or `cgroup PATH`."""
+    if event.mode_rule == ModeRule.UID:
+        return f"uid {event.uid}"
+    if event.mode_rule == ModeRule.CGROUP:
+        return "cgroup " + CGROUP_NAMES.get(event.mode_cgroup, f"id {event.mode_cgroup}")
+    return ""
 
 
 # --- the value ------------------------------------------------------------------------------
@@ -143,6 +158,9 @@ class Decision:
     exe: str = ""
     """The process's executable: for an exec, the file itself; otherwise /proc/TGID/exe read
     when the event arrived ('' if the process was already gone, e.g. killed)."""
+    mode_rule: str = ""
+    """The service rule that set `mode` (`uid 1001`, `cgroup /system.slice/x.service`); ''
+    for the default mode (and always in `run`)."""
 
     @property
     def denied(self) -> bool:
@@ -180,6 +198,7 @@ class Decision:
             backend=backend_name,
             reason=reason_name(hook, event.reason),
             exe=exe,
+            mode_rule=mode_rule_name(event),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,6 +218,7 @@ class Decision:
             "exe": self.exe,
             "mode": _enum_name(self.mode),
             "backend": self.backend,
+            **({"mode_rule": self.mode_rule} if self.mode_rule else {}),
         }
 
     @classmethod
@@ -220,6 +240,7 @@ class Decision:
             backend=str(d["backend"]),
             reason=str(d["reason"]),
             exe=str(d.get("exe", "")),
+            mode_rule=str(d.get("mode_rule", "")),
         )
 
 

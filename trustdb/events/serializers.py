@@ -43,6 +43,7 @@ def render_text(d: Decision) -> str:
         f"{when} {_VERDICT_WORD[d.verdict]} {_enum_name(d.hook)} {what}"
         f" by {d.comm}[{d.tgid}]{exe} uid={d.uid} ppid={d.ppid} ({d.reason})"
         f" dev={_dev_str(d.dev)} ino={d.ino} {_enum_name(d.mode)}/{d.backend}"
+        + (f" rule=[{d.mode_rule}]" if d.mode_rule else "")
     )
 
 

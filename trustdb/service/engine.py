@@ -42,6 +42,9 @@ from trustdb.events import Decision
 from trustdb.first_seen import NO_INTERPRETERS, OpenTrust
 from trustdb.first_seen_handler import FirstSeenHandler, HandlerConfig, HandlerError
 from trustdb.libbpf import RingBuffer
+from trustdb.policy.model import ServiceRules
+from trustdb.service.modes import MAP_NAMES as MODE_MAPS
+from trustdb.service.modes import ModeMaps, ResolvedModes, TaskModes, resolve
 from trustdb.service.pins import PinError, PinRecord, PinStore, object_sha256
 
 MAP_ENTRIES_ENV = "TRUSTDB_MAP_ENTRIES"
@@ -78,9 +81,11 @@ class ServiceEngine:
         *,
         pins: PinStore | None = None,
         trust_hook: Callable[[OpenTrust], OpenTrust] | None = None,
+        modes: ServiceRules | None = None,
     ) -> None:
         """`trust_hook` wraps how the first-seen handler opens the database (trusted
-        installers answer for what they are writing right now)."""
+        installers answer for what they are writing right now). `modes`: the policy's
+        per-uid and per-cgroup modes (trustdb.service.modes), `config.mode` the default."""
         from trustdb import events
         from trustdb.dbrecords import DatabaseError
 
@@ -98,6 +103,8 @@ class ServiceEngine:
         self._engine_closers = Closers()
         """The loaded (or adopted) engine's fds: replaced when the map grows."""
         self._record: PinRecord | None = None
+        self._modes = modes or ServiceRules()
+        self._mode_maps: ModeMaps | None = None
         self._ring: RingBuffer | None = None
         self._sink: events.EventSink | None = None
         self.report: StartReport | None = None
@@ -176,7 +183,7 @@ class ServiceEngine:
     def _adopt(self, record: PinRecord) -> tuple[int, bool]:
         from trustdb.mirror import Mirror
 
-        maps = self._pins.open_maps(record, ("trusted_inodes", "events"))
+        maps = self._pins.open_maps(record, ("trusted_inodes", "events", *MODE_MAPS))
         for m in maps.values():
             self._engine_closers.append(functools.partial(os.close, m.fd))
         if maps["trusted_inodes"].max_entries:
@@ -189,6 +196,8 @@ class ServiceEngine:
         self._mirror.adopt(record.generation, keys)
         self._record = dataclasses.replace(record, daemon_pid=os.getpid())
         self._forget_vouching()  # the group named there was the last daemon's handler
+        self._mode_maps = ModeMaps(maps["mode_uids"], maps["mode_cgroups"])
+        self.apply_modes()
         self._start_handler(sink)
         resynced = self._mirror.refresh() is not None
         self._save()
@@ -205,6 +214,9 @@ class ServiceEngine:
         chosen = engine.backend
         if not isinstance(chosen, BpfBackend):
             raise BackendError(f"{chosen.name}: cannot be pinned")
+        # Before the pins go up: a restart adopts the maps as they are.
+        self._mode_maps = ModeMaps(chosen.map("mode_uids"), chosen.map("mode_cgroups"))
+        self.apply_modes()
         try:
             instance, where = self._pins.new_instance()
             chosen.pin(where)
@@ -246,6 +258,7 @@ class ServiceEngine:
         handler = FirstSeenHandler(HandlerConfig(
             open_trust=self._open_trust(), keys=sink, is_confined=None,
             enforce=self._config.mode == Mode.ENFORCE, interpreters=NO_INTERPRETERS,
+            enforce_for=self._task_modes(),
             db_option=self._db_option))
         try:
             handler.start()
@@ -286,6 +299,27 @@ class ServiceEngine:
               flush=True)
         self._start_handler(self._mirror.sink)  # type: ignore[arg-type]
         return True
+    # --- per-uid and per-cgroup modes
+
+    def _task_modes(self) -> Callable[[int], bool] | None:
+        maps = self._mode_maps
+        if maps is None:
+            return None
+        return TaskModes(maps.uids, maps.cgroups, self._config.mode).enforce_for
+
+    def apply_modes(self, rules: ServiceRules | None = None) -> bool:
+        """Resolve the rules (the policy's, or `rules` after a reload) against the cgroups that
+        exist now and write them into the kernel. True when a map changed."""
+        if rules is not None:
+            self._modes = rules
+        if self._mode_maps is None:
+            return False
+        return self._mode_maps.apply(resolve(self._modes, self._config.mode))
+
+    @property
+    def modes(self) -> ResolvedModes | None:
+        """The modes in force (None before the engine runs)."""
+        return self._mode_maps.current if self._mode_maps else None
 
     def _save(self) -> None:
         if self._record is None:
