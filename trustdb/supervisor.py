@@ -40,6 +40,7 @@ from trustdb.backends.interface import BackendError, EngineConfig, Scope
 from trustdb.confine import hardening
 from trustdb.confine.filesystem import FilesystemSetup, dns_relay_wanted, plan_for
 from trustdb.confine.git_guard import GitGuard
+from trustdb.confine.new_repos import NewRepoGuard
 from trustdb.confine.programs import (
     interpreter_digests,
     interpreter_names,
@@ -184,9 +185,12 @@ def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: De
     engine: Engine | None = None
     relay: TerminalRelay | None = None
     git_guard: GitGuard | None = None
+    new_repos: NewRepoGuard | None = None
     released = False
     try:
         confine.start_watcher(cgroup)
+        new_repos = NewRepoGuard(fs.resolved.read_write, lambda line: print(
+            line, file=reporter.out, flush=True))  # before the tree starts
         relay = TerminalRelay.open_if_terminal()
         setup = confine.ExecSetup(
             deny_write_execute=not policy.jit and mdwe,
@@ -254,6 +258,8 @@ def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: De
                 relay.close()
             if git_guard is not None:
                 git_guard.close()
+            if new_repos is not None:
+                new_repos.close()  # the tree is gone (its cgroup was removed)
 
 
 def _supervise(child: confine.ConfinedChild, engine: Engine, signals: _Signals,

@@ -36,7 +36,9 @@ COMMON_HOLES: tuple[str, ...] = (
     ("git-redirect-window: a new .git/commondir, config.worktree or gitdir planted in a "
     "protected .git is removed one inotify round trip after it appears; a git started by the "
     "user outside in that moment would read it; a repository the tree creates itself (git "
-    "init) has the tree's config and hooks"),
+    "init, a bare one, a .git file) is disarmed when the run ends (config, hooks, commondir "
+    "moved aside, its .git handed to uid nobody, which git's discovery refuses), but while "
+    "the run lasts a git started outside there runs them"),
     ("git-nested-repos: a submodule entry of a protected repository that the tree added or "
     "whose config, hooks or redirects it changed is set aside at the end of the run (its .git "
     "renamed), since the user's next `git status` would enter it with its own config; until "

@@ -53,7 +53,9 @@ class LsmBackend(BpfBackend):
         "files named like scripts (.py .pyc .pl .pm .rb .sh .js .lua .php .tcl); the script a "
         "command line names by any other name (a symlink, /dev/fd/N, evil.zip on PYTHONPATH, "
         "awk -f, BASH_ENV) is refused by the supervisor's fanotify handler instead (EPERM as "
-        "well; it stops judging if the supervisor dies, the kernel check does not)"),
+        "well; it stops judging if the supervisor dies, the kernel check does not); the kernel "
+        "check cannot see a multi-call binary's applet, so `busybox cat x.sh` is refused here "
+        "(a false denial; the tracepoint backend's handler reads the applet and allows it)"),
         ("execstack-kill: an executable stack is found after exec's point of no return: the "
         "process is killed (SIGKILL), not refused with EPERM"),
         ("exec-inodes-lru: files mapped executable in the tree are remembered in a 65536-entry "
