@@ -168,6 +168,12 @@ class TaskModes:
 
     def __init__(self, uids: BpfMap, cgroups: BpfMap, default: Mode,
                  root: Path | None = None) -> None:
+        # Everything is imported and found now, in the parent: the handler it runs in must
+        # open no file of a marked filesystem (it would wait for its own answer).
+        if root is None:
+            from trustdb.confine.cgroup import cgroup2_root
+
+            root = cgroup2_root()
         self._uids = uids
         self._cgroups = cgroups
         self._default = default
@@ -183,10 +189,6 @@ class TaskModes:
             cgroup = _cgroup_of(pid)
         except (OSError, ValueError):
             return Mode.ENFORCE
-        if self._root is None:
-            from trustdb.confine.cgroup import cgroup2_root
-
-            self._root = cgroup2_root()
         parts = [p for p in cgroup.split("/") if p][:MODE_DEPTH - 1]
         for depth in range(len(parts), -1, -1):  # the deepest listed ancestor wins
             try:
