@@ -368,6 +368,10 @@ class ServiceEngine:
         handler = self._handler
         assert self._sink is not None
         for denial in handler.denials() if handler is not None else ():
+            if not denial.denied and self._config.mode == Mode.ENFORCE:
+                # Let through by a per-uid or per-cgroup audit rule: the kernel's own event
+                # for the same exec follows, naming the rule.
+                continue
             decision = _first_seen_decision(denial, self._config.mode, self.backend_name)
             for consume in self._sink.consumers:
                 try:
