@@ -1,13 +1,15 @@
 """Git repositories the confined tree creates itself (`git init`, a planted `.git` file, a bare
-repository), handed to nobody when the run ends so that the user's git outside refuses them.
+repository, a nested repository registered in the outer index), disarmed when the run ends.
 
 The git guard (trustdb.confine.git_guard) and the `protected` names keep the user's existing
 repositories' config and hooks read-only. A repository the tree makes has the tree's config
 (core.fsmonitor, core.pager, aliases) and hooks, which the user's next `git status` there
-would run, unconfined. Git (2.35.2+) refuses any repository whose git directory, `.git` file
-or work tree is owned by another user ("dubious ownership", safe.directory), before it reads
-its config: so each new one is given to uid nobody (not recursively: the tree's files keep
-their owner), and a line says how to take it back after reading its config and hooks.
+would run, unconfined, including from the outer repository (`git status` enters a submodule
+entry with GIT_DIR set, which skips git's ownership check). So, for each new one: its config,
+config.worktree, commondir and hooks are moved aside (`NAME.trustdb-untrusted`; a minimal
+config takes config's place), and its `.git` is given to uid nobody (not recursively) so that
+git's own discovery refuses it too ("dubious ownership", safe.directory). A line says what was
+moved and how to take it back after reading it.
 
 New means: not there, by path and inode, when the run started (a walk of the read-write
 grants, before the tree starts). What stays: the user's git, run outside while the tree is
@@ -19,9 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import stat
 from collections.abc import Callable, Iterable, Sequence
 
 NOBODY = 65534
+SUFFIX = ".trustdb-untrusted"
+DISARMED = ("config", "config.worktree", "commondir", "hooks")
+"""What makes git run or read something else: moved aside in a new repository."""
 
 
 def git_entries(tops: Iterable[str]) -> dict[str, tuple[int, int]]:
@@ -56,22 +63,52 @@ class NewRepoGuard:
         self._before = git_entries(self._grants)
 
     def close(self) -> list[str]:
-        """Give every repository the tree created to nobody; the paths handed over."""
+        """Disarm every repository the tree created; the paths of their git directories."""
         handed = []
         for path, ident in git_entries(self._grants).items():
             if self._before.get(path) == ident:
                 continue
             try:
                 st = os.lstat(path)
-                if st.st_uid == NOBODY:
-                    continue
-                os.lchown(path, NOBODY, NOBODY)
+                git_dir = _git_dir_of(path, st)
+                moved = _disarm(git_dir) if git_dir else []
+                if st.st_uid != NOBODY:
+                    os.lchown(path, NOBODY, NOBODY)
             except OSError:
                 continue
             handed.append(path)
             self._report(
-                f"trustdb: {path} is a git repository the confined tree created: it now "
-                f"belongs to nobody, so git refuses it (its config and hooks are the tree's "
-                f"and would run outside). Read them, then: chown {st.st_uid}:{st.st_gid} "
-                f"'{path}'")
+                f"trustdb: {path} is a git repository the confined tree created: its "
+                f"{', '.join(moved) or 'git directory'} would run outside (also from the outer "
+                f"repository's git status), so they were moved aside ({SUFFIX}) and it belongs "
+                f"to nobody, which git refuses. Read them, then: chown {st.st_uid}:{st.st_gid} "
+                f"'{path}' and move them back")
         return handed
+
+
+def _git_dir_of(path: str, st: os.stat_result) -> str:
+    """The git directory of a new `.git` entry or bare repository ('' for a `.git` file: what
+    it points at is the tree's own directory, found by the walk when inside the grants)."""
+    return path if stat.S_ISDIR(st.st_mode) else ""
+
+
+def _disarm(git_dir: str) -> list[str]:
+    moved = []
+    for name in DISARMED:
+        src = os.path.join(git_dir, name)
+        if not os.path.lexists(src):
+            continue
+        dst = src + SUFFIX
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                shutil.rmtree(dst)
+            elif os.path.lexists(dst):
+                os.unlink(dst)
+        os.rename(src, dst)
+        moved.append(name)
+    bare = os.path.basename(git_dir) != ".git"
+    fd = os.open(os.path.join(git_dir, "config"), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                 | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"[core]\n\trepositoryformatversion = 0\n\tbare = {str(bare).lower()}\n")
+    return moved
