@@ -53,6 +53,7 @@ from trustdb.first_seen_marks import (
 from trustdb.held_stderr import HeldStderrs
 from trustdb.inline_code import inline_refusal, interpreter_program, is_libc, listed
 from trustdb.model import FileKind, InodeKey
+from trustdb.script_args import runs_data_applet
 from trustdb.script_files import ScriptFiles
 from trustdb.write_opens import TRUNCATE, opening_for_write, opening_paths
 
@@ -431,6 +432,8 @@ class Serve:
         except OSError:
             return False
         interpreter, at = program
+        if os.path.basename(interpreter).startswith("busybox") and runs_data_applet(ev.pid, at):
+            return False  # `busybox cat x.sh` reads it: no file a data applet opens is code
         by_name = not listed(interpreter, self.config.interpreters.read_sources)
         identity = (st.st_dev, st.st_ino)
         return (is_script_for(path, head, identity, (), by_name=by_name)

@@ -316,6 +316,16 @@ def busybox_applet(argv: list[str]) -> tuple[str, list[str]]:
     return base, argv
 
 
+def runs_data_applet(pid: int, at: int = 0) -> bool:
+    """Whether busybox (task `pid`, its argv at `at` in its cmdline) runs an applet that reads
+    its operands as data: then no file it opens is code (`busybox cat x.sh`). In doubt, no."""
+    try:
+        argv = read_nul_list(f"/proc/{pid}/cmdline")[at:]
+    except OSError:
+        return False
+    return bool(argv) and busybox_applet(argv)[0] in BUSYBOX_DATA_APPLETS
+
+
 def script_plan(argv: list[str], env: Mapping[str, str], name: str) -> ScriptPlan:
     """Everything an interpreter started as `argv` with `env` loads as code. `name` is what
     the interpreter *is* (the name its trusted content was recorded under), never argv[0] or
