@@ -12,11 +12,13 @@ servers of the host's /etc/resolv.conf. The tree's /etc/resolv.conf names only t
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import random
 import socket
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 PORT = 53
@@ -34,10 +36,17 @@ def host_nameservers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
     return [f[1] for f in (ln.split() for ln in lines) if len(f) >= 2 and f[0] == "nameserver"]
 
 
-def _loopback_address() -> str:
-    """127.53.X.Y from our pid: no clash with resolvers on 127.0.0.1 / 127.0.0.53."""
+BIND_TRIES = 64
+
+
+def _loopback_addresses() -> Iterator[str]:
+    """127.53.X.Y (no clash with resolvers on 127.0.0.1 / 127.0.0.53): first from our pid, then
+    at random (pid_max reaches 4M, so two runs' pids can share their low 16 bits)."""
     pid = os.getpid()
-    return f"127.53.{(pid >> 8) & 0xFF}.{max(pid & 0xFF, 1)}"
+    yield f"127.53.{(pid >> 8) & 0xFF}.{max(pid & 0xFF, 1)}"
+    rng = random.SystemRandom()
+    for _ in range(BIND_TRIES - 1):
+        yield f"127.53.{rng.randrange(256)}.{rng.randrange(1, 255)}"
 
 
 class DnsRelay:
@@ -45,7 +54,7 @@ class DnsRelay:
 
     def __init__(self, upstream: Sequence[str]) -> None:
         self.upstream = [u for u in upstream if u]
-        self.address = _loopback_address()
+        self.address = ""
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
@@ -56,7 +65,19 @@ class DnsRelay:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.set_inheritable(False)
-        s.bind((self.address, PORT))
+        for address in _loopback_addresses():
+            try:
+                s.bind((address, PORT))
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    s.close()
+                    raise
+                continue  # another run's relay (or anything) holds it: another address
+            self.address = address
+            break
+        else:
+            s.close()
+            raise OSError(errno.EADDRINUSE, f"no free 127.53.x.y:{PORT} in {BIND_TRIES} tries")
         s.listen(16)
         s.settimeout(0.5)
         self._listener = s

@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 from trustdb.fanotify import FanotifyError
 from trustdb.first_seen import Checked, Outcome, is_script_for
+from trustdb.system_trees import PREFIXES as SYSTEM_TREE_PREFIXES
 
 
 class HandlerError(FanotifyError):
@@ -28,13 +30,22 @@ SKIP_FSTYPES = frozenset(
 """Filesystems nobody executes from (or that cannot be marked)."""
 
 
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def unescape_mount_point(field: bytes) -> str:
+    """A mountinfo path field: the kernel writes space, tab, newline and backslash as \\ooo
+    octal escapes and every other byte as it is (UTF-8 names stay bytes: /media/u/Müll)."""
+    return os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field))
+
+
 def _mountinfo(path: str) -> Iterator[tuple[str, str, list[str]]]:
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line in f:
             fields = line.split()
-            sep = fields.index("-")
-            mnt = fields[4].encode().decode("unicode_escape")
-            yield mnt, fields[sep + 1], fields[5].split(",")
+            sep = fields.index(b"-")
+            yield (unescape_mount_point(fields[4]), os.fsdecode(fields[sep + 1]),
+                   os.fsdecode(fields[5]).split(","))
 
 
 def tree_mounts(pid: int) -> list[str]:
@@ -45,11 +56,24 @@ def tree_mounts(pid: int) -> list[str]:
         raise HandlerError(f"pid {pid} shares this process's mount namespace: not marking "
                            "the host's mounts")
     out: list[str] = []
-    for mnt, fstype, opts in _mountinfo(f"/proc/{pid}/mountinfo"):
-        if fstype in SKIP_FSTYPES or "noexec" in opts:
+    for mnt, fstype, _ in _mountinfo(f"/proc/{pid}/mountinfo"):
+        if fstype in SKIP_FSTYPES:
             continue
-        out.append(f"/proc/{pid}/root{mnt}")
+        out.append(f"/proc/{pid}/root{mnt}")  # noexec too: `python3 /tmp/evil.py` (see mask_for)
     return out
+
+
+def mask_for(target: str, perm_mask: int, open_mask: int, *, interpreters: bool) -> int:
+    """The permission events to mark `target` with: a noexec mount runs no exec and maps no
+    code, but an interpreter may still load a script from it (`python3 /dev/shm/evil.py`), so
+    it gets open events while interpreters are judged, and none otherwise (0)."""
+    try:
+        noexec = bool(os.statvfs(target).f_flag & os.ST_NOEXEC)
+    except OSError:
+        return perm_mask
+    if not noexec:
+        return perm_mask
+    return open_mask if interpreters else 0
 
 
 def host_filesystems(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
@@ -69,11 +93,10 @@ def host_filesystems(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
     return out
 
 
-SYSTEM_TREES = ("/usr/", "/lib/", "/lib64/", "/lib32/", "/libx32/", "/bin/", "/sbin/", "/etc/",
-                "/opt/")
-"""Trusted files here keep full ignore marks even on a writable mount: every exec opens
-them, so watching their opens for writes would put round trips on every exec. Refusing writes
-there is the mount plan's job (read-only system trees inside `run`)."""
+# Trusted files in the system trees (trustdb.system_trees) keep full ignore marks even on a
+# writable mount: every exec opens them, so watching their opens for writes would put round
+# trips on every exec. Refusing writes there is the mount plan's job (read-only system trees
+# inside `run`, and `run` refuses a writable grant inside one).
 
 
 def watch_writes(fd: int) -> bool:
@@ -81,7 +104,7 @@ def watch_writes(fd: int) -> bool:
     writable and it lies outside the system trees (the workdir, tmp, /dev/shm, a home)."""
     if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
         return False
-    return not event_path(fd).startswith(SYSTEM_TREES)
+    return not event_path(fd).startswith(SYSTEM_TREE_PREFIXES)
 
 
 def may_vouch(fd: int, *, writes_refused: bool) -> bool:
@@ -129,5 +152,6 @@ def event_path(fd: int) -> str:
         return f"fd {fd}"
 
 
-__all__ = ["SKIP_FSTYPES", "SYSTEM_TREES", "HandlerError", "event_path", "host_filesystems",
-           "settled_data", "tree_mounts", "watch_writes"]
+__all__ = ["SKIP_FSTYPES", "HandlerError", "event_path", "host_filesystems",
+           "mask_for", "settled_data", "tree_mounts", "unescape_mount_point",
+           "watch_writes"]

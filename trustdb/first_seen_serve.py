@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import mmap
 import os
 import select
 import signal
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -46,6 +48,7 @@ from trustdb.first_seen import (
 from trustdb.first_seen_marks import (
     HandlerError,
     event_path,
+    mask_for,
     may_vouch,
     settled_data,
     watch_writes,
@@ -184,14 +187,20 @@ class Serve:
         self.generation = trust.generation
         marked = 0
         for target in targets:
+            mask = mask_for(target, PERM_MASK, FAN_OPEN_PERM,
+                            interpreters=bool(self.config.interpreters))
+            if not mask:
+                continue
             try:
                 if how == "mount":
-                    perm.mark_mount(target, PERM_MASK)
+                    perm.mark_mount(target, mask)
                 else:
-                    perm.mark_filesystem(target, PERM_MASK)
+                    perm.mark_filesystem(target, mask)
                 marked += 1
-            except FanotifyError:
-                continue  # an overmounted or vanished mount point
+            except FanotifyError as e:
+                if e.errno != errno.ENOENT:  # a vanished mount point is no gap; say the rest
+                    print(f"trustdb: first-seen handler: {target} not marked: {e}",
+                          file=sys.stderr, flush=True)
         if not marked:
             raise HandlerError("no mount could be marked")
         self.perm, self.changes = perm, changes

@@ -34,7 +34,6 @@ from types import FrameType
 from typing import TextIO
 
 from trustdb import confine
-from trustdb.policy import load as policies
 from trustdb.abi import Mode
 from trustdb.backends.interface import BackendError, EngineConfig, Scope
 from trustdb.confine import hardening
@@ -52,7 +51,9 @@ from trustdb.confine.pty import TerminalRelay
 from trustdb.db import DEFAULT_DB
 from trustdb.dns_relay import DnsRelay, host_nameservers
 from trustdb.first_seen import Interpreters
+from trustdb.policy import load as policies
 from trustdb.policy.model import Policy, ScriptJudgement
+from trustdb.policy.paths import resolve
 from trustdb.session import (
     REFRESH_INTERVAL_S,
     CachedDigest,
@@ -63,9 +64,7 @@ from trustdb.session import (
     default_engine,
 )
 from trustdb.state import EngineState, publish_state, withdraw_state
-
-SYSTEM_TREES = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/opt", "/boot")
-"""Never inside a workdir: a policy's $WORKDIR is writable."""
+from trustdb.system_trees import writable_grant_error
 
 KILL_GRACE_S = 2.0
 """After forwarding SIGINT/SIGTERM, how long CMD gets before the tree is killed. CMD is the init
@@ -147,9 +146,9 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
     signals.install()
     policy = options.policy or policies.load(policies.DEFAULT_POLICY)
     workdir = os.path.realpath(options.workdir or os.getcwd())
-    if any(t == workdir or t.startswith(workdir.rstrip("/") + "/") for t in SYSTEM_TREES):
-        raise SupervisorError(f"the workdir {workdir} holds system trees (it would be writable "
-                              "inside): start run in a project directory, or give --workdir DIR")
+    refusal = writable_grant_error([workdir, *resolve(policy.filesystem, workdir).read_write])
+    if refusal:
+        raise SupervisorError(refusal)
     dns = DnsRelay(host_nameservers()) if dns_relay_wanted(policy) else None
     resolv_conf = ""
     if dns is not None:
@@ -229,6 +228,11 @@ def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: De
             memory = "W^X by the kernel programs only (no PR_SET_MDWE before Linux 6.3)"
         print(f"trustdb: policy {policy.name}; {fs.mechanism}; {memory}", file=reporter.out,
               flush=True)
+        if policy.trust_compiler_outputs:
+            print(f"trustdb: note: policy {policy.name} sets [compilers] trust_outputs, which "
+                  "only the service applies (trustdb daemon): inside run, what a compiler writes "
+                  "is judged like any other file (trust it with `trustdb trust`)",
+                  file=reporter.out, flush=True)
         try:
             child.release()
         except confine.ConfineError:

@@ -8,6 +8,7 @@ directory (its mandatory deny list: .git/hooks, .git/config, shell rc files, ...
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.attacks.conftest import inline_code
-from tests.engine.test_run import run_confined, workdir_of
+from tests.engine.test_run import TRUSTDB, run_confined, workdir_of
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -121,3 +122,23 @@ def test_submodule_the_tree_did_not_touch_is_kept(interpreters_db: Path,
     got = run_confined(interpreters_db, "echo ran", run_env)
     assert "ran" in got.out and "set aside" not in got.err, (got.out, got.err)
     assert (repo / "dep" / ".git").is_dir()
+
+
+def test_absent_user_site_cannot_be_planted(interpreters_db: Path,
+                                           run_env: dict[str, str]) -> None:
+    """With the workdir at $HOME, a user site dir that does not exist yet is no way to plant a
+    .pth for the next `trustdb` started without -I: it is made empty and bound read-only."""
+    home = workdir_of(run_env)
+    env = dict(run_env, HOME=str(home))
+    user_site = subprocess.run([sys.executable, "-c",
+                                "import site; print(site.getusersitepackages())"],
+                               env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert user_site.startswith(str(home)) and not os.path.exists(user_site)
+    (home / "plant.txt").write_text("import os\n")
+    plant = (f"/usr/bin/busybox mkdir -p {user_site} ; "
+             f"cp plant.txt {user_site}/evil.pth ; echo done")
+    got = subprocess.run([*TRUSTDB, "run", "--db", str(interpreters_db), "--", "sh", "-c", plant],
+                         env=env, cwd=home, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert "done" in got.stdout, (got.stdout, got.stderr)
+    assert not os.path.exists(os.path.join(user_site, "evil.pth")), got.stderr

@@ -36,10 +36,33 @@ def runtime_paths() -> list[str]:
         paths.add(os.path.dirname(os.path.realpath(sys.argv[0])))
     user_site = site.getusersitepackages()
     if user_site:
+        _make_absent_dir(user_site)  # absent, it could be made and filled inside the tree
         paths.add(user_site)
     out = {os.path.realpath(p) for p in paths if os.path.exists(p)}
     # /usr and the like are read-only through the policy already; bind only what is not.
     return sorted(p for p in out if p != "/")
+
+
+def _make_absent_dir(path: str) -> None:
+    """Create `path` (empty, owned like its nearest existing parent) so that it can be bound
+    read-only: the user site dir (~/.local/lib/pythonX.Y/site-packages) that did not exist at
+    start would otherwise be created by the tree, when the workdir is $HOME, with a .pth in it
+    that runs at the next `trustdb` started without -I. An empty dir there changes nothing for
+    Python."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.lexists(p) and p != "/":
+        missing.append(p)
+        p = os.path.dirname(p)
+    if not missing or not os.path.isdir(p):
+        return
+    st = os.stat(p)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o755)
+            os.chown(d, st.st_uid, st.st_gid)
+        except OSError:
+            return
 
 
 @dataclass(frozen=True)
