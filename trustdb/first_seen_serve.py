@@ -373,8 +373,9 @@ class Serve:
             mask = verdict.ignore_mask
             if (self.config.interpreters and checked.outcome not in (Outcome.KNOWN,
                                                                       Outcome.INSERTED)
-                    and not settled_data(ev.fd, checked)):
-                mask = 0  # a file read as data now may be loaded as a script later
+                    and checked.key is not None and not settled_data(ev.fd, checked)):
+                mask = 0  # a file read as data now may be loaded as a script later (a device
+                # or FIFO, key None, is never judged as content: its marks stay)
             if self.config.interpreters.deny_inline and is_libc(event_path(ev.fd)):
                 mask &= FAN_OPEN_EXEC_PERM  # its opens are where inline code is refused
             if mask and known and may_vouch(ev.fd,
