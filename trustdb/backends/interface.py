@@ -28,7 +28,13 @@ COMMON_HOLES: tuple[str, ...] = (
     ("interpreter-args: an interpreter's script is the file its command line names, read as "
     "that interpreter reads it (trustdb.script_args): an option we do not know that takes a "
     "separate value is judged both ways; a trusted script that itself runs a file it reads "
-    "(exec(open(x).read()), source \"$1\") is trusted code choosing to do so"),
+    "(exec(open(x).read()), source \"$1\") is trusted code choosing to do so; the name an "
+    "open was given is read from the opener's syscall on x86_64 only (elsewhere a name "
+    "swapped under the open is caught only when the handler's own look sees the same file), "
+    "and a shell's rc files are matched by the file their name reaches at the handler's look"),
+    ("noexec-service: the service marks exec-capable filesystems only, so a script on a "
+    "filesystem mounted only noexec (python3 /dev/shm/evil.py) is not judged by the service; "
+    "`run` marks the tree's noexec mounts for open events while interpreters are judged"),
     ("read-sources: for the interpreters a policy lists in read_sources (agent: node, which "
     "reads the project's sources as data) a file named like a script is judged only when "
     "their command line names it: a trusted tool's require() of an untrusted module in the "
