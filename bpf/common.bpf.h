@@ -139,6 +139,26 @@ static __always_inline __u32 td_program_flags(struct task_struct *task)
  * otherwise a trusted file exec'd right after a chmod was killed now and then. Stores through
  * a shared-writable mapping raise no FS_MODIFY: the handler adds the bit only where no writer
  * in scope can change the bytes (trustdb.first_seen_marks.may_vouch). */
+/* fsnotify_group.priority is an unsigned int up to 6.x and an enum fsnotify_group_prio later:
+ * CO-RE refuses an int/enum kind mismatch, so read it through the flavour the kernel has (6.1
+ * failed to load the whole object otherwise). */
+struct fsnotify_group___prio_enum {
+	enum fsnotify_group_prio priority;
+} __attribute__((preserve_access_index));
+
+struct fsnotify_group___prio_int {
+	unsigned int priority;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u32 td_group_priority(struct fsnotify_group *group)
+{
+	if (bpf_core_field_exists(struct fsnotify_group___prio_enum, priority))
+		return BPF_CORE_READ((struct fsnotify_group___prio_enum *)group, priority);
+	if (bpf_core_field_exists(struct fsnotify_group___prio_int, priority))
+		return BPF_CORE_READ((struct fsnotify_group___prio_int *)group, priority);
+	return 0;
+}
+
 static __always_inline bool td_vouched_by_handler(struct inode *inode)
 {
 	__u32 zero = 0;
@@ -158,7 +178,7 @@ static __always_inline bool td_vouched_by_handler(struct inode *inode)
 		 * group may be allocated there before userspace forgets it. Only a permission-class
 		 * group (priority above notification) counts, and only CAP_SYS_ADMIN creates one
 		 * (an unprivileged fanotify_init gets FAN_CLASS_NOTIF; `run` denies fanotify). */
-		if ((__u64)group == g->group && BPF_CORE_READ(group, priority) > 0 &&
+		if ((__u64)group == g->group && td_group_priority(group) > 0 &&
 		    !BPF_CORE_READ(group, shutdown) &&
 		    (BPF_CORE_READ(mark, ignore_mask) & TD_VOUCHED_BIT))
 			return true;
