@@ -299,19 +299,16 @@ static __always_inline void td_event_init(struct td_event *e, struct task_struct
 		__builtin_memset(&e->file, 0, sizeof(e->file));
 	e->hook = hook;
 	e->verdict = verdict;
-	e->mode = td_task_mode(task);
+	/* A denial's mode is what its verdict says (td_deny chose it with td_mode_of, which left
+	 * the rule in td_mode_last); no second lookup here: stack is short on 6.1. */
+	e->mode = verdict == TD_AUDIT_DENY ? TD_MODE_AUDIT :
+		  verdict == TD_DENY ? TD_MODE_ENFORCE : td_cfg.mode;
 	e->mode_rule = TD_MODE_RULE_DEFAULT;
 	e->mode_cgroup = 0;
 	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
-	if (td_cfg.scope_cgroup_id == 0) {
-		struct td_mode_choice *c;
-		__u32 zero = 0;
-
-		c = bpf_map_lookup_elem(&td_mode_scratch, &zero);
-		if (c) {
-			e->mode_rule = c->rule;
-			e->mode_cgroup = c->cgroup;
-		}
+	if (td_cfg.scope_cgroup_id == 0 && verdict != TD_ALLOW) {
+		e->mode_rule = td_mode_last.rule;
+		e->mode_cgroup = td_mode_last.cgroup;
 	}
 	e->backend = td_cfg.backend;
 	e->reason = reason;

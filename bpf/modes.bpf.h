@@ -25,36 +25,30 @@ struct {
 	__type(value, __u8);
 } mode_uids SEC(".maps");
 
-/* The last answer of td_mode_of() on this CPU: what td_event_init() copies into an event. */
+/* The last answer of td_mode_of(): what td_event_init() copies into an event. A global, not
+ * a per-CPU map, so that reading it costs no map lookup and no stack (the tracepoint object is
+ * at the 512-byte combined stack limit on 6.1). Two CPUs deciding at once may mix the *names*
+ * of their rules in the log; the mode each decision acts on is td_mode_of()'s return value. */
 struct td_mode_choice {
 	__u64 cgroup;
 	__u8 mode;
 	__u8 rule;
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct td_mode_choice);
-} td_mode_scratch SEC(".maps");
+struct td_mode_choice td_mode_last = {};
 
 /* The mode of a task in cgroup `cgroup_ptr` (a struct cgroup *, as a number so this is a
  * global function, verified once) with real uid `uid` and effective uid `euid`: the deepest
  * listed ancestor (the longest path prefix) wins; else the uid's rule, where an audit rule
  * counts only if the effective uid is in audit too (a setuid-root program run by an audit
- * user is judged as root); else td_config.mode. The answer is also left in td_mode_scratch. */
+ * user is judged as root); else td_config.mode. The answer is also left in td_mode_last. */
 __noinline int td_mode_of(__u64 cgroup_ptr, __u32 uid, __u32 euid)
 {
 	struct cgroup *cg = (struct cgroup *)cgroup_ptr, *anc;
-	struct td_mode_choice *c;
-	__u32 zero = 0;
+	struct td_mode_choice *c = &td_mode_last;
 	__u8 *rule;
 	int level;
 
-	c = bpf_map_lookup_elem(&td_mode_scratch, &zero);
-	if (!c)
-		return td_cfg.mode;
 	c->mode = td_cfg.mode;
 	c->rule = TD_MODE_RULE_DEFAULT;
 	c->cgroup = 0;
