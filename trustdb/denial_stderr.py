@@ -11,7 +11,9 @@ The tree is root and hostile and chooses what its fd 2 is. So a copy is only eve
 pidfd_getfd (no open, so no fanotify event of our own and no path lookup in the tree's
 namespace), only of a description open for writing (we write nothing the tree could not write
 itself), and only of kinds whose writes are harmless and bounded:
-- a pipe: pwritev2(RWF_NOWAIT), which never blocks (EAGAIN when full);
+- a pipe: pwritev2(RWF_NOWAIT), which never blocks (EAGAIN when full) where the kernel
+  supports it for pipes; where it answers EOPNOTSUPP (6.18 here) a writer thread as below
+  (a splice can hold the pipe's lock, which even a non-blocking write waits for);
 - a unix or IP socket: send(MSG_DONTWAIT); never netlink or packet sockets, whose sends
   are checked against the *sender's* capabilities;
 - a named FIFO, a terminal, a regular file on a local disk filesystem (ext4, xfs, btrfs,
@@ -31,6 +33,7 @@ import contextlib
 import fcntl
 import os
 import select
+import signal
 import socket
 import stat as statmod
 import threading
@@ -191,15 +194,22 @@ def tell_live_holder(tgid: int, ppid: int, line: str, *, cgroup: str,
     """After a BPF kill: the killed process if it still exists, else its parent, provided it
     is inside the run's `cgroup` (never a process outside the tree)."""
     for pid in (tgid, ppid):
-        if pid <= 1 or not _in_cgroup(pid, cgroup):
+        if pid <= 1:
             continue
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = os.pidfd_open(pid)  # first: the pid cannot be reused while we hold it
         except OSError:
             continue
         try:
+            # The cgroup check then names the process the pidfd holds; if that process had
+            # already exited, the pid may be another's: a signal 0 through the pidfd says.
+            if not _in_cgroup(pid, cgroup):
+                continue
+            signal.pidfd_send_signal(pidfd, 0)
             if write_to_stderr_of(pidfd, line, is_trusted):
                 return True
+        except OSError:
+            continue
         finally:
             os.close(pidfd)
     return False

@@ -112,15 +112,14 @@ def may_vouch(fd: int, *, writes_refused: bool) -> bool:
     (VOUCHED_BIT)? Only where no writer in scope can change the bytes unseen: the kernel drops
     the mark on FS_MODIFY, but a store through a shared-writable mapping raises none, so a
     vouched file that anyone may map writable could run new code under an old mark.
-    - a read-only mount: nothing in this namespace can write it;
-    - `run` (`writes_refused`): every write open of trusted content in a watched file is
-      refused, so only an unwatched (read-only or system-tree) file cannot gain a writer;
-    - the service: root-owned and writable by nobody else (root may stop the service anyway)."""
+    - `run` (`writes_refused`): a read-only mount of the tree's namespace (the tree can make
+      no mount: seccomp), or a watched file, whose write opens are all refused;
+    - the service: root-owned and writable by nobody else (root may stop the service anyway).
+      A read-only mount proves nothing there: any user can make a read-only bind view of their
+      own file in a user namespace while it stays writable through its own path."""
     try:
-        if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
-            return True
         if writes_refused:
-            return watch_writes(fd)
+            return bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY) or watch_writes(fd)
         st = os.fstat(fd)
     except OSError:
         return False

@@ -53,9 +53,9 @@ from trustdb.first_seen_marks import (
     settled_data,
     watch_writes,
 )
-from trustdb.held_stderr import HeldStderrs
+from trustdb.held_stderr import HeldStderrs, may_be_killed
 from trustdb.inline_code import inline_refusal, interpreter_program, is_libc, listed
-from trustdb.model import FileKind, InodeKey
+from trustdb.model import InodeKey
 from trustdb.script_args import runs_data_applet
 from trustdb.script_files import ScriptFiles
 from trustdb.write_opens import TRUNCATE, opening_for_write, opening_paths
@@ -383,7 +383,8 @@ class Serve:
                 mask |= VOUCHED_BIT  # the BPF side may trust it if only its ctime moves
             if mask:
                 self._ignore(ev.fd, checked, mask)
-            if verdict.allow and self.config.enforce and _may_be_killed(ev.fd, checked, is_exec):
+            if (verdict.allow and self.config.enforce and self._run_tree
+                    and may_be_killed(ev.fd, checked, is_exec)):
                 key = checked.key
                 self.held.hold(ev.pid, pidfd, key.dev if key else 0, key.ino if key else 0,
                                checked.digest)
@@ -449,6 +450,17 @@ class Serve:
         return (is_script_for(path, head, identity, (), by_name=by_name)
                 or self.script_files.is_code(ev.pid, interpreter, identity, at))
 
+    @property
+    def _run_tree(self) -> bool:
+        """A `run` tree's handler. The service's never touches a task's fd 2: any user can
+        point it at a FUSE file whose fstat never returns, which would stall every open on the
+        host; its decisions go to the journal, and the task gets its EPERM."""
+        return self.config.is_confined is not None
+
+    def _tell_task(self, pidfd: int, line: str) -> None:
+        if self._run_tree:
+            write_to_stderr_of(pidfd, line, self._is_trusted_inode)
+
     def _refuse_inline(self, ev: Event, pidfd: int, refusal: str) -> bool:
         """deny_inline (trustdb.inline_code): the interpreter's C library open is refused."""
         enforce = self.config.enforce
@@ -457,7 +469,7 @@ class Serve:
                 "interpreter (deny_inline); put the code in a trusted file")
         self.counts["denied"] += enforce
         if enforce:
-            write_to_stderr_of(pidfd, line, self._is_trusted_inode)
+            self._tell_task(pidfd, line)
         key = InodeKey.from_stat(os.fstat(ev.fd))
         denial = Denial(ev.pid, refusal, key.dev, key.ino, "inline", enforce)
         with contextlib.suppress(OSError):
@@ -489,25 +501,10 @@ class Serve:
         if checked.digest is not None and what != "write":
             line += f" (content blake3 {checked.digest.hex()})"
         if denied:
-            write_to_stderr_of(pidfd, line, self._is_trusted_inode)
+            self._tell_task(pidfd, line)
         denial = Denial(ev.pid, path, key.dev if key else 0, key.ino if key else 0, what, denied)
         with contextlib.suppress(OSError):
             os.write(self.report, b"D " + json.dumps(_asdict(denial)).encode() + b"\n")
-
-
-def _may_be_killed(fd: int, checked: Checked, is_exec: bool) -> bool:
-    """Whether the BPF programs may kill the opener next (so its stderr is worth holding):
-    it execs what we could not judge, or opens untrusted ELF code that can be mapped (a
-    shared object or executable: what ld.so, dlopen and ctypes open before mmap; an object
-    file or core dump is only ever read)."""
-    if is_exec:
-        return checked.outcome == Outcome.UNDECIDED
-    if checked.outcome != Outcome.UNTRUSTED or checked.kind != FileKind.ELF:
-        return False
-    try:
-        return os.pread(fd, 2, 16) in (b"\x02\x00", b"\x03\x00")  # e_type ET_EXEC, ET_DYN
-    except OSError:
-        return False
 
 
 def _asdict(d: Denial) -> dict[str, object]:

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trustdb.denial_stderr import IsTrusted, copy_of_stderr, write_line
+from trustdb.first_seen import Checked, Outcome
+from trustdb.model import FileKind
 
 MAX_HELD = 128
 """Processes whose stderr is held at once (two fds each); past that, no copy is taken."""
@@ -158,3 +160,18 @@ class HeldStderrs:
 
 
 __all__ = ["HeldStderrs", "RingPositions"]
+
+
+def may_be_killed(fd: int, checked: Checked, is_exec: bool) -> bool:
+    """Whether the BPF programs may kill the opener next (so its stderr is worth holding):
+    it execs what we could not judge, or opens untrusted ELF code that can be mapped (a
+    shared object or executable: what ld.so, dlopen and ctypes open before mmap; an object
+    file or core dump is only ever read)."""
+    if is_exec:
+        return checked.outcome == Outcome.UNDECIDED
+    if checked.outcome != Outcome.UNTRUSTED or checked.kind != FileKind.ELF:
+        return False
+    try:
+        return os.pread(fd, 2, 16) in (b"\x02\x00", b"\x03\x00")  # e_type ET_EXEC, ET_DYN
+    except OSError:
+        return False

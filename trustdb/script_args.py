@@ -83,7 +83,8 @@ class _Syntax:
 _PYTHON = _Syntax(inline="c", with_value="WX", stops="m", interactive="i",
                   long_with_value=("--check-hash-based-pycs",),
                   code_modules=("timeit", "code", "pdb", "idlelib", "idlelib.idle", "cProfile",
-                                "profile", "trace", "asyncio"),
+                                "profile", "trace", "asyncio",
+                                "pickle"),  # loading a pickle calls what it names: os.system
                   file_modules=("doctest", "runpy", "pyclbr", "compileall", "py_compile"))
 _SHELL = _Syntax(inline="c", with_value="oO", stdin="s", interactive="i",
                  long_with_value=("--rcfile", "--init-file"),

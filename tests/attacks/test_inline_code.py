@@ -48,6 +48,9 @@ def deny_inline_policy(tmp_path: Path) -> Path:
     f"echo 'print(\"{MARK}\")' | PYTHONINSPECT=1 {PYTHON} /dev/null",
     f"perl '-Mstrict;print \"{MARK}\\n\"' /dev/null",
     f"PERL5OPT='-Mstrict;print \"{MARK}\\n\";' perl /dev/null",
+    # A pickle is code: loading it calls what it names (second review: this ran os.system).
+    f"printf \"cos\\nsystem\\n(S'echo {MARK}'\\ntR.\" > evil.pkl && {PYTHON} -m pickle evil.pkl",
+    f"printf \"cos\\nsystem\\n(S'echo {MARK}'\\ntR.\" | {PYTHON} -m pickle",
 ])
 def test_inline_code_refused(interpreters_db: Path, run_env: dict[str, str],
                              deny_inline_policy: Path, command: str) -> None:

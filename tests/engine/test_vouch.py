@@ -83,9 +83,18 @@ def read_only_view(tmp_path: Path, binary: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(view)], check=False)
 
 
-def test_a_read_only_mount_vouches_whoever_owns_the_file(binary: Path, read_only_view: Path
-                                                         ) -> None:
+def test_a_read_only_mount_of_the_tree_vouches_whoever_owns_the_file(
+        binary: Path, read_only_view: Path) -> None:
+    """In `run` the read-only mounts are ours: the tree can make no mount."""
     os.chown(binary, 1000, 1000)
     binary.chmod(0o777)
-    assert _vouch(read_only_view, writes_refused=False)
     assert _vouch(read_only_view, writes_refused=True)
+
+
+def test_the_service_ignores_a_read_only_view_of_a_writable_file(
+        binary: Path, read_only_view: Path) -> None:
+    """The attack (second review): a user makes a read-only bind view of their own copy of a
+    trusted binary (unshare -Urm), execs it through the view, then rewrites it through
+    MAP_SHARED on its writable path. A mount flag is the view's, not the file's."""
+    os.chown(binary, 1000, 1000)
+    assert not _vouch(read_only_view, writes_refused=False)

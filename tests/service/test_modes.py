@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,6 +165,32 @@ def test_task_modes_choose_as_the_kernel_does(
             proc.kill()
             proc.wait()
     assert modes.mode_of(procs[0][0].pid) == Mode.ENFORCE  # gone: fail closed
+
+
+def test_a_setuid_root_program_of_an_audit_user_is_enforced_when_root_is(
+        tree: Path, maps: tuple[ModeMaps, TracepointBackend]) -> None:
+    """Default audit, uid 1001 in audit, root listed as enforce: a program uid 1001 runs with
+    euid 0 (setuid root) is judged as root, enforced, as the kernel judges it (ENFORCE is 0:
+    a lookup that found it must not read as "no rule")."""
+    m, _ = maps
+    rules = ServiceRules(mode=AUDIT, per_uid=MappingProxyType({1001: AUDIT, 0: ENFORCE}))
+    m.apply(resolve(rules, Mode.AUDIT, CGROUP2))
+    modes = TaskModes(m.uids, m.cgroups, Mode.AUDIT, CGROUP2)
+    proc = subprocess.Popen(
+        ["sh", "-c", (f"echo $$ > {tree / 'plain'}/cgroup.procs && exec setpriv --ruid 1001 "
+                      "--euid 0 sleep 30")])
+    try:
+        for _ in range(200):
+            with open(f"/proc/{proc.pid}/status") as f:
+                if any(line.split()[:3] == ["Uid:", "1001", "0"] for line in f):
+                    break
+            time.sleep(0.02)
+        else:
+            pytest.fail("the setuid-like task never had ruid 1001, euid 0")
+        assert modes.mode_of(proc.pid) == Mode.ENFORCE
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_decisions_name_the_rule() -> None:

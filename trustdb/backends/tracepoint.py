@@ -34,7 +34,10 @@ class TracepointBackend(BpfBackend):
         "PR_SET_MDWE so that W+X mappings fail before the kernel programs see them; the "
         "denial line of a kill reaches the killed tool's own stderr through a copy the "
         "first-seen handler took at the library's open, except for code with no open the "
-        "handler sees (a memfd): then its parent's stderr, if it is alive in the tree",
+        "handler sees (a memfd): then its parent's stderr, if it is alive in the tree; a tree "
+        "that stalls the handler's few writer threads (a splice holding its own stderr "
+        "pipe's lock) silences its own later lines there: they still reach the supervisor's "
+        "stderr and the log",
         "scripts-in-userspace: `#!` scripts and interpreters' script files are judged by "
         "fanotify permission events in the supervisor, not in the kernel (at sched_process_exec "
         "the kernel has already swapped a script for its interpreter)",

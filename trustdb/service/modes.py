@@ -201,9 +201,10 @@ class TaskModes:
         mode = self._lookup_uid(uid)
         if mode is None:
             return self._default
-        if mode == Mode.AUDIT and euid != uid and (self._lookup_uid(euid) or self._default) \
-                != Mode.AUDIT:
-            return Mode.ENFORCE
+        if mode == Mode.AUDIT and euid != uid:
+            effective = self._lookup_uid(euid)  # ENFORCE is 0: test None, as the kernel does
+            if (self._default if effective is None else effective) != Mode.AUDIT:
+                return Mode.ENFORCE
         return mode
 
     def enforce_for(self, pid: int) -> bool:
