@@ -166,6 +166,8 @@ class Serve:
         self.backlog: deque[Event] = deque()
         """Permission events read but not answered yet (see `_answer_parent`)."""
         self.parent = 0
+        self.deciding_for = 0
+        """The pid whose event is being decided (no question to the daemon about its own)."""
 
     def run(self, targets: list[str], how: str) -> int:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -182,7 +184,8 @@ class Serve:
         trust = self.config.open_trust()
         serve_while_waiting = getattr(trust, "serve_while_waiting", None)
         if serve_while_waiting is not None:
-            serve_while_waiting(perm.fd, self._answer_parent)
+            serve_while_waiting(perm.fd, self._answer_parent,
+                                lambda: self.deciding_for != self.parent)
         self.first_seen = FirstSeen(trust, self.config.keys)
         self.generation = trust.generation
         marked = 0
@@ -315,6 +318,7 @@ class Serve:
             return
         allow = True
         self._fail_closed = False
+        outer, self.deciding_for = self.deciding_for, ev.pid
         try:
             self.counts["events"] += 1
             self.counts["exec_events"] += bool(ev.mask & FAN_OPEN_EXEC_PERM)
@@ -331,6 +335,7 @@ class Serve:
                 with contextlib.suppress(OSError):
                     os.write(self.report, f"E {type(e).__name__}: {e}\n".encode()[:4000])
         finally:
+            self.deciding_for = outer
             try:
                 self.perm.respond(ev.fd, allow)
             finally:

@@ -361,6 +361,7 @@ class _InstallerAwareTrust:
         """With trusted compiler outputs: a miss may be what a compiler closed a moment ago."""
         self._asking = False
         self._serve: tuple[int, Callable[[], None]] | None = None
+        self._may_ask: Callable[[], bool] = lambda: True
 
     @property
     def generation(self) -> int:
@@ -369,17 +370,20 @@ class _InstallerAwareTrust:
     def digest_cache(self):  # type: ignore[no-untyped-def]
         return self._db.digest_cache()
 
-    def serve_while_waiting(self, fd: int, serve: Callable[[], None]) -> None:
+    def serve_while_waiting(self, fd: int, serve: Callable[[], None],
+                            may_ask: Callable[[], bool]) -> None:
         """While a question is out, call `serve` whenever `fd` (the handler's permission group)
         is readable, and once at the start: the daemon may be blocked in an open that waits for
-        the handler, and must be answered before it can answer us."""
+        the handler, and must be answered before it can answer us. `may_ask` is False while
+        the event being decided is the daemon's own (it cannot answer while it waits on us)."""
         self._serve = (fd, serve)
+        self._may_ask = may_ask
 
     def is_trusted(self, digest: bytes) -> bool:
         if self._db.is_trusted(digest):
             return True
-        if self._ask is None or self._asking:
-            return False  # asking: an event of the daemon's own, answered while it answers us
+        if self._ask is None or self._asking or not self._may_ask():
+            return False  # the daemon's own event: it is blocked until we answer it
         if not self._always_ask and not any(WINDOW_DIR.glob("*.open")):  # a stat and a readdir
             return False
         self._seq += 1
@@ -395,17 +399,24 @@ class _InstallerAwareTrust:
             self._asking = False
         return False
 
+    def _serve_daemon(self) -> None:
+        """One failed answer must not cost the question channel (is_trusted closes it on
+        OSError): the handler counts its own errors."""
+        assert self._serve is not None
+        with contextlib.suppress(Exception):
+            self._serve[1]()
+
     def _answer(self, seq: bytes, deadline: float) -> bool:
         assert self._ask is not None
         poller = select.poll()
         poller.register(self._ask.fileno(), select.POLLIN)
         if self._serve is not None:
             poller.register(self._serve[0], select.POLLIN)
-            self._serve[1]()  # the daemon's events already read with the one being decided
+            self._serve_daemon()  # its events already read with the one being decided
         while (left := deadline - time.monotonic()) > 0:
             ready = {fd for fd, _ in poller.poll(max(1, int(left * 1000)))}
             if self._serve is not None and self._serve[0] in ready:
-                self._serve[1]()
+                self._serve_daemon()
             if self._ask.fileno() in ready:
                 try:
                     answer = self._ask.recv(_SEQ + 1, socket.MSG_DONTWAIT)
