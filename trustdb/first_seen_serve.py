@@ -53,6 +53,7 @@ from trustdb.first_seen_marks import (
     settled_data,
     watch_writes,
 )
+from trustdb.first_seen_process import close_inherited, forget_parent_lmdb_envs, realtime
 from trustdb.held_stderr import HeldStderrs, may_be_killed
 from trustdb.inline_code import inline_refusal, interpreter_program, is_libc, listed
 from trustdb.model import InodeKey
@@ -64,7 +65,6 @@ PERM_MASK = FAN_OPEN_EXEC_PERM | FAN_OPEN_PERM
 CHANGE_MASK = FAN_ATTRIB | FAN_MOVE_SELF
 GENERATION_POLL_S = 1.0
 START_TIMEOUT_S = 30.0
-REALTIME_PRIORITY = 10
 
 STATS_NAMES = ("events", "exec_events", "unconfined", "hashed", "inserted", "denied", "ignored",
           "ignore_flushes", "errors")
@@ -111,43 +111,6 @@ class HandlerConfig:
 # --- the handler process ------------------------------------------------------------------------
 
 
-def _close_inherited(keep: set[int]) -> None:
-    """Close what the supervisor held (pipes of the confined child, BPF links and programs),
-    keeping BPF maps and `keep`: a handler must not keep the tree's gate or links alive."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd <= 2 or fd in keep:
-            continue
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:bpf-map":
-                continue
-            os.close(fd)
-        except OSError:
-            continue
-
-
-def _realtime() -> None:
-    """Run as a real-time task: a chmod, link or rename of a watched file is followed by an exec
-    within a fork's time, and the ignore marks must be gone before that exec opens the file.
-    The handler only ever sleeps in poll between events, and the kernel's RT throttling caps a
-    runaway anyway."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
-
-
-def _forget_parent_lmdb_envs() -> None:
-    """py-lmdb refuses a second open of an environment "in this process" by remembering the
-    open ones in memory, which fork copies. LMDB's own rule is the opposite: a forked child
-    must not use the parent's environment (its fcntl locks stayed with the parent) and must
-    open its own. Key the guard by our pid so that this process's one open goes through."""
-    try:
-        import lmdb._envid as envid
-    except ImportError:  # an older py-lmdb: no such guard
-        return
-    pid = os.getpid()
-    envid.env_keys = lambda path, subdir: (("first-seen handler", pid, os.fsdecode(path)),)
-
-
 class Serve:
     def __init__(self, config: HandlerConfig, stats: mmap.mmap, ctl: int, report: int) -> None:
         self.config = config
@@ -175,12 +138,12 @@ class Serve:
         if self.parent == 1:
             return 1
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards ^C to the tree
-        _realtime()
+        realtime()
         perm = Fanotify.permission()
         changes = Fanotify.inode_changes()
         inherited = getattr(self.config.open_trust, "inherited_fds", ())
-        _close_inherited({self.ctl, self.report, perm.fd, changes.fd, *inherited})
-        _forget_parent_lmdb_envs()
+        close_inherited({self.ctl, self.report, perm.fd, changes.fd, *inherited})
+        forget_parent_lmdb_envs()
         trust = self.config.open_trust()
         serve_while_waiting = getattr(trust, "serve_while_waiting", None)
         if serve_while_waiting is not None:
