@@ -324,6 +324,7 @@ static __always_inline void td_event_init(struct td_event *e, struct task_struct
  * bytes at any offset below TD_PATH_LEN provably stays inside. */
 struct td_path_buf {
 	char buf[2 * TD_PATH_LEN];
+	__u64 names[TD_PATH_DEPTH]; /* d_name.name of each component, leaf first */
 };
 
 struct {
@@ -334,12 +335,13 @@ struct {
 } td_path_scratch SEC(".maps");
 
 /* State of one path walk, shared by the two bpf_loop() callbacks below. Kernel pointers are kept
- * as plain numbers: they are only ever read through BPF_CORE_READ (probe reads). */
+ * as plain numbers: they are only ever read through BPF_CORE_READ (probe reads). The component
+ * names live in td_path_scratch, not here: this struct is on td_file_path()'s stack, which is in
+ * the deepest call chain of handle_mmap_unlock (6.1 counts 512 bytes for the whole chain). */
 struct td_path_walk {
 	__u64 dentry; /* struct dentry *: the next component to name */
 	__u64 mount; /* struct mount *: the mount that dentry lives in */
 	__u64 root_dentry, root_mnt; /* the task's root (chroot, pivot_root) */
-	__u64 names[TD_PATH_DEPTH]; /* d_name.name of each component, leaf first */
 	__u32 n; /* components collected */
 	__u32 pos; /* bytes written to the scratch buffer */
 };
@@ -351,8 +353,13 @@ static long td_path_up(__u64 i, void *arg)
 	struct td_path_walk *w = arg;
 	struct dentry *d = (struct dentry *)w->dentry, *parent;
 	struct mount *m = (struct mount *)w->mount, *mparent;
+	struct td_path_buf *out;
+	__u32 zero = 0;
 
 	if (w->n >= TD_PATH_DEPTH)
+		return 1;
+	out = bpf_map_lookup_elem(&td_path_scratch, &zero);
+	if (!out)
 		return 1;
 	if (w->dentry == w->root_dentry && (__u64)&m->mnt == w->root_mnt)
 		return 1; /* the task's root: paths are relative to it, as d_path() makes them */
@@ -365,7 +372,7 @@ static long td_path_up(__u64 i, void *arg)
 		return 0;
 	}
 	parent = BPF_CORE_READ(d, d_parent);
-	w->names[w->n & (TD_PATH_DEPTH - 1)] = (__u64)BPF_CORE_READ(d, d_name.name);
+	out->names[w->n & (TD_PATH_DEPTH - 1)] = (__u64)BPF_CORE_READ(d, d_name.name);
 	w->n++;
 	if (!parent || parent == d)
 		return 1; /* a dentry of its own (memfd, pipe): just its name */
@@ -393,7 +400,7 @@ static long td_path_down(__u64 i, void *arg)
 	asm volatile("" : "+r"(off));
 	off &= TD_PATH_LEN - 1;
 	len = bpf_probe_read_kernel_str(&out->buf[off], TD_PATH_LEN,
-					(const void *)w->names[(w->n - 1 - i) & (TD_PATH_DEPTH - 1)]);
+					(const void *)out->names[(w->n - 1 - i) & (TD_PATH_DEPTH - 1)]);
 	if (len <= 1)
 		return 1;
 	w->pos = off + len - 1;
