@@ -123,7 +123,7 @@ class Serve:
         self._fail_closed = False
         """The event being decided is a confined task's non-exec open (see _on_permission)."""
         self.vouched = False
-        """The BPF side reads our ignore marks (bpf/common.bpf.h, td_vouched_by_handler)."""
+        """The BPF side reads our ignore marks (bpf/vouch.bpf.h, td_vouched_by_handler)."""
         self.ctl_buffer = b""
         self.stopping = False
         self.backlog: deque[Event] = deque()

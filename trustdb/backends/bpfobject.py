@@ -285,7 +285,7 @@ class BpfBackend(Backend):
     def vouch_by(self, tgid: int, fd: int) -> bool:
         """Let the ignore marks of the fanotify group at fd `fd` of process `tgid` (the
         first-seen handler) vouch for inodes whose key moved without their content changing
-        (bpf/common.bpf.h, td_vouched_by_handler). Returns whether the group was found.
+        (bpf/vouch.bpf.h, td_vouched_by_handler). Returns whether the group was found.
         `tgid` 0 forgets the group (call it when the handler stops)."""
         if self._obj is None:
             raise BackendError(f"{self.name}: not loaded")

@@ -271,7 +271,7 @@ class ServiceEngine:
     def _forget_vouching(self) -> None:
         """Zero the pinned `first_seen_group`: the group it names is no handler of ours (the
         last daemon's, or one that died), and its freed memory may hold another group soon
-        (bpf/common.bpf.h, td_vouched_by_handler). This daemon's new handler does not vouch:
+        (bpf/vouch.bpf.h, td_vouched_by_handler). This daemon's new handler does not vouch:
         a trusted file chmod'ed by root is then asked about again."""
         assert self._record is not None
         try:
