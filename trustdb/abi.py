@@ -123,7 +123,7 @@ class CFirstSeenGroup(ctypes.Structure):
 
 VOUCHED_BIT = 0x08
 """FAN_CLOSE_WRITE in an ignore mask of the first-seen handler's group: this inode's content
-was verified as trusted and has not been modified since (bpf/common.bpf.h)."""
+was verified as trusted and has not been modified since (bpf/vouch.bpf.h)."""
 
 
 class CConfig(ctypes.Structure):

@@ -18,7 +18,7 @@ and xattr change ctime (part of the key) without clearing them, so a second grou
 ignored inode for FAN_ATTRIB / FAN_MOVE_SELF and drops every ignore mark when one fires (the
 next open of each file asks again), until the BPF side recognises this handler's group: then
 an ignore mark carrying VOUCHED_BIT vouches for the inode's unmodified content even after its
-key went stale (bpf/common.bpf.h), and the marks stay. A change of the database generation
+key went stale (bpf/vouch.bpf.h), and the marks stay. A change of the database generation
 drops every mark.
 
 Modules: this one (the parent's side: fork, ready line, denials, counters, stop),
