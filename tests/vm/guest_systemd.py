@@ -88,6 +88,8 @@ def _cleanup() -> Iterator[None]:
         from trustdb.service.pins import PinStore
 
         PinStore().unpin_all()
+        if (WORK / "src").is_mount():
+            subprocess.run(["umount", "-l", str(WORK / "src")], check=False)
 
 
 class NeverRuns:
@@ -116,6 +118,19 @@ class NeverRuns:
         self._thread.join(timeout=120)
 
 
+def _repo_the_unit_sees() -> Path:
+    """The unit has PrivateTmp=yes, so a checkout under /tmp (a CI clone made there) is
+    invisible to the daemon: such a checkout is bind-mounted, read-only, under WORK (same
+    inodes, so the same trusted keys)."""
+    if not any(REPO.is_relative_to(t) for t in ("/tmp", "/var/tmp")):
+        return REPO
+    view = WORK / "src"
+    view.mkdir(exist_ok=True)
+    subprocess.run(["mount", "--bind", str(REPO), str(view)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+    return view
+
+
 def test_install_the_unit_and_a_database() -> None:
     import tests.vm.guest_service as gs
     from trustdb.db import TrustDB
@@ -127,7 +142,7 @@ def test_install_the_unit_and_a_database() -> None:
     shutil.copy(REPO / "packaging" / "trustdb.service", UNIT_DIR / "trustdb.service")
     (UNIT_DIR / "trustdb.service.d").mkdir(exist_ok=True)
     (UNIT_DIR / "trustdb.service.d" / "vm.conf").write_text(DROP_IN.format(
-        repo=REPO, db=DB, work=WORK, py=sys.executable))
+        repo=_repo_the_unit_sees(), db=DB, work=WORK, py=sys.executable))
     assert sh("systemctl", "daemon-reload").returncode == 0
     gs.ADMINDIR = WORK / "dpkg"
     admindir = gs.trimmed_admindir()
