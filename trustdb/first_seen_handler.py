@@ -166,14 +166,6 @@ class FirstSeenHandler:
         first-seen copies any more. Seen by `denials()` (its report pipe reads end of file)."""
         return self._gone
 
-    def alive(self) -> bool:
-        if not self._pid:
-            return False
-        try:
-            return os.waitpid(self._pid, os.WNOHANG) == (0, 0)
-        except ChildProcessError:
-            return False
-
     def stop(self) -> None:
         """End the handler; the kernel then allows what is pending (the BPF programs still
         decide). Idempotent."""
