@@ -115,25 +115,42 @@ static __always_inline __u8 td_check_vma(struct task_struct *task, int hook,
 
 #define TD_MAX_RUN 64
 
+/* One step of td_check_run: judge the mapping at `*addr` if it starts below `end`, and move
+ * `*addr` to its end. Returns -1 if no mapping there starts below `end`, else the verdict.
+ * A global function: the verifier checks it once, not once per iteration of the walk (the
+ * walk inlined it 64 times: 290k instructions verified, 0.27 s of every `trustdb run`). */
+__noinline int td_check_run_step(int hook, __u64 end, __u64 *addr)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct vm_area_struct *vma;
+	int verdict;
+
+	if (!addr)
+		return -1;
+	vma = td_vma_lookup(task->mm, *addr);
+	if (!vma || BPF_CORE_READ(vma, vm_start) >= end)
+		return -1;
+	verdict = td_check_vma(task, hook, vma, hook == TD_HOOK_MPROTECT);
+	*addr = BPF_CORE_READ(vma, vm_end);
+	return verdict;
+}
+
 /* Check the run of adjacent mappings of the current task that starts at `addr` and overlaps
  * [addr, end) (an mprotect, remap_file_pages). Returns -1 if no mapping is at `addr`, else
  * the verdict (TD_ALLOW when all passed). A global function: verified once. */
 __noinline int td_check_run(int hook, __u64 addr, __u64 end)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
-	struct mm_struct *mm = task->mm;
-	struct vm_area_struct *vma;
+	__u64 next = addr;
 	int i, verdict;
 
 	for (i = 0; i < TD_MAX_RUN; i++) {
-		vma = td_vma_lookup(mm, addr);
-		if (!vma || BPF_CORE_READ(vma, vm_start) >= end)
+		verdict = td_check_run_step(hook, end, &next);
+		if (verdict < 0)
 			return i == 0 ? -1 : TD_ALLOW;
-		verdict = td_check_vma(task, hook, vma, hook == TD_HOOK_MPROTECT);
 		if (verdict != TD_ALLOW)
 			return verdict;
-		addr = BPF_CORE_READ(vma, vm_end);
-		if (addr >= end)
+		if (next >= end)
 			return TD_ALLOW;
 	}
 	/* A range with more mappings than we walk (an mprotect over a huge area): fail closed. */
