@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import blake3
 
+from trustdb.mapped import Update, hash_mapped
 from trustdb.model import FileDigests, FileKind, InodeKey
 
 CHUNK = 1 << 20
@@ -217,36 +218,60 @@ def _hash_large(
     want_md5: bool,
     threads: bool = True,
 ) -> tuple[FileDigests, int]:
-    """Chunked reads into one reused buffer; every hasher releases the GIL on chunks this big.
-    A very large file also lets blake3 use its own threads (it still reads the file once)."""
-    b3 = blake3.blake3(max_threads=blake3.blake3.AUTO if threads and st.st_size >= HUGE_FILE else 1)
+    """From a mapping where that is safe (`trustdb.mapped`: no copy), else chunked reads into
+    one reused buffer; every hasher releases the GIL on chunks this big. A very large file also
+    lets blake3 use its own threads (it still reads the file once)."""
+    threaded = threads and st.st_size >= HUGE_FILE
+    if threaded:
+        _note_threads()
+    b3 = blake3.blake3(max_threads=blake3.blake3.AUTO if threaded else 1)
     sha = hashlib.sha256() if want_sha256 else None
     md5 = hashlib.md5(usedforsecurity=False) if want_md5 else None
+    head = bytearray()
+
+    def keep_head(chunk: memoryview) -> None:  # the kind comes from the bytes hashed
+        if len(head) < 4:
+            head.extend(chunk[: 4 - len(head)])
+
+    updates = [keep_head] + [h.update for h in (b3, sha, md5) if h is not None]
     buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    head = b""
-    size = 0
-    while True:
-        n = os.readv(fd, [buf])
-        if not n:
-            break
-        chunk = view[:n]
-        if not head:
-            head = bytes(chunk[:4])
-        size += n
-        b3.update(chunk)
-        if sha is not None:
-            sha.update(chunk)
-        if md5 is not None:
-            md5.update(chunk)
+    size = hash_mapped(fd, st.st_size, updates, buf)
+    if size is None:
+        size = _feed_reads(fd, updates, buf)
     digests = FileDigests(
         blake3=b3.digest(),
         size=size,
-        kind=classify(head, st.st_mode, name),
+        kind=classify(bytes(head), st.st_mode, name),
         sha256=sha.digest() if sha is not None else None,
         md5=md5.digest() if md5 is not None else None,
     )
     return digests, size
+
+
+def _feed_reads(fd: int, updates: list[Update], buf: bytearray) -> int:
+    """Read to the end of the file, `buf` at a time. -> bytes read."""
+    view = memoryview(buf)
+    size = 0
+    while n := os.readv(fd, [buf]):
+        chunk = view[:n]
+        for update in updates:
+            update(chunk)
+        size += n
+    return size
+
+
+_threads_started = False
+
+
+def _note_threads() -> None:
+    global _threads_started
+    _threads_started = True
+
+
+def threads_started() -> bool:
+    """Whether this process has hashed with blake3's own threads. Its thread pool does not
+    survive a fork: a child forked after this must never use them (see trustdb.hashpool)."""
+    return _threads_started
 
 
 HashResult = tuple[str, HashedFile | HashingError]

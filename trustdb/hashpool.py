@@ -43,7 +43,9 @@ from trustdb.hashing import (
     NotExecutable,
     classify,
     hash_file,
+    threads_started,
 )
+from trustdb.mapped import allow_mapping
 from trustdb.model import FileDigests, FileKind, InodeKey
 
 BATCH = 128
@@ -70,7 +72,8 @@ class HashRequest:
     want_md5: bool = False
     executable_only: bool = False
     threads: bool = True
-    """blake3's own threads for huge files; a worker process always hashes without them."""
+    """blake3's own threads for huge files (a worker forked after the parent used them never
+    does: see `_serve`)."""
 
 
 Packed = tuple[bytes, int, int, bytes | None, bytes | None, tuple[int, int, int, int], bool, float]
@@ -210,10 +213,12 @@ class HashPool:
         self._procs: list[_Worker] = []
 
     def __enter__(self) -> Self:
+        allow_mapping()  # large files are hashed from mappings, here and in the workers
         if self.workers > 1:
             ctx = multiprocessing.get_context("fork")
+            threads = not threads_started()
             for _ in range(self.workers):
-                self._procs.append(_Worker.start(ctx, self._procs))
+                self._procs.append(_Worker.start(ctx, self._procs, threads))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -261,7 +266,7 @@ class _Worker:
     results: Connection
 
     @classmethod
-    def start(cls, ctx: BaseContext, siblings: list[_Worker]) -> _Worker:
+    def start(cls, ctx: BaseContext, siblings: list[_Worker], threads: bool) -> _Worker:
         task_r, task_w = ctx.Pipe(duplex=False)
         result_r, result_w = ctx.Pipe(duplex=False)
         for conn in (task_w, result_w):
@@ -270,7 +275,7 @@ class _Worker:
         # The child closes its copies of the parent's ends (its own and its older siblings'),
         # so that closing a task pipe in the parent is an EOF its worker sees.
         inherited = [task_w, result_r] + [c for w in siblings for c in (w.tasks, w.results)]
-        proc = ctx.Process(target=_serve, args=(task_r, result_w, inherited), daemon=True)
+        proc = ctx.Process(target=_serve, args=(task_r, result_w, inherited, threads), daemon=True)
         proc.start()
         task_r.close()
         result_w.close()
@@ -304,13 +309,17 @@ class _Worker:
         self.results.close()
 
 
-def _serve(tasks: Connection, results: Connection, inherited: list[Connection]) -> None:
+def _serve(
+    tasks: Connection, results: Connection, inherited: list[Connection], threads: bool
+) -> None:
     """A worker's loop: a batch in, its results out, until the task pipe closes.
 
-    Never blake3's threads here: its thread pool (rayon) is not fork-safe, and a parent that
-    has hashed one huge file in-process owns a pool whose locks a forked child would wait on
-    for ever (seen: a test run hung so)."""
+    blake3's own threads only when `threads`: its thread pool (rayon) is not fork-safe, and a
+    parent that had hashed one huge file in-process before forking owns a pool whose locks a
+    forked child would wait on for ever (seen: a test run hung so). A child forked before the
+    parent ever started that pool starts its own, safely."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and stops us
+    allow_mapping()
     for conn in inherited:
         conn.close()
     while True:
@@ -318,8 +327,10 @@ def _serve(tasks: Connection, results: Connection, inherited: list[Connection]) 
             chunk, request = tasks.recv()
         except (EOFError, OSError):
             return
+        if not threads:
+            request = replace(request, threads=False)
         try:
-            answer: list[PackedResult] | str = hash_batch(chunk, replace(request, threads=False))
+            answer: list[PackedResult] | str = hash_batch(chunk, request)
         except Exception as e:  # noqa: BLE001 (a bug, not a file problem: the parent aborts)
             answer = f"{type(e).__name__}: {e}"
         results.send(answer)

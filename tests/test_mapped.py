@@ -1,0 +1,131 @@
+"""Hashing from a mapping (trustdb.mapped): the same digests as reading, and never a SIGBUS.
+
+The attack that rejected a plain mapping: truncate the file while it is mapped, so that the
+next access past the new end kills the command. Here the truncate must wait for our lease,
+and the hash must end as "changed while being hashed", in a live process."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import pytest
+
+from trustdb import hashing, mapped
+from trustdb.hashing import HashingError, hash_file
+
+SIZE = 8 << 20
+
+
+@pytest.fixture
+def mapping(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Mapping allowed in this (main-thread) test process, windows of 1 MiB; SIGIO restored."""
+    old = signal.getsignal(signal.SIGIO)
+    assert mapped.allow_mapping(), "lease-break-time too short, or a SIGIO handler is set"
+    monkeypatch.setattr(mapped, "WINDOW", 1 << 20)
+    yield
+    mapped._allowed = False
+    signal.signal(signal.SIGIO, old)
+
+
+@pytest.fixture
+def big(tmp_path: Path) -> Path:
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(SIZE))
+    return path
+
+
+def test_mapped_digests_match_reads(mapping: None, big: Path) -> None:
+    mapped_result = hash_file(str(big), want_md5=True, want_sha256=True)
+    mapped._allowed = False
+    read_result = hash_file(str(big), want_md5=True, want_sha256=True)
+    assert mapped_result.digests == read_result.digests
+    assert mapped_result.digests.blake3 == blake3.blake3(big.read_bytes()).digest()
+
+
+def test_a_file_is_really_mapped(mapping: None, big: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards the test above: on this machine (a local filesystem, root) the mapping is used."""
+    fed: list[int] = []
+    real = mapped.hash_mapped
+    monkeypatch.setattr(
+        hashing, "hash_mapped", lambda *a: fed.append(r := real(*a)) or r  # type: ignore[func-returns-value]
+    )
+    hash_file(str(big))
+    assert fed == [SIZE]
+
+
+def test_truncate_while_mapped_waits_and_is_reported(
+    mapping: None, big: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A truncate begun after the first window waits on our lease: we unmap, let go, read the
+    rest, and the shrunk file is reported. Without the lease this process would die of SIGBUS."""
+    truncater = threading.Thread(target=os.truncate, args=(big, 0))
+    real_resident = mapped._resident
+    leased_fd: list[int] = []
+
+    def resident_then_truncate(addr: int, length: int, vec: object) -> bool:
+        if not truncater.is_alive() and not leased_fd:
+            leased_fd.append(1)
+            truncater.start()
+            _wait_for_break(big)
+        return real_resident(addr, length, vec)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mapped, "_resident", resident_then_truncate)
+    with pytest.raises(HashingError, match="changed while being hashed"):
+        hash_file(str(big))
+    truncater.join(timeout=10)
+    assert not truncater.is_alive() and big.stat().st_size == 0
+
+
+def _wait_for_break(path: Path) -> None:
+    """Until the truncate is blocked on a lease (visible in /proc/locks as a breaking lease)."""
+    ino = path.stat().st_ino
+    for _ in range(500):
+        with open("/proc/locks") as f:
+            if any("LEASE" in line and "BREAKING" in line and f":{ino} " in line for line in f):
+                return
+        threading.Event().wait(0.01)
+    raise AssertionError("the truncate never waited on the lease")
+
+
+def test_a_file_open_for_writing_is_read_not_mapped(mapping: None, big: Path) -> None:
+    """The lease is refused while a writer holds the file: then it is read, same digest."""
+    with open(big, "r+b"):
+        fd = os.open(big, os.O_RDONLY)
+        try:
+            assert mapped.hash_mapped(fd, SIZE, [blake3.blake3().update], bytearray(1 << 20)) is None
+        finally:
+            os.close(fd)
+        assert hash_file(str(big)).digests.blake3 == blake3.blake3(big.read_bytes()).digest()
+
+
+def test_pages_not_in_cache_are_read(mapping: None, big: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window whose pages are not resident is read with pread (no fault to the disk)."""
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    read_ranges: list[int] = []
+    real = mapped._feed_range
+    monkeypatch.setattr(
+        mapped, "_feed_range", lambda fd, off, n, u, b: read_ranges.append(off) or real(fd, off, n, u, b)  # type: ignore[func-returns-value]
+    )
+    assert hash_file(str(big)).digests.blake3 == blake3.blake3(big.read_bytes()).digest()
+    assert 0 in read_ranges  # the first window was evicted, so it was read
+
+
+def test_no_mapping_unless_allowed(big: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mapped, "_allowed", False)
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        assert mapped.hash_mapped(fd, SIZE, [blake3.blake3().update], bytearray(1 << 20)) is None
+        assert fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK
+    finally:
+        os.close(fd)
