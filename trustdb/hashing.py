@@ -233,7 +233,7 @@ def _hash_large(
         if len(head) < 4:
             head.extend(chunk[: 4 - len(head)])
 
-    updates = [keep_head] + [h.update for h in (b3, sha, md5) if h is not None]
+    updates: list[Update] = [keep_head] + [h.update for h in (b3, sha, md5) if h is not None]
     buf = bytearray(CHUNK)
     size = hash_mapped(fd, st.st_size, updates, buf)
     if size is None:
