@@ -1,7 +1,8 @@
 """The `trustdb` command. `main` is the entry point; the typer app and its verbs live in
 trustdb.cli.application, imported only after `trustdb.isolation` has decided whether this
 process must first re-exec itself isolated (the CLI's imports are most of a start-up: doing them
-twice doubled `trustdb run`'s)."""
+twice doubled `trustdb run`'s). `run` itself skips them when its command line is plain
+(trustdb.cli.run_verb)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,31 @@ def main() -> None:
     from trustdb import isolation
 
     isolation.reexec_if_required(sys.argv)
-    from trustdb.cli.application import app
-    from trustdb.cli.common import ExitCode
-
     try:
+        _run_fast()  # `run` in its plain forms: without the CLI's imports (never returns)
+        from trustdb.cli.application import app
+
         app(prog_name="trustdb")
     except ImportError as e:
         # libbpf.so.1 is loaded when an engine verb starts; its absence is one line.
         if e.name != "libbpf.so.1":
             raise
+        from trustdb.cli.exitcodes import ExitCode
+
         print(f"trustdb: error: {e}", file=sys.stderr)
         raise SystemExit(ExitCode.FAILED) from None
+
+
+def _run_fast() -> None:
+    """`trustdb run` straight to its work when trustdb.cli.run_verb understands the whole
+    command line (it returns None for anything else: the typer app answers that)."""
+    if "run" not in sys.argv[1:]:
+        return
+    from trustdb.cli import run_verb
+
+    args = run_verb.parse(sys.argv[1:])
+    if args is not None:
+        run_verb.run_command(args)
 
 
 def __getattr__(name: str) -> Any:

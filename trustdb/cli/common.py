@@ -13,41 +13,19 @@ import errno
 import os
 import sys
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
-from trustdb.db import DEFAULT_DB
+from trustdb.cli.exitcodes import (  # noqa: F401  re-exported for the verb modules
+    RUN_NOT_EXECUTABLE,
+    RUN_NOT_FOUND,
+    RUN_SIGNAL_BASE,
+    ExitCode,
+)
+from trustdb.cli.run_verb import default_db, require_database  # noqa: F401  (typer-free)
 from trustdb.dbrecords import BusyError, DatabaseError, DiskFullError, SchemaError
-
-
-class ExitCode(IntEnum):
-    """The exit status of every verb (README: "Exit codes"). `run` exits with CMD's own
-    status instead, or 126, 127, 128+n (see RUN_*)."""
-
-    OK = 0
-    """Done; every file asked about is trusted."""
-    UNTRUSTED = 1
-    """A file is not trusted (check, verify), a command was denied, nothing matched."""
-    USAGE = 2
-    """Bad options or arguments (click's own code for usage errors)."""
-    PARTIAL = 3
-    """Imported or trusted, but some files failed verification and were not trusted."""
-    NO_DATABASE = 4
-    """No trust database at the path given (read verbs never create one)."""
-    NO_PERMISSION = 5
-    """The database, log or kernel interface is not accessible to this user."""
-    BUSY = 6
-    """Another writer holds the database."""
-    FAILED = 7
-    """Any other error: bad input, disk full, the kernel refused, no backend works."""
-
-
-RUN_NOT_EXECUTABLE = 126
-RUN_NOT_FOUND = 127
-RUN_SIGNAL_BASE = 128
 
 
 @dataclass(slots=True)
@@ -63,7 +41,7 @@ class GlobalOptions:
 GLOBAL = GlobalOptions()
 """Set by the root callback at each invocation (trustdb.cli.root)."""
 
-DEFAULT_DB_PATH = Path(os.environ.get("TRUSTDB_DB", str(DEFAULT_DB)))
+DEFAULT_DB_PATH = default_db()
 
 DbOption = Annotated[
     Path,
@@ -139,24 +117,6 @@ def database_error_code(e: BaseException) -> ExitCode:
     if isinstance(e, DatabaseError) and "Permission denied" in str(e):
         return ExitCode.NO_PERMISSION  # lmdb.Error carries no errno, only its text
     return ExitCode.FAILED
-
-
-def require_database(db: Path) -> None:
-    """Read verbs: a path with no database is an error (exit 4), never a new database; one
-    this user may not read is exit 5."""
-    data = db / "data.mdb"
-    try:
-        os.stat(data)
-    except PermissionError:
-        fatal(f"cannot read {db}: permission denied", ExitCode.NO_PERMISSION)
-    except OSError:
-        fatal(
-            f"no trust database at {db} (create one with `trustdb trust` or "
-            "`trustdb import`, or name another with --db)",
-            ExitCode.NO_DATABASE,
-        )
-    if not os.access(data, os.R_OK):
-        fatal(f"cannot read {data}: permission denied", ExitCode.NO_PERMISSION)
 
 
 def prepare_new_database(db: Path, *, quiet: bool) -> None:

@@ -8,23 +8,19 @@ killed it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from trustdb.abi import Mode
-from trustdb.cli import app, db_commands
+from trustdb.cli import app, db_commands, run_verb
 from trustdb.cli.common import (
     DEFAULT_DB_PATH,
-    RUN_NOT_EXECUTABLE,
-    RUN_NOT_FOUND,
     DbOption,
     ExitCode,
     JsonOption,
     fatal,
-    require_database,
 )
 
 # trustdb.supervisor is imported inside each verb: it pulls in libbpf, which the other verbs
@@ -89,73 +85,10 @@ def run(
     (no bpf(), mount, ptrace, module loading, new namespaces, clock changes), and the BPF mark
     follows every descendant wherever it moves. If trustdb dies, the tree dies.
     """
-    _check_command(command)
-    if os.geteuid() != 0:
-        fatal("trustdb run needs root (it loads BPF programs)", ExitCode.NO_PERMISSION)
-    require_database(db)
-    _check_install()
-    from trustdb.policy import load as policies
-    from trustdb.policy.model import Enforcement
-    from trustdb import supervisor
-
-    try:
-        chosen = policies.load(policy_name).with_additions(
-            read=[str(p.absolute()) for p in allow_read or ()],
-            write=[str(p.absolute()) for p in allow_write or ()],
-            jit=[str(p.absolute()) for p in allow_jit or ()],
-            audit=audit,
-        )
-    except policies.PolicyError as e:
-        fatal(str(e), ExitCode.USAGE)
-    supervisor.reexec_isolated()
-    options = supervisor.RunOptions(
-        argv=command,
-        db=db,
-        mode=Mode.AUDIT if chosen.mode == Enforcement.AUDIT else Mode.ENFORCE,
-        backend=backend,
-        policy=chosen,
-        workdir=str((workdir or Path.cwd()).absolute()),
-    )
-    try:
-        status = supervisor.run(options)
-    except supervisor.SupervisorError as e:
-        fatal(str(e))
-    except KeyboardInterrupt:
-        raise typer.Exit(code=130) from None
-    raise typer.Exit(code=status)
-
-
-def _check_install() -> None:
-    """The engine's files are part of the install: say which package is missing, in one line,
-    before blaming the kernel (libbpf.so.1 itself is reported by trustdb.cli.main)."""
-    from trustdb.backends.bpfobject import object_dir
-
-    where = object_dir()
-    if not any(where.glob("*.bpf.o")):
-        fatal(
-            f"no BPF objects in {where}: reinstall trustdb (apt install --reinstall trustdb, "
-            "or pip install --force-reinstall trustdb), run `make bpf` in a source tree, or set "
-            "TRUSTDB_BPF_DIR"
-        )
-
-
-def _check_command(argv: list[str]) -> None:
-    """Exit 127 (not found) or 126 (found, not executable) like a shell, before any setup."""
-    if not argv:
-        fatal("no command given (usage: trustdb run -- CMD ARGS...)", ExitCode.USAGE)
-    name = argv[0]
-    if "/" in name:
-        candidates = [name]
-    else:
-        candidates = [os.path.join(d or ".", name)
-                      for d in os.environ.get("PATH", os.defpath).split(os.pathsep)]
-    found = [c for c in candidates if os.path.exists(c)]
-    if any(os.path.isfile(c) and os.access(c, os.X_OK) for c in found):
-        return
-    if not found:
-        fatal(f"{name}: command not found", RUN_NOT_FOUND)
-    why = "is a directory" if os.path.isdir(found[0]) else "permission denied (not executable)"
-    fatal(f"{found[0]}: {why}", RUN_NOT_EXECUTABLE)
+    run_verb.run_command(run_verb.RunArgs(
+        command=command, audit=audit, backend=backend, policy=policy_name,
+        allow_read=list(allow_read or ()), allow_write=list(allow_write or ()),
+        allow_jit=list(allow_jit or ()), workdir=workdir, db=db))
 
 
 @app.command()
@@ -200,7 +133,7 @@ def backends(as_json: JsonOption = False) -> None:
 
     from trustdb import state
 
-    _check_install()
+    run_verb.check_install()
     rows = state.probe_backends()
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
