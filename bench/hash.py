@@ -3,11 +3,16 @@
 
 1. Hash the same file set (page cache warmed first) with `trustdb trust --all-files` into a
    fresh database, end to end (interpreter start-up and the LMDB commit included), and with
-   `b3sum` (fed through xargs, as a shell user would). Rounds alternate; prints files, bytes,
-   both wall times, the throughput ratio trustdb/b3sum (goal >= 1.0, issue 11), the noise
-   floor (two b3sum runs of one round against each other) and the load average. Done for
-   the many small files of --root (default /usr/lib) and for a few large ones (--large-files
-   files of --large-mb MiB each, created by the bench under /var/tmp).
+   `b3sum` (fed through xargs, as a shell user would: the named baseline). Rounds alternate;
+   prints files, bytes, both wall times and CPU seconds, the throughput ratio trustdb/b3sum
+   (goal >= 1.0, issue 11), the noise floor (two b3sum runs of one round against each other)
+   and the load average. Done for the many small files of --root (default /usr/lib) and for a
+   few large ones (--large-files files of --large-mb MiB each, created under /var/tmp).
+   Each round also times both tools on an empty file set (their fixed start-up: Python and the
+   database commit against one exec), and a second ratio is printed with that subtracted from
+   both: the rate at which bytes are hashed, which is what decides large files.
+   `--before CHECKOUT` (e.g. `git worktree add /tmp/before a9fe012`) times that tree's trust
+   in the same rounds, for a before/after ratio.
 2. Time `trustdb trust` of 5,000 new files into a database that already holds 137,000 entries,
    against the same 5,000 files into an empty database (ratio ~1 means no slowdown with size;
    fapolicyd 1.1.7 takes 57 s for this because of a quadratic duplicate check).
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -26,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import blake3
@@ -42,10 +49,17 @@ def trustdb_cmd() -> list[str]:
     return [exe] if exe else [sys.executable, "-c", "from trustdb.cli import main; main()"]
 
 
-def timed(cmd: list[str], **kw: object) -> float:
+def timed(cmd: list[str], **kw: object) -> tuple[float, float]:
+    """-> (wall seconds, CPU seconds of the command and its children)."""
+    cpu = _children_cpu()
     start = time.perf_counter()
     subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _children_cpu() - cpu
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def file_set(root: str) -> tuple[list[str], int]:
@@ -59,58 +73,104 @@ def file_set(root: str) -> tuple[list[str], int]:
     return files, size
 
 
-def b3sum_run(list_file: Path) -> float:
+def b3sum_run(list_file: Path) -> tuple[float, float]:
     with open(list_file, "rb") as stdin:
-        return timed(["xargs", "-0", "b3sum", "--no-names"], stdin=stdin, stderr=subprocess.DEVNULL)
+        return timed(
+            ["xargs", "-r", "-0", "b3sum", "--no-names"], stdin=stdin, stderr=subprocess.DEVNULL
+        )
 
 
-def trust_run(root: str, tmp: Path) -> float:
+def trust_run(root: str, tmp: Path, tree: Path | None = None) -> tuple[float, float]:
     db = tmp / f"db-{time.monotonic_ns()}"
     env = dict(os.environ, TRUSTDB_DB=str(db))
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     seconds = timed(
         [*trustdb_cmd(), "trust", "--all-files", "--source", "bench", root],
         env=env,
         stderr=subprocess.DEVNULL,
+        cwd="/",  # never import a checkout from the working directory
     )
     shutil.rmtree(db)
     return seconds
 
 
-def bench_throughput(root: str, rounds: int, tmp: Path) -> None:
+@dataclass
+class Runs:
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def add(self, run: tuple[float, float]) -> float:
+        self.wall.append(run[0])
+        self.cpu.append(run[1])
+        return run[0]
+
+    def line(self, name: str) -> str:
+        return (
+            f"{name:22s} median {statistics.median(self.wall):6.2f} s wall, "
+            f"{statistics.median(self.cpu):5.2f} s CPU   runs {_fmt(self.wall)}"
+        )
+
+
+def bench_throughput(root: str, rounds: int, tmp: Path, before: Path | None) -> None:
     """Rounds alternate b3sum, trustdb, b3sum (the order flips every round); the ratio is
     trustdb's throughput over b3sum's (> 1: trustdb is faster). The two b3sum runs of a round
     give the noise floor: the median |ratio - 1| between identical runs."""
     files, size = file_set(root)
     list_file = tmp / "files.lst"
     list_file.write_bytes(b"\0".join(os.fsencode(f) for f in files))
+    empty_list = tmp / "empty.lst"
+    empty_list.write_bytes(b"")
+    empty_dir = tmp / "empty-dir"
+    empty_dir.mkdir(exist_ok=True)
     b3sum_run(list_file)  # warm the page cache
     trust_run(root, tmp)
     load_start = os.getloadavg()[0]
-    b3: list[float] = []
-    td: list[float] = []
+    b3, td, old, b3_fixed, td_fixed = Runs(), Runs(), Runs(), Runs(), Runs()
     ratios: list[float] = []
     noise: list[float] = []
+    speedups: list[float] = []
     for r in range(rounds):
         if r % 2:
-            t = trust_run(root, tmp)
-            a, b = b3sum_run(list_file), b3sum_run(list_file)
+            t = td.add(trust_run(root, tmp))
+            a, b = b3.add(b3sum_run(list_file)), b3.add(b3sum_run(list_file))
         else:
-            a = b3sum_run(list_file)
-            t = trust_run(root, tmp)
-            b = b3sum_run(list_file)
-        b3 += [a, b]
-        td.append(t)
+            a = b3.add(b3sum_run(list_file))
+            t = td.add(trust_run(root, tmp))
+            b = b3.add(b3sum_run(list_file))
+        if before is not None:
+            speedups.append(old.add(trust_run(root, tmp, before)) / t)
+        td_fixed.add(trust_run(str(empty_dir), tmp))
+        b3_fixed.add(b3sum_run(empty_list))
         ratios.append(((a + b) / 2) / t)
         noise.append(abs(a / b - 1))
     print(f"file set: {root}: {len(files)} files, {size / 2**20:.0f} MiB")
-    print(f"b3sum (xargs):          best {min(b3):6.2f} s   runs {_fmt(b3)}")
-    print(f"trustdb trust --all:    best {min(td):6.2f} s   runs {_fmt(td)}")
+    print(b3.line("b3sum (xargs):"))
+    print(td.line("trustdb trust --all:"))
+    if before is not None:
+        print(old.line(f"before ({before.name}):"))
+    print(b3_fixed.line("b3sum, no files:"))
+    print(td_fixed.line("trustdb, no files:"))
+    med = statistics.median
     print(
-        f"throughput ratio trustdb/b3sum: median {statistics.median(ratios):.2f}, "
-        f"best-of {min(b3) / min(td):.2f}  (goal >= 1.0); noise floor "
-        f"{statistics.median(noise):.2f}; load average {load_start:.2f} -> "
-        f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+        f"throughput ratio trustdb/b3sum: median {med(ratios):.2f} end to end (goal >= 1.0); "
+        f"start-up subtracted: {_net(med(b3.wall), med(b3_fixed.wall), med(td.wall), med(td_fixed.wall))} "
+        f"wall, {_net(med(b3.cpu), med(b3_fixed.cpu), med(td.cpu), med(td_fixed.cpu))} CPU; "
+        f"CPU b3sum/trustdb {med(b3.cpu) / med(td.cpu):.2f}; noise floor {med(noise):.2f}; "
+        f"load average {load_start:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
     )
+    if speedups:
+        print(
+            f"before/after in the same rounds: wall x{statistics.median(speedups):.2f} faster, "
+            f"CPU {statistics.median(old.cpu):.2f} -> {statistics.median(td.cpu):.2f} s"
+        )
+
+
+def _net(base: float, base_fixed: float, ours: float, ours_fixed: float) -> str:
+    """b3sum's time over ours, each less its start-up; n/a when noise left nothing to divide."""
+    if ours - ours_fixed <= 0.01 or base - base_fixed <= 0:
+        return "n/a"
+    return f"{(base - base_fixed) / (ours - ours_fixed):.2f}"
 
 
 def _fmt(xs: list[float]) -> str:
@@ -144,7 +204,7 @@ def bench_growth(tmp: Path, existing: int, new: int, rounds: int) -> None:
             if size:
                 seed(db, size)
             env = dict(os.environ, TRUSTDB_DB=str(db))
-            results.append(timed([*trustdb_cmd(), "trust", str(src)], env=env))
+            results.append(timed([*trustdb_cmd(), "trust", str(src)], env=env)[0])
             shutil.rmtree(db, ignore_errors=True)
     print(
         f"trust {new} new files into a DB of {existing} entries: best {min(big):.2f} s  "
@@ -166,16 +226,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--existing", type=int, default=137_000)
     ap.add_argument("--new", type=int, default=5_000)
+    ap.add_argument("--before", type=Path, help="another checkout, timed in the same rounds")
     args = ap.parse_args()
     if shutil.which("b3sum") is None:
         sys.exit("bench/hash.py: b3sum is not installed (apt-get install b3sum)")
     with tempfile.TemporaryDirectory(prefix="trustdb-bench-") as tmp:
-        bench_throughput(args.root, args.rounds, Path(tmp))
+        bench_throughput(args.root, args.rounds, Path(tmp), args.before)
         with tempfile.TemporaryDirectory(prefix="trustdb-bench-large-", dir="/var/tmp") as big:
             for i in range(args.large_files):
                 with open(Path(big) / f"large{i}", "wb") as f:
                     f.writelines(os.urandom(1 << 20) for _ in range(args.large_mb))
-            bench_throughput(big, args.rounds, Path(tmp))
+            bench_throughput(big, args.rounds, Path(tmp), args.before)
         if not args.skip_growth:
             bench_growth(Path(tmp), args.existing, args.new, args.rounds)
 
