@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from trustdb_importers.interface import DigestCache, Importer
 
 from trustdb.hashing import HashingError, classify, hash_file, is_script_name, with_name
-from trustdb.mapped import allow_mapping
+from trustdb.mapped import mapping_allowed
 from trustdb.model import (
     ABSENT,
     FileDigests,
@@ -405,10 +405,12 @@ def verify_packages(
     `label` (the source's) finds the last import's record of a FingerprintedPackage.
     """
     locked = LockedCache(cache)
-    allow_mapping()  # large files are hashed from mappings (trustdb.mapped): no copies
     window: deque[Future[_Verified]] = deque()
     done = 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trustdb-verify") as pool:
+    with (
+        mapping_allowed(),  # large files are hashed from mappings (trustdb.mapped): no copies
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trustdb-verify") as pool,
+    ):
         it = iter(packages)
         exhausted = False
         while True:

@@ -53,7 +53,9 @@ def test_a_file_is_really_mapped(mapping: None, big: Path, monkeypatch: pytest.M
     fed: list[int] = []
     real = mapped.hash_mapped
     monkeypatch.setattr(
-        hashing, "hash_mapped", lambda *a: fed.append(r := real(*a)) or r  # type: ignore[func-returns-value]
+        hashing,
+        "hash_mapped",
+        lambda *a: fed.append(r := real(*a)) or r,  # type: ignore[func-returns-value]
     )
     hash_file(str(big))
     assert fed == [SIZE]
@@ -98,13 +100,17 @@ def test_a_file_open_for_writing_is_read_not_mapped(mapping: None, big: Path) ->
     with open(big, "r+b"):
         fd = os.open(big, os.O_RDONLY)
         try:
-            assert mapped.hash_mapped(fd, SIZE, [blake3.blake3().update], bytearray(1 << 20)) is None
+            assert (
+                mapped.hash_mapped(fd, SIZE, [blake3.blake3().update], bytearray(1 << 20)) is None
+            )
         finally:
             os.close(fd)
         assert hash_file(str(big)).digests.blake3 == blake3.blake3(big.read_bytes()).digest()
 
 
-def test_pages_not_in_cache_are_read(mapping: None, big: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pages_not_in_cache_are_read(
+    mapping: None, big: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A window whose pages are not resident is read with pread (no fault to the disk)."""
     fd = os.open(big, os.O_RDONLY)
     try:
@@ -115,7 +121,9 @@ def test_pages_not_in_cache_are_read(mapping: None, big: Path, monkeypatch: pyte
     read_ranges: list[int] = []
     real = mapped._feed_range
     monkeypatch.setattr(
-        mapped, "_feed_range", lambda fd, off, n, u, b: read_ranges.append(off) or real(fd, off, n, u, b)  # type: ignore[func-returns-value]
+        mapped,
+        "_feed_range",
+        lambda fd, off, n, u, b: read_ranges.append(off) or real(fd, off, n, u, b),  # type: ignore[func-returns-value]
     )
     assert hash_file(str(big)).digests.blake3 == blake3.blake3(big.read_bytes()).digest()
     assert 0 in read_ranges  # the first window was evicted, so it was read
@@ -129,3 +137,16 @@ def test_no_mapping_unless_allowed(big: Path, monkeypatch: pytest.MonkeyPatch) -
         assert fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK
     finally:
         os.close(fd)
+
+
+def test_the_pool_maps_only_while_open(big: Path) -> None:
+    """An ignored SIGIO outlives exec: after the pool closes, SIGIO and mapping are as before."""
+    from trustdb.hashpool import HashPool
+
+    before = signal.getsignal(signal.SIGIO)
+    assert before is not signal.SIG_IGN or not mapped._allowed
+    with HashPool(workers=1) as pool:
+        assert signal.getsignal(signal.SIGIO) is signal.SIG_IGN and mapped._allowed
+        ((_path, result),) = list(pool.hash_paths([str(big)]))
+        assert isinstance(result, tuple) and result[0] == blake3.blake3(big.read_bytes()).digest()
+    assert signal.getsignal(signal.SIGIO) == before and not mapped._allowed

@@ -26,7 +26,7 @@ import stat as statmod
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import suppress
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
@@ -45,7 +45,7 @@ from trustdb.hashing import (
     hash_file,
     threads_started,
 )
-from trustdb.mapped import allow_mapping
+from trustdb.mapped import allow_mapping, mapping_allowed
 from trustdb.model import FileDigests, FileKind, InodeKey
 
 BATCH = 128
@@ -211,9 +211,12 @@ class HashPool:
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers or max(1, len(os.sched_getaffinity(0)))
         self._procs: list[_Worker] = []
+        self._mapping: AbstractContextManager[bool] = nullcontext(False)
 
     def __enter__(self) -> Self:
-        allow_mapping()  # large files are hashed from mappings, here and in the workers
+        # Large files are hashed from mappings, here (while the pool is open) and in workers.
+        self._mapping = mapping_allowed()
+        self._mapping.__enter__()
         if self.workers > 1:
             ctx = multiprocessing.get_context("fork")
             threads = not threads_started()
@@ -227,6 +230,7 @@ class HashPool:
         for w in self._procs:
             w.stop()
         self._procs = []
+        self._mapping.__exit__(None, None, None)
 
     def hash_paths(
         self, paths: Iterable[str], request: HashRequest = HashRequest()

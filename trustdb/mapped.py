@@ -25,7 +25,8 @@ import fcntl
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 WINDOW = 16 << 20
 """Bytes hashed per step: large enough for blake3's threads, small enough that a pending lease
@@ -74,8 +75,9 @@ Update = Callable[[memoryview], object]
 
 
 def allow_mapping() -> bool:
-    """Let this process hash from mappings (see the module docstring). Call from the main thread
-    of a process that does not use SIGIO; False if that cannot be arranged."""
+    """Let this process hash from mappings from now on (see the module docstring): a worker
+    process that only hashes. Call from the main thread of a process that does not use SIGIO;
+    False if that cannot be arranged."""
     global _allowed
     if threading.current_thread() is not threading.main_thread():
         return _allowed
@@ -84,6 +86,24 @@ def allow_mapping() -> bool:
     signal.signal(signal.SIGIO, signal.SIG_IGN)
     _allowed = _lease_break_seconds() >= MIN_LEASE_BREAK_SECONDS
     return _allowed
+
+
+@contextmanager
+def mapping_allowed() -> Iterator[bool]:
+    """`allow_mapping()` for the length of a `with` block, then SIGIO and mapping as they were:
+    an ignored signal outlives exec, and the programs a caller runs later must not inherit it.
+    The block must not leave hashing behind it (threads still running when it ends)."""
+    global _allowed
+    if threading.current_thread() is not threading.main_thread() or _allowed:
+        yield _allowed  # already allowed (a worker), or not ours to change from here
+        return
+    before = signal.getsignal(signal.SIGIO)
+    try:
+        yield allow_mapping()
+    finally:
+        _allowed = False
+        if before in (signal.SIG_DFL, signal.SIG_IGN):
+            signal.signal(signal.SIGIO, before)
 
 
 def _lease_break_seconds() -> int:
@@ -136,7 +156,9 @@ def _feed_range(fd: int, offset: int, length: int, updates: list[Update], buf: b
     """`length` bytes from `offset` by pread, `buf` at a time. -> bytes fed (less at EOF)."""
     view = memoryview(buf)
     fed = 0
-    while fed < length and (n := os.preadv(fd, [view[: min(len(buf), length - fed)]], offset + fed)):
+    while fed < length and (
+        n := os.preadv(fd, [view[: min(len(buf), length - fed)]], offset + fed)
+    ):
         for update in updates:
             update(view[:n])
         fed += n
