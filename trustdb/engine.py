@@ -41,16 +41,17 @@ class Engine:
         self,
         config: EngineConfig,
         *,
-        backend: str | Backend | None = None,
+        backend: str | Backend | backends.BackgroundLoad | None = None,
         first_seen: OpenTrust | None = None,
         prepare: Prepare | None = None,
         allow_system_wide: bool = False,
         interpreters: Interpreters = NO_INTERPRETERS,
         db_option: str = "",
     ) -> None:
-        """`backend`: a name (`--backend`), an instance, or None for the strongest the kernel
-        accepts. `allow_system_wide` must be set to enforce on the whole machine (service
-        mode): a scope-less config is refused otherwise, so a test can never do it by mistake."""
+        """`backend`: a name (`--backend`), an instance, None for the strongest the kernel
+        accepts, or a load already under way (backends.BackgroundLoad, made with `config`).
+        `allow_system_wide` must be set to enforce on the whole machine (service mode): a
+        scope-less config is refused otherwise, so a test can never do it by mistake."""
         if config.scope.system_wide and not allow_system_wide:
             raise BackendError("refusing system-wide enforcement without allow_system_wide")
         self.config = config
@@ -70,11 +71,12 @@ class Engine:
         if self._backend is not None:
             return
         given = isinstance(self._choice, Backend)
-        backend = (
-            self._choice
-            if isinstance(self._choice, Backend)
-            else backends.select_loaded(self._choice, self.config)  # loads each object once
-        )
+        if isinstance(self._choice, backends.BackgroundLoad):
+            backend = self._choice.result()  # loaded on its thread with this same config
+        elif isinstance(self._choice, Backend):
+            backend = self._choice
+        else:
+            backend = backends.select_loaded(self._choice, self.config)  # loads each object once
         try:
             if given:
                 backend.load(self.config)

@@ -22,6 +22,7 @@ from trustdb.events.decision import REASON_TAMPER_MODE_MOVE
 
 if TYPE_CHECKING:
     from trustdb.abi import Mode
+    from trustdb.backends import BackgroundLoad
     from trustdb.first_seen import Interpreters, OpenTrust
     from trustdb.first_seen_handler import Denial as FirstSeenDenial
     from trustdb.policy.model import ProgramRef
@@ -170,7 +171,7 @@ class EngineSession:
     accident (load, fill the map from the database, then attach); this adds the database, the
     mirror's refreshes and the ring buffer. Closing releases every fd: nothing is pinned."""
 
-    def __init__(self, config: EngineConfig, db: Path, backend: str | None,
+    def __init__(self, config: EngineConfig, db: Path, backend: str | BackgroundLoad | None,
                  consume: Callable[[Decision], None], *, allow_system_wide: bool = False,
                  interpreters: Interpreters | InterpretersFrom | None = None,
                  programs: Sequence[tuple[ProgramRef, int]] = ()) -> None:
@@ -227,6 +228,8 @@ class EngineSession:
             self._closers.append(self._ring.close)
         except BaseException:
             self.close()
+            if backend is not None and not isinstance(backend, str):
+                backend.discard()  # a BackgroundLoad the engine did not take (it detaches those)
             raise
 
     def _prepare(self, backend: Backend) -> OpenTrust:
@@ -407,8 +410,10 @@ def default_engine(
     config: EngineConfig, db: Path, backend: str | None, consume: Callable[[Decision], None],
     *, programs: Sequence[tuple[ProgramRef, int]] = (),
     interpreters: Interpreters | InterpretersFrom | None = None,
+    loading: BackgroundLoad | None = None,
 ) -> Engine:
-    return EngineSession(config, db, backend, consume, programs=programs,
+    """`loading`: the backend already loading with this `config` (trustdb.supervisor)."""
+    return EngineSession(config, db, loading or backend, consume, programs=programs,
                          interpreters=interpreters)
 
 

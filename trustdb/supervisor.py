@@ -7,7 +7,9 @@ confined child. The order matters and is the whole design:
 1. create the cgroup, and fork the reaper that removes it whatever way we end;
 2. fork the child (init of a new PID namespace, in the cgroup, its mount namespace built), which
    waits at a gate; it is forked before any BPF object exists, so it inherits no BPF fd;
-3. load the engine, fill the map, attach; mark the child confined through its pidfd;
+3. load the engine (on a thread, started right after that fork, while the rest of the run is
+   built: trustdb.backends.BackgroundLoad), fill the map, attach; mark the child confined
+   through its pidfd;
 4. open the gate: the child installs seccomp and exec's CMD, the first thing judged;
 5. until CMD ends: report each denial on stderr, log every decision, follow DB changes;
 6. on every exit path: kill and remove the cgroup, detach (closing our fds is enough: nothing
@@ -35,6 +37,7 @@ from typing import TextIO
 
 from trustdb import confine
 from trustdb.abi import Mode
+from trustdb.backends import BackgroundLoad
 from trustdb.backends.interface import BackendError, EngineConfig, Scope
 from trustdb.confine import hardening
 from trustdb.confine.filesystem import FilesystemSetup, dns_relay_wanted, plan_for
@@ -117,6 +120,32 @@ class _Signals:
             self.kill_at = time.monotonic()
 
 
+def _default_engine(policy: Policy, db: Path, loading: BackgroundLoad | None) -> EngineFactory:
+    """The engine of a run: the session (trustdb.session) with the policy's programs and
+    interpreters, on the backend `loading` is loading."""
+    judged = policy.interpreters.scripts == ScriptJudgement.TRUSTED
+    records = _recorded_paths(db, interpreter_names(policy)) if judged else []
+    recorded = recorded_interpreters(policy, records)  # flagged in the kernel too (lsm)
+    return functools.partial(
+        default_engine, programs=program_refs(policy) + interpreter_refs(recorded),
+        interpreters=functools.partial(_interpreters, policy, recorded) if judged else None,
+        loading=loading)
+
+
+def _map_size(db: Path) -> int:
+    """The kernel map's size for the database (trustdb.mirror.map_size_for), known before the
+    engine loads: the load needs it."""
+    from trustdb.db import TrustDB
+    from trustdb.dbrecords import DatabaseError
+    from trustdb.mirror import map_size_for
+
+    try:
+        with TrustDB.open(db) as t:
+            return map_size_for(t.entry_count())
+    except DatabaseError as e:
+        raise SupervisorError(f"trust database {db}: {e}") from e
+
+
 def _recorded_paths(db: Path, named: re.Pattern[str] | None) -> list[tuple[str, bytes]]:
     """(path, digest) of every trusted fact whose basename matches `named` (interpreters are
     recognised by recorded name)."""
@@ -171,13 +200,8 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
 def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: DenialReporter,
          signals: _Signals, policy: Policy, db: Path, workdir: str, fs: FilesystemSetup,
          dns: DnsRelay | None) -> int:
-    if engine_factory is None:
-        judged = policy.interpreters.scripts == ScriptJudgement.TRUSTED
-        records = _recorded_paths(db, interpreter_names(policy)) if judged else []
-        recorded = recorded_interpreters(policy, records)  # flagged in the kernel too (lsm)
-        engine_factory = functools.partial(
-            default_engine, programs=program_refs(policy) + interpreter_refs(recorded),
-            interpreters=functools.partial(_interpreters, policy, recorded) if judged else None)
+    default = engine_factory is None
+    loading: BackgroundLoad | None = None
     mdwe = hardening.mdwe_supported()
     cgroup = confine.RunCgroup.create()
     child: confine.ConfinedChild | None = None
@@ -200,6 +224,14 @@ def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: De
             ip_sockets=fs.ip_sockets,
         )
         child = confine.spawn(options.argv, cgroup, fs.plan, setup=setup)
+        config = EngineConfig(
+            mode=options.mode,
+            scope=Scope.for_cgroup(cgroup.path),
+            supervisor_tgid=os.getpid(),
+            max_entries=_map_size(db) if default else None,
+        )
+        if default:  # the reaper and the child are forked: the engine loads while we go on
+            loading = BackgroundLoad(options.backend, config)
         if relay is not None:
             relay.start()
         if dns is not None:
@@ -209,11 +241,8 @@ def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: De
         git_guard.start()
         reporter.command = confine.resolve_command(options.argv, dict(os.environ))
         reporter.command_pid = child.pid
-        config = EngineConfig(
-            mode=options.mode,
-            scope=Scope.for_cgroup(cgroup.path),
-            supervisor_tgid=os.getpid(),
-        )
+        if engine_factory is None:
+            engine_factory = _default_engine(policy, db, loading)
         engine = engine_factory(config, db, options.backend, reporter)
         publish_state(EngineState(os.getpid(), "run", engine.backend_name,
                                   options.mode.name.lower(), str(cgroup.path),
@@ -257,6 +286,8 @@ def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: De
             if engine is not None:
                 engine.close()
                 withdraw_state(os.getpid())
+            if loading is not None:
+                loading.discard()  # a load no engine took (setup failed before it)
             signals.restore()
             if relay is not None:
                 relay.close()

@@ -709,3 +709,27 @@ def test_select_loaded_loads_the_chosen_object_once(cgroup: Path, bpf_object: Pa
     finally:
         b.detach()
     assert held_program_ids() - before == set()
+
+
+def test_background_load_is_only_loaded_until_an_engine_takes_it(cgroup: Path,
+                                                                 bpf_object: Path) -> None:
+    """`trustdb run` loads the engine on a thread while it builds the rest of the run
+    (backends.BackgroundLoad): what it loaded decides nothing until an Engine attaches it,
+    the Engine detaches what it took, and a load no engine took is released by discard()."""
+    from trustdb.backends import BackgroundLoad
+    from trustdb.engine import Engine
+
+    config = EngineConfig(mode=Mode.AUDIT, scope=Scope.for_cgroup(cgroup))
+    before = held_program_ids()
+    loading = BackgroundLoad("tracepoint", config)
+    with Engine(config, backend=loading) as engine:
+        assert engine.backend.attached
+        assert len(held_program_ids() - before) >= 5
+    loading.discard()  # taken: the engine already detached it
+    assert held_program_ids() - before == set()
+    unused = BackgroundLoad("tracepoint", config)
+    unused.discard()
+    assert held_program_ids() - before == set()
+    failed = BackgroundLoad("nope", config)
+    with pytest.raises(BackendError, match="unknown backend"), Engine(config, backend=failed):
+        pass

@@ -22,6 +22,7 @@ __all__ = [
     "COMPILED",
     "Backend",
     "BackendError",
+    "BackgroundLoad",
     "EngineConfig",
     "KeySink",
     "LsmBackend",
@@ -172,3 +173,44 @@ class _SpareLoad:
     def discard(self) -> None:
         self._thread.join()
         self._backend.detach()
+
+
+class BackgroundLoad:
+    """`select_loaded(name, config)` on a thread started now: `trustdb run` builds the rest of
+    the run (its guards, the interpreters' digests, the database and the mirror's first fill)
+    while libbpf and the kernel's verifier, which release the GIL, load the engine. Loaded is
+    not attached: nothing decides until the engine attaches it (trustdb.engine.Engine.start).
+    Start it only after the last fork made before the tree runs (the child, the reaper)."""
+
+    def __init__(self, name: str | None, config: EngineConfig) -> None:
+        import threading
+
+        self.name = name
+        self.config = config
+        self._backend: Backend | None = None
+        self._error: BaseException | None = None
+        self._taken = False
+        self._thread = threading.Thread(target=self._load, name="engine-load", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self._backend = select_loaded(self.name, self.config)
+        except BaseException as e:  # noqa: BLE001 - re-raised by result(), on the owner's thread
+            self._error = e
+
+    def result(self) -> Backend:
+        """The loaded backend (once: its owner detaches it), or what the load raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._backend is not None
+        self._taken = True
+        return self._backend
+
+    def discard(self) -> None:
+        """Detach the backend unless result() handed it over (idempotent)."""
+        self._thread.join()
+        if self._backend is not None and not self._taken:
+            self._backend.detach()
+            self._backend = None
