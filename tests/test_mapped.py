@@ -150,3 +150,13 @@ def test_the_pool_maps_only_while_open(big: Path) -> None:
         ((_path, result),) = list(pool.hash_paths([str(big)]))
         assert isinstance(result, tuple) and result[0] == blake3.blake3(big.read_bytes()).digest()
     assert signal.getsignal(signal.SIGIO) == before and not mapped._allowed
+
+
+def test_a_file_that_shrank_before_the_lease_is_not_mapped(mapping: None, big: Path) -> None:
+    """The size the caller saw is checked again under the lease: no mapping past a new end."""
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        os.truncate(big, SIZE // 2)
+        assert mapped.hash_mapped(fd, SIZE, [blake3.blake3().update], bytearray(1 << 20)) is None
+    finally:
+        os.close(fd)

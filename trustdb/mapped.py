@@ -121,6 +121,8 @@ def hash_mapped(fd: int, size: int, updates: list[Update], buf: bytearray) -> in
     if not _allowed or size < MIN_SIZE or not _local(fd) or not _take_lease(fd):
         return None
     try:
+        if os.fstat(fd).st_size != size:
+            return None  # it changed before the lease: never map past a new end (the read says)
         addr = _libc.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
         if addr is None or addr == _MAP_FAILED:
             return None
