@@ -139,6 +139,9 @@ class Mirror(FirstSeenFiles):
         self._recent: dict[InodeKey, FileDigests] = {}
         """What `verify_file` read lately, trusted or not (bounded, oldest dropped first)."""
         self._generation: int | None = None
+        self._walked = False
+        """Whether a full sync ran since the sink was filled otherwise (`prime`, `adopt`):
+        until then a refresh cannot know which keys a path gave, and syncs instead."""
         self._path_keys: dict[str, tuple[InodeKey, ...]] = {}
         """The keys each recorded path gave (a refresh takes them out when the path goes)."""
         self._key_refs: dict[InodeKey, int] = {}
@@ -171,7 +174,7 @@ class Mirror(FirstSeenFiles):
         proportion to the change. A full `sync` when the change log does not reach back that
         far, or the source keeps none. Files that changed on disk without a database change are
         the first-seen path's business (`verify_file`), or the next full sync's."""
-        if self._generation is None:
+        if self._generation is None or not self._walked:
             return self.sync()
         snapshot = open_snapshot(self._db)
         if snapshot.generation == self._generation:
@@ -277,12 +280,15 @@ class Mirror(FirstSeenFiles):
 
     def adopt(self, generation: int, keys: Iterable[InodeKey]) -> None:
         """Take over a sink an earlier mirror filled at `generation` (the service's pinned map,
-        after a restart): its keys count as this mirror's, so the next `refresh` only changes
-        what the database changed since, and drops keys that are no longer trusted."""
+        after a restart): its keys count as this mirror's, so nothing is inserted twice. The
+        next `refresh` is a full `sync`: which path gave which key is not in the map, and
+        without it a path untrusted since (or later) would keep its key. The sync writes only
+        the difference and drops every adopted key no recorded path holds."""
         with self._lock:
             for k in keys:
                 self._keys.setdefault(k, b"")
             self._generation = generation
+            self._walked = False
 
     @property
     def sink(self) -> KeySink:
@@ -326,6 +332,7 @@ class Mirror(FirstSeenFiles):
         removed = self._drop_stale(walk.wanted)
         self._record(walk.verifications + self._take_unrecorded())
         self._generation = generation
+        self._walked = True
         self._path_keys, self._key_refs, self._untrusted = {}, {}, {}
         self._adopt_paths(walk)
         return self._stats(walk, generation, paths, removed, deferred_total, started)
@@ -413,6 +420,8 @@ class Mirror(FirstSeenFiles):
                 self._sink.remove(stale[start : start + self._batch])
             for k in stale:
                 del self._keys[k]
+            if not self._walked:  # adopted keys carry no digest yet (keys_for, untrust by digest)
+                self._keys.update((k, d) for k, d in wanted.items() if k in self._keys)
         return len(stale)
 
     def _record(self, verifications: Sequence[tuple[InodeKey, FileDigests]]) -> None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from trustdb.backends import BackgroundLoad
     from trustdb.first_seen import Interpreters, OpenTrust
     from trustdb.first_seen_handler import Denial as FirstSeenDenial
+    from trustdb.mirror import Mirror
     from trustdb.policy.model import ProgramRef
 
 PRIME_COVERAGE = 0.9
@@ -33,6 +34,17 @@ least this share of the database's entries (else it walks the database first).""
 
 REFRESH_INTERVAL_S = 1.0
 """How often the mirror checks the DB generation (a `trustdb trust` from outside shows up)."""
+
+
+def prime_or_sync(mirror: Mirror, entries: int) -> bool:
+    """Fill `mirror`'s sink before an attach: from the verification cache alone
+    (`Mirror.prime`) when it covers PRIME_COVERAGE of the `entries`, and True (the walk that
+    reconciles it must follow the attach); else by the walk itself (`Mirror.sync`), False. A
+    first start walks first, as the first-seen path would otherwise hash every exec's file."""
+    if mirror.prime() >= PRIME_COVERAGE * entries:
+        return True
+    mirror.sync()
+    return False
 
 
 class SupervisorError(Exception):
@@ -283,10 +295,7 @@ class EngineSession:
         entries = self._db.entry_count()
 
         def first_fill() -> None:
-            if self._mirror.prime() >= PRIME_COVERAGE * entries:
-                self._walk_after_attach = True
-            else:
-                self._mirror.sync()
+            self._walk_after_attach = prime_or_sync(self._mirror, entries)
 
         self._first_sync = _MirrorThread("first-sync", first_fill)
         self._closers.append(self._first_sync.join)  # never close the database under it

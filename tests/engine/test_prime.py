@@ -14,7 +14,7 @@ import pytest
 
 from tests.engine import test_run as base
 from tests.engine.test_mirror import settle
-from trustdb.abi import Mode
+from trustdb.abi import CInodeKey, Mode
 from trustdb.backends.interface import EngineConfig, Scope
 from trustdb.backends.tracepoint import TracepointBackend
 from trustdb.db import TrustDB
@@ -137,6 +137,57 @@ def test_a_cancelled_walk_stops_and_keeps_only_verified_keys(
         inserted = len(kernel_map.trusted_inodes)
         assert inserted < len(files)
         assert all(k in {_key(f) for f in files} for k in mirror.keys)
+
+
+def test_a_map_adopted_after_a_restart_loses_the_key_of_a_path_untrusted_meanwhile(
+        tmp_path: Path, kernel_map: TracepointBackend) -> None:
+    """The service's adopt road: a daemon filled the pinned map and died; `untrust` ran while
+    none was up. The new mirror takes the map's keys as they are (no digest, no path known):
+    its first refresh must still take the untrusted path's key out (a refresh that replayed
+    only the change log would not know which key that path gave, and left it trusted)."""
+    kept, dropped = _tool(tmp_path / "kept", b"k"), _tool(tmp_path / "dropped", b"d")
+    sink = kernel_map.trusted_inodes
+    with TrustDB.open(tmp_path / "db", write=True) as db:
+        _trust(db, kept, dropped)
+        settle()
+        first = Mirror(db, sink)
+        first.sync()
+        generation = first.generation
+        assert generation is not None and _key(dropped) in sink
+        db.remove_paths([str(dropped)])
+        adopted = Mirror(db, sink)
+        pinned = kernel_map.map("trusted_inodes").keys()  # as the service reads its pin
+        adopted.adopt(generation, [CInodeKey.from_buffer_copy(k).to_key() for k in pinned])
+        stats = adopted.refresh()
+        assert stats is not None and stats.removed == 1
+        assert _key(dropped) not in sink and _key(kept) in sink and len(sink) == 1
+        # Walked now: later untrusts follow the change log, and the adopted keys have digests.
+        assert adopted.keys_for(hash_file(str(kept)).digests.blake3) == [_key(kept)]
+        db.remove_paths([str(kept)])
+        stats = adopted.refresh()
+        assert stats is not None and stats.paths == 1 and len(sink) == 0
+
+
+def test_prime_or_sync_primes_a_covered_database_and_walks_an_uncached_one(
+        tmp_path: Path, kernel_map: TracepointBackend) -> None:
+    """The start of `run` and of the service: a database whose verification cache covers it is
+    primed (the walk is left for after the attach); a first start walks before the attach."""
+    from trustdb.session import prime_or_sync
+
+    tools = [_tool(tmp_path / f"tool{i}", b"%d" % i) for i in range(4)]
+    sink = kernel_map.trusted_inodes
+    with TrustDB.open(tmp_path / "db", write=True) as db:
+        _trust(db, *tools)
+        settle()
+        cold = Mirror(db, sink)
+        assert prime_or_sync(cold, db.entry_count()) is False  # nothing cached: walked
+        assert cold.hash_count == 4 and cold.generation is not None and len(sink) == 4
+        sink.remove(list(cold.keys))
+        warm = Mirror(db, sink)
+        assert prime_or_sync(warm, db.entry_count()) is True
+        assert warm.hash_count == 0 and warm.generation is None and len(sink) == 4
+        assert warm.refresh() is not None  # the walk that follows the attach
+        assert warm.generation == db.generation and len(sink) == 4
 
 
 trusted_db = base.trusted_db

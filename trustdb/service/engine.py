@@ -48,8 +48,8 @@ from trustdb.service.modes import ModeMaps, ResolvedModes, TaskModes, resolve
 from trustdb.service.pins import PinError, PinRecord, PinStore, object_sha256
 
 MAP_ENTRIES_ENV = "TRUSTDB_MAP_ENTRIES"
-"""The smallest trusted-inode map the service loads (default DEFAULT_MAX_ENTRIES)."""
-from trustdb.session import SupervisorError
+"""The smallest trusted-inode map the service loads (default: what `map_size_for` gives)."""
+from trustdb.session import SupervisorError, _MirrorThread
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,6 +96,8 @@ class ServiceEngine:
         self._trust_hook = trust_hook
         self._db_path = db_path
         self._handler: FirstSeenHandler | None = None
+        self._reconcile: _MirrorThread | None = None
+        """The database walk that follows a start on a primed or adopted map (below)."""
         self.handler_restarted = False
         """Set by `pump` when a dead handler was replaced (its fd changed: poll anew)."""
         self._closers = Closers()
@@ -115,12 +117,11 @@ class ServiceEngine:
                 raise SupervisorError(f"trust database {db_path}: {e}") from e
             self._closers.append(self._db.close)
             if config.max_entries is None:
-                # The database as it is, with room for what later installs add; past that the
-                # engine is re-loaded with a larger map (grow_if_needed).
-                from trustdb.backends.interface import DEFAULT_MAX_ENTRIES
+                # Sized from the database (with the headroom map_size_for leaves); past that
+                # the engine is re-loaded with a larger map (grow_if_needed).
                 from trustdb.mirror import map_size_for
 
-                floor = int(os.environ.get(MAP_ENTRIES_ENV) or DEFAULT_MAX_ENTRIES)
+                floor = int(os.environ.get(MAP_ENTRIES_ENV) or 0)
                 size = max(floor, map_size_for(self._db.entry_count()))
                 self._config = config = dataclasses.replace(config, max_entries=size)
             record = self._adoptable(backend)
@@ -199,9 +200,12 @@ class ServiceEngine:
         self._mode_maps = ModeMaps(maps["mode_uids"], maps["mode_cgroups"])
         self.apply_modes()
         self._start_handler(sink)
-        resynced = self._mirror.refresh() is not None
+        # Enforcing already (the pinned programs never stopped): the walk that tells which
+        # path gave which key, and applies what changed while no daemon ran, follows on a
+        # thread (_start_reconcile), after the handler's fork.
         self._save()
-        return maps["events"].fd, resynced
+        self._start_reconcile()
+        return maps["events"].fd, record.generation != self._db.generation
 
     def _fresh(self, backend: str | None) -> int:
         from trustdb.engine import Engine
@@ -233,6 +237,8 @@ class ServiceEngine:
         )
         self._save()
         self._pins.remove_others(keep=instance)
+        if self._walk_after_attach:
+            self._start_reconcile()
         return chosen.events_fd
 
     @property
@@ -248,11 +254,37 @@ class ServiceEngine:
         return self._trust_hook(opener) if self._trust_hook else opener
 
     def _prepare(self, backend: Backend) -> OpenTrust:
+        """Fill the map before the attach: from the verification cache alone when it covers
+        the database (the walk then follows the attach), else by the walk itself."""
         from trustdb.mirror import Mirror
+        from trustdb.session import prime_or_sync
 
         self._mirror = Mirror(self._db, backend.trusted_inodes)
-        self._mirror.sync()
+        self._walk_after_attach = prime_or_sync(self._mirror, self._db.entry_count())
         return self._open_trust()
+
+    def _start_reconcile(self) -> None:
+        """Walk the database on a thread (`Mirror.sync`: only the difference is written). No
+        fork may follow while it runs (the handler's restart and a grow wait for it), and every
+        refresh waits for it, so what a refresh applies is applied to walked state."""
+        walk = self._reconcile = _MirrorThread("mirror-walk", self._mirror.sync)
+        mirror = self._mirror
+        # On close (LIFO, before the engine's fds): stop this walk and wait for it.
+        self._engine_closers.append(walk.join)
+        self._engine_closers.append(lambda: mirror.cancel() if self._reconcile is walk else None)
+
+    def _end_reconcile(self) -> None:
+        """Wait for the walk and say what it raised: the next refresh then walks again
+        (`Mirror.refresh` syncs until one walk completed)."""
+        walk, self._reconcile = self._reconcile, None
+        if walk is None:
+            return
+        walk.join()
+        if walk.error is not None:
+            print(f"trustdb: the database walk after the start failed: {walk.error}",
+                  file=sys.stderr, flush=True)
+        else:
+            self._save()
 
     def _start_handler(self, sink: MapKeySink) -> None:
         handler = FirstSeenHandler(HandlerConfig(
@@ -292,6 +324,7 @@ class ServiceEngine:
         handler = self._handler
         if handler is None or not handler.gone:
             return False
+        self._end_reconcile()  # no thread of ours across the fork
         self._forget_vouching()
         handler.stop()
         self._handler = None
@@ -365,6 +398,8 @@ class ServiceEngine:
 
         assert self._ring is not None
         self._ring.consume()
+        if self._reconcile is not None and not self._reconcile.is_alive():
+            self._end_reconcile()  # its generation goes into the pin record
         handler = self._handler
         assert self._sink is not None
         for denial in handler.denials() if handler is not None else ():
@@ -387,6 +422,7 @@ class ServiceEngine:
     def refresh(self, *, full: bool = False) -> bool:
         """Follow the database (the live wake-up calls this); a full re-sync on SIGHUP.
         True when the kernel map was changed."""
+        self._end_reconcile()
         stats = self._mirror.sync() if full else self._mirror.refresh()
         self._save()
         return stats is not None
@@ -399,6 +435,7 @@ class ServiceEngine:
         need = map_size_for(self._db.entry_count())
         if self._record is None or need <= (self._config.max_entries or 0):
             return False
+        self._end_reconcile()  # the new engine forks its handler
         old, old_size = self._engine_closers, self._config.max_entries
         self._engine_closers = Closers()
         self._config = dataclasses.replace(self._config, max_entries=need)
