@@ -145,10 +145,13 @@ class BpfMap:
             raise ValueError(f"{self.name}: key/value sizes do not match the map")
         count = ctypes.c_uint32(len(keys))
         opts = _BatchOpts(ctypes.sizeof(_BatchOpts), flags, 0)
-        _check(
-            _lib.bpf_map_update_batch(self.fd, kbuf, vbuf, ctypes.byref(count), ctypes.byref(opts)),
-            f"update_batch {self.name} ({count.value}/{len(keys)} done)",
-        )
+        ret = _lib.bpf_map_update_batch(self.fd, kbuf, vbuf, ctypes.byref(count),
+                                        ctypes.byref(opts))
+        try:
+            _check(ret, f"update_batch {self.name} ({count.value}/{len(keys)} done)")
+        except LibbpfError as e:
+            e.done = count.value  # the kernel stops at the first failure, in order
+            raise
 
     def delete_batch(self, keys: Sequence[bytes]) -> None:
         """Delete many keys in one call. Stops at a missing key with ENOENT, as the kernel does;

@@ -25,6 +25,8 @@ class LibbpfError(OSError):
             msg += "\n" + log
         super().__init__(err, msg)
         self.log = log
+        self.done = 0
+        """For a batch call: how many elements it completed before it failed."""
 
     def __str__(self) -> str:
         return str(self.args[1])

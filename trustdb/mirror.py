@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 
-from trustdb.backends.interface import KeySink
+from trustdb.backends.interface import KeySink, MapFullError
 from trustdb.dbrecords import DatabaseError
 from trustdb.dbview import ChangeSet
 from trustdb.fskeys import (
@@ -151,6 +151,8 @@ class Mirror(FirstSeenFiles):
         a refresh verifies them again when the digest becomes trusted."""
         self._cancelled = False
         self.hash_count = 0
+        self.overflow = 0
+        """Keys left out because the kernel map was full, over this mirror's life."""
         """Files read and hashed over this mirror's life (tests and benchmarks use it)."""
 
     @property
@@ -272,11 +274,10 @@ class Mirror(FirstSeenFiles):
             snapshot.close()
         with self._lock:
             new = [k for k in found if k not in self._keys]
+            inserted = 0
             for start in range(0, len(new), self._batch):
-                self._sink.add(new[start : start + self._batch])
-            for k in new:
-                self._keys[k] = found[k]
-        return len(new)
+                inserted += self._insert(new[start : start + self._batch], found)
+        return inserted
 
     def adopt(self, generation: int, keys: Iterable[InodeKey]) -> None:
         """Take over a sink an earlier mirror filled at `generation` (the service's pinned map,
@@ -399,12 +400,23 @@ class Mirror(FirstSeenFiles):
         """Insert the pending keys the sink does not hold yet, as one batch."""
         with self._lock:
             new = [k for k in dict.fromkeys(walk.pending) if k not in self._keys]
-            if new:
-                self._sink.add(new)
-                for k in new:
-                    self._keys[k] = walk.wanted[k]
-        walk.inserted += len(new)
+            inserted = self._insert(new, walk.wanted) if new else 0
+        walk.inserted += inserted
         walk.pending.clear()
+
+    def _insert(self, new: list[InodeKey], digests: dict[InodeKey, bytes]) -> int:
+        """Insert keys the sink lacks (the lock held); returns how many went in. A full kernel
+        map takes what fits: the rest stays out (denied: fail closed) and is counted in
+        `overflow`, and the sync goes on, so that its removals still apply."""
+        try:
+            self._sink.add(new)
+            done = len(new)
+        except MapFullError as e:
+            done = e.inserted
+            self.overflow += len(new) - done
+        for k in new[:done]:
+            self._keys[k] = digests[k]
+        return done
 
     def _drop_stale(self, wanted: dict[InodeKey, bytes]) -> int:
         """Remove keys neither walked nor first-seen-and-still-trusted; returns how many."""

@@ -196,6 +196,7 @@ class EngineSession:
 
         self._closers = Closers()
         self._next_refresh = 0.0
+        self._overflow_told = 0
         self._config = config
         self._db_path = db
         self._programs = programs
@@ -367,6 +368,13 @@ class EngineSession:
         if now >= self._next_refresh:
             self._next_refresh = now + REFRESH_INTERVAL_S
             self._mirror.refresh()
+            if self._mirror.overflow > self._overflow_told:
+                # Sized at the start from the database; it grew past that since.
+                self._overflow_told = self._mirror.overflow
+                print(f"trustdb: the kernel's trusted-inode map is full ({self._config.max_entries}"
+                      f" entries): {self._overflow_told} files trusted since this run started "
+                      "are denied; start the run again to size the map for the database",
+                      file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self._closers.close()

@@ -21,6 +21,7 @@ from trustdb.backends.interface import (
     BackendError,
     EngineConfig,
     KeySink,
+    MapFullError,
     Probe,
     Scope,
 )
@@ -67,8 +68,8 @@ class MapKeySink:
             self._map.update_batch([pack(*k) for k in keys], [_TRUSTED] * len(keys))
         except LibbpfError as e:
             if e.errno == errno.E2BIG:
-                raise BackendError(
-                    "the kernel's trusted-inode map is full (raise max_entries)"
+                raise MapFullError(
+                    "the kernel's trusted-inode map is full (raise max_entries)", e.done
                 ) from e
             raise BackendError(f"cannot insert trusted inode keys: {e.strerror}") from e
 

@@ -79,6 +79,15 @@ class BackendError(Exception):
     """Base error of the enforcement stage: one line, shown to the user as is."""
 
 
+class MapFullError(BackendError):
+    """The kernel's trusted-inode map has no room: the first `inserted` keys of the batch
+    went in, the rest did not (they stay untrusted: fail closed)."""
+
+    def __init__(self, message: str, inserted: int) -> None:
+        super().__init__(message)
+        self.inserted = inserted
+
+
 @dataclass(frozen=True, slots=True)
 class Probe:
     """Whether this kernel accepts a backend, and why not."""
