@@ -88,12 +88,14 @@ def test_every_option_of_the_typer_verb_is_known() -> None:
 
 def test_the_fast_path_imports_no_typer(tmp_path: Path) -> None:
     """A plain `run` reaches its checks (here: command not found, exit 127) without typer."""
-    code = ("import atexit, sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'trustdb'; "
-            "atexit.register(lambda: print(sorted(m for m in sys.modules "
-            "if m.split('.')[0] in ('typer', 'rich', 'click'))))\n"
+    code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'trustdb'; "
             "from trustdb.cli import main; main()")
-    r = subprocess.run([sys.executable, "-I", "-c", code, str(REPO), "run", "--",
-                        str(tmp_path / "missing")], capture_output=True, text=True, check=False)
+    r = subprocess.run([sys.executable, "-X", "importtime", "-I", "-c", code, str(REPO), "run",
+                        "--", str(tmp_path / "missing")], capture_output=True, text=True,
+                       check=False)
     assert r.returncode == 127, r.stderr
     assert "command not found" in r.stderr
-    assert r.stdout.strip() == "[]"
+    imported = [ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines()
+                if ln.startswith("import time:")]
+    assert "trustdb.cli.run_verb" in imported
+    assert not [m for m in imported if m.split(".")[0] in ("typer", "rich", "click")]
