@@ -37,10 +37,11 @@ from trustdb.cli.output import (
     local_time,
     path_record_json,
     print_json,
+    print_json_array,
     source_record_json,
 )
 from trustdb.db import TrustDB
-from trustdb.dbrecords import DatabaseError
+from trustdb.dbrecords import DatabaseError, PathRecord
 from trustdb.hashing import HashingError
 from trustdb.hashpool import HashPool
 from trustdb.walk import ScanProgress, scan
@@ -288,9 +289,14 @@ def list_entries(
     db: DbOption = DEFAULT_DB_PATH,
 ) -> None:
     """List trusted paths (of one source), sorted by path."""
-    records = _query(db, lambda tdb: list(tdb.iter_paths(source)))
+    _query(db, lambda tdb: _print_records(tdb.iter_paths(source), json_output))
+
+
+def _print_records(records: Iterator[PathRecord], json_output: bool) -> None:
+    """As they are read, inside the one read transaction: memory does not grow with the
+    database."""
     if json_output:
-        print_json([path_record_json(r) for r in records])
+        print_json_array(path_record_json(r) for r in records)
         return
     for r in records:
         origin = f"  {r.origin}" if r.origin else ""

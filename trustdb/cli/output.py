@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +31,18 @@ def local_time(t: float) -> str:
 def print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def print_json_array(items: Iterable[Any]) -> None:
+    """`print_json(list(items))`, written item by item: a million entries are never all in
+    memory at once (the same text: json's indent=2 layout)."""
+    out = sys.stdout
+    first = True
+    for item in items:
+        out.write("[\n  " if first else ",\n  ")
+        out.write(json.dumps(item, indent=2).replace("\n", "\n  "))  # strings escape \n
+        first = False
+    out.write("[]\n" if first else "\n]\n")
 
 
 def path_record_json(r: PathRecord) -> dict[str, Any]:
