@@ -160,3 +160,45 @@ def test_a_file_that_shrank_before_the_lease_is_not_mapped(mapping: None, big: P
         assert mapped.hash_mapped(fd, SIZE, [blake3.blake3().update], bytearray(1 << 20)) is None
     finally:
         os.close(fd)
+
+
+def test_trust_survives_a_file_truncated_and_rewritten_in_a_loop(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """The attack end to end: another process truncates and rewrites a large file as fast as
+    it can while `trustdb trust --all-files` hashes it from a mapping. Every run must end with a
+    verdict (0: recorded, 3: reported as changed), never killed by a signal."""
+    import subprocess
+    import sys
+    import time
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    victim = tree / "big.bin"
+    victim.write_bytes(os.urandom(32 << 20))
+    loop = (
+        "import os, sys, time\n"
+        "p, data = sys.argv[1], os.urandom(32 << 20)\n"
+        "end = time.monotonic() + 60\n"
+        "while time.monotonic() < end:\n"
+        "    with open(p, 'r+b') as f:\n"
+        "        f.truncate(0); f.write(data)\n"
+    )
+    churn = subprocess.Popen([sys.executable, "-c", loop, str(victim)])
+    try:
+        time.sleep(0.2)
+        codes = [
+            subprocess.run(
+                [sys.executable, "-c", "from trustdb.cli import main; main()", "trust", "-q"]
+                + ["--all-files", str(tree)],
+                env=cli_env,
+                capture_output=True,
+                check=False,
+                timeout=120,
+            ).returncode
+            for _ in range(10)
+        ]
+    finally:
+        churn.kill()
+        churn.wait()
+    assert all(code in (0, 3) for code in codes), codes
