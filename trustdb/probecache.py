@@ -4,7 +4,7 @@ A refused probe (BPF LSM on a kernel without it: 40-150 ms of verifier work for 
 paid once per boot instead of on every `trustdb run`. A remembered answer is only trusted when
 nothing but root could have written it, and only for the very kernel and object it was made
 with; anything else is a miss and the backend is probed again (the probe then refreshes it):
-- where: `$STATE_DIR/probes/<backend>.json` (/run/trustdb: a tmpfs that every `run` hides from
+- where: `$STATE_DIR/probes/<backend>-<object digest>.json` (/run/trustdb: a tmpfs that every `run` hides from
   its tree); every directory from / down and the file itself must be root's and writable by no
   one else, and the file is opened without following symlinks;
 - key: the boot id (/proc/sys/kernel/random/boot_id: a new boot, maybe with another `lsm=` line,
@@ -59,6 +59,13 @@ def probe_dir() -> Path:
     return STATE_DIR / PROBE_DIR_NAME
 
 
+def answer_path(backend: str, key: ProbeKey) -> Path:
+    """One file per backend and object: two builds of an object in use on one machine (two
+    installs, a checkout beside the package, a benchmark against an older tree) would
+    otherwise overwrite each other's answer and probe again at every run."""
+    return probe_dir() / f"{backend}-{key.object_blake3[:16]}.json"
+
+
 def _root_only(st: os.stat_result) -> bool:
     """Owned by root and writable by no one else (a sticky directory still lets others
     replace their own entries, so it does not count)."""
@@ -84,7 +91,7 @@ def recall(backend: str, key: ProbeKey) -> RememberedProbe | None:
     if not _path_is_root_only(where):
         return None
     try:
-        fd = os.open(where / f"{backend}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(answer_path(backend, key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -116,7 +123,7 @@ def remember(backend: str, key: ProbeKey, ok: bool, reason: str) -> None:
             os.write(fd, json.dumps({"key": asdict(key), "ok": ok, "reason": reason}).encode())
         finally:
             os.close(fd)
-        os.replace(tmp, where / f"{backend}.json")
+        os.replace(tmp, answer_path(backend, key))
     except OSError:
         return
 

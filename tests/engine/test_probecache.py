@@ -55,10 +55,21 @@ def test_remembered_for_this_boot_kernel_and_object_only(root_state: Path) -> No
     assert probecache.recall("tracepoint", key) is None
 
 
+def test_two_builds_of_an_object_keep_their_own_answers(root_state: Path) -> None:
+    """A benchmark alternating two trees (or a checkout beside the package) must not make
+    each run probe again because the other build's answer replaced its own."""
+    key = _lsm_key()
+    other = replace(key, object_blake3="11" * 32)
+    probecache.remember("lsm", key, False, "lsm: refused")
+    probecache.remember("lsm", other, False, "lsm: refused (other build)")
+    assert probecache.recall("lsm", key) == probecache.RememberedProbe(key, False, "lsm: refused")
+    assert probecache.recall("lsm", other) is not None
+
+
 def test_answers_not_only_roots_are_ignored(root_state: Path) -> None:
     key = _lsm_key()
     probecache.remember("lsm", key, False, "lsm: refused")
-    path = probecache.probe_dir() / "lsm.json"
+    path = probecache.answer_path("lsm", key)
     os.chown(path, 65534, 65534)  # written by someone else
     assert probecache.recall("lsm", key) is None
     os.chown(path, 0, 0)
@@ -80,7 +91,7 @@ def test_sticky_tmp_is_never_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     monkeypatch.setattr(probecache, "STATE_DIR", tmp_path / "state")
     key = _lsm_key()
     probecache.remember("lsm", key, False, "lsm: refused")
-    assert not (probecache.probe_dir() / "lsm.json").exists()
+    assert not probecache.answer_path("lsm", key).exists()
     assert probecache.recall("lsm", key) is None
 
 
@@ -135,7 +146,7 @@ def test_select_remembers_what_it_probed(root_state: Path) -> None:
 def test_the_tree_cannot_plant_a_refusal(trusted_db: Path, tmp_path: Path) -> None:
     """Inside `trustdb run` the tree (root) writes a refusal where the host's runs read it:
     /run is the tree's own tmpfs, so the host's answer is untouched."""
-    host = Path("/run/trustdb/probes/lsm.json")
+    host = Path("/run/trustdb/probes") / probecache.answer_path("lsm", _lsm_key()).name
     (tmp_path / "log").mkdir()
     env = dict(os.environ, TRUSTDB_LOG=str(tmp_path / "log" / "decisions.jsonl"))
     env.pop("TRUSTDB_RUN_DIR", None)
