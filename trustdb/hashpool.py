@@ -220,8 +220,12 @@ class HashPool:
         if self.workers > 1:
             ctx = multiprocessing.get_context("fork")
             threads = not threads_started()
-            for _ in range(self.workers):
-                self._procs.append(_Worker.start(ctx, self._procs, threads))
+            try:
+                for _ in range(self.workers):
+                    self._procs.append(_Worker.start(ctx, self._procs, threads))
+            except BaseException:
+                self.__exit__()  # the workers started so far, and SIGIO as it was
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
