@@ -7,9 +7,9 @@ confined child. The order matters and is the whole design:
 1. create the cgroup, and fork the reaper that removes it whatever way we end;
 2. fork the child (init of a new PID namespace, in the cgroup, its mount namespace built), which
    waits at a gate; it is forked before any BPF object exists, so it inherits no BPF fd;
-3. load the engine (on a thread, started right after that fork, while the rest of the run is
-   built: trustdb.backends.BackgroundLoad), fill the map, attach; mark the child confined
-   through its pidfd;
+3. load the engine (on a thread, started right after that fork, while the child builds its
+   namespace and we build the rest of the run: trustdb.backends.BackgroundLoad), fill the
+   map, attach; mark the child confined through its pidfd;
 4. open the gate: the child installs seccomp and exec's CMD, the first thing judged;
 5. until CMD ends: report each denial on stderr, log every decision, follow DB changes;
 6. on every exit path: kill and remove the cgroup, detach (closing our fds is enough: nothing
@@ -223,15 +223,19 @@ def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: De
             terminal_replaces=relay.replaced if relay else (),
             ip_sockets=fs.ip_sockets,
         )
-        child = confine.spawn(options.argv, cgroup, fs.plan, setup=setup)
         config = EngineConfig(
             mode=options.mode,
             scope=Scope.for_cgroup(cgroup.path),
             supervisor_tgid=os.getpid(),
             max_entries=_map_size(db) if default else None,
         )
-        if default:  # the reaper and the child are forked: the engine loads while we go on
+
+        def load_engine() -> None:  # the reaper and the child are forked: no fork follows
+            nonlocal loading
             loading = BackgroundLoad(options.backend, config)
+
+        child = confine.spawn(options.argv, cgroup, fs.plan, setup=setup,
+                              forked=load_engine if default else None)
         if relay is not None:
             relay.start()
         if dns is not None:

@@ -115,9 +115,12 @@ class ExecSetup:
 
 
 def spawn(argv: Sequence[str], cgroup: RunCgroup, plan: MountPlan,
-          env: dict[str, str] | None = None, setup: ExecSetup = ExecSetup()) -> ConfinedChild:
+          env: dict[str, str] | None = None, setup: ExecSetup = ExecSetup(),
+          forked: Callable[[], None] | None = None) -> ConfinedChild:
     """Fork the init of a new PID namespace; returns once it is in the cgroup with its mount
-    namespace built, waiting at the gate. Call before any thread is started."""
+    namespace built, waiting at the gate. Call before any thread is started. `forked` runs in
+    this process right after the fork, while the child builds its namespace (threads may start
+    there: the fork is behind us)."""
     env = dict(os.environ if env is None else env)
     executable = resolve_command(argv, env)
     filter_prog = seccomp.build_filter(ip_sockets=setup.ip_sockets)  # fails here, not in the child, on an unknown arch
@@ -142,6 +145,13 @@ def spawn(argv: Sequence[str], cgroup: RunCgroup, plan: MountPlan,
     os.close(st_w)
     pidfd = os.pidfd_open(pid)
     child = ConfinedChild(pid=pid, pidfd=pidfd, _go=go_w, _status=st_r, argv=list(argv))
+    if forked is not None:
+        try:
+            forked()
+        except BaseException:
+            child.abort()
+            child.close()
+            raise
     ready = os.read(st_r, 1)
     if ready != b"R":
         message = (ready + _read_all(st_r)).decode(errors="replace")
