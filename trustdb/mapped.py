@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 WINDOW = 16 << 20
-"""Bytes hashed per step: large enough for blake3's threads, small enough that a pending lease
-break is seen within milliseconds."""
+"""Bytes mapped and hashed per step (a multiple of the page size): large enough for blake3's
+threads, small enough that a pending lease break is seen within milliseconds."""
 
 MIN_SIZE = 1 << 20
 """Smaller files are read: a mapping costs about eight system calls, a copy of 1 MiB more."""
@@ -123,33 +123,34 @@ def hash_mapped(fd: int, size: int, updates: list[Update], buf: bytearray) -> in
     try:
         if os.fstat(fd).st_size != size:
             return None  # it changed before the lease: never map past a new end (the read says)
-        addr = _libc.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
-        if addr is None or addr == _MAP_FAILED:
-            return None
-        try:
-            offset = _feed_mapped(fd, addr, size, updates, buf)
-        finally:
-            _libc.munmap(addr, size)
+        offset = _feed_mapped(fd, size, updates, buf)
     finally:
         _drop_lease(fd)
     return offset + _feed_read(fd, offset, updates, buf)
 
 
-def _feed_mapped(fd: int, addr: int, size: int, updates: list[Update], buf: bytearray) -> int:
-    """Windows in order while the lease holds. -> where the lease broke (or `size`)."""
+def _feed_mapped(fd: int, size: int, updates: list[Update], buf: bytearray) -> int:
+    """Windows in order while the lease holds, each mapped on its own (memory stays at one
+    window whatever the file's size). -> where the lease broke (or `size`)."""
     vec = ctypes.create_string_buffer(WINDOW // _PAGE + 1)
     offset = 0
     while offset < size:
         if fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK:
-            return offset  # a writer waits for us: stop touching the mapping now
+            return offset  # a writer waits for us: stop touching the file's pages now
         n = min(WINDOW, size - offset)
-        if _resident(addr + offset, n, vec):
-            view = memoryview((ctypes.c_ubyte * n).from_address(addr + offset)).cast("B")
-            for update in updates:
-                update(view)
-            view.release()
-        elif _feed_range(fd, offset, n, updates, buf) != n:
-            return offset  # cannot shrink under a lease; the caller's size check will say so
+        addr = _libc.mmap(None, n, _PROT_READ, _MAP_SHARED, fd, offset)
+        if addr is None or addr == _MAP_FAILED:
+            return offset  # the rest is read
+        try:
+            if _resident(addr, n, vec):
+                view = memoryview((ctypes.c_ubyte * n).from_address(addr)).cast("B")
+                for update in updates:
+                    update(view)
+                view.release()
+            elif (got := _feed_range(fd, offset, n, updates, buf)) != n:
+                return offset + got  # cannot shrink under a lease; the size check will say so
+        finally:
+            _libc.munmap(addr, n)
         offset += n
     return offset
 
