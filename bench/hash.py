@@ -161,7 +161,8 @@ def bench_throughput(root: str, rounds: int, tmp: Path, before: Path | None) -> 
     )
     if speedups:
         print(
-            f"before/after in the same rounds: wall x{statistics.median(speedups):.2f} faster, "
+            f"before/after in the same rounds: x{statistics.median(speedups):.2f} (before's wall "
+            f"over this tree's, > 1: faster), "
             f"CPU {statistics.median(old.cpu):.2f} -> {statistics.median(td.cpu):.2f} s"
         )
 
