@@ -110,20 +110,20 @@ class Engine:
             tree_cgroup="" if self.config.scope.system_wide else self.config.scope.cgroup_path,
         ))
 
-    def stop(self) -> None:
-        """Detach everything (idempotent)."""
-        self._stop_handler()
+    def stop(self, *, wait_for_handler: bool = True) -> None:
+        """Detach everything (idempotent); `wait_for_handler`: see FirstSeenHandler.stop."""
+        self._stop_handler(wait=wait_for_handler)
         backend, self._backend = self._backend, None
         if backend is not None:
             backend.detach()
 
-    def _stop_handler(self) -> None:
+    def _stop_handler(self, *, wait: bool = True) -> None:
         handler, self._handler = self._handler, None
         if handler is not None:
             if self._backend is not None and handler.group_fd >= 0:
                 with contextlib.suppress(BackendError, AttributeError):
                     self._backend.vouch_by(0, -1)  # type: ignore[attr-defined]
-            handler.stop()
+            handler.stop(wait=wait)
 
     def __enter__(self) -> Self:
         self.start()

@@ -166,12 +166,17 @@ class FirstSeenHandler:
         first-seen copies any more. Seen by `denials()` (its report pipe reads end of file)."""
         return self._gone
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True) -> None:
         """End the handler; the kernel then allows what is pending (the BPF programs still
-        decide). Idempotent."""
+        decide). Idempotent. `wait=False` (the end of `trustdb run`, whose tree is gone and
+        whose process exits next): do not wait for the handler's exit, where the kernel tears
+        down its fanotify groups (10-40 ms); it leaves on the end of file of its control pipe,
+        or on our exit (PR_SET_PDEATHSIG)."""
         if self._ctl_w >= 0:
             os.close(self._ctl_w)  # EOF: the handler leaves its loop
             self._ctl_w = -1
+        if self._pid and not wait:
+            self._pid = 0
         if self._pid:
             if not _exited_within(self._pid, 2.0):
                 with contextlib.suppress(ProcessLookupError):

@@ -195,6 +195,9 @@ class EngineSession:
         from trustdb.libbpf import LibbpfError, RingBuffer
 
         self._closers = Closers()
+        self.wait_for_handler = True
+        """Whether close() waits for the first-seen handler's exit (see FirstSeenHandler.stop:
+        `trustdb run`, leaving right after, does not)."""
         self._next_refresh = 0.0
         self._overflow_told = 0
         self._config = config
@@ -219,7 +222,8 @@ class EngineSession:
                                          allow_system_wide=allow_system_wide,
                                          db_option="" if db == DEFAULT_DB else f" --db {db}",
                                          interpreters=interpreters or NO_INTERPRETERS)
-            self._closers.append(self._engine.stop)
+            self._closers.append(lambda: self._engine.stop(
+                wait_for_handler=self.wait_for_handler))
             self._engine.start()
             self._start_reconcile()
             try:

@@ -63,6 +63,7 @@ from trustdb.session import (
     DenialReporter,
     Engine,
     EngineFactory,
+    EngineSession,
     SupervisorError,
     default_engine,
 )
@@ -288,6 +289,8 @@ def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: De
             cgroup.remove()
         finally:
             if engine is not None:
+                if isinstance(engine, EngineSession):
+                    engine.wait_for_handler = False  # the tree is gone; we leave next
                 engine.close()
                 withdraw_state(os.getpid())
             if loading is not None:
