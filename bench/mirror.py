@@ -240,8 +240,6 @@ def walk_start(db: TrustDB, n: int, kernel_map: bool) -> tuple[float, str]:
 def primed_start(db: TrustDB, n: int, kernel_map: bool) -> tuple[float, float]:
     """(seconds of a start on a primed map, seconds to read that map's keys back as the adopt
     road reads its pin)."""
-    from trustdb.abi import CInodeKey
-
     t0 = time.perf_counter()
     if not kernel_map:
         primed = Mirror(db, CountingSink()).prime()
@@ -253,7 +251,7 @@ def primed_start(db: TrustDB, n: int, kernel_map: bool) -> tuple[float, float]:
         primed = Mirror(db, kmap.sink).prime()
         took = time.perf_counter() - t0
         t1 = time.perf_counter()
-        keys = [CInodeKey.from_buffer_copy(k).to_key() for k in kmap.map.keys()]
+        keys = kmap.sink.keys()  # as the service's adopt road reads its pin
         Mirror(db, CountingSink()).adopt(db.generation, keys)
         adopt = time.perf_counter() - t1
     finally:

@@ -150,6 +150,8 @@ _fn("bpf_map__pin", ctypes.c_int, _p, ctypes.c_char_p)
 _fn("bpf_obj_get", ctypes.c_int, ctypes.c_char_p)
 _fn("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _p, ctypes.POINTER(ctypes.c_uint32))
 _fn("bpf_map_delete_batch", ctypes.c_int, ctypes.c_int, _p, ctypes.POINTER(ctypes.c_uint32), _p)
+_fn("bpf_map_lookup_batch", ctypes.c_int, ctypes.c_int, _p, _p, _p, _p,
+    ctypes.POINTER(ctypes.c_uint32), _p)
 _RB_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, _p, _p, ctypes.c_size_t)
 _fn("ring_buffer__new", _p, ctypes.c_int, _RB_SAMPLE_FN, _p, _p)
 _fn("ring_buffer__poll", ctypes.c_int, _p, ctypes.c_int)

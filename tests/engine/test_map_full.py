@@ -1,7 +1,8 @@
 """The database outgrows a live `run`'s kernel map (sized from the database at its start): a
 real trusted-inode map of 32 entries (the tracepoint backend's, loaded and never attached) and
 a real LMDB database that grows past it. What fits goes in, the rest stays denied (fail closed),
-and the refresh still applies its removals: an untrust is never lost to a full map."""
+and the refresh still applies its removals: an untrust is never lost to a full map. Also the
+batched read of a map's keys (the service's adopt road)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _key(p: Path) -> InodeKey:
 
 
 def _in_map(backend: TracepointBackend) -> set[InodeKey]:
-    return {CInodeKey.from_buffer_copy(k).to_key() for k in backend.map("trusted_inodes").keys()}
+    return {CInodeKey.from_buffer_copy(k).to_key() for k in backend.map("trusted_inodes").keys()}  # noqa: SIM118
 
 
 def test_the_sink_says_how_many_keys_of_a_batch_went_in(
@@ -98,3 +99,23 @@ def test_a_database_grown_past_the_map_fills_it_and_still_applies_an_untrust(
         db.remove_source("more")
         assert mirror.sync().removed > 0
         assert _in_map(small_map) == {_key(p) for p in first[1:]}
+
+
+def test_a_pinned_map_is_read_back_in_batches_whole(tmp_path: Path) -> None:
+    """The adopt road reads the pinned map's keys 8192 per bpf() call: every key comes back once,
+    across several batches and hash buckets, from an empty map too."""
+    backend = TracepointBackend()
+    backend.load(EngineConfig(mode=Mode.AUDIT, scope=Scope(cgroup_id=1, cgroup_level=99),
+                              max_entries=1 << 15, events_bytes=4096))
+    try:
+        m = backend.map("trusted_inodes")
+        assert m.keys_batched() == []
+        keys = [InodeKey(7, i, i // 3, i % 1000) for i in range(20000)]
+        for start in range(0, len(keys), 4096):
+            backend.trusted_inodes.add(keys[start : start + 4096])
+        back = m.keys_batched(chunk=1024)
+        assert len(back) == len(keys)
+        assert {CInodeKey.from_buffer_copy(k).to_key() for k in back} == set(keys)
+        assert sorted(backend.trusted_inodes.keys()) == sorted(keys)  # the sink's decoding
+    finally:
+        backend.detach()

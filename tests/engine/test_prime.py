@@ -156,8 +156,10 @@ def test_a_map_adopted_after_a_restart_loses_the_key_of_a_path_untrusted_meanwhi
         assert generation is not None and _key(dropped) in sink
         db.remove_paths([str(dropped)])
         adopted = Mirror(db, sink)
-        pinned = kernel_map.map("trusted_inodes").keys()  # as the service reads its pin
-        adopted.adopt(generation, [CInodeKey.from_buffer_copy(k).to_key() for k in pinned])
+        pinned = sink.keys()  # as the service's adopt road reads its pin
+        assert set(pinned) == {CInodeKey.from_buffer_copy(k).to_key()
+                               for k in kernel_map.map("trusted_inodes").keys()}  # noqa: SIM118
+        adopted.adopt(generation, pinned)
         stats = adopted.refresh()
         assert stats is not None and stats.removed == 1
         assert _key(dropped) not in sink and _key(kept) in sink and len(sink) == 1

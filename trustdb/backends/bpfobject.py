@@ -82,7 +82,12 @@ class MapKeySink:
         return self._map.lookup(bytes(CInodeKey.from_key(key))) is not None
 
     def __len__(self) -> int:
-        return len(self._map.keys())
+        return len(self._map.keys_batched())
+
+    def keys(self) -> list[InodeKey]:
+        """Every key in the map, 8192 per bpf() call (the adopt road reads its pin so)."""
+        raw = b"".join(self._map.keys_batched())
+        return [InodeKey(*k) for k in _KEY_BYTES.iter_unpack(raw)]
 
 
 class BpfBackend(Backend):

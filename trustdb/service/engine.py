@@ -3,11 +3,13 @@
 Start-up takes one of two roads:
 - **adopt**: pins from the same backend, mode and BPF object are there (a restart after a crash,
   kill -9, OOM kill or upgrade of the Python side). New fds for the pinned maps, the mirror takes
-  the map's keys as its own, and only if the database generation moved since the pins were last
-  synced does it re-sync (keys already in the map stay: only changes are written). Nothing is
-  loaded and nothing is detached: there is no gap.
-- **fresh**: load the object, fill the map from the database, attach (trustdb.engine.Engine
-  keeps that order), pin, record, and only then remove older pins (another mode or object).
+  the map's keys as its own (read 8192 per bpf() call), and a walk of the database on a thread
+  tells which path gave which key and applies what changed meanwhile (keys already in the map
+  stay: only differences are written). Nothing is loaded and nothing is detached: no gap.
+- **fresh**: load the object, fill the map (from the verification cache alone when it covers
+  the database, `session.prime_or_sync`, the walk following on a thread after the attach; else
+  by the walk itself), attach (trustdb.engine.Engine keeps that order), pin, record, and only
+  then remove older pins (another mode or object).
 
 **Growing**: a pinned map cannot be resized, and a loaded program keeps the map it was loaded
 with. When the database outgrows the map (`grow_if_needed`, after each refresh), the fresh road
@@ -33,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trustdb import backends
-from trustdb.abi import CFirstSeenGroup, CInodeKey, Mode
+from trustdb.abi import CFirstSeenGroup, Mode
 from trustdb.backends.bpfobject import BpfBackend, MapKeySink
 from trustdb.backends.interface import Backend, BackendError, EngineConfig, KeySink
 from trustdb.closers import Closers
@@ -192,9 +194,7 @@ class ServiceEngine:
                 self._config, max_entries=maps["trusted_inodes"].max_entries)
         sink = MapKeySink(maps["trusted_inodes"])
         self._mirror = Mirror(self._db, sink)
-        pinned = maps["trusted_inodes"].keys()  # a BpfMap, not a dict: one bpf() call per key
-        keys = [CInodeKey.from_buffer_copy(k).to_key() for k in pinned]
-        self._mirror.adopt(record.generation, keys)
+        self._mirror.adopt(record.generation, sink.keys())
         self._record = dataclasses.replace(record, daemon_pid=os.getpid())
         self._forget_vouching()  # the group named there was the last daemon's handler
         self._mode_maps = ModeMaps(maps["mode_uids"], maps["mode_cgroups"])
