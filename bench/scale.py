@@ -6,7 +6,8 @@ The files are tiny and distinct, 1000 per directory, under /var/tmp; the dpkg da
 `import deb` is synthetic (status, .list and .md5sums files for packages of 1000 files each)
 and names the same files, so the import reads each file once for MD5 and BLAKE3 (and SHA-256).
 `check` hashes a 1000-file directory against the database (its cost should not depend on the
-database's size); `list` prints every entry as JSON; `status` counts the tables.
+database's size); `list` prints every entry as JSON; `status` counts the tables. Memory: peak
+RSS (which counts the LMDB file pages a command touched) and peak anonymous RSS (sampled).
 
     python3 bench/scale.py [--sizes 10000,100000,1000000]
 """
@@ -19,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,20 +65,50 @@ def make_dpkg(root: Path, rel: list[str]) -> Path:
     return admin
 
 
-def run(args: list[str], db: Path) -> tuple[float, int]:
-    """(wall seconds, peak RSS in MiB) of one trustdb command."""
+class AnonPeak:
+    """The largest RssAnon (/proc/PID/status) seen while a process runs, sampled every 20 ms:
+    peak RSS also counts the LMDB file pages a command touched, which the kernel can drop, so
+    it cannot tell bounded memory from unbounded; anonymous memory can."""
+
+    def __init__(self, pid: int) -> None:
+        self.kib = 0
+        self._path = f"/proc/{pid}/status"
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            try:
+                with open(self._path) as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            self.kib = max(self.kib, int(line.split()[1]))
+            except OSError:
+                return
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return self.kib // 1024
+
+
+def run(args: list[str], db: Path) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS in MiB, peak anonymous RSS in MiB) of one trustdb command."""
     cmd = [sys.executable, "-c", "from trustdb.cli import main; main()", *args]
     env = dict(os.environ, PYTHONPATH=str(REPO), TRUSTDB_DB=str(db))
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _pid, status, usage = os.wait4(proc.pid, 0)
+    anon = AnonPeak(proc.pid)
+    _pid, status, usage = os.wait4(proc.pid, 0)  # a zombie until then: its status stays readable
     wall = time.perf_counter() - started
+    anon_mib = anon.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.returncode not in (0, 3):
         raise SystemExit(f"trustdb {' '.join(args[:2])} failed ({proc.returncode}): {err[-300:]}")
-    return wall, usage.ru_maxrss // 1024
+    return wall, usage.ru_maxrss // 1024, anon_mib
 
 
 def main() -> None:
@@ -86,7 +118,8 @@ def main() -> None:
     sizes = [int(x) for x in args.sizes.split(",") if x]
     rows: list[tuple[int, str, float, int]] = []
     print(f"scale (load average {os.getloadavg()[0]:.2f} at the start, {os.cpu_count()} CPUs)")
-    print(f"  {'entries':>9}  {'step':24} {'wall s':>8} {'peak MiB':>9} {'us/entry':>9}")
+    print(f"  {'entries':>9}  {'step':24} {'wall s':>8} {'peak MiB':>9} {'anon MiB':>9} "
+          f"{'us/entry':>9}")
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="trustdb-bench-scale-", dir="/var/tmp") as tmp:
             root = Path(tmp) / "root"
@@ -105,11 +138,14 @@ def main() -> None:
                 ("status", ["status"], tdb),
             ]
             for name, cmd, db in steps:
-                wall, rss = run(cmd, db)
+                wall, rss, anon = run(cmd, db)
                 rows.append((n, name, wall, rss))
                 # As it goes: a 1M-entry run is long, and a partial table is still a result.
-                print(f"  {n:>9,}  {name:24} {wall:8.2f} {rss:9d} {wall / n * 1e6:9.1f}",
-                      flush=True)
+                print(f"  {n:>9,}  {name:24} {wall:8.2f} {rss:9d} {anon:9d} "
+                      f"{wall / n * 1e6:9.1f}", flush=True)
+            size = sum(f.stat().st_size for f in tdb.iterdir()) // (1 << 20)
+            print(f"  {n:>9,}  (trust database on disk: {size} MiB; peak RSS counts the pages "
+                  "of it a command touched)", flush=True)
     print(f"  load average at the end: {os.getloadavg()[0]:.2f}")
     by_step: dict[str, list[tuple[int, float]]] = {}
     for n, name, wall, _ in rows:
