@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from trustdb import confine
 from trustdb.abi import Mode
@@ -43,17 +43,9 @@ from trustdb.confine import hardening
 from trustdb.confine.filesystem import FilesystemSetup, dns_relay_wanted, plan_for
 from trustdb.confine.git_guard import GitGuard
 from trustdb.confine.new_repos import NewRepoGuard
-from trustdb.confine.programs import (
-    interpreter_digests,
-    interpreter_names,
-    interpreter_refs,
-    program_refs,
-    recorded_interpreters,
-)
 from trustdb.confine.pty import TerminalRelay
 from trustdb.db import DEFAULT_DB
 from trustdb.dns_relay import DnsRelay, host_nameservers
-from trustdb.first_seen import Interpreters
 from trustdb.policy import load as policies
 from trustdb.policy.model import Policy, ScriptJudgement
 from trustdb.policy.paths import resolve
@@ -69,6 +61,9 @@ from trustdb.session import (
 )
 from trustdb.state import EngineState, publish_state, withdraw_state
 from trustdb.system_trees import writable_grant_error
+
+if TYPE_CHECKING:
+    from trustdb.first_seen import Interpreters
 
 KILL_GRACE_S = 2.0
 """After forwarding SIGINT/SIGTERM, how long CMD gets before the tree is killed. CMD is the init
@@ -124,6 +119,14 @@ class _Signals:
 def _default_engine(policy: Policy, db: Path, loading: BackgroundLoad | None) -> EngineFactory:
     """The engine of a run: the session (trustdb.session) with the policy's programs and
     interpreters, on the backend `loading` is loading."""
+    # Imported here, after the child's fork, while the engine loads (not before the fork).
+    from trustdb.confine.programs import (
+        interpreter_names,
+        interpreter_refs,
+        program_refs,
+        recorded_interpreters,
+    )
+
     judged = policy.interpreters.scripts == ScriptJudgement.TRUSTED
     records = _recorded_paths(db, interpreter_names(policy)) if judged else []
     recorded = recorded_interpreters(policy, records)  # flagged in the kernel too (lsm)
@@ -360,6 +363,9 @@ def _supervise_loop(child: confine.ConfinedChild, engine: Engine, signals: _Sign
 
 def _interpreters(policy: Policy, recorded: dict[bytes, str],
                   cached: CachedDigest) -> Interpreters:
+    from trustdb.confine.programs import interpreter_digests
+    from trustdb.first_seen import Interpreters
+
     return Interpreters(digests=interpreter_digests(policy, cached, recorded),
                         deny_inline=policy.interpreters.deny_inline,
                         read_sources=policy.interpreters.read_sources)
