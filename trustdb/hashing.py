@@ -159,12 +159,17 @@ def hash_fd(
     executable_only: bool = False,
     name: str | None = None,
     threads: bool = True,
+    leased: bool = False,
 ) -> HashedFile:
     """Hash an already open file (the fanotify event's fd: reopening its path would raise a new
     permission event). Reads from the fd's current offset, so pass a fresh fd; the caller keeps
     ownership of it. `name` (the path, if known) lets script sources be classified as such.
     `threads=False` keeps blake3 on this thread even for a huge file (a forked hashing worker:
-    blake3's thread pool does not survive a fork, see trustdb.hashpool)."""
+    blake3's thread pool does not survive a fork, see trustdb.hashpool).
+    `leased`: the caller holds a read lease on `fd` (trustdb.service.closewrite), so the content
+    cannot change while it lasts (a write open or truncate waits for it); a ctime or mtime that
+    moves meanwhile is metadata (a package manager renames, chmods and sets the mtime of the
+    file it just closed), and only the size is compared. The caller checks the lease held."""
     started = time.time()
     before = os.fstat(fd)
     if not statmod.S_ISREG(before.st_mode):
@@ -186,8 +191,8 @@ def hash_fd(
     if (
         size != before.st_size
         or after.st_size != before.st_size
-        or after.st_ctime_ns != before.st_ctime_ns
-        or after.st_mtime_ns != before.st_mtime_ns
+        or (not leased and after.st_ctime_ns != before.st_ctime_ns)
+        or (not leased and after.st_mtime_ns != before.st_mtime_ns)
     ):
         raise HashingError("changed while being hashed")
     return HashedFile(digests=digests, stat=before, hashed_at=started)

@@ -118,14 +118,19 @@ def hash_mapped(fd: int, size: int, updates: list[Update], buf: bytearray) -> in
     """Feed the whole file to `updates`, from a mapping where that is safe, else by pread into
     `buf`. -> bytes fed, up to end of file; None when nothing was fed
     because the file cannot be mapped safely (the caller reads it the usual way)."""
-    if not _allowed or size < MIN_SIZE or not _local(fd) or not _take_lease(fd):
+    if not _allowed or size < MIN_SIZE or not _local(fd):
+        return None
+    # A caller's own lease (trustdb.service.closewrite) is kept: dropping it would let writers in.
+    ours = fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK
+    if ours and not _take_lease(fd):
         return None
     try:
         if os.fstat(fd).st_size != size:
             return None  # it changed before the lease: never map past a new end (the read says)
         offset = _feed_mapped(fd, size, updates, buf)
     finally:
-        _drop_lease(fd)
+        if ours:
+            _drop_lease(fd)
     return offset + _feed_read(fd, offset, updates, buf)
 
 

@@ -171,6 +171,41 @@ def test_a_writer_still_open_blocks_trust(watch: tuple[InstallerTrust, Path, Tru
         holder.wait()
 
 
+BIG_SOURCE = ('#include <stdio.h>\nstatic char big[48 << 20] = {1};\n'
+              'int main(void) { puts(big[0] ? "built big" : ""); return 0; }\n')
+
+
+def test_metadata_moving_while_hashed_keeps_trust(watch: tuple[InstallerTrust, Path, TrustDB]
+                                                  ) -> None:
+    """What failed CI's guest: rpm and dpkg rename, chmod and set the mtime of a file right after
+    closing it, while the daemon hashes it. Its ctime moved mid-hash, the hash was thrown away as
+    "changed while being hashed", and the %post that ran the new binary was denied. The read
+    lease is what keeps the bytes still; metadata moving under it is no reason to distrust."""
+    trust, mnt, db = watch
+    src = mnt / "big.c"
+    src.write_text(BIG_SOURCE)
+    out = mnt / "big"
+    subprocess.run(["cc", "-o", str(out), str(src)], check=True)
+    assert out.stat().st_size > 48 << 20
+    stop = threading.Event()
+
+    def touch_metadata() -> None:  # as rpm's fsmSetmeta and rename do
+        n = 0
+        while not stop.is_set():
+            n += 1
+            os.chmod(out, 0o755 if n % 2 else 0o775)
+            os.utime(out, ns=(n, n))
+
+    toucher = threading.Thread(target=touch_metadata, daemon=True)
+    toucher.start()
+    try:
+        trust.pump()
+    finally:
+        stop.set()
+        toucher.join()
+    assert _trusted(db, out), "a metadata change during the hash cost the output its trust"
+
+
 class _Keys(set):  # type: ignore[type-arg]
     """The kernel map as the handler sees it (a set: inserts stay in the handler process)."""
 

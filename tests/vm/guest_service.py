@@ -117,7 +117,7 @@ class Daemon:
         self.started = time.monotonic()
 
     def stderr(self) -> str:
-        return self.err_path.read_text()[-3000:]
+        return self.err_path.read_text()[-6000:]
 
     def send(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -538,7 +538,7 @@ def test_rpm_install_scriptlet_runs_its_new_binary() -> None:
     r = subprocess.run(["/bin/sh", "-c", script], env=ENV, capture_output=True, text=True,
                        timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + daemon().stderr()
-    assert "hello from from-rpm" in r.stdout, r.stdout + r.stderr
+    assert "hello from from-rpm" in r.stdout, r.stdout + r.stderr + daemon().stderr()
     assert runs(f"{ARTIFACTS_RPM_BIN}"), "rpm-installed binary denied after the transaction"
     with open(WORK / "sources.txt", "w") as out:
         subprocess.run([*TD, "sources"], env=ENV, stdout=out, check=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -41,6 +42,22 @@ class Writer:
     `#!` text, written by a trusted cc must not become trusted code for an interpreter."""
 
 
+TRACE = os.environ.get("TRUSTDB_TRACE_CLOSE_WRITES") == "1"
+"""A line per close-write on stderr (the journal): for debugging a window, off by default."""
+
+
+def _trace(line: str) -> None:
+    if TRACE:
+        print(f"trustdb: close-write: {line}", file=sys.stderr, flush=True)
+
+
+def _path_of(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
+
+
 def ignore_lease_breaks() -> None:
     """A lease break sends the holder SIGIO, whose default action ends the process. The daemon
     drops each lease within one pass, so it needs no notice."""
@@ -54,6 +71,14 @@ def take_read_lease(fd: int) -> bool:
     except OSError:
         return False  # EAGAIN: a writer is left; EINVAL: no leases on this filesystem
     return True
+
+
+def holds_read_lease(fd: int) -> bool:
+    """False once a break started (a writer waits, and gets in when lease-break-time ends)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
+    except OSError:
+        return False
 
 
 class ClosedFiles:
@@ -79,6 +104,8 @@ class ClosedFiles:
                     if ident in leased:
                         continue
                     if writer is None or not take_read_lease(fd):
+                        if writer is not None:
+                            _trace(f"no lease on {_path_of(fd)}: a writer is left")
                         del pending[ident]
                         os.close(fd)
                     else:
@@ -111,13 +138,20 @@ class ClosedFiles:
                 os.close(earlier[1])
                 leased.discard(ident)
             pending[ident] = (self._writer_of(ev.pid), ev.fd)
+            if pending[ident][0] is not None:
+                _trace(f"close-write of {_path_of(ev.fd)} by pid {ev.pid}: {pending[ident][0].source}")
 
     @staticmethod
     def _hashed(writer: Writer, fd: int) -> list[tuple[Writer, TrustEntry]]:
         try:
-            hashed = hash_fd(fd, executable_only=True)
+            # Metadata may move while we read (dpkg and rpm rename, chmod and set the mtime of
+            # what they closed, racing us): the lease, not the ctime, says the bytes held still.
+            hashed = hash_fd(fd, executable_only=True, leased=True)
+            if not holds_read_lease(fd):
+                raise HashingError("a writer broke the lease while it was hashed")
             path = os.readlink(f"/proc/self/fd/{fd}")
-        except (NotExecutable, HashingError, OSError):
+        except (NotExecutable, HashingError, OSError) as e:
+            _trace(f"{_path_of(fd)} not recorded: {e}")
             return []
         if not path.startswith("/") or path.endswith(" (deleted)"):
             return []

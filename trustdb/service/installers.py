@@ -52,6 +52,7 @@ from trustdb.first_seen_handler import host_filesystems
 from trustdb.model import InodeKey, TrustEntry
 from trustdb.service.closewrite import (
     FAN_CLOSE_WRITE,
+    TRACE,
     ClosedFiles,
     Writer,
     ignore_lease_breaks,
@@ -183,6 +184,10 @@ class InstallerTrust:
         seq, digest = question[:_SEQ], question[_SEQ:]
         self.pump()
         trusted = self._engine is not None and self._engine.db.is_trusted(digest)
+        if TRACE:
+            print(f"trustdb: close-write: asked about {digest.hex()[:16]}: {trusted} "
+                  f"(window {'open' if self._window_open else 'closed'})", file=sys.stderr,
+                  flush=True)
         with contextlib.suppress(OSError):
             self._ask_daemon.send(seq + (b"1" if trusted else b"0"))
 
@@ -391,8 +396,15 @@ class _InstallerAwareTrust:
         self._asking = True
         try:
             self._ask.send(seq + digest)
-            return self._answer(seq, time.monotonic() + ASK_TIMEOUT_S)
-        except OSError:
+            answer = self._answer(seq, time.monotonic() + ASK_TIMEOUT_S)
+            if TRACE:
+                print(f"trustdb: close-write: the handler asked about {digest.hex()[:16]}: {answer}",
+                      file=sys.stderr, flush=True)
+            return answer
+        except OSError as e:
+            print(f"trustdb: first-seen handler: the daemon's question channel failed ({e}); "
+                  "files installers write are untrusted until the daemon restarts",
+                  file=sys.stderr, flush=True)
             self._ask.close()
             self._ask = None
         finally:
@@ -424,6 +436,8 @@ class _InstallerAwareTrust:
                     continue
                 if answer[:_SEQ] == seq:  # a late answer to an earlier question is dropped
                     return answer[_SEQ:] == b"1"
+        print(f"trustdb: first-seen handler: the daemon did not answer within {ASK_TIMEOUT_S:.0f} s;"
+              " not trusted", file=sys.stderr, flush=True)
         return False  # the daemon is busy: not trusted now
 
 
