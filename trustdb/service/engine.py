@@ -40,6 +40,7 @@ from trustdb.backends.bpfobject import BpfBackend, MapKeySink
 from trustdb.backends.interface import Backend, BackendError, EngineConfig, KeySink
 from trustdb.closers import Closers
 from trustdb.db import TrustDB
+from trustdb.dbrecords import DatabaseError
 from trustdb.events import Decision
 from trustdb.first_seen import NO_INTERPRETERS, OpenTrust
 from trustdb.first_seen_handler import FirstSeenHandler, HandlerConfig, HandlerError
@@ -99,6 +100,8 @@ class ServiceEngine:
         self._db_path = db_path
         self._handler: FirstSeenHandler | None = None
         self._reconcile: _MirrorThread | None = None
+        self._pending_full = False
+        """A SIGHUP's full re-sync asked for while the walk ran (done after it)."""
         """The database walk that follows a start on a primed or adopted map (below)."""
         self.handler_restarted = False
         """Set by `pump` when a dead handler was replaced (its fd changed: poll anew)."""
@@ -400,6 +403,11 @@ class ServiceEngine:
         self._ring.consume()
         if self._reconcile is not None and not self._reconcile.is_alive():
             self._end_reconcile()  # its generation goes into the pin record
+            try:
+                self.refresh(full=self._pending_full)  # what changed while it walked
+            except (DatabaseError, BackendError, OSError) as e:
+                print(f"trustdb: cannot follow the trust database: {e}", file=sys.stderr,
+                      flush=True)  # the map keeps its state; the next refresh tries again
         handler = self._handler
         assert self._sink is not None
         for denial in handler.denials() if handler is not None else ():
@@ -421,7 +429,14 @@ class ServiceEngine:
 
     def refresh(self, *, full: bool = False) -> bool:
         """Follow the database (the live wake-up calls this); a full re-sync on SIGHUP.
-        True when the kernel map was changed."""
+        True when the kernel map was changed. While the walk after the start runs, nothing
+        waits for it: the loop must go on answering the installers' questions and pinging the
+        watchdog (a 1M-entry walk under load takes tens of seconds); `pump` refreshes once the
+        walk has ended."""
+        if self._reconcile is not None and self._reconcile.is_alive():
+            self._pending_full = self._pending_full or full
+            return False
+        full, self._pending_full = full or self._pending_full, False
         self._end_reconcile()
         stats = self._mirror.sync() if full else self._mirror.refresh()
         self._save()
@@ -435,6 +450,8 @@ class ServiceEngine:
         need = map_size_for(self._db.entry_count())
         if self._record is None or need <= (self._config.max_entries or 0):
             return False
+        if self._reconcile is not None and self._reconcile.is_alive():
+            return False  # asked again at the next refresh (every FALLBACK_CHECK_S at least)
         self._end_reconcile()  # the new engine forks its handler
         old, old_size = self._engine_closers, self._config.max_entries
         self._engine_closers = Closers()
