@@ -254,7 +254,7 @@ class Mirror(FirstSeenFiles):
         command ended does not wait for the walk that follows its attach."""
         self._cancelled = True
 
-    def prime(self) -> int:
+    def prime(self, devices: frozenset[int] | None = None) -> int:
         """Fill the sink from the verification cache alone, before any walk (no stat, no path):
         every cached inode version whose content some source trusts now. Returns how many keys
         went in. Sound for the same reason a cache hit is: the cache holds a version (inode,
@@ -263,7 +263,12 @@ class Mirror(FirstSeenFiles):
         cache cannot know (a recorded file changed since, overlayfs's second key) waits for the
         walk, or the first-seen handler meets it first. The next `sync` (a `refresh` runs one
         first) reconciles: it adds what the walk finds and removes the primed keys that no
-        recorded path or first-seen file holds any more."""
+        recorded path or first-seen file holds any more.
+        `devices`: only keys of these devices (trustdb.system_trees.system_devices). The cache
+        remembers keys of every device it met, one unmounted since among them, and a user can
+        put a FUSE mount or an image of their own at a reused device number, serving other
+        bytes at the cached inode and ctime; the walk only ever inserts keys of files it
+        stats now, and the first-seen handler hashes what it lets in."""
         snapshot = open_snapshot(self._db)
         try:
             cached = getattr(snapshot, "trusted_cached_keys", None)
@@ -272,6 +277,8 @@ class Mirror(FirstSeenFiles):
             found = cached()
         finally:
             snapshot.close()
+        if devices is not None:
+            found = {k: d for k, d in found.items() if k.dev in devices}
         with self._lock:
             new = [k for k in found if k not in self._keys]
             inserted = 0

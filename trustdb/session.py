@@ -41,7 +41,9 @@ def prime_or_sync(mirror: Mirror, entries: int) -> bool:
     (`Mirror.prime`) when it covers PRIME_COVERAGE of the `entries`, and True (the walk that
     reconciles it must follow the attach); else by the walk itself (`Mirror.sync`), False. A
     first start walks first, as the first-seen path would otherwise hash every exec's file."""
-    if mirror.prime() >= PRIME_COVERAGE * entries:
+    from trustdb.system_trees import system_devices
+
+    if mirror.prime(system_devices()) >= PRIME_COVERAGE * entries:
         return True
     mirror.sync()
     return False

@@ -42,3 +42,19 @@ def writable_grant_error(paths: list[str]) -> str:
 
 __all__ = ["PREFIXES", "SYSTEM_TREES", "holds_system_tree", "in_system_tree",
            "writable_grant_error"]
+
+
+def system_devices() -> frozenset[int]:
+    """The devices (kernel encoding, as InodeKey.dev) the system trees live on now. A key of
+    any other device is only as good as that device's identity, which a user can forge: a FUSE
+    mount or an attached image on a reused device number serves other bytes at a cached inode
+    and ctime (see Mirror.prime)."""
+    out = set()
+    for tree in SYSTEM_TREES:
+        try:
+            dev = os.stat(tree).st_dev
+        except OSError:
+            continue
+        out.add((os.major(dev) << 20) | os.minor(dev))
+    return frozenset(out)
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +99,40 @@ def test_prime_leaves_out_revoked_content_and_the_walk_drops_changed_files(
         stats = mirror.sync()
         assert _key(keep) in sink and old not in sink and _key(rewritten) not in sink
         assert len(sink) == 1, stats
+
+
+def test_prime_takes_only_keys_of_the_system_trees_devices(
+        tmp_path: Path, kernel_map: TracepointBackend) -> None:
+    """The same key with other content, by device: a trusted copy verified on a device of its
+    own (here a tmpfs the test mounts; a user's FUSE mount or attached image in the attack) is
+    cached under that device's number. Once the device is gone a user can put a filesystem of
+    theirs at the reused number, serving other bytes at the cached inode and ctime. The start
+    primes only keys of the devices the system trees live on; the walk (which stats what is
+    there now) and the first-seen handler (which hashes) cover the rest."""
+    from trustdb.session import prime_or_sync
+    from trustdb.system_trees import system_devices
+
+    mnt = tmp_path / "media"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tdprime", str(mnt)],
+                      check=False).returncode:
+        pytest.fail("cannot mount a tmpfs (CI runs as root)")
+    try:
+        on_media = _tool(mnt / "tool", b"media")
+        key = _key(on_media)
+        assert key.dev not in system_devices()
+        with TrustDB.open(tmp_path / "db", write=True) as db:
+            _trust(db, on_media)
+            settle()
+            Mirror(db, _Counting()).sync()  # cached under the tmpfs's device
+            assert Mirror(db, _Counting()).prime() == 1  # the cache does hold it
+            sink = kernel_map.trusted_inodes
+            assert Mirror(db, sink).prime(system_devices()) == 0
+            assert key not in sink
+            assert prime_or_sync(Mirror(db, sink), db.entry_count()) is False  # walked instead
+            assert key in sink  # by the walk, which stat'ed the file that is there now
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 class _Counting:
