@@ -171,6 +171,47 @@ def test_a_writer_still_open_blocks_trust(watch: tuple[InstallerTrust, Path, Tru
         holder.wait()
 
 
+def test_a_compiler_run_in_another_mount_namespace_is_no_trusted_writer(
+        watch: tuple[InstallerTrust, Path, TrustDB]) -> None:
+    """The way out of `trustdb run` (reviewer): the tree, root in a mount namespace of its own
+    whose /usr is the host's, runs the host's trusted cc; with the service trusting compiler
+    outputs, its `cc -o evil` became trusted in the database the run itself follows. Every
+    event's file must be open through one of the daemon's own mounts: here, after `unshare
+    --mount`, cc, ld and the closed file are reached through copies of the mounts."""
+    trust, mnt, db = watch
+    src = mnt / "evil.c"
+    src.write_text(SOURCE.replace("%s", "evil"))
+    out = mnt / "evil"
+    subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "cc", "-o",
+                    str(out), str(src)], check=True)
+    trust.pump()
+    assert not _trusted(db, out), "what a compiler wrote from another mount namespace was trusted"
+    control = _build(mnt, "control", "control")
+    trust.pump()
+    assert _trusted(db, control), "the same build on the host was not"
+
+
+def test_host_namespaces_tell_a_tree_process_apart() -> None:
+    from trustdb.service.hostns import in_host_namespaces
+
+    assert in_host_namespaces(os.getpid()) is True
+    child = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--",
+                              "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        inner = None
+        while inner is None and time.monotonic() < deadline:  # unshare's forked child: sleep
+            kids = Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()
+            inner = int(kids[0]) if kids else None
+            time.sleep(0.02)
+        assert inner is not None
+        assert in_host_namespaces(inner) is False
+    finally:
+        child.kill()
+        child.wait()
+    assert in_host_namespaces(child.pid) is None  # gone
+
+
 BIG_SOURCE = ('#include <stdio.h>\nstatic char big[48 << 20] = {1};\n'
               'int main(void) { puts(big[0] ? "built big" : ""); return 0; }\n')
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from trustdb.fanotify import FAN_NOFD, Event
 from trustdb.hashing import HashingError, NotExecutable, hash_fd
 from trustdb.model import FileKind, TrustEntry
+from trustdb.service.hostns import host_writer_file
 
 FAN_CLOSE_WRITE = 0x08
 
@@ -137,7 +138,8 @@ class ClosedFiles:
             if earlier is not None:
                 os.close(earlier[1])
                 leased.discard(ident)
-            pending[ident] = (self._writer_of(ev.pid), ev.fd)
+            writer = self._writer_of(ev.pid) if host_writer_file(ev.fd, ev.pid) else None
+            pending[ident] = (writer, ev.fd)
             if pending[ident][0] is not None:
                 _trace(f"close-write of {_path_of(ev.fd)} by pid {ev.pid}: {pending[ident][0].source}")
 

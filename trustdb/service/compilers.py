@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from trustdb.fanotify import FanotifyError
 from trustdb.model import InodeKey
+from trustdb.service.hostns import host_writer_file
 
 FAN_OPEN_EXEC = 0x00001000
 
@@ -138,7 +139,7 @@ class CompilerWatch:
         except OSError:
             return
         compiler = self.compilers.get(key)
-        if compiler is not None and self._trusted(key):
+        if compiler is not None and self._trusted(key) and host_writer_file(fd, pid):
             self._running[pid] = compiler
         else:
             self._running.pop(pid, None)
