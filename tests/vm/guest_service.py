@@ -547,6 +547,60 @@ def test_rpm_install_scriptlet_runs_its_new_binary() -> None:
 
 ARTIFACTS_RPM_BIN = "/var/tmp/tdsvc-rpm/tdrpm"
 
+
+def _no_rpm_window_left(timeout_s: float = 60) -> None:
+    """The daemon verifies an rpm run by hand within one check after it exits (<= 5 s)."""
+    from trustdb.db import TrustDB
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with TrustDB.open(DB) as db:
+            if not any("@" in s.label for s in db.sources() if s.kind == "installer"):
+                return
+        time.sleep(0.2)
+    pytest.fail("the rpm's own window was never verified: " + daemon().stderr())
+
+
+def test_rpm_by_hand_scriptlet_runs_its_new_binary() -> None:
+    """`rpm -i` run by hand, no hook and no window: the daemon sees rpm's exec (root, trusted
+    binary) and gives that rpm a window of its own; its %post runs the binary rpm unpacked a
+    moment before, and after rpm exits the daemon verifies against the rpmdb rpm used
+    (--dbpath from its command line): the binary stays trusted."""
+    dbpath = WORK / "rpmdb-hand"
+    init = subprocess.run(["rpm", "--initdb", "--dbpath", str(dbpath)], env=ENV,
+                          capture_output=True, text=True, check=False)
+    assert init.returncode == 0, init.stderr
+    r = subprocess.run(["rpm", "-i", "--nodeps", "--dbpath", str(dbpath),
+                        str(ARTIFACTS / "tdsvc-hand.rpm")], env=ENV, capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + daemon().stderr()
+    assert "hello from from-rpm-by-hand" in r.stdout, r.stdout + r.stderr + daemon().stderr()
+    _no_rpm_window_left()
+    assert runs("/var/tmp/tdsvc-hand/tdrpm"), "verified binary denied after rpm exited"
+    assert "revoked /var/tmp/tdsvc-hand" not in daemon().stderr(), daemon().stderr()
+    listed = td("sources")
+    assert f"#{dbpath}" in listed.stdout, listed.stdout
+
+
+def test_rpm_by_a_user_gets_no_trust() -> None:
+    """The same by an unprivileged user (its own rpmdb, a package into /tmp): the trusted rpm
+    binary, but not root: its %post's exec of the new binary is denied, and so is the file."""
+    userdir = Path("/tmp/tdsvc-userdb")
+    userdir.mkdir(exist_ok=True)
+    os.chown(userdir, 65534, 65534)
+    pkg = userdir / "tdsvc-user.rpm"
+    shutil.copy(ARTIFACTS / "tdsvc-user.rpm", pkg)
+    os.chmod(pkg, 0o644)
+    as_user = {"user": 65534, "group": 65534, "extra_groups": []}
+    for argv in (["rpm", "--initdb", "--dbpath", str(userdir / "db")],
+                 ["rpm", "-i", "--nodeps", "--dbpath", str(userdir / "db"), str(pkg)]):
+        r = subprocess.run(argv, env={**ENV, "HOME": str(userdir)}, capture_output=True,
+                           text=True, timeout=600, check=False, **as_user)  # type: ignore[arg-type]
+    assert Path("/tmp/tdsvc-user/tdrpm").exists(), r.stdout + r.stderr
+    assert "hello from from-rpm-by-a-user" not in r.stdout, r.stdout + daemon().stderr()
+    time.sleep(6)  # one daemon check after rpm's exit: nothing to verify, nothing trusted
+    assert not runs("/tmp/tdsvc-user/tdrpm"), "a user's rpm made its file trusted"
+
 HELLO_C = '#include <stdio.h>\nint main(void) { puts("built here"); return 0; }\n'
 
 

@@ -80,20 +80,22 @@ install -m 755 %{{_sourcedir}}/tdrpm %{{buildroot}}{dir}/tdrpm
 """
 
 
-def build_test_rpm(dest: Path) -> Path:
-    """tdsvc-rpm: the trusted-installer case for rpm (a real rpmbuild package)."""
-    top = dest / "rpmbuild"
+def build_test_rpm(dest: Path, name: str = "tdsvc-rpm", variant: str = "from-rpm",
+                   directory: str = RPM_DIR) -> Path:
+    """`name`: the trusted-installer case for rpm (a real rpmbuild package) whose %post runs
+    its binary `directory`/tdrpm (printing `hello from <variant>`)."""
+    top = dest / f"rpmbuild-{name}"
     src = top / "src"
     src.mkdir(parents=True)
-    subprocess.run(["cc", "-O2", '-DVARIANT="from-rpm"', "-o", str(src / "tdrpm"),
+    subprocess.run(["cc", "-O2", f'-DVARIANT="{variant}"', "-o", str(src / "tdrpm"),
                     str(HERE / "tdprobe.c")], check=True)
-    spec = top / "tdsvc-rpm.spec"
-    spec.write_text(RPM_SPEC.format(dir=RPM_DIR))
+    spec = top / f"{name}.spec"
+    spec.write_text(RPM_SPEC.replace("Name: tdsvc-rpm", f"Name: {name}").format(dir=directory))
     subprocess.run(["rpmbuild", "-bb", "--quiet", "--define", f"_topdir {top}",
                     "--define", f"_sourcedir {src}", str(spec)], check=True,
                    capture_output=True)
-    (built,) = (top / "RPMS").rglob("tdsvc-rpm-1.0-1.*.rpm")
-    return built.rename(dest / "tdsvc-rpm.rpm")
+    (built,) = (top / "RPMS").rglob(f"{name}-1.0-1.*.rpm")
+    return built.rename(dest / f"{name}.rpm")
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_artifacts(dest)
     build_test_deb(dest)
     build_test_rpm(dest)
+    build_test_rpm(dest, "tdsvc-hand", "from-rpm-by-hand", "/var/tmp/tdsvc-hand")
+    build_test_rpm(dest, "tdsvc-user", "from-rpm-by-a-user", "/tmp/tdsvc-user")
     return dest
 
 

@@ -157,13 +157,22 @@ def _daemon_pids() -> list[int]:
 
 
 @service_app.command("installer-begin", hidden=True)
-def installer_begin() -> None:
+def installer_begin(
+    pid: Annotated[
+        int | None, typer.Option("--pid", help="This process writes, whatever it runs (dnf4).")
+    ] = None,
+) -> None:
     """dpkg's pre-invoke hook: trust what this dpkg run writes, from the moment it closes each
-    file (the daemon watches close-writes of trusted installers until installer-end)."""
+    file (the daemon watches close-writes of trusted installers until installer-end). With
+    --pid (the dnf4 plugin: dnf is a python process), that process is the trusted writer."""
     from trustdb.service import installers
 
     _need_root()
-    if not installers.begin(_daemon_pids()):
+    try:
+        answered = installers.begin(_daemon_pids(), pid=pid)
+    except ProcessLookupError as e:
+        fatal(f"installer-begin: {e}")
+    if not answered:
         typer.echo("trustdb: no service answered: files this transaction writes stay untrusted "
                    "until the import", err=True)
 
@@ -178,6 +187,12 @@ def installer_end(
     ] = False,
     rpm_dbpath: Annotated[
         str | None, typer.Option("--rpm-dbpath", help="rpm database directory (with --rpm).")
+    ] = None,
+    rpm_root: Annotated[
+        str, typer.Option("--rpm-root", help="root whose rpmdb to import (dnf --installroot).")
+    ] = "/",
+    pid: Annotated[
+        int | None, typer.Option("--pid", help="the process given to installer-begin --pid.")
     ] = None,
     db: DbOption = DEFAULT_DB_PATH,
 ) -> None:
@@ -199,14 +214,14 @@ def installer_end(
             if rpm:  # imported only here: what dpkg's hook maps stays what it always mapped
                 from trustdb_importers.rpm import RpmDbImporter
 
-                importer = RpmDbImporter(root="/", dbpath=rpm_dbpath)
+                importer = RpmDbImporter(root=rpm_root, dbpath=rpm_dbpath)
             else:
                 importer = DebImporter(root="/", admindir=admin)
             tdb.replace_source(importer.source().label, importer.source().kind,
                                importer.collect(tdb.digest_cache()))
     except (DatabaseError, ImporterError, OSError) as e:
         failed = str(e)
-    installers.end(_daemon_pids())
+    installers.end(_daemon_pids(), pid=pid)
     if failed:
         fatal(f"import {'rpm' if rpm else 'deb'} refused ({failed}): what this transaction "
               "installed is not trusted")

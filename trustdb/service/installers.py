@@ -28,6 +28,11 @@ one's supersedes it (the file stays untrusted). What is left (README): truncate(
 needs no open file, can shorten the file before the lease; and the end-of-transaction import
 revokes whatever dpkg's md5sums do not vouch for.
 
+An rpm run by hand (no hook) gets a window of its own from its exec event
+(trustdb.service.handheld). Split out: the tokens and the hooks' side
+(trustdb.service.installer_windows), the first-seen handler's question channel
+(trustdb.service.installer_ask).
+
 The same group, when the daemon's policy says `[compilers] trust_outputs = true`, keeps the
 close-write marks on for good and trusts what trusted compilers and linkers write
 (trustdb.service.compilers), under `built:<program>` with provenance `built-by:<program>`.
@@ -37,14 +42,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trustdb.fanotify import Event, Fanotify, FanotifyError
@@ -58,67 +59,43 @@ from trustdb.service.closewrite import (
     ignore_lease_breaks,
 )
 from trustdb.service.compilers import FAN_OPEN_EXEC, CompilerWatch
-from trustdb.state import STATE_DIR
+from trustdb.service.handheld import ImplicitWindow, implicit_window, runs_as_root, verify
+from trustdb.service.installer_ask import ASK_TIMEOUT_S, SEQ, AskingOpener
+from trustdb.service.installer_windows import (
+    INSTALLERS,
+    WINDOW_DIR,
+    Window,
+    begin,
+    end,
+    make_directory,
+    open_windows,
+    trusted_directory,
+)
 
 if TYPE_CHECKING:
-    from trustdb.first_seen import OpenTrust, TrustLookup
+    from trustdb.first_seen import OpenTrust
     from trustdb.service.engine import ServiceEngine
 
 FAN_CLASS_NOTIF = 0x00
 FAN_CLOEXEC = 0x01
 FAN_NONBLOCK = 0x02
-_SEQ = 8
-"""Bytes of the question number that each answer repeats."""
-ASK_TIMEOUT_S = 15.0
-"""How long the first-seen handler waits for the daemon's answer (then: not trusted, and the
-channel is closed for good). Generous: the daemon may be hashing the installer's files, and under
-emulation (the VM tier) that takes seconds; only execs during an installer window (or, with
-trusted compiler outputs, any miss) wait."""
-
-INSTALLERS: dict[str, str] = {
-    "/usr/bin/dpkg": "dpkg",
-    "/bin/dpkg": "dpkg",
-    "/usr/bin/rpm": "rpm",
-    "/bin/rpm": "rpm",
-    "/usr/bin/dnf5": "dnf5",
-}
-"""Executables whose writes are trusted while a window is open (by real path)."""
-
-WINDOW_DIR = STATE_DIR / "installers"
 SOURCE_KIND = "installer"
 BUILT_KIND = "built"
 ENABLE_ENV = "TRUSTDB_TRUSTED_INSTALLERS"
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    token: str
-    installer_pid: int
-
-
-def open_windows(directory: Path = WINDOW_DIR) -> list[Window]:
-    """Windows whose installer process still lives (a crashed dpkg closes its window)."""
-    out = []
-    for p in sorted(directory.glob("*.open")) if directory.is_dir() else []:
-        try:
-            pid = int(p.read_text().strip() or 0)
-        except (OSError, ValueError):
-            continue
-        if pid and Path(f"/proc/{pid}").exists():
-            out.append(Window(p.stem, pid))
-        else:
-            with contextlib.suppress(OSError):
-                p.unlink()
-    return out
+__all__ = ["ASK_TIMEOUT_S", "INSTALLERS", "WINDOW_DIR", "InstallerTrust", "Window", "begin",
+           "end", "open_windows"]
 
 
 class InstallerTrust:
     """The daemon's side: the notification group, the window, the installer source."""
 
     def __init__(self, *, trust_outputs: bool = False,
-                 filesystems: Callable[[], list[str]] = host_filesystems) -> None:
+                 filesystems: Callable[[], list[str]] = host_filesystems,
+                 own_pid: int | None = None) -> None:
         """`trust_outputs`: the policy's `[compilers] trust_outputs` (the close-write marks then
-        stay on, and what trusted compilers write is trusted too)."""
+        stay on, and what trusted compilers write is trusted too). `own_pid`: rpm processes it
+        started are never trusted writers (default: this process; tests name another)."""
+        self._own_pid = os.getpid() if own_pid is None else own_pid
         self._fan = Fanotify(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK)
         self._filesystems = filesystems
         self.compilers = CompilerWatch(self._fan.mark_inode_fd, self._key_trusted) \
@@ -136,6 +113,9 @@ class InstallerTrust:
             socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._marked: list[str] = []
         self._window_open = False
+        self._windows: list[Window] = []
+        self._implicit: dict[int, ImplicitWindow] = {}
+        """rpm processes run by hand (trustdb.service.handheld), by pid."""
         self._lock = threading.Lock()
         self._engine: ServiceEngine | None = None
         self.trusted: dict[str, bytes] = {}
@@ -155,7 +135,10 @@ class InstallerTrust:
     def start(self, engine: ServiceEngine) -> None:
         self._engine = engine
         ignore_lease_breaks()
-        WINDOW_DIR.mkdir(parents=True, exist_ok=True)
+        make_directory()
+        if not trusted_directory():
+            print(f"trustdb: {WINDOW_DIR} is not root's alone: installer windows are ignored",
+                  file=sys.stderr, flush=True)
         self.sync_windows()
 
     def stop(self) -> None:
@@ -181,7 +164,7 @@ class InstallerTrust:
             question = self._ask_daemon.recv(64, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
-        seq, digest = question[:_SEQ], question[_SEQ:]
+        seq, digest = question[:SEQ], question[SEQ:]
         self.pump()
         trusted = self._engine is not None and self._engine.db.is_trusted(digest)
         if TRACE:
@@ -195,27 +178,37 @@ class InstallerTrust:
 
     def sync_windows(self) -> None:
         """Open or close the window to match the tokens (SIGUSR1, and every fallback check)."""
-        windows = open_windows()
+        windows = self._windows = open_windows()
+        if any(not w.alive() for w in self._implicit.values()):
+            self.pump()  # an rpm run by hand exited: verify what it wrote
         for watch in self._exec_watches():
             watch.refresh()  # a compiler or installer upgraded since: its new inode
-        if (windows or self.compilers is not None) and not self._marked:
-            for fs in self._filesystems():
-                try:
-                    self._fan.mark_filesystem(fs, FAN_CLOSE_WRITE)
-                    self._marked.append(fs)
-                except FanotifyError:
-                    continue  # a filesystem without an fsid: nothing dpkg writes lives there
+        if windows or self.compilers is not None:
+            self._mark()
         if windows:
             self._window_open = True
         elif self._window_open:
             self.pump()  # what the installer closed before its window ended still counts
             self._window_open = False
-            if self.compilers is None:
-                self._unmark()
+            self._unmark_if_idle()
             self._close_window()
         for w in windows:
             with contextlib.suppress(OSError):
                 (WINDOW_DIR / f"{w.token}.ack").write_text(str(os.getpid()))
+
+    def _mark(self) -> None:
+        if self._marked:
+            return
+        for fs in self._filesystems():
+            try:
+                self._fan.mark_filesystem(fs, FAN_CLOSE_WRITE)
+                self._marked.append(fs)
+            except FanotifyError:
+                continue  # a filesystem without an fsid: nothing dpkg writes lives there
+
+    def _unmark_if_idle(self) -> None:
+        if self.compilers is None and not self._window_open and not self._implicit:
+            self._unmark()
 
     def _unmark(self) -> None:
         if self._marked and self._fan.fd >= 0:
@@ -232,17 +225,13 @@ class InstallerTrust:
         db = self._engine.db  # one LMDB environment per process: the engine's
         try:
             for src in db.sources():
-                if src.kind == SOURCE_KIND:
+                if src.kind == SOURCE_KIND and "@" not in src.label:  # not an rpm's by hand
                     db.remove_source(src.label)
             revoked = [p for p, d in self.trusted.items() if not db.is_trusted(d)]
         except DatabaseError as e:
             print(f"trustdb: cannot close the installer window: {e}", file=sys.stderr, flush=True)
             return
-        for p in revoked:
-            line = (f"trustdb: revoked {p}: written by a package manager, but its content is not "
-                    "what the package database records")
-            self.reports.append(line)
-            print(line, file=sys.stderr, flush=True)
+        self._report_revoked(revoked, "a package manager", "the package database")
         self.trusted.clear()
         if self._engine is not None:
             self._engine.refresh()
@@ -254,12 +243,52 @@ class InstallerTrust:
         files."""
         with self._lock:
             exited = [(w, w.exited()) for w in self._exec_watches()]
+            rpms_done = [w for w in self._implicit.values() if not w.alive()]
             found = self._closed.collect()
             for watch, pids in exited:
                 watch.forget(pids)  # their events were all queued before we drained
             if found:
                 self._record(found)
+            for window in rpms_done:
+                self._end_implicit(window)
             return len(found)
+
+    def _open_implicit(self, pid: int) -> None:
+        """rpm `pid` just exec'd (its binary trusted): a window of its own, if it is root's."""
+        if pid in self._implicit:
+            return
+        window = implicit_window(pid, self._own_pid)
+        if window is None:
+            return
+        self._implicit[pid] = window
+        window.open()
+        self._mark()
+
+    def _end_implicit(self, window: ImplicitWindow) -> None:
+        """rpm exited: verify what it wrote against its rpmdb (nothing to do if it wrote
+        nothing: `rpm -q` costs no import)."""
+        from trustdb.dbrecords import DatabaseError
+
+        self._implicit.pop(window.pid, None)
+        window.close()
+        self._unmark_if_idle()
+        if not window.trusted or self._engine is None:
+            return
+        try:
+            revoked = verify(self._engine.db, window)
+        except DatabaseError as e:
+            print(f"trustdb: cannot verify what rpm {window.pid} wrote: {e}", file=sys.stderr,
+                  flush=True)
+            return
+        self._report_revoked(revoked, f"rpm (pid {window.pid})", "the rpm database")
+        self._engine.refresh()
+
+    def _report_revoked(self, paths: list[str], writer: str, database: str) -> None:
+        for p in paths:
+            line = (f"trustdb: revoked {p}: written by {writer}, but its content is not what "
+                    f"{database} records")
+            self.reports.append(line)
+            print(line, file=sys.stderr, flush=True)
 
     def _drain(self) -> list[Event]:
         try:
@@ -274,10 +303,26 @@ class InstallerTrust:
         if ev.mask & FAN_OPEN_EXEC:
             for watch in self._exec_watches():
                 watch.on_exec(ev.fd, ev.pid)
+            # By the event's file, not /proc/PID/exe: the event is queued when execve opens the
+            # binary, and may be read before the exec completes (exe is still the old one).
+            with contextlib.suppress(OSError):
+                known = self._installer_execs.compilers.get(InodeKey.from_stat(os.fstat(ev.fd)))
+                if known is not None and known.name == "rpm":
+                    self._open_implicit(ev.pid)
 
     def _writer(self, pid: int) -> Writer | None:
         """Whose trust a close by `pid` carries: a trusted installer's while a window is open,
         a trusted compiler's when the policy trusts outputs, else none."""
+        implicit = self._implicit.get(pid)
+        if implicit is not None and self._installer(pid) == "rpm":
+            if implicit.alive():
+                if not runs_as_root(pid):
+                    return None  # it dropped root since its exec: not a trusted writer
+                implicit.read_command_line()
+            return Writer(implicit.source, SOURCE_KIND, "installed-by:rpm")
+        if self._window_open and any(w.any_exe and w.installer_pid == pid
+                                     for w in self._windows):
+            return Writer(f"{SOURCE_KIND}:dnf", SOURCE_KIND, "installed-by:dnf")
         if self._window_open:
             name = self._installer(pid)
             if name is not None:
@@ -323,7 +368,11 @@ class InstallerTrust:
             print(f"trustdb: cannot record written files: {e}", file=sys.stderr, flush=True)
             return
         for writer, entry in found:
-            if writer.kind == SOURCE_KIND:
+            implicit = next((w for w in self._implicit.values() if w.source == writer.source),
+                            None)
+            if implicit is not None:
+                implicit.trusted[entry.path] = entry.digest
+            elif writer.kind == SOURCE_KIND:
                 self.trusted[entry.path] = entry.digest
             else:
                 print(f"trustdb: trusted {entry.path} ({writer.origin})", file=sys.stderr,
@@ -334,165 +383,4 @@ class InstallerTrust:
     def wrap_trust(self, opener: OpenTrust) -> OpenTrust:
         """How the first-seen handler opens the database: as `opener` does, but a digest the
         database does not trust while a window is open is asked of the daemon."""
-        return _AskingOpener(opener, self._ask_handler, always_ask=self.compilers is not None)
-
-
-@dataclass(frozen=True, slots=True)
-class _AskingOpener:
-    """The handler's OpenTrust. The handler closes every fd it inherited but `inherited_fds`:
-    the question channel must survive that (else every question fails, and the fd number, once
-    reused, is another file's)."""
-
-    opener: OpenTrust
-    ask: socket.socket
-    always_ask: bool
-
-    @property
-    def inherited_fds(self) -> tuple[int, ...]:
-        return (self.ask.fileno(),)
-
-    def __call__(self) -> TrustLookup:
-        return _InstallerAwareTrust(self.opener(), self.ask, always_ask=self.always_ask)
-
-
-class _InstallerAwareTrust:
-    """The handler's TrustLookup (runs in the handler process)."""
-
-    def __init__(self, db: TrustLookup, ask: socket.socket, *, always_ask: bool = False) -> None:
-        self._db = db
-        self._ask: socket.socket | None = ask
-        self._seq = 0
-        self._always_ask = always_ask
-        """With trusted compiler outputs: a miss may be what a compiler closed a moment ago."""
-        self._asking = False
-        self._serve: tuple[int, Callable[[], None]] | None = None
-        self._may_ask: Callable[[], bool] = lambda: True
-
-    @property
-    def generation(self) -> int:
-        return self._db.generation
-
-    def digest_cache(self):  # type: ignore[no-untyped-def]
-        return self._db.digest_cache()
-
-    def serve_while_waiting(self, fd: int, serve: Callable[[], None],
-                            may_ask: Callable[[], bool]) -> None:
-        """While a question is out, call `serve` whenever `fd` (the handler's permission group)
-        is readable, and once at the start: the daemon may be blocked in an open that waits for
-        the handler, and must be answered before it can answer us. `may_ask` is False while
-        the event being decided is the daemon's own (it cannot answer while it waits on us)."""
-        self._serve = (fd, serve)
-        self._may_ask = may_ask
-
-    def is_trusted(self, digest: bytes) -> bool:
-        if self._db.is_trusted(digest):
-            return True
-        if self._ask is None or self._asking or not self._may_ask():
-            return False  # the daemon's own event: it is blocked until we answer it
-        if not self._always_ask and not any(WINDOW_DIR.glob("*.open")):  # a stat and a readdir
-            return False
-        self._seq += 1
-        seq = self._seq.to_bytes(_SEQ, "little")
-        self._asking = True
-        try:
-            self._ask.send(seq + digest)
-            answer = self._answer(seq, time.monotonic() + ASK_TIMEOUT_S)
-            if TRACE:
-                print(f"trustdb: close-write: the handler asked about {digest.hex()[:16]}: {answer}",
-                      file=sys.stderr, flush=True)
-            return answer
-        except OSError as e:
-            print(f"trustdb: first-seen handler: the daemon's question channel failed ({e}); "
-                  "files installers write are untrusted until the daemon restarts",
-                  file=sys.stderr, flush=True)
-            self._ask.close()
-            self._ask = None
-        finally:
-            self._asking = False
-        return False
-
-    def _serve_daemon(self) -> None:
-        """One failed answer must not cost the question channel (is_trusted closes it on
-        OSError): the handler counts its own errors."""
-        assert self._serve is not None
-        with contextlib.suppress(Exception):
-            self._serve[1]()
-
-    def _answer(self, seq: bytes, deadline: float) -> bool:
-        assert self._ask is not None
-        poller = select.poll()
-        poller.register(self._ask.fileno(), select.POLLIN)
-        if self._serve is not None:
-            poller.register(self._serve[0], select.POLLIN)
-            self._serve_daemon()  # its events already read with the one being decided
-        while (left := deadline - time.monotonic()) > 0:
-            ready = {fd for fd, _ in poller.poll(max(1, int(left * 1000)))}
-            if self._serve is not None and self._serve[0] in ready:
-                self._serve_daemon()
-            if self._ask.fileno() in ready:
-                try:
-                    answer = self._ask.recv(_SEQ + 1, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    continue
-                if answer[:_SEQ] == seq:  # a late answer to an earlier question is dropped
-                    return answer[_SEQ:] == b"1"
-        print(f"trustdb: first-seen handler: the daemon did not answer within {ASK_TIMEOUT_S:.0f} s;"
-              " not trusted", file=sys.stderr, flush=True)
-        return False  # the daemon is busy: not trusted now
-
-
-# --- the hooks' side (`trustdb service installer-begin|end`) -----------------------------------
-
-
-def installer_pid() -> int:
-    """The package manager that runs this hook: the parent of the hook's shell."""
-    ppid = os.getppid()
-    try:
-        stat = Path(f"/proc/{ppid}/stat").read_text()
-        grand = int(stat.rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return ppid
-    try:
-        exe = os.readlink(f"/proc/{ppid}/exe")
-    except OSError:
-        exe = ""
-    return ppid if exe in INSTALLERS else grand
-
-
-def begin(daemon_pids: list[int], timeout_s: float = 10.0) -> bool:
-    """Open a window and wait until the daemon has marked the filesystems; False if no daemon
-    answered (nothing is enforcing, or it is not running: then new files stay untrusted)."""
-    WINDOW_DIR.mkdir(parents=True, exist_ok=True)
-    token = f"w{os.getpid()}-{time.time_ns()}"
-    (WINDOW_DIR / f"{token}.open").write_text(str(installer_pid()))
-    return _signal_and_wait(daemon_pids, WINDOW_DIR / f"{token}.ack", timeout_s)
-
-
-def end(daemon_pids: list[int], timeout_s: float = 30.0) -> bool:
-    """Close this installer's windows (call after the package database was imported)."""
-    pid = installer_pid()
-    for w in open_windows():
-        if w.installer_pid == pid:
-            with contextlib.suppress(OSError):
-                (WINDOW_DIR / f"{w.token}.open").unlink()
-            with contextlib.suppress(OSError):
-                (WINDOW_DIR / f"{w.token}.ack").unlink()
-    return _signal_and_wait(daemon_pids, None, timeout_s)
-
-
-def _signal_and_wait(pids: list[int], ack: Path | None, timeout_s: float) -> bool:
-    import signal
-
-    alive = []
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGUSR1)
-            alive.append(pid)
-    if not alive or ack is None:
-        return bool(alive)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if ack.exists():
-            return True
-        time.sleep(0.01)
-    return False
+        return AskingOpener(opener, self._ask_handler, always_ask=self.compilers is not None)

@@ -1,0 +1,182 @@
+"""rpm run by hand on the host: the daemon's side of its implicit window (trustdb.service.handheld)
+with a real notification group on a tmpfs this test mounts (it answers nothing: it can deny
+nothing), the real rpm and a real rpmbuild package installed with `--root` into that tmpfs.
+What rpm closes is trusted `installed-by:rpm` at close, and stays trusted after rpm exits because
+its rpmdb vouches for it; `rpm -q` costs no import; rpm as a user, and rpm started by the daemon
+itself, get nothing. Under enforce (the %post running its new binary) in tests/vm/guest_service.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.service.test_outputs import _Engine
+from trustdb.db import TrustDB
+from trustdb.hashing import hash_file
+from trustdb.model import InodeKey
+from trustdb.service.handheld import descends_from, rpm_databases, runs_as_root
+from trustdb.service.installers import InstallerTrust
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("rpm") or not shutil.which("rpmbuild")
+    or not shutil.which("cc"), reason="needs root (fanotify, mount), rpm, rpmbuild and cc")
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.vm.test_service_vm import build_test_rpm
+
+    return build_test_rpm(tmp_path_factory.mktemp("rpm"), "tdhand", "by-hand", "/opt/tdhand")
+
+
+@pytest.fixture
+def rpm_root(tmp_path: Path) -> Iterator[tuple[InstallerTrust, Path, TrustDB]]:
+    # Not under tmp_path (pytest's directories are root's alone): rpm as a user must reach it.
+    mnt = Path(tempfile.mkdtemp(prefix="td-rpmroot-"))
+    mnt.chmod(0o755)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tdrpm", str(mnt)],
+                      check=False).returncode:
+        mnt.rmdir()
+        pytest.skip("cannot mount a tmpfs here")
+    db = TrustDB.open(tmp_path / "db", write=True)
+    rpm_key = InodeKey.from_stat(os.stat(os.path.realpath(shutil.which("rpm") or "rpm")))
+    # own_pid=-1: this test starts rpm, and the daemon's own rpm children are never trusted.
+    trust = InstallerTrust(filesystems=lambda: [str(mnt)], own_pid=-1)
+    try:
+        trust.start(_Engine(db, {rpm_key}))  # type: ignore[arg-type]
+        yield trust, mnt, db
+    finally:
+        trust.stop()
+        db.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        with contextlib.suppress(OSError):
+            mnt.rmdir()
+
+
+@contextlib.contextmanager
+def _daemon_loop(trust: InstallerTrust) -> Iterator[None]:
+    """What the daemon's main loop does: pump as soon as the group has events (rpm's exec event
+    must be read while rpm still runs: its uid and command line are read from /proc)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        poller = select.poll()
+        poller.register(trust.filenos()[0], select.POLLIN)
+        while not stop.is_set():
+            if poller.poll(50):
+                trust.pump()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        trust.pump()
+
+
+def _rpm(mnt: Path, *args: str, user: bool = False) -> subprocess.CompletedProcess[str]:
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if user else []
+    return subprocess.run([*prefix, "rpm", "--root", str(mnt), "--dbpath", "/rpmdb", *args],
+                          capture_output=True, text=True, check=False)
+
+
+def _origins(db: TrustDB, path: Path) -> list[str]:
+    return [f"{r.label}|{r.origin}" for r in db.trusted_by(hash_file(str(path)).digests.blake3)]
+
+
+def _rpm_by_hand(trust: InstallerTrust, mnt: Path, package: Path) -> Path:
+    with _daemon_loop(trust):
+        assert _rpm(mnt, "--initdb").returncode == 0
+        r = _rpm(mnt, "-i", "--nodeps", "--nopost", str(package))
+    assert r.returncode == 0, r.stderr
+    return mnt / "opt/tdhand/tdrpm"
+
+
+def test_rpm_by_hand_trusted_at_close_then_verified(
+        rpm_root: tuple[InstallerTrust, Path, TrustDB], package: Path) -> None:
+    trust, mnt, db = rpm_root
+    installed = _rpm_by_hand(trust, mnt, package)
+    # rpm has exited: the one pump reads its close-writes, then verifies against its rpmdb.
+    trust.pump()
+    found = _origins(db, installed)
+    assert any(f.startswith("rpm:") for f in found), found
+    assert not any("@" in f for f in found), found  # the window's own source is gone
+    assert not trust.reports, trust.reports
+    assert not list(Path("/run/trustdb/installers").glob("rpm-*.implicit"))
+
+
+def test_rpm_query_costs_no_import(rpm_root: tuple[InstallerTrust, Path, TrustDB],
+                                   package: Path) -> None:
+    trust, mnt, db = rpm_root
+    _rpm_by_hand(trust, mnt, package)
+    trust.pump()
+    before = [s.label for s in db.sources()]
+    generation = db.generation
+    with _daemon_loop(trust):
+        assert _rpm(mnt, "-qa").returncode == 0
+    assert [s.label for s in db.sources()] == before
+    assert db.generation == generation, "rpm -q wrote to the database"
+
+
+def test_rpm_as_a_user_gets_nothing(rpm_root: tuple[InstallerTrust, Path, TrustDB],
+                                    package: Path) -> None:
+    trust, mnt, db = rpm_root
+    os.chmod(mnt, 0o777)
+    with _daemon_loop(trust):
+        r = _rpm(mnt, "--initdb", user=True)
+        assert r.returncode == 0, r.stderr
+        readable = Path(shutil.copy(package, mnt / package.name))  # the package too
+        r = _rpm(mnt, "-i", "--nodeps", "--nopost", str(readable), user=True)
+    installed = mnt / "opt/tdhand/tdrpm"
+    assert installed.exists(), r.stderr
+    trust.pump()
+    assert not _origins(db, installed), "a user's rpm made its file trusted"
+
+
+def test_the_daemons_own_rpm_gets_nothing(tmp_path: Path, package: Path) -> None:
+    """Without own_pid=-1 the test process is the daemon: its rpm child is never a writer."""
+    mnt = tmp_path / "root"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "tdrpm2", str(mnt)], check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    db = TrustDB.open(tmp_path / "db", write=True)
+    rpm_key = InodeKey.from_stat(os.stat(os.path.realpath(shutil.which("rpm") or "rpm")))
+    trust = InstallerTrust(filesystems=lambda: [str(mnt)])
+    try:
+        trust.start(_Engine(db, {rpm_key}))  # type: ignore[arg-type]
+        installed = _rpm_by_hand(trust, mnt, package)
+        trust.pump()
+        assert not _origins(db, installed)
+    finally:
+        trust.stop()
+        db.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_command_line_and_process_checks() -> None:
+    assert rpm_databases(["rpm", "-i", "--dbpath=/d", "--root", "/r", "x.rpm"]) == ("/r", "/d")
+    assert rpm_databases(["rpm", "-Uvh", "x.rpm"]) == ("/", None)
+    assert runs_as_root(os.getpid())
+    child = subprocess.Popen(["setpriv", "--reuid=65534", "sleep", "5"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert not runs_as_root(child.pid)
+        assert descends_from(child.pid, os.getpid())
+        assert not descends_from(os.getpid(), child.pid)
+    finally:
+        child.kill()
+        child.wait()
