@@ -75,10 +75,11 @@ if command -v dnf5 >/dev/null 2>&1; then
   install -D -m 0644 "$here/hooks/dnf/trustdb-dnf5.actions" \
     "$destdir/etc/dnf/libdnf5-plugins/actions.d/trustdb.actions"
   files+=(/etc/dnf/libdnf5-plugins/actions.d/trustdb.actions)
-elif command -v dnf >/dev/null 2>&1; then
-  install -D -m 0644 "$here/hooks/dnf/trustdb.actions" \
-    "$destdir/etc/dnf/plugins/post-transaction-actions.d/trustdb.action"
-  files+=(/etc/dnf/plugins/post-transaction-actions.d/trustdb.action)
+elif command -v dnf >/dev/null 2>&1 && plugins=$(python3 -c 'import dnf, os; print(os.path.join(os.path.dirname(os.path.dirname(dnf.__file__)), "dnf-plugins"))' 2>/dev/null); then
+  # dnf4: a plugin (dnf is a python process with librpm inside: the window names its pid).
+  install -D -m 0644 "$here/hooks/dnf4/trustdb.py" "$destdir$plugins/trustdb.py"
+  install -D -m 0644 "$here/hooks/dnf4/trustdb.conf" "$destdir/etc/dnf/plugins/trustdb.conf"
+  files+=("$plugins/trustdb.py" /etc/dnf/plugins/trustdb.conf)
 fi
 
 if [ "$python" = 1 ]; then

@@ -7,7 +7,7 @@
 #   <unit dir>/trustdb.service               installed, never enabled
 #   /etc/default/trustdb                     TRUSTDB_MODE=audit
 #   /usr/share/trustdb/policies/*.toml       the shipped policies (agent, build, workstation)
-#   apt hook (debian) or dnf5 actions (fedora), the man page, README
+#   apt hook (debian) or dnf5 actions and the dnf4 plugin (fedora), the man page, README
 # Usage: packaging/stage.sh --layout debian|fedora --dest DIR [--wheel FILE] [--python PY]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -79,6 +79,9 @@ if [ "$layout" = debian ]; then
 else
   install -D -m 0644 "$here/hooks/dnf/trustdb-dnf5.actions" \
     "$dest/etc/dnf/libdnf5-plugins/actions.d/trustdb.actions"
+  # dnf4's plugin: linked into dnf's own plugin directory by the package's %post.
+  install -D -m 0644 "$here/hooks/dnf4/trustdb.py" "$dest/usr/lib/trustdb/dnf4/trustdb.py"
+  install -D -m 0644 "$here/hooks/dnf4/trustdb.conf" "$dest/etc/dnf/plugins/trustdb.conf"
 fi
 PYTHONPATH="$lib/python" bash "$here/man.sh" "$python" "$dest/usr/share/man/man1"
 gzip -9n "$dest/usr/share/man/man1/trustdb.1"

@@ -196,6 +196,9 @@ def test_rpm_installs_into_a_fedora_layout_root(packages: pb.Packages, tmp_path:
     hook = (root / "etc/dnf/libdnf5-plugins/actions.d/trustdb.actions").read_text()
     assert "pre_transaction::::/usr/bin/trustdb service installer-begin" in hook
     assert "post_transaction::::/usr/bin/trustdb service installer-end --rpm" in hook
+    plugin = (root / "usr/lib/trustdb/dnf4/trustdb.py").read_text()  # dnf4, linked by %post
+    assert '"installer-begin", "--pid"' in plugin
+    assert "enabled=1" in (root / "etc/dnf/plugins/trustdb.conf").read_text()
     assert (root / "usr/lib/trustdb/python/trustdb/bpf/tracepoint.bpf.o").is_file()
     subprocess.run([*rpm, "-e", "--noscripts", "trustdb"], check=True, capture_output=True)
     left = {p for p in _files_under(root, "usr/lib/sysimage") if not (root / p[1:]).is_dir()}
