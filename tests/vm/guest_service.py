@@ -7,7 +7,9 @@ login need), and one daemon at a time, started as the unit would (NOTIFY_SOCKET,
 refused starts (empty database, untrusted service), audit mode and its summary, enforce (denied,
 allowed, trustdb's own CLI), kill -9 (still enforcing), restart (adopted, no gap), SIGHUP, live
 trust/untrust latency, a `dpkg -i` whose postinst runs the binary it just unpacked, a copy
-written by cp during that window, and `trustdb service stop`. A module finalizer unpins and
+written by cp during that window, `rpm -i` in a window and by hand (no hook: the daemon's own
+window for that rpm) whose %post runs its new binary, rpm by a user (no trust), and `trustdb
+service stop`. A module finalizer unpins and
 kills whatever is left. Timings are printed as `METRIC name value` lines for the host test.
 """
 
