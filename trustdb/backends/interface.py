@@ -32,6 +32,12 @@ COMMON_HOLES: tuple[str, ...] = (
     "open was given is read from the opener's syscall on x86_64 only (elsewhere a name "
     "swapped under the open is caught only when the handler's own look sees the same file), "
     "and a shell's rc files are matched by the file their name reaches at the handler's look"),
+    ("forged-device-keys: a key names a device by its number, and a user can give a device of "
+    "their own (a loop-mounted image, a FUSE mount) a number another one had: under the "
+    "service, a first-seen key inserted for a file on such a device stays in the map after the "
+    "device is gone, and a filesystem of theirs at the reused number, with that inode and "
+    "ctime and other bytes, would be let through with it (reported by review, not reproduced "
+    "here); a start never primes keys of devices other than the system trees' (Mirror.prime)"),
     ("noexec-service: the service marks exec-capable filesystems only, so a script on a "
     "filesystem mounted only noexec (python3 /dev/shm/evil.py) is not judged by the service; "
     "`run` marks the tree's noexec mounts for open events while interpreters are judged"),
