@@ -43,7 +43,7 @@ def _loopback_addresses() -> Iterator[str]:
     """127.53.X.Y (no clash with resolvers on 127.0.0.1 / 127.0.0.53): first from our pid, then
     at random (pid_max reaches 4M, so two runs' pids can share their low 16 bits)."""
     pid = os.getpid()
-    yield f"127.53.{(pid >> 8) & 0xFF}.{max(pid & 0xFF, 1)}"
+    yield f"127.53.{(pid >> 8) & 0xFF}.{min(max(pid & 0xFF, 1), 254)}"  # never .0 or .255
     rng = random.SystemRandom()
     for _ in range(BIND_TRIES - 1):
         yield f"127.53.{rng.randrange(256)}.{rng.randrange(1, 255)}"
