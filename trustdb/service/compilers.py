@@ -132,17 +132,19 @@ class CompilerWatch:
                 os.close(fd)
         return added
 
-    def on_exec(self, fd: int, pid: int) -> None:
-        """An exec event: `pid` now runs the binary behind `fd` (a marked compiler, or else)."""
+    def on_exec(self, fd: int, pid: int) -> Compiler | None:
+        """An exec event: `pid` now runs the binary behind `fd` (a marked compiler, or else).
+        -> the trusted compiler it now runs, if any (exec'd from the host's own namespaces)."""
         try:
             key = InodeKey.from_stat(os.fstat(fd))
         except OSError:
-            return
+            return None
         compiler = self.compilers.get(key)
         if compiler is not None and self._trusted(key) and host_writer_file(fd, pid):
             self._running[pid] = compiler
-        else:
-            self._running.pop(pid, None)
+            return compiler
+        self._running.pop(pid, None)
+        return None
 
     def writer(self, pid: int) -> Compiler | None:
         """The compiler that `pid` runs, if it is one (see the module's residual)."""

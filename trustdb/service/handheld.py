@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trustdb.service.installer_windows import IMPLICIT_SUFFIX, WINDOW_DIR, start_time
+from trustdb.service.installer_windows import IMPLICIT_SUFFIX, WINDOW_DIR, parent_pid, start_time
 
 if TYPE_CHECKING:
     from trustdb.db import TrustDB
@@ -41,17 +41,10 @@ def runs_as_root(pid: int) -> bool:
     return False
 
 
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def descends_from(pid: int, ancestor: int) -> bool:
     """Whether `ancestor` started `pid` (directly or not): the daemon's own rpm processes."""
     for _ in range(MAX_ANCESTRY):
-        pid = _parent(pid)
+        pid = parent_pid(pid) or 0
         if pid == ancestor:
             return True
         if pid <= 1:

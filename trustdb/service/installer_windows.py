@@ -44,13 +44,23 @@ class Window:
     """`installer-begin --pid`: this process is the writer, whatever it runs (dnf4: python)."""
 
 
-def start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot): with the pid, names one process."""
+def _stat_field(pid: int, index: int) -> int | None:
+    """Field `index` of /proc/PID/stat counted after the command name (whose parentheses may
+    hold spaces and ")"): 1 is the parent pid, 19 the start time."""
     try:
         stat_line = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat_line.rsplit(")", 1)[1].split()[19])
+        return int(stat_line.rsplit(")", 1)[1].split()[index])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): with the pid, names one process."""
+    return _stat_field(pid, 19)
+
+
+def parent_pid(pid: int) -> int | None:
+    return _stat_field(pid, 1)
 
 
 def trusted_directory(directory: Path = WINDOW_DIR) -> bool:
@@ -118,10 +128,8 @@ def any_window_tokens(directory: Path = WINDOW_DIR) -> bool:
 def installer_pid() -> int:
     """The package manager that runs this hook: the parent of the hook's shell."""
     ppid = os.getppid()
-    try:
-        stat_line = Path(f"/proc/{ppid}/stat").read_text()
-        grand = int(stat_line.rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+    grand = parent_pid(ppid)
+    if grand is None:
         return ppid
     try:
         exe = os.readlink(f"/proc/{ppid}/exe")

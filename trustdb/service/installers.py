@@ -60,7 +60,6 @@ from trustdb.service.closewrite import (
 )
 from trustdb.service.compilers import FAN_OPEN_EXEC, CompilerWatch
 from trustdb.service.handheld import ImplicitWindow, implicit_window, runs_as_root, verify
-from trustdb.service.hostns import host_writer_file
 from trustdb.service.installer_ask import ASK_TIMEOUT_S, SEQ, AskingOpener
 from trustdb.service.installer_windows import (
     INSTALLERS,
@@ -302,14 +301,13 @@ class InstallerTrust:
 
     def _on_exec(self, ev: Event) -> None:
         if ev.mask & FAN_OPEN_EXEC:
-            for watch in self._exec_watches():
-                watch.on_exec(ev.fd, ev.pid)
             # By the event's file, not /proc/PID/exe: the event is queued when execve opens the
             # binary, and may be read before the exec completes (exe is still the old one).
-            with contextlib.suppress(OSError):
-                known = self._installer_execs.compilers.get(InodeKey.from_stat(os.fstat(ev.fd)))
-                if known is not None and known.name == "rpm" and host_writer_file(ev.fd, ev.pid):
-                    self._open_implicit(ev.pid)  # never an rpm inside a run's namespaces
+            installer = self._installer_execs.on_exec(ev.fd, ev.pid)
+            if self.compilers:
+                self.compilers.on_exec(ev.fd, ev.pid)
+            if installer is not None and installer.name == "rpm":
+                self._open_implicit(ev.pid)  # a trusted rpm, exec'd in the host's namespaces
 
     def _writer(self, pid: int) -> Writer | None:
         """Whose trust a close by `pid` carries: a trusted installer's while a window is open,
