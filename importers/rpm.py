@@ -287,7 +287,13 @@ class RpmDbImporter(OnDiskImporter):
         self.timeout = timeout
 
     def source(self) -> SourceInfo:
-        return SourceInfo(label=f"rpm:{self.root.path}", kind=self.name)
+        """`rpm:ROOT`, or `rpm:ROOT#DBPATH` for another database than the root's own (dnf's or
+        rpm's `--dbpath`, Debian's ~/.rpmdb): its own source, so that importing it does not
+        replace what the root's rpmdb vouches for."""
+        label = f"rpm:{self.root.path}"
+        if self.dbpath and os.path.normpath(self.dbpath).strip("/") not in RPMDB_LOCATIONS:
+            label += f"#{self.dbpath}"
+        return SourceInfo(label=label, kind=self.name)
 
     def find_rpmdb(self) -> str:
         """The rpmdb.sqlite of the root (or of --dbpath, which like rpm's is inside the root)."""

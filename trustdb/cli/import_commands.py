@@ -125,7 +125,7 @@ def import_rpm(
 ) -> None:
     """RPM packages: .rpm files (each member checked against its header digest; one source
     `rpmfile:NAME.ARCH` per package), or the installed rpmdb.sqlite of ROOT (each file verified
-    on disk)."""
+    on disk; source `rpm:ROOT`, or `rpm:ROOT#DIR` for a --dbpath other than the root's own)."""
     from trustdb_importers.rpm import RpmDbImporter, RpmFileImporter
 
     importers: list[Importer]

@@ -135,11 +135,8 @@ def verify(db: TrustDB, window: ImplicitWindow) -> list[str]:
     failed = None
     try:
         importer = RpmDbImporter(root=window.root, dbpath=window.dbpath)
-        info = importer.source()
-        # Another database than the root's own is its own source: importing it must not
-        # replace what `trustdb import rpm` recorded for the root's rpmdb.
-        label = info.label if window.dbpath is None else f"{info.label}#{window.dbpath}"
-        db.replace_source(label, info.kind, importer.collect(db.digest_cache()))
+        info = importer.source()  # another --dbpath than the root's own is its own source
+        db.replace_source(info.label, info.kind, importer.collect(db.digest_cache()))
     except (DatabaseError, ImporterError, OSError) as e:
         failed = str(e)
     db.remove_source(window.source)
