@@ -19,12 +19,15 @@ import os
 import stat as statmod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Literal
 
-from trustdb.hashpool import HashPool, HashRequest, Packed
+from trustdb.hashpool import HashPool, HashRequest
 from trustdb.model import FileKind, InodeKey, SkippedEntry, TrustEntry
 
 SYMLINK_SKIPPED = "symlink inside a directory (not followed)"
+
+_name = attrgetter("name")
 
 PROGRESS_EVERY = 64
 """Files between progress callbacks (and once at the end, with the totals)."""
@@ -107,7 +110,7 @@ def _walk_dir(
         directory = stack.pop()
         try:
             with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=_name)
         except OSError as e:
             yield SkippedEntry(directory, f"cannot list directory: {os_reason(e)}", fatal=True)
             continue
@@ -167,31 +170,32 @@ def scan(
     files = size = recorded = 0
     hasher = pool if pool is not None else HashPool(workers=1)
     results = hasher.hash_paths(files_only(), HashRequest(executable_only=not all_files))
+    # Once per file in the main process, the bottleneck of a trust (the workers wait on it):
+    # the kind and the inode key are made without a Python-level call (FileKind(kind) and
+    # InodeKey(*key) are both Python code).
+    kinds = {int(k): k for k in FileKind}
+    new_key = tuple.__new__
     for files, (path, result) in enumerate(results, start=1):
         if skipped:
             yield from skipped
             skipped.clear()
         if result is None:
             pass  # not executable content
-        elif isinstance(result, str):
+        elif type(result) is str:
             yield SkippedEntry(path, result, fatal=True)
         else:
-            size += result[1]
+            blake, nbytes, kind, _sha256, _md5, key, cacheable, _at = result
+            size += nbytes
             recorded += 1
-            yield _entry(path, result)
+            yield TrustEntry(
+                path=path,
+                digest=blake,
+                size=nbytes,
+                kind=kinds[kind],
+                inode=new_key(InodeKey, key) if cacheable else None,
+            )
         if on_progress is not None and files % PROGRESS_EVERY == 0:
             on_progress(ScanProgress(files=files, bytes=size, recorded=recorded))
     yield from skipped
     if on_progress is not None:
         on_progress(ScanProgress(files=files, bytes=size, recorded=recorded))
-
-
-def _entry(path: str, packed: Packed) -> TrustEntry:
-    blake, size, kind, _sha256, _md5, key, cacheable, _at = packed
-    return TrustEntry(
-        path=path,
-        digest=blake,
-        size=size,
-        kind=FileKind(kind),
-        inode=InodeKey(*key) if cacheable else None,
-    )
