@@ -38,6 +38,8 @@ from trustdb.libbpf_calls import (
     _check_ptr,
     _clear_log,
     _lib,
+    _take_log,
+    silent_log,
 )
 
 __all__ = [
@@ -202,6 +204,8 @@ class BpfObject:
         self.path = Path(path)
         self._links: list[int] = []
         self._link_names: list[str] = []
+        self._settings: list[Callable[[BpfObject], None]] = []
+        """What was set before load, to set on a copy again (`_explain_failed_load`)."""
         _clear_log()
         ctypes.set_errno(0)
         self._obj: int | None = _check_ptr(
@@ -224,6 +228,7 @@ class BpfObject:
         return self._obj
 
     def set_max_entries(self, map_name: str, n: int) -> None:
+        self._settings.append(lambda o: o.set_max_entries(map_name, n))
         _check(
             _lib.bpf_map__set_max_entries(self._map_ptr(map_name), n), f"set_max_entries {map_name}"
         )
@@ -235,6 +240,7 @@ class BpfObject:
         offset, size = self._var_location(".rodata", var)
         if len(data) != size:
             raise ValueError(f"{var} is {size} bytes, got {len(data)}")
+        self._settings.append(lambda o: o.set_rodata(var, data))
         total = ctypes.c_size_t(0)
         mem = _check_ptr(
             _lib.bpf_map__initial_value(self._map_ptr(".rodata"), ctypes.byref(total)),
@@ -262,6 +268,7 @@ class BpfObject:
 
     def set_autoload(self, prog_name: str, autoload: bool) -> None:
         """Leave a program out of the load (e.g. a hook this kernel lacks)."""
+        self._settings.append(lambda o: o.set_autoload(prog_name, autoload))
         _check(
             _lib.bpf_program__set_autoload(self._prog_ptr(prog_name), autoload),
             f"autoload {prog_name}",
@@ -269,10 +276,30 @@ class BpfObject:
 
     # -- load and attach
 
-    def load(self) -> None:
+    def load(self, *, explain: bool = True) -> None:
+        """Load (relocate, verify) every program. libbpf's log is off during it (silent_log:
+        its thousands of lines each cost a trip through the GIL); if the load fails and
+        `explain`, a copy is loaded again with the log on, for the lines that say why (a
+        probe, which reports only the first line, passes explain=False)."""
         _clear_log()
-        _check(_lib.bpf_object__load(self._handle), f"load {self.path.name}")
+        with silent_log():
+            ret = _lib.bpf_object__load(self._handle)
+        if ret < 0:
+            log = self._explain_failed_load() if explain else ""
+            raise LibbpfError(-ret, f"load {self.path.name}", log)
         self.loaded = True
+
+    def _explain_failed_load(self) -> str:
+        """libbpf's log of loading a fresh copy of this object, set up the same way."""
+        try:
+            with BpfObject(self.path) as copy:
+                for setting in self._settings:
+                    setting(copy)
+                _clear_log()
+                _lib.bpf_object__load(copy._handle)
+                return _take_log()
+        except (LibbpfError, ValueError):
+            return _take_log()
 
     def _prog_ptr(self, name: str) -> int:
         ptr = _lib.bpf_object__find_program_by_name(self._handle, name.encode())

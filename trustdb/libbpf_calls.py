@@ -5,11 +5,13 @@ else imports ctypes for libbpf; trustdb.libbpf builds maps, objects and ring buf
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as errno_mod
 import os
 import threading
 from collections import deque
+from collections.abc import Iterator
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -78,6 +80,37 @@ _print_cb = _PRINT_FN(_on_print)  # kept referenced for the life of the process
 _lib.libbpf_set_print.argtypes = [_PRINT_FN]
 _lib.libbpf_set_print.restype = ctypes.c_void_p
 _lib.libbpf_set_print(_print_cb)
+
+_silent_print = ctypes.cast(_libc.abs, _PRINT_FN)
+"""A C print function that ignores what it is given (libc's abs(level): pure; the extra
+arguments are harmless in the C calling convention). Never NULL: libbpf 1.1 tests the
+function pointer and then calls it, so swapping it to NULL while another thread prints could
+call NULL; swapping between two functions cannot."""
+_silent_depth = 0
+_silent_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def silent_log() -> Iterator[None]:
+    """libbpf prints through a C function, not `_on_print`, inside this block (any thread).
+
+    Why: a load prints ~2,800 lines, and each one into `_on_print` is a ctypes callback that
+    must take the GIL. `trustdb run` loads on a thread while its main thread runs Python, so
+    the load waited for the GIL thousands of times (up to the 5 ms switch interval each):
+    the verifier's thread stalled behind the main thread instead of running beside it. A
+    failed silent load has no log: `BpfObject.load` loads a copy again with the log on."""
+    global _silent_depth
+    with _silent_lock:
+        _silent_depth += 1
+        if _silent_depth == 1:
+            _lib.libbpf_set_print(_silent_print)
+    try:
+        yield
+    finally:
+        with _silent_lock:
+            _silent_depth -= 1
+            if _silent_depth == 0:
+                _lib.libbpf_set_print(_print_cb)
 
 
 def _take_log() -> str:
@@ -160,4 +193,4 @@ _fn("ring_buffer__epoll_fd", ctypes.c_int, _p)
 _fn("ring_buffer__free", None, _p)
 
 
-__all__ = ["BPF_ANY", "BPF_EXIST", "BPF_NOEXIST", "LibbpfError"]
+__all__ = ["BPF_ANY", "BPF_EXIST", "BPF_NOEXIST", "LibbpfError", "silent_log"]

@@ -114,7 +114,7 @@ class BpfBackend(Backend):
     def object_path(self) -> Path:
         return (self._objdir or object_dir()) / self.object_name
 
-    def _open(self, config: EngineConfig, max_entries: int) -> BpfObject:
+    def _open(self, config: EngineConfig, max_entries: int, *, explain: bool = True) -> BpfObject:
         path = self.object_path
         if not path.is_file():
             raise BackendError(
@@ -136,7 +136,7 @@ class BpfBackend(Backend):
             obj.set_rodata("td_cfg", bytes(cfg))
             obj.set_max_entries("trusted_inodes", max_entries)
             obj.set_max_entries("events", config.events_bytes)
-            obj.load()
+            obj.load(explain=explain)
         except BaseException:
             obj.close()
             raise
@@ -149,7 +149,7 @@ class BpfBackend(Backend):
             mode=Mode.AUDIT, scope=Scope(cgroup_id=1, cgroup_level=99), events_bytes=4096
         )
         try:
-            obj = self._open(config, 16)
+            obj = self._open(config, 16, explain=False)  # the reason is its first line
         except (BackendError, LibbpfError) as e:
             return Probe(False, f"{self.name}: {_first_line(e)}")
         try:
