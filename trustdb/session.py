@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from trustdb.first_seen import Interpreters, OpenTrust
     from trustdb.first_seen_handler import Denial as FirstSeenDenial
     from trustdb.mirror import Mirror
+    from trustdb.model import InodeKey
     from trustdb.policy.model import ProgramRef
 
 PRIME_COVERAGE = 0.9
@@ -266,10 +267,7 @@ class EngineSession:
             raise self._first_sync.error
         self._buffer.attach(backend.trusted_inodes)
         if self._programs:
-            from trustdb.confine.programs import resolve_program_flags
-
-            flags = resolve_program_flags(self._programs, self._mirror,
-                                          lambda m: print(f"trustdb: {m}", file=sys.stderr))
+            flags = self._program_flags
             set_flags = getattr(backend, "set_program_flags", None)  # bpfobject backends
             try:
                 if set_flags is None:
@@ -300,9 +298,16 @@ class EngineSession:
         self._walk_after_attach = False
         self._reconcile: _MirrorThread | None = None
         entries = self._db.entry_count()
+        self._program_flags: list[tuple[InodeKey, int]] = []
 
         def first_fill() -> None:
             self._walk_after_attach = prime_or_sync(self._mirror, entries)
+            if self._programs:  # from the same mirror state, while the object still loads
+                from trustdb.confine.programs import resolve_program_flags
+
+                self._program_flags = resolve_program_flags(
+                    self._programs, self._mirror,
+                    lambda m: print(f"trustdb: {m}", file=sys.stderr))
 
         self._first_sync = _MirrorThread("first-sync", first_fill)
         self._closers.append(self._first_sync.join)  # never close the database under it
