@@ -15,7 +15,8 @@ and with the CLI's imports (`trustdb.cli.application`), a noise floor (the launc
 twice per round), and the start-up phases `run` pays inside, timed in this process each round:
 the pass over every path record that finds interpreters by recorded name, the mount plan, the
 cover mounts applied in a throwaway mount namespace, and the kernel's load and verification of
-tracepoint.bpf.o (loaded, never attached).
+tracepoint.bpf.o (loaded, never attached), plain and as `run` loads it (against the remembered
+CO-RE targets of trustdb.corecache, which the warm-up's first run writes when it is missing).
 
     python3 bench/run_startup.py [--rounds N] [--db DIR] [--before CHECKOUT]
 """
@@ -173,6 +174,17 @@ def phases(db: Path, into: dict[str, list[float]]) -> int:
         obj.close()
 
     clock("tracepoint.bpf.o load + verify (not attached)", _fork_timed(bpf_load))
+
+    def backend_load() -> None:  # as `run` loads it: against remembered CO-RE targets, if any
+        from trustdb.abi import Mode
+        from trustdb.backends.interface import EngineConfig, Scope
+
+        backend = TracepointBackend()
+        backend.load(EngineConfig(mode=Mode.AUDIT, scope=Scope(cgroup_id=1, cgroup_level=99),
+                                  events_bytes=4096, max_entries=1 << 16))
+        backend.detach()
+
+    clock("the same, as run loads it (trustdb.corecache)", _fork_timed(backend_load))
     return len(plan.hidden) + len(plan.unlisted) + len(plan.private)
 
 

@@ -29,11 +29,11 @@ from types import TracebackType
 from typing import Self
 
 from trustdb.libbpf_calls import (
-    _RB_SAMPLE_FN,
     BPF_ANY,
     BPF_EXIST,
     BPF_NOEXIST,
     LibbpfError,
+    OpenOpts,
     _check,
     _check_ptr,
     _clear_log,
@@ -41,6 +41,7 @@ from trustdb.libbpf_calls import (
     _take_log,
     silent_log,
 )
+from trustdb.libbpf_ringbuf import RingBuffer  # re-exported
 
 __all__ = [
     "BPF_ANY",
@@ -56,6 +57,9 @@ __all__ = [
 
 _BTF_KIND_VAR = 14
 _BTF_KIND_DATASEC = 15
+_BPF_LD_IMM64 = 0x18
+_PSEUDO_MAP_SRC = frozenset({1, 2, 5, 6})
+"""BPF_PSEUDO_MAP_FD, _MAP_VALUE, _MAP_IDX, _MAP_IDX_VALUE: an imm that differs per load."""
 
 
 class _BtfType(ctypes.Structure):
@@ -200,7 +204,10 @@ class BpfMap:
 class BpfObject:
     """One BPF object file: open, configure, load, attach, close. A context manager."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, core_btf: str | None = None) -> None:
+        """`core_btf`: a BTF file to relocate CO-RE accesses against instead of the kernel's
+        own (trustdb.corecache: the kernel's BTF cut down to what this object reads); the
+        kernel's BTF still gives the attach points. It is read at load()."""
         self.path = Path(path)
         self._links: list[int] = []
         self._link_names: list[str] = []
@@ -208,8 +215,12 @@ class BpfObject:
         """What was set before load, to set on a copy again (`_explain_failed_load`)."""
         _clear_log()
         ctypes.set_errno(0)
+        opts = None
+        if core_btf is not None:
+            self._opts = OpenOpts(sz=ctypes.sizeof(OpenOpts), btf_custom_path=os.fsencode(core_btf))
+            opts = ctypes.byref(self._opts)
         self._obj: int | None = _check_ptr(
-            _lib.bpf_object__open_file(os.fsencode(self.path), None), f"open {self.path}"
+            _lib.bpf_object__open_file(os.fsencode(self.path), opts), f"open {self.path}"
         )
         self.loaded = False
 
@@ -306,6 +317,27 @@ class BpfObject:
         if not ptr:
             raise LibbpfError(errno_mod.ENOENT, f"{self.path.name}: no program named {name!r}")
         return int(ptr)
+
+    def relocated_programs(self) -> dict[str, bytes]:
+        """Each program's instructions as loaded (CO-RE relocated), with the map fds and map
+        value addresses of 64-bit immediate loads zeroed: equal for two loads of one object
+        exactly when every relocation resolved the same way."""
+        out: dict[str, bytes] = {}
+        prog = _lib.bpf_object__next_program(self._handle, None)
+        while prog:
+            count = _lib.bpf_program__insn_cnt(prog)
+            raw = bytearray(ctypes.string_at(_lib.bpf_program__insns(prog), count * 8))
+            i = 0
+            while i < count:
+                if raw[8 * i] == _BPF_LD_IMM64:
+                    if raw[8 * i + 1] >> 4 in _PSEUDO_MAP_SRC:
+                        raw[8 * i + 4 : 8 * i + 8] = bytes(4)
+                    i += 2
+                else:
+                    i += 1
+            out[_lib.bpf_program__name(prog).decode()] = bytes(raw)
+            prog = _lib.bpf_object__next_program(self._handle, prog)
+        return out
 
     def program_names(self) -> list[str]:
         names: list[str] = []
@@ -429,71 +461,3 @@ def held_program_ids(pid: int | str = "self") -> set[int]:
             continue
         ids.update(int(ln.split()[1]) for ln in text.splitlines() if ln.startswith("prog_id:"))
     return ids
-
-
-# ---- ring buffers -------------------------------------------------------------------------
-
-
-class RingBuffer:
-    """Reads records from a BPF_MAP_TYPE_RINGBUF map fd; `on_record(bytes)` gets each one.
-
-    Not thread-safe: poll from one thread. An exception in `on_record` stops the current poll
-    and is re-raised from poll()/consume().
-    """
-
-    def __init__(self, map_fd: int, on_record: Callable[[bytes], None]) -> None:
-        self._on_record = on_record
-        self._error: BaseException | None = None
-        self._cb = _RB_SAMPLE_FN(self._sample)  # must outlive the ring_buffer
-        ctypes.set_errno(0)
-        self._rb: int | None = _check_ptr(
-            _lib.ring_buffer__new(map_fd, self._cb, None, None), "ring_buffer__new"
-        )
-
-    def _sample(self, ctx: int | None, data: int, size: int) -> int:
-        try:
-            self._on_record(ctypes.string_at(data, size))
-        except BaseException as e:  # noqa: BLE001 - handed back to the caller of poll()
-            self._error = e
-            return -1
-        return 0
-
-    def _rethrow(self, ret: int, what: str) -> int:
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
-        if ret == -errno_mod.EINTR:
-            return 0
-        return _check(ret, what)
-
-    def poll(self, timeout_ms: int) -> int:
-        """Wait up to timeout_ms for records; returns how many were handled."""
-        return self._rethrow(_lib.ring_buffer__poll(self._handle, timeout_ms), "ring_buffer__poll")
-
-    def consume(self) -> int:
-        """Handle every record available now, without waiting."""
-        return self._rethrow(_lib.ring_buffer__consume(self._handle), "ring_buffer__consume")
-
-    @property
-    def epoll_fd(self) -> int:
-        """For select()/asyncio: readable when records are waiting."""
-        return int(_lib.ring_buffer__epoll_fd(self._handle))
-
-    @property
-    def _handle(self) -> int:
-        if self._rb is None:
-            raise LibbpfError(errno_mod.EBADF, "ring buffer is closed")
-        return self._rb
-
-    def close(self) -> None:
-        if self._rb is not None:
-            _lib.ring_buffer__free(self._rb)
-            self._rb = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

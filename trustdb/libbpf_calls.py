@@ -147,8 +147,27 @@ def _fn(name: str, restype: type | None, *argtypes: type) -> None:
     f.argtypes = list(argtypes)
 
 
+class OpenOpts(ctypes.Structure):
+    """struct bpf_object_open_opts (libbpf 1.1), up to the last field it knows."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("object_name", ctypes.c_char_p),
+        ("relaxed_maps", ctypes.c_bool),
+        ("pin_root_path", ctypes.c_char_p),
+        ("_attach_prog_fd", ctypes.c_uint32),  # removed in 1.0: a stub
+        ("kconfig", ctypes.c_char_p),
+        ("btf_custom_path", ctypes.c_char_p),
+        ("kernel_log_buf", ctypes.c_char_p),
+        ("kernel_log_size", ctypes.c_size_t),
+        ("kernel_log_level", ctypes.c_uint32),
+    ]
+
+
 _p = ctypes.c_void_p
 _fn("bpf_object__open_file", _p, ctypes.c_char_p, _p)
+_fn("bpf_program__insns", _p, _p)
+_fn("bpf_program__insn_cnt", ctypes.c_size_t, _p)
 _fn("bpf_object__load", ctypes.c_int, _p)
 _fn("bpf_object__close", None, _p)
 _fn("bpf_object__btf", _p, _p)
@@ -193,4 +212,4 @@ _fn("ring_buffer__epoll_fd", ctypes.c_int, _p)
 _fn("ring_buffer__free", None, _p)
 
 
-__all__ = ["BPF_ANY", "BPF_EXIST", "BPF_NOEXIST", "LibbpfError", "silent_log"]
+__all__ = ["BPF_ANY", "BPF_EXIST", "BPF_NOEXIST", "LibbpfError", "OpenOpts", "silent_log"]

@@ -66,13 +66,13 @@ def answer_path(backend: str, key: ProbeKey) -> Path:
     return probe_dir() / f"{backend}-{key.object_blake3[:16]}.json"
 
 
-def _root_only(st: os.stat_result) -> bool:
+def root_only(st: os.stat_result) -> bool:
     """Owned by root and writable by no one else (a sticky directory still lets others
     replace their own entries, so it does not count)."""
     return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _path_is_root_only(path: Path) -> bool:
+def path_is_root_only(path: Path) -> bool:
     """Every directory from / down to `path` (included) is root's alone."""
     path = Path(os.path.abspath(path))
     for part in [*reversed(path.parents), path]:
@@ -80,7 +80,7 @@ def _path_is_root_only(path: Path) -> bool:
             st = os.lstat(part)
         except OSError:
             return False
-        if stat.S_ISLNK(st.st_mode) or not _root_only(st):
+        if stat.S_ISLNK(st.st_mode) or not root_only(st):
             return False
     return True
 
@@ -88,7 +88,7 @@ def _path_is_root_only(path: Path) -> bool:
 def recall(backend: str, key: ProbeKey) -> RememberedProbe | None:
     """The remembered probe of `backend` for `key`, or None (missing, stale, or not root's)."""
     where = probe_dir()
-    if not _path_is_root_only(where):
+    if not path_is_root_only(where):
         return None
     try:
         fd = os.open(answer_path(backend, key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -96,7 +96,7 @@ def recall(backend: str, key: ProbeKey) -> RememberedProbe | None:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or not _root_only(st) or st.st_size > _MAX_BYTES:
+        if not stat.S_ISREG(st.st_mode) or not root_only(st) or st.st_size > _MAX_BYTES:
             return None
         raw = json.loads(os.read(fd, _MAX_BYTES))
         found = RememberedProbe(ProbeKey(**raw["key"]), bool(raw["ok"]), str(raw["reason"]))
@@ -114,7 +114,7 @@ def remember(backend: str, key: ProbeKey, ok: bool, reason: str) -> None:
     where = probe_dir()
     try:
         where.mkdir(mode=0o755, parents=True, exist_ok=True)
-        if not _path_is_root_only(where):
+        if not path_is_root_only(where):
             return
         tmp = where / f".{backend}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,

@@ -174,6 +174,7 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
     if not db.is_dir():
         raise SupervisorError(f"no trust database at {db} (create one with `trustdb trust`)")
     reporter = DenialReporter(db=db, out=stderr or sys.stderr)
+    _make_state_dir()
     _sweep_stale_cgroups()
     signals = _Signals()
     signals.install()
@@ -199,6 +200,9 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
     finally:
         if dns is not None:
             dns.close()
+        from trustdb import corecache
+
+        corecache.write_pending()  # a first run on this boot: for the next runs' loads
 
 
 def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: DenialReporter,
@@ -369,6 +373,18 @@ def _interpreters(policy: Policy, recorded: dict[bytes, str],
     return Interpreters(digests=interpreter_digests(policy, cached, recorded),
                         deny_inline=policy.interpreters.deny_inline,
                         read_sources=policy.interpreters.read_sources)
+
+
+def _make_state_dir() -> None:
+    """Create trustdb's state directory before the tree starts: every run covers it
+    (trustdb.confine.mounts), but a cover needs something to cover, and a tree with /run
+    writable could otherwise create it and plant files there for later runs."""
+    from trustdb.state import STATE_DIR
+
+    try:
+        STATE_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError:
+        pass  # read-only /run: then the tree, on the same filesystem, cannot create it either
 
 
 def _sweep_stale_cgroups() -> None:

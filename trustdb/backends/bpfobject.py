@@ -14,6 +14,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+from trustdb import corecache
 from trustdb.abi import BackendId, CConfig, CFirstSeenGroup, CInodeKey, CTask, Mode, ProgramFlag
 from trustdb.backends.interface import (
     DEFAULT_MAX_ENTRIES,
@@ -131,15 +132,38 @@ class BpfBackend(Backend):
             backend=int(self.backend_id),
             log_allows=int(config.log_allows),
         )
-        obj = BpfObject(path)
-        try:
+
+        def configure(obj: BpfObject) -> None:
             obj.set_rodata("td_cfg", bytes(cfg))
             obj.set_max_entries("trusted_inodes", max_entries)
             obj.set_max_entries("events", config.events_bytes)
+
+        # Scoped engines (`run`) relocate against remembered CO-RE targets when there are
+        # some (trustdb.corecache); the system-wide service never does.
+        core_key = None if scope.system_wide else corecache.current_key(path)
+        if core_key is not None:
+            with corecache.recalled(core_key) as core_btf:
+                if core_btf is not None:
+                    obj = BpfObject(path, core_btf=core_btf)
+                    try:
+                        configure(obj)
+                        obj.load(explain=False)
+                        return obj
+                    except LibbpfError:
+                        obj.close()
+                        corecache.forget(core_key)  # then the slow way, which says why
+                    except BaseException:
+                        obj.close()
+                        raise
+        obj = BpfObject(path)
+        try:
+            configure(obj)
             obj.load(explain=explain)
         except BaseException:
             obj.close()
             raise
+        if core_key is not None:
+            corecache.note_slow_load(obj, core_key, configure)
         return obj
 
     def probe(self) -> Probe:

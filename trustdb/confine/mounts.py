@@ -72,9 +72,18 @@ class MountPlan:
 
     @classmethod
     def for_run(cls, db: Path, extra_read_only: Sequence[str] = (), **more: object) -> MountPlan:
+        """The trust database, bpffs and trustdb's state directory (its remembered probes and
+        CO-RE targets, trustdb.corecache) are covered whatever the policy grants."""
+        from trustdb.state import STATE_DIR
+
         package = str(Path(__file__).resolve().parents[1])
+        state = os.path.realpath(STATE_DIR)
+        keep = more.pop("keep", ())
+        more["keep"] = tuple(k for k in keep  # type: ignore[attr-defined]
+                             if k != state and not k.startswith(state + "/"))
         return cls(
-            hidden=(str(db.resolve()), "/sys/fs/bpf", *more.pop("hidden", ())),  # type: ignore[misc]
+            hidden=(str(db.resolve()), "/sys/fs/bpf", state,
+                    *more.pop("hidden", ())),  # type: ignore[misc]
             read_only=(package, "/etc/trustdb", *KERNEL_HELPER_CONFIG, *extra_read_only),
             **more,  # type: ignore[arg-type]
         )
