@@ -8,8 +8,9 @@ refused starts (empty database, untrusted service), audit mode and its summary, 
 allowed, trustdb's own CLI), kill -9 (still enforcing), restart (adopted, no gap), SIGHUP, live
 trust/untrust latency, a `dpkg -i` whose postinst runs the binary it just unpacked, a copy
 written by cp during that window, `rpm -i` in a window and by hand (no hook: the daemon's own
-window for that rpm) whose %post runs its new binary, rpm by a user (no trust), and `trustdb
-service stop`. A module finalizer unpins and
+window for that rpm) whose %post runs its new binary, rpm by a user (no trust), `dnf install`
+through the dnf4 plugin whose %post runs its new binary (and a cp's copy stays denied), and
+`trustdb service stop`. A module finalizer unpins and
 kills whatever is left. Timings are printed as `METRIC name value` lines for the host test.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm import guest_common
+from tests.vm import guest_common, guest_dnf
 from tests.vm.guest_common import runs
 
 ARTIFACTS = Path(os.environ.get("TD_VM_ARTIFACTS", "/nonexistent"))
@@ -325,10 +326,14 @@ def test_preflight_lists_what_would_be_denied_then_import_and_trust() -> None:
     from trustdb.db import TrustDB
     from trustdb.walk import scan
 
+    dnf: set[str] = set()
+    if guest_dnf.missing(ARTIFACTS) is None:  # else the dnf case fails, saying why
+        STATE["dnf_env"] = guest_dnf.prepare(WORK, ARTIFACTS)
+        dnf = {str(guest_dnf.launcher(WORK)), *_with_libraries(guest_dnf.programs())}
     with TrustDB.open(DB, write=True) as db:
         db.add_entries("manual", "manual",
                        scan(sorted({*missing, *mine, str(dynload), "/usr/bin/cp", "/bin/cp",
-                                    *toolchain()})))
+                                    *toolchain(), *dnf})))
     r = td("service", "preflight")
     assert r.returncode == 0, r.stdout[-2000:]
     init = subprocess.run(["rpm", "--initdb", "--dbpath", str(WORK / "rpmdb")], env=ENV,
@@ -500,19 +505,23 @@ def test_dpkg_install_postinst_runs_its_new_binary() -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + d.stderr()
     assert "hello from from-deb" in r.stdout, r.stdout  # printed by the postinst's new binary
     assert runs(PACKAGE_BIN), "installed binary denied after the transaction"
-    from trustdb.db import TrustDB
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with TrustDB.open(DB) as db:
-            if not any(s.kind == "installer" for s in db.sources()):
-                break
-        time.sleep(0.2)
-    else:
-        pytest.fail("the installer window never closed")
+    _no_installer_window_left()
     # The postinst was written by dpkg but is not in the package's md5sums: revoked, reported.
     assert "revoked" in d.stderr() and "postinst" in d.stderr(), d.stderr()
     assert runs(PACKAGE_BIN), "the import did not keep what dpkg vouches for"
+
+
+def _no_installer_window_left(timeout_s: float = 60) -> None:
+    """The daemon closes a hook's window at its next check after installer-end signalled it."""
+    from trustdb.db import TrustDB
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with TrustDB.open(DB) as db:
+            if not any(s.kind == "installer" for s in db.sources()):
+                return
+        time.sleep(0.2)
+    pytest.fail("the installer window never closed: " + daemon().stderr())
 
 
 def test_file_written_by_cp_during_a_window_stays_untrusted() -> None:
@@ -599,6 +608,39 @@ def test_rpm_by_a_user_gets_no_trust() -> None:
     assert "hello from from-rpm-by-a-user" not in r.stdout, r.stdout + daemon().stderr()
     time.sleep(6)  # one daemon check after rpm's exit: nothing to verify, nothing trusted
     assert not runs("/tmp/tdsvc-user/tdrpm"), "a user's rpm made its file trusted"
+
+
+def test_dnf_install_through_its_plugin_runs_its_new_binary() -> None:
+    """`dnf install` (Debian's dnf 4.14, a repository made by createrepo_c) under enforce,
+    through the dnf4 plugin (packaging/hooks/dnf4): its pre_transaction `installer-begin --pid`
+    names dnf itself (python, librpm in-process) the window's writer; the %post runs the binary
+    dnf unpacked a moment before; the plugin's installer-end imports the rpmdb dnf used
+    (Debian's %_dbpath, $HOME/.rpmdb): the binary stays trusted. The same %post copies an
+    untrusted binary with cp (dnf's grandchild, not dnf) and runs it: denied, then and after."""
+    why = guest_dnf.missing(ARTIFACTS)
+    if why or "dnf_env" not in STATE:
+        pytest.fail(f"dnf case cannot run: {why}")
+    d = daemon()
+    started = time.monotonic()
+    r = subprocess.run(guest_dnf.install_command(WORK),
+                       env={**ENV, **STATE["dnf_env"]},  # type: ignore[dict-item]
+                       capture_output=True, text=True, timeout=900, check=False)
+    metric("dnf_install_s", time.monotonic() - started)
+    out = r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0, out + d.stderr()
+    assert "hello from from-dnf" in r.stdout, out + d.stderr()  # the %post's new binary ran
+    assert "the copy was denied" in r.stdout and "the copy ran" not in r.stdout, out
+    _no_installer_window_left()
+    assert runs(guest_dnf.PACKAGE_BIN), "dnf-installed binary denied after the transaction"
+    assert guest_dnf.COPIED_BY_POST.exists() and not runs(guest_dnf.COPIED_BY_POST), \
+        "a file cp wrote inside dnf's transaction was trusted"
+    assert f"revoked {guest_dnf.PACKAGE_BIN}" not in d.stderr(), d.stderr()
+    from trustdb.db import TrustDB
+
+    with TrustDB.open(DB) as db:
+        labels = [s.label for s in db.sources()]
+    assert f"rpm:/#{guest_dnf.rpmdb(WORK)}" in labels, labels
+
 
 HELLO_C = '#include <stdio.h>\nint main(void) { puts("built here"); return 0; }\n'
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -65,6 +66,7 @@ Version: 1.0
 Release: 1
 Summary: trustdb service test package
 License: MIT
+{header}
 %global debug_package %{{nil}}
 %global __os_install_post %{{nil}}
 %global _build_id_links none
@@ -75,27 +77,54 @@ mkdir -p %{{buildroot}}{dir}
 install -m 755 %{{_sourcedir}}/tdrpm %{{buildroot}}{dir}/tdrpm
 %post
 {dir}/tdrpm hello
+{post}
 %files
 {dir}/tdrpm
 """
 
 
 def build_test_rpm(dest: Path, name: str = "tdsvc-rpm", variant: str = "from-rpm",
-                   directory: str = RPM_DIR) -> Path:
+                   directory: str = RPM_DIR, header: str = "", post: str = "") -> Path:
     """`name`: the trusted-installer case for rpm (a real rpmbuild package) whose %post runs
-    its binary `directory`/tdrpm (printing `hello from <variant>`)."""
+    its binary `directory`/tdrpm (printing `hello from <variant>`). `header`: more spec tags;
+    `post`: more %post lines."""
     top = dest / f"rpmbuild-{name}"
     src = top / "src"
     src.mkdir(parents=True)
     subprocess.run(["cc", "-O2", f'-DVARIANT="{variant}"', "-o", str(src / "tdrpm"),
                     str(HERE / "tdprobe.c")], check=True)
     spec = top / f"{name}.spec"
-    spec.write_text(RPM_SPEC.replace("Name: tdsvc-rpm", f"Name: {name}").format(dir=directory))
+    spec.write_text(RPM_SPEC.replace("Name: tdsvc-rpm", f"Name: {name}")
+                    .format(dir=directory, header=header, post=post))
     subprocess.run(["rpmbuild", "-bb", "--quiet", "--define", f"_topdir {top}",
                     "--define", f"_sourcedir {src}", str(spec)], check=True,
                    capture_output=True)
     (built,) = (top / "RPMS").rglob(f"{name}-1.0-1.*.rpm")
     return built.rename(dest / f"{name}.rpm")
+
+
+DNF_DIR = "/var/tmp/tdsvc-dnf"
+DNF_POST = f"""\
+cp /tmp/tdsvc/untrusted {DNF_DIR}/copied-by-post
+{DNF_DIR}/copied-by-post && echo "the copy ran" || echo "the copy was denied"
+"""
+"""The dnf case's %post also copies an untrusted binary (cp: a child of dnf's scriptlet shell,
+not dnf itself) and tries to run it: it must stay denied."""
+
+
+def build_test_repo(dest: Path) -> Path:
+    """dnf-repo/: a real repository (createrepo_c) holding tdsvc-dnf, the dnf4 case's package.
+    Debian's root is not rpm's, so nothing installed provides what rpmbuild makes a package
+    require (its libraries, /bin/sh for %post): the package declares none and provides /bin/sh
+    itself, as a distribution's own packages would provide it."""
+    repo = dest / "dnf-repo"
+    repo.mkdir()
+    rpm = build_test_rpm(dest, "tdsvc-dnf", "from-dnf", DNF_DIR,
+                         header="AutoReqProv: no\nProvides: /bin/sh", post=DNF_POST)
+    rpm.rename(repo / rpm.name)
+    if shutil.which("createrepo_c"):  # else the guest case fails, naming the package
+        subprocess.run(["createrepo_c", "-q", str(repo)], check=True)
+    return repo
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +135,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_test_rpm(dest)
     build_test_rpm(dest, "tdsvc-hand", "from-rpm-by-hand", "/var/tmp/tdsvc-hand")
     build_test_rpm(dest, "tdsvc-user", "from-rpm-by-a-user", "/tmp/tdsvc-user")
+    build_test_repo(dest)
     return dest
 
 

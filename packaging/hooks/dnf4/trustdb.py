@@ -7,7 +7,9 @@
 # (a scriptlet can run a binary its package just unpacked, under enforce); after it,
 # `installer-end --rpm` imports the installroot's rpmdb and closes the window, revoking and
 # reporting what the rpmdb does not vouch for. A failed import leaves the database as it was
-# (fail closed) and does not fail dnf. Does nothing when the service is not running. A failed
+# (fail closed) and does not fail dnf. The rpmdb imported is the one dnf's librpm used: rpm's
+# %_dbpath in this process (Debian's rpm puts it in ~/.rpmdb, Fedora's in /usr/lib/sysimage/rpm),
+# inside the installroot. Does nothing when the service is not running. A failed
 # transaction skips `transaction()`: the window then ends when dnf exits, and what dnf wrote
 # loses its trust (the daemon drops a window whose process is gone).
 """trustdb's trusted-installer window around dnf4 transactions."""
@@ -50,4 +52,21 @@ class TrustdbWindow(dnf.Plugin):
             return
         self._opened = False
         root = self.base.conf.installroot or "/"
-        self._run("installer-end", "--rpm", "--rpm-root", root, "--pid", str(os.getpid()))
+        args = ["installer-end", "--rpm", "--rpm-root", root, "--pid", str(os.getpid())]
+        dbpath = _rpm_dbpath()
+        if dbpath:
+            args += ["--rpm-dbpath", dbpath]
+        self._run(*args)
+
+
+def _rpm_dbpath():
+    """Where librpm in this process keeps its database (relative to the installroot)."""
+    try:
+        import rpm
+    except ImportError:  # no binding: the importer looks where rpm usually keeps it
+        return None
+    try:
+        path = rpm.expandMacro("%{_dbpath}")
+    except rpm.error:
+        return None
+    return path if path.startswith("/") else None
