@@ -8,6 +8,11 @@ points of its run (none, service, none again after `trustdb service stop`) throu
 and prints `METRIC <backend> exec_ratio`; under TCG absolute times mean nothing, the ratio does.
 
     python3 -m pytest -s tests/vm/test_service_vm.py   # prints the METRIC lines
+
+Under plain TCG the guest's clock is the host's, so on a loaded host two identical rounds
+differ by up to 20%. `-k exec_cost_counted` boots the guest with `-icount` (one vCPU, every
+instruction 8 ns of guest time) and prints `METRIC <backend>/icount ...`: the same rounds, and
+`exec_ratio_programs_vs_none`, our programs' counted time per exec (bpf_stats) over an exec's.
 """
 
 from __future__ import annotations

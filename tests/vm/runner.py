@@ -349,6 +349,14 @@ def _die_with_parent() -> None:
     os.setsid()
 
 
+ICOUNT_SHIFT = 3
+"""With `icount`, each guest instruction is 2**3 = 8 ns of guest time: about as slow as TCG
+runs here, so the guests' timeouts (written for real time) keep their meaning (at 1 ns per
+instruction the guest's clock ran ~4x ahead of the host's and they fired). An idle guest sleeps
+in real time (QEMU's default `sleep=on`; with `sleep=off` every wait for the host's files
+jumped the clock ahead): I/O waits stay real time, CPU-bound loops are counted."""
+
+
 def qemu_command(
     kernel: GuestKernel,
     results: Path,
@@ -357,6 +365,7 @@ def qemu_command(
     memory: str,
     cpus: int,
     lsm: str = LSM_LIST,
+    icount: bool = False,
 ) -> list[str]:
     if shutil.which(QEMU) is None:
         raise VmError(f"{QEMU} not found: install qemu-system-x86 (packaging/apt-packages.txt)")
@@ -394,6 +403,10 @@ def qemu_command(
     ]  # fmt: skip
     for i, share in enumerate(shares):
         cmd += ["-virtfs", f"local,path={share},mount_tag=td_share{i},{fs}"]
+    if icount:
+        # The guest's clock counts instructions instead of following the host's: a timing
+        # inside the guest no longer depends on how busy the host is.
+        cmd += ["-icount", f"shift={ICOUNT_SHIFT}"]
     return cmd
 
 
@@ -417,6 +430,7 @@ def run(
     echo: bool = False,
     lsm: str = LSM_LIST,
     systemd: bool = False,
+    icount: bool = False,
 ) -> VmResult:
     """Boot kernel `series`, run `command` (argv) as root in the guest, and return its status.
 
@@ -449,7 +463,8 @@ def run(
                     (units / name).symlink_to("/dev/null")  # masked
                 else:
                     (units / name).write_text(text.format(results=results, cwd=cwd))
-        cmd = qemu_command(kernel, results, shares, memory=memory, cpus=cpus, lsm=lsm)
+        cmd = qemu_command(kernel, results, shares, memory=memory, cpus=cpus, lsm=lsm,
+                           icount=icount)
         return _boot(cmd, results, timeout, echo)
     finally:
         shutil.rmtree(results, ignore_errors=True)
@@ -512,11 +527,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--share", action="append", default=[], type=Path,
                         help="host directory the guest may write (repeatable)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=600.0, help="hard limit, seconds")
+    parser.add_argument("--icount", action="store_true",
+                        help="guest clock counts instructions (timings independent of host load)")
     parser.add_argument("command", nargs="+", help="command and arguments (after --)")
     args = parser.parse_args(argv)
     try:
         result = run(args.kernel, args.command, shares=args.share, cwd=Path.cwd(),
-                     timeout=args.timeout, echo=True)  # fmt: skip
+                     timeout=args.timeout, echo=True, icount=args.icount)  # fmt: skip
     except VmError as e:
         print(f"vm: {e}", file=sys.stderr)
         return 2
