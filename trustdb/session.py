@@ -189,7 +189,10 @@ class EngineSession:
     def __init__(self, config: EngineConfig, db: Path, backend: str | BackgroundLoad | None,
                  consume: Callable[[Decision], None], *, allow_system_wide: bool = False,
                  interpreters: Interpreters | InterpretersFrom | None = None,
-                 programs: Sequence[tuple[ProgramRef, int]] = ()) -> None:
+                 programs: Sequence[tuple[ProgramRef, int]] = (),
+                 defer_reconcile: bool = False) -> None:
+        """`defer_reconcile`: the walk that reconciles a primed map starts at `tree_started`
+        (or the first `pump`), not at the end of this constructor (`trustdb run`)."""
         from trustdb import events
         from trustdb.db import TrustDB
         from trustdb.dbrecords import DatabaseError
@@ -228,7 +231,9 @@ class EngineSession:
             self._closers.append(lambda: self._engine.stop(
                 wait_for_handler=self.wait_for_handler))
             self._engine.start()
-            self._start_reconcile()
+            self._defer_reconcile = defer_reconcile
+            if not defer_reconcile:
+                self._start_reconcile()
             try:
                 self._logger = events.Logger.create("file")
             except OSError:
@@ -312,6 +317,15 @@ class EngineSession:
         self._first_sync = _MirrorThread("first-sync", first_fill)
         self._closers.append(self._first_sync.join)  # never close the database under it
 
+    def tree_started(self) -> None:
+        """The confined tree was let go (`trustdb run`): start the deferred reconcile walk. Up
+        to here it would have competed for the GIL with the start's last steps (the handler's
+        fork, the confinement mark, the gate), and a thread of ours would have run across the
+        first-seen handler's fork."""
+        if self._defer_reconcile:
+            self._defer_reconcile = False
+            self._start_reconcile()
+
     def _start_reconcile(self) -> None:
         """After the attach (and the first-seen handler's fork: no thread of ours runs across a
         fork), walk the database once to reconcile the primed map (`Mirror.sync`); the refreshes
@@ -356,6 +370,7 @@ class EngineSession:
         return handler.fileno() if handler is not None else None
 
     def pump(self) -> None:
+        self.tree_started()  # a caller that never said so still gets its walk
         self._ring.consume()
         handler = self._engine.first_seen
         for denial in handler.denials() if handler is not None else ():
@@ -442,7 +457,7 @@ def default_engine(
 ) -> Engine:
     """`loading`: the backend already loading with this `config` (trustdb.supervisor)."""
     return EngineSession(config, db, loading or backend, consume, programs=programs,
-                         interpreters=interpreters)
+                         interpreters=interpreters, defer_reconcile=True)
 
 
 def daemon_engine(

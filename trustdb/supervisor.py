@@ -174,6 +174,19 @@ def run(options: RunOptions, *, engine_factory: EngineFactory | None = None,
     if not db.is_dir():
         raise SupervisorError(f"no trust database at {db} (create one with `trustdb trust`)")
     reporter = DenialReporter(db=db, out=stderr or sys.stderr)
+    # A thread coming back from a blocking call waits up to the switch interval for a thread
+    # running Python (the mirror's fills) to hand over the GIL: 5 ms by default, paid by the
+    # main thread at each step of the start (forks, pipes, the gate) while a fill runs.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch_interval, 0.001))
+    try:
+        return _prepare_and_run(options, engine_factory, reporter, db)
+    finally:
+        sys.setswitchinterval(switch_interval)
+
+
+def _prepare_and_run(options: RunOptions, engine_factory: EngineFactory | None,
+                        reporter: DenialReporter, db: Path) -> int:
     _make_state_dir()
     _sweep_stale_cgroups()
     signals = _Signals()
@@ -282,6 +295,9 @@ def _run(options: RunOptions, engine_factory: EngineFactory | None, reporter: De
                 return 126
             raise
         released = True
+        tree_started = getattr(engine, "tree_started", None)  # EngineSession: the walk
+        if tree_started is not None:
+            tree_started()
         return _supervise(child, engine, signals, relay)
     except BackendError as e:
         raise SupervisorError(str(e)) from e
