@@ -181,7 +181,7 @@ def scan(
             skipped.clear()
         if result is None:
             pass  # not executable content
-        elif type(result) is str:
+        elif isinstance(result, str):
             yield SkippedEntry(path, result, fatal=True)
         else:
             blake, nbytes, kind, _sha256, _md5, key, cacheable, _at = result

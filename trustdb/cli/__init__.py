@@ -17,7 +17,8 @@ def main() -> None:
 
     isolation.reexec_if_required(sys.argv)
     try:
-        _run_fast()  # `run` in its plain forms: without the CLI's imports (never returns)
+        _fast("run")  # `run` in its plain forms: without the CLI's imports (never returns)
+        _fast("trust")  # the same for `trust`
         from trustdb.cli.application import app
 
         app(prog_name="trustdb")
@@ -31,26 +32,36 @@ def main() -> None:
         raise SystemExit(ExitCode.FAILED) from None
 
 
-def _run_fast() -> None:
-    """`trustdb run` straight to its work when trustdb.cli.run_verb understands the whole
-    command line (it returns None for anything else: the typer app answers that)."""
-    if "run" not in sys.argv[1:]:
+def _fast(verb: str) -> None:
+    """`trustdb run` or `trustdb trust` straight to its work when its typer-free module
+    (trustdb.cli.run_verb, trustdb.cli.trust_verb) understands the whole command line (its
+    `parse` returns None for anything else: the typer app answers that, and this returns)."""
+    if verb not in sys.argv[1:]:
         return
-    from trustdb.cli import run_verb
-
-    args = run_verb.parse(sys.argv[1:])
+    # An import statement, not importlib: tests read -X importtime, which sees only these.
+    if verb == "run":
+        from trustdb.cli import run_verb as module
+    else:
+        from trustdb.cli import trust_verb as module  # type: ignore[no-redef]
+    args = module.parse(sys.argv[1:])
     if args is None:
         return
     try:
-        run_verb.run_command(args)
+        getattr(module, f"{verb}_command")(args)
     except SystemExit as e:
-        # Everything the run set up is torn down already (supervisor.run's cleanup); what
-        # interpreter finalization would add is freeing every module object (~13 ms CPU).
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        os._exit(code)
+        # Everything the verb set up is torn down already (supervisor.run's cleanup, the
+        # trust's workers and database); what interpreter finalization would add is freeing
+        # every module object (~13 ms CPU).
+        _exit_now(e)
+    _exit_now(SystemExit(0))
+
+
+def _exit_now(e: SystemExit) -> None:
+    code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def __getattr__(name: str) -> Any:

@@ -9,8 +9,6 @@ each verb still reads its own parameter; a value given after the verb wins.
 
 from __future__ import annotations
 
-import errno
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,10 @@ from trustdb.cli.exitcodes import (  # noqa: F401  re-exported for the verb modu
     ExitCode,
 )
 from trustdb.cli.run_verb import default_db, require_database  # noqa: F401  (typer-free)
-from trustdb.dbrecords import BusyError, DatabaseError, DiskFullError, SchemaError
+from trustdb.cli.trust_verb import (  # noqa: F401  (typer-free)
+    database_error_code,
+    prepare_new_database,
+)
 
 
 @dataclass(slots=True)
@@ -100,45 +101,3 @@ def fatal(message: str, code: int = ExitCode.FAILED) -> NoReturn:
     """One line on stderr, then exit non-zero (pip-audit's _fatal)."""
     print(f"trustdb: error: {message}", file=sys.stderr)
     raise typer.Exit(code=int(code))
-
-
-def database_error_code(e: BaseException) -> ExitCode:
-    """The exit code for a database-stage error (its type, or its cause's errno)."""
-    if isinstance(e, BusyError):
-        return ExitCode.BUSY
-    if isinstance(e, (SchemaError, DiskFullError)):
-        return ExitCode.FAILED
-    cause = e.__cause__
-    if isinstance(cause, PermissionError) or getattr(cause, "errno", None) in (
-        errno.EACCES,
-        errno.EPERM,
-    ):
-        return ExitCode.NO_PERMISSION
-    if isinstance(e, DatabaseError) and "Permission denied" in str(e):
-        return ExitCode.NO_PERMISSION  # lmdb.Error carries no errno, only its text
-    return ExitCode.FAILED
-
-
-def prepare_new_database(db: Path, *, quiet: bool) -> None:
-    """Write verbs: create a database only where a directory for it exists, and say so.
-
-    `trust --db /typo/path` fails (no /typo) instead of creating a database nobody will ever
-    look at. An existing empty directory (the package's /var/lib/trustdb) is used silently; a
-    new directory inside an existing one is announced on stderr."""
-    if os.path.exists(db / "data.mdb"):
-        return
-    if db.is_dir():
-        if not os.access(db, os.W_OK | os.X_OK):
-            fatal(f"cannot create a database in {db}: permission denied", ExitCode.NO_PERMISSION)
-        return
-    if not db.parent.is_dir():
-        fatal(
-            f"no trust database at {db}, and {db.parent} does not exist (create the directory "
-            "first to start a new database there)",
-            ExitCode.NO_DATABASE,
-        )
-    if not os.access(db.parent, os.W_OK | os.X_OK):
-        fatal(f"cannot create a database in {db.parent}: permission denied",
-              ExitCode.NO_PERMISSION)
-    if not quiet:
-        print(f"trustdb: creating a new trust database at {db}", file=sys.stderr)

@@ -9,11 +9,7 @@ permission, 6 busy, 7 other errors). Read verbs never create a database.
 from __future__ import annotations
 
 import os
-import sys
-import time
-from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -28,7 +24,6 @@ from trustdb.cli.common import (
     QuietOption,
     database_error_code,
     fatal,
-    prepare_new_database,
     require_database,
 )
 from trustdb.cli.output import (
@@ -40,11 +35,16 @@ from trustdb.cli.output import (
     print_json_array,
     source_record_json,
 )
+from trustdb.cli.trust_verb import (  # noqa: F401  (default_source, source_kind: re-exported)
+    TrustArgs,
+    _problem,
+    default_source,
+    source_kind,
+    trust_command,
+)
 from trustdb.db import TrustDB
 from trustdb.dbrecords import DatabaseError, PathRecord
 from trustdb.hashing import HashingError
-from trustdb.hashpool import HashPool
-from trustdb.walk import ScanProgress, scan
 from trustdb.why import Verdict, check_paths, verify
 
 T = TypeVar("T")
@@ -70,19 +70,6 @@ AllFilesOption = Annotated[
 ]
 
 
-def default_source(paths: list[str]) -> tuple[str, str]:
-    """(label, kind) when --source is not given: `dir:<realpath>` for one directory (so
-    re-trusting a build directory updates one source), `manual` for anything else."""
-    if len(paths) == 1 and os.path.isdir(paths[0]):
-        return f"dir:{os.path.realpath(paths[0])}", "dir"
-    return "manual", "manual"
-
-
-def source_kind(label: str) -> str:
-    """`dir:/x` -> `dir`; a label without a prefix is a `manual` source."""
-    return label.split(":", 1)[0] if ":" in label else "manual"
-
-
 def _query(db: Path, read: Callable[[TrustDB], T]) -> T:
     """One read of the database; a missing database is exit 4, a DatabaseError or HashingError
     one line and its exit code."""
@@ -94,44 +81,6 @@ def _query(db: Path, read: Callable[[TrustDB], T]) -> T:
         fatal(str(e), database_error_code(e))
     except HashingError as e:
         fatal(str(e))
-
-
-def _problem(path: str, reason: str) -> None:
-    print(f"trustdb: {path}: {reason}", file=sys.stderr)
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[ScanProgress], None] | None]:
-    """A rich progress line on stderr (files, bytes, rate), only on a terminal."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task("walking")
-        start = last = time.monotonic()
-
-        def update(p: ScanProgress) -> None:
-            nonlocal last
-            now = time.monotonic()
-            if now - last >= 0.1:  # rich redraws are costly; 10 per second is plenty
-                last = now
-                rate = p.bytes / max(now - start, 1e-6)
-                bar.update(
-                    task,
-                    description=f"{p.files} files, {p.recorded} recorded, "
-                    f"{human_size(p.bytes)} ({human_size(rate)}/s)",
-                )
-
-        yield update
 
 
 @app.command()
@@ -149,64 +98,7 @@ def trust(
     is `dir:PATH` for a single directory, `manual` otherwise. Problems are reported by path;
     the rest is recorded in one transaction, and the exit status is 3. A new database is
     created only inside an existing directory (and announced)."""
-    prepare_new_database(db, quiet=quiet or json_output)
-    label, kind = (source, source_kind(source)) if source else default_source(paths)
-    totals = ScanProgress(0, 0, 0)
-
-    def track(p: ScanProgress) -> None:
-        nonlocal totals
-        totals = p
-        if show is not None:
-            show(p)
-
-    try:
-        with (
-            HashPool() as pool,  # forked first: never a copy of a process inside a transaction
-            TrustDB.open(db, write=True) as tdb,
-            _progress(sys.stderr.isatty() and not json_output) as show,
-        ):
-            stats = tdb.add_entries(
-                label,
-                kind,
-                lambda: scan(paths, all_files=all_files, pool=pool, on_progress=track),
-            )
-            skipped = tdb.last_skipped
-    except DatabaseError as e:
-        fatal(str(e), database_error_code(e))
-    except HashingError as e:
-        fatal(str(e))
-    except KeyboardInterrupt:
-        fatal("interrupted; nothing was changed", code=130)
-    problems = [s for s in skipped if s.fatal]
-    benign = Counter(s.reason for s in skipped if not s.fatal)
-    if json_output:
-        print_json(
-            {
-                "database": str(db),
-                "source": label,
-                "generation": stats.generation,
-                "files": totals.files,
-                "recorded": totals.recorded,
-                "bytes": totals.bytes,
-                "added": stats.added,
-                "unchanged": stats.unchanged,
-                "problems": [{"path": s.path, "reason": s.reason} for s in problems],
-                "skipped": [{"reason": r, "count": n} for r, n in sorted(benign.items())],
-            }
-        )
-    else:
-        for s in problems:
-            _problem(s.path, s.reason)
-    if not json_output and not quiet:
-        notes = "".join(f"; {n} skipped: {reason}" for reason, n in sorted(benign.items()))
-        print(
-            f"{label}: {totals.recorded} of {totals.files} files recorded "
-            f"({human_size(totals.bytes)}), {stats.added} new or changed, "
-            f"{stats.unchanged} unchanged{notes}"
-            + (f"; {len(problems)} problems" if problems else "")
-        )
-    if problems:
-        raise typer.Exit(ExitCode.PARTIAL)
+    trust_command(TrustArgs(paths, source, all_files, json_output, quiet, db))
 
 
 @app.command()
