@@ -31,8 +31,8 @@ import lzma
 import os
 import sqlite3
 import zlib
-from collections.abc import Iterator
-from typing import IO
+from collections.abc import Callable, Iterator
+from typing import IO, TypeVar
 
 import zstandard
 from trustdb_importers.interface import DigestCache, Importer, ImporterError, SourceInfo
@@ -62,6 +62,7 @@ from trustdb.hashing import classify, hash_bytes
 from trustdb.model import FileKind, SkippedEntry, TrustEntry
 
 RPMDB_LOCATIONS = ("usr/lib/sysimage/rpm", "var/lib/rpm")
+_Row = TypeVar("_Row")
 
 class RpmImporterError(ImporterError):
     """An rpmdb or a package file as a whole cannot be read: that import is refused."""
@@ -319,6 +320,14 @@ class RpmDbImporter(OnDiskImporter):
 
     def read_rpmdb(self, path: str) -> list[PackageClaims]:
         """Every package's claims, read in one sqlite statement (one consistent snapshot)."""
+        return self._read_rows(path, lambda hnum, blob: self.package_claims(path, hnum, blob))
+
+    def read_headers(self, path: str) -> list[tuple[int, bytes]]:
+        """Every package's raw header, read in one sqlite statement (one consistent snapshot),
+        for a caller that parses them a few at a time (`package_claims`)."""
+        return self._read_rows(path, lambda hnum, blob: (hnum, blob))
+
+    def _read_rows(self, path: str, each: Callable[[int, bytes], _Row]) -> list[_Row]:
         uri = f"file:{path}?mode=ro"
         try:
             con = sqlite3.connect(uri, uri=True, timeout=self.timeout)
@@ -326,7 +335,7 @@ class RpmDbImporter(OnDiskImporter):
             raise RpmImporterError(f"{path}: cannot open rpmdb: {e}") from e
         try:
             rows = con.execute("SELECT hnum, blob FROM Packages ORDER BY hnum")
-            return [self._claims(path, hnum, blob) for hnum, blob in rows]
+            return [each(hnum, bytes(blob)) for hnum, blob in rows]
         except sqlite3.OperationalError as e:
             if "locked" in str(e) or "busy" in str(e):
                 raise RpmImporterError(
@@ -339,9 +348,9 @@ class RpmDbImporter(OnDiskImporter):
         finally:
             con.close()
 
-    def _claims(self, dbfile: str, hnum: int, blob: bytes) -> PackageClaims:
+    def package_claims(self, dbfile: str, hnum: int, blob: bytes) -> PackageClaims:
         try:
-            hdr = package_header(parse_header_blob(bytes(blob)))
+            hdr = package_header(parse_header_blob(blob))
         except HeaderError as e:
             # One bad header loses that package's files, not the whole system's.
             reason = f"corrupt package header #{hnum}: {e}: its files are not trusted"

@@ -96,25 +96,56 @@ def _origins(db: TrustDB, path: Path) -> list[str]:
     return [f"{r.label}|{r.origin}" for r in db.trusted_by(hash_file(str(path)).digests.blake3)]
 
 
-def _rpm_by_hand(trust: InstallerTrust, mnt: Path, package: Path) -> Path:
+def _rpm_by_hand(trust: InstallerTrust, mnt: Path, package: Path, *,
+                 settle: bool = True) -> Path:
+    """`settle`: then run the import at rpm's exit to its end, as the main loop's steps do."""
     with _daemon_loop(trust):
         assert _rpm(mnt, "--initdb").returncode == 0
         r = _rpm(mnt, "-i", "--nodeps", "--nopost", str(package))
     assert r.returncode == 0, r.stderr
+    if settle:
+        trust.settle()
     return mnt / "opt/tdhand/tdrpm"
 
 
 def test_rpm_by_hand_trusted_at_close_then_verified(
         rpm_root: tuple[InstallerTrust, Path, TrustDB], package: Path) -> None:
     trust, mnt, db = rpm_root
-    installed = _rpm_by_hand(trust, mnt, package)
-    # rpm has exited: the one pump reads its close-writes, then verifies against its rpmdb.
+    installed = _rpm_by_hand(trust, mnt, package, settle=False)
+    # rpm has exited: the pump read its close-writes and queued the import of its rpmdb, which
+    # the main loop runs in steps (its fd stays readable until then): trusted at close meanwhile.
     trust.pump()
+    busy = trust.filenos()[2]
+    assert _readable(busy), "no import pending"
+    assert any("@" in f for f in _origins(db, installed)), _origins(db, installed)
+    while _readable(busy):
+        trust.on_ready(set())
     found = _origins(db, installed)
     assert any(f.startswith("rpm:") for f in found), found
     assert not any("@" in f for f in found), found  # the window's own source is gone
     assert not trust.reports, trust.reports
     assert not list(Path("/run/trustdb/installers").glob("rpm-*.implicit"))
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_an_rpm_window_left_by_a_killed_daemon_is_dropped(tmp_path: Path) -> None:
+    """Its files were trusted at close and nothing will verify them now: fail closed."""
+    from trustdb.walk import scan
+
+    db = TrustDB.open(tmp_path / "db", write=True)
+    prog = os.path.realpath(shutil.which("rpm") or "/usr/bin/rpm")
+    db.add_entries("installer:rpm@4242.77", "installer", scan([prog]))
+    trust = InstallerTrust(filesystems=list, own_pid=-1)
+    try:
+        trust.start(_Engine(db, set()))  # type: ignore[arg-type]
+        assert not [s for s in db.sources() if "@" in s.label]
+        assert not db.is_trusted(hash_file(prog).digests.blake3)
+    finally:
+        trust.stop()
+        db.close()
 
 
 def test_rpm_query_costs_no_import(rpm_root: tuple[InstallerTrust, Path, TrustDB],

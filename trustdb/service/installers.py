@@ -45,6 +45,7 @@ import os
 import socket
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -59,7 +60,12 @@ from trustdb.service.closewrite import (
     ignore_lease_breaks,
 )
 from trustdb.service.compilers import FAN_OPEN_EXEC, CompilerWatch
-from trustdb.service.handheld import ImplicitWindow, implicit_window, runs_as_root, verify
+from trustdb.service.handheld import (
+    ImplicitWindow,
+    RpmdbCheck,
+    implicit_window,
+    runs_as_root,
+)
 from trustdb.service.installer_ask import ASK_TIMEOUT_S, SEQ, AskingOpener
 from trustdb.service.installer_windows import (
     INSTALLERS,
@@ -116,6 +122,10 @@ class InstallerTrust:
         self._windows: list[Window] = []
         self._implicit: dict[int, ImplicitWindow] = {}
         """rpm processes run by hand (trustdb.service.handheld), by pid."""
+        self._checks: deque[RpmdbCheck] = deque()
+        """Exited rpms' imports, one step per main-loop turn; `_busy_r` is readable while
+        any is left, so the loop's poll does not wait."""
+        self._busy_r, self._busy_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._lock = threading.Lock()
         self._engine: ServiceEngine | None = None
         self.trusted: dict[str, bytes] = {}
@@ -139,23 +149,84 @@ class InstallerTrust:
         if not trusted_directory():
             print(f"trustdb: {WINDOW_DIR} is not root's alone: installer windows are ignored",
                   file=sys.stderr, flush=True)
+        self._drop_stale_rpm_windows()
         self.sync_windows()
 
     def stop(self) -> None:
+        self.settle()  # fail closed: what an exited rpm wrote is verified before we go
         self._unmark()
         self._fan.close()
         self._ask_daemon.close()
         self._ask_handler.close()
+        os.close(self._busy_r)
+        os.close(self._busy_w)
 
-    def filenos(self) -> tuple[int, int]:
-        """The close-write queue and the handler's questions: poll both."""
-        return self._fan.fd, self._ask_daemon.fileno()
+    def filenos(self) -> tuple[int, int, int]:
+        """The close-write queue, the handler's questions, and the pending imports: poll all."""
+        return self._fan.fd, self._ask_daemon.fileno(), self._busy_r
 
     def on_ready(self, fds: set[int]) -> None:
         if self._fan.fd in fds:
             self.pump()
         if self._ask_daemon.fileno() in fds:
             self.answer()
+        if self._checks:
+            self.step_checks()
+
+    def step_checks(self) -> None:
+        """One step of the oldest pending import of an exited rpm (trustdb.service.handheld)."""
+        from trustdb.dbrecords import DatabaseError
+
+        with self._lock:
+            if not self._checks or self._engine is None:
+                return
+            check = self._checks[0]
+            window = check.window
+            try:
+                if not check.step(self._engine.db):
+                    return
+                self._checks.popleft()
+                revoked = check.finish(self._engine.db)
+            except DatabaseError as e:
+                self._checks.popleft()
+                with contextlib.suppress(DatabaseError):  # else dropped at the next start
+                    self._engine.db.remove_source(window.source)
+                print(f"trustdb: cannot verify what rpm {window.pid} wrote: {e}",
+                      file=sys.stderr, flush=True)
+                return
+            finally:
+                if not self._checks:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._busy_r, 64)
+            self._report_revoked(revoked, f"rpm (pid {window.pid})", "the rpm database")
+            self._engine.refresh()
+
+    def settle(self) -> None:
+        """Finish every pending import now (the daemon's stop; tests)."""
+        while self._checks and self._engine is not None:
+            self.step_checks()
+
+    def _drop_stale_rpm_windows(self) -> None:
+        """A daemon killed while an rpm run by hand was writing, or before its import ended,
+        left that window's provisional source behind: nothing will verify it now (fail closed:
+        drop it; `trustdb import rpm` trusts again what the rpmdb vouches for)."""
+        from trustdb.dbrecords import DatabaseError
+
+        assert self._engine is not None
+        try:
+            stale = [s.label for s in self._engine.db.sources()
+                     if s.kind == SOURCE_KIND and "@" in s.label]
+            for label in stale:
+                self._engine.db.remove_source(label)
+        except DatabaseError as e:
+            print(f"trustdb: cannot drop stale rpm windows: {e}", file=sys.stderr, flush=True)
+            return
+        for label in stale:
+            print(f"trustdb: dropped {label}: an rpm's files trusted at close, never verified "
+                  "(run `trustdb import rpm` for what its rpmdb vouches for)", file=sys.stderr,
+                  flush=True)
+        if stale:
+            self._engine.refresh()
 
     def answer(self) -> None:
         """One question from the first-seen handler: is this digest trusted, counting what
@@ -265,23 +336,16 @@ class InstallerTrust:
         self._mark()
 
     def _end_implicit(self, window: ImplicitWindow) -> None:
-        """rpm exited: verify what it wrote against its rpmdb (nothing to do if it wrote
-        nothing: `rpm -q` costs no import)."""
-        from trustdb.dbrecords import DatabaseError
-
+        """rpm exited: verify what it wrote against its rpmdb, in steps of the main loop
+        (`step_checks`); nothing to do if it wrote nothing: `rpm -q` costs no import."""
         self._implicit.pop(window.pid, None)
         window.close()
         self._unmark_if_idle()
         if not window.trusted or self._engine is None:
             return
-        try:
-            revoked = verify(self._engine.db, window)
-        except DatabaseError as e:
-            print(f"trustdb: cannot verify what rpm {window.pid} wrote: {e}", file=sys.stderr,
-                  flush=True)
-            return
-        self._report_revoked(revoked, f"rpm (pid {window.pid})", "the rpm database")
-        self._engine.refresh()
+        if not self._checks:
+            os.write(self._busy_w, b"x")
+        self._checks.append(RpmdbCheck(window))
 
     def _report_revoked(self, paths: list[str], writer: str, database: str) -> None:
         for p in paths:
