@@ -148,6 +148,22 @@ def test_an_rpm_window_left_by_a_killed_daemon_is_dropped(tmp_path: Path) -> Non
         db.close()
 
 
+def test_rpm_by_hand_with_debians_own_dbpath(
+        rpm_root: tuple[InstallerTrust, Path, TrustDB], package: Path) -> None:
+    """No --dbpath: Debian's rpm keeps its database in $HOME/.rpmdb, and that one is imported."""
+    trust, mnt, db = rpm_root
+    with _daemon_loop(trust):
+        r = subprocess.run(["rpm", "--root", str(mnt), "-i", "--nodeps", "--nopost",
+                            str(package)], env={**os.environ, "HOME": "/home-td"},
+                           capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "home-td/.rpmdb/rpmdb.sqlite").exists(), "not Debian's rpm?"
+    trust.settle()
+    found = _origins(db, mnt / "opt/tdhand/tdrpm")
+    assert f"rpm:{mnt}#/home-td/.rpmdb|tdhand-0:1.0-1.x86_64" in found, found
+    assert not trust.reports, trust.reports
+
+
 def test_rpm_query_costs_no_import(rpm_root: tuple[InstallerTrust, Path, TrustDB],
                                    package: Path) -> None:
     trust, mnt, db = rpm_root

@@ -7,8 +7,9 @@ inode the kernel trusts, running as root (real *and* effective uid 0, checked at
 each close), not started by the daemon itself, gets a window of its own: what *it* closes is
 trusted `installed-by:rpm` from the close (source `installer:rpm@PID.START`), and when it exits the
 daemon imports the rpm database rpm used (`--root`/`--dbpath` from its command line, else rpm's
-default) and drops the window's source, so what the rpmdb does not vouch for is revoked and
-reported. An rpm that wrote nothing (`rpm -q`) costs no import.
+default: Debian's rpm keeps it in $HOME/.rpmdb) and drops the window's source, so what the
+rpmdb does not vouch for is revoked and reported. An rpm that wrote nothing (`rpm -q`) costs no
+import.
 
 Residual (README): the close-write marks go on when the daemon reads rpm's exec event; what rpm
 closes before that (it reads its database and the package first, so in practice nothing) is not
@@ -18,6 +19,8 @@ trusted at close, only by the import at its exit.
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -85,6 +88,22 @@ def command_line(pid: int) -> list[str]:
         return []
 
 
+def debian_dbpath(pid: int, root: str) -> str | None:
+    """Debian's rpm keeps its database in $HOME/.rpmdb (%_dbpath), not where rpm-based systems
+    do: that one, when the root has no rpmdb where those keep it (None: look there)."""
+    from trustdb_importers.rpm import RPMDB_LOCATIONS
+
+    if any((Path(root) / d / "rpmdb.sqlite").exists() for d in RPMDB_LOCATIONS):
+        return None
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    home = next((e[5:].decode(errors="replace") for e in env if e.startswith(b"HOME=")),
+                pwd.getpwuid(0).pw_dir)  # no HOME: bash's ~ is the passwd entry's
+    return os.path.join(home, ".rpmdb") if home.startswith("/") else None
+
+
 @dataclass(slots=True)
 class ImplicitWindow:
     pid: int
@@ -110,6 +129,8 @@ class ImplicitWindow:
             argv = command_line(self.pid)
             if self.alive() and argv:
                 self.root, self.dbpath = rpm_databases(argv)
+                if self.dbpath is None:
+                    self.dbpath = debian_dbpath(self.pid, self.root)
                 self.command_read = True
 
     def alive(self) -> bool:
