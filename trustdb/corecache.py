@@ -150,7 +150,8 @@ def _write_one(path: Path, key: str, replay: Callable[[BpfObject], None],
     try:
         subprocess.run([tool, "gen", "min_core_btf", str(KERNEL_BTF / "vmlinux"), str(tmp),
                         str(path)], check=True, capture_output=True, timeout=_BPFTOOL_TIMEOUT_S,
-                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                       umask=0o077)  # nobody else can open it before the chmod and the check
         os.chmod(tmp, 0o644)
         try:
             with BpfObject(path, core_btf=str(tmp)) as copy:
