@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,8 +115,12 @@ def test_rpm_by_hand_trusted_at_close_then_verified(
     installed = _rpm_by_hand(trust, mnt, package, settle=False)
     # rpm has exited: the pump read its close-writes and queued the import of its rpmdb, which
     # the main loop runs in steps (its fd stays readable until then): trusted at close meanwhile.
-    trust.pump()
     busy = trust.filenos()[2]
+    deadline = time.monotonic() + 30  # the pump may read rpm's last events a beat after it exits
+    trust.pump()
+    while not _readable(busy) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        trust.pump()
     assert _readable(busy), "no import pending"
     assert any("@" in f for f in _origins(db, installed)), _origins(db, installed)
     while _readable(busy):
@@ -148,20 +153,40 @@ def test_an_rpm_window_left_by_a_killed_daemon_is_dropped(tmp_path: Path) -> Non
         db.close()
 
 
+def _rpm_with_debians_dbpath(trust: InstallerTrust, mnt: Path, package: Path,
+                             home: str) -> None:
+    """rpm by hand without --dbpath (Debian's: $HOME/.rpmdb), then its exit's import."""
+    with _daemon_loop(trust):
+        r = subprocess.run(["rpm", "--root", str(mnt), "-i", "--nodeps", "--nopost",
+                            str(package)], env={**os.environ, "HOME": home},
+                           capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert (mnt / home.lstrip("/") / ".rpmdb/rpmdb.sqlite").exists(), "not Debian's rpm?"
+    trust.settle()
+
+
 def test_rpm_by_hand_with_debians_own_dbpath(
         rpm_root: tuple[InstallerTrust, Path, TrustDB], package: Path) -> None:
     """No --dbpath: Debian's rpm keeps its database in $HOME/.rpmdb, and that one is imported."""
     trust, mnt, db = rpm_root
-    with _daemon_loop(trust):
-        r = subprocess.run(["rpm", "--root", str(mnt), "-i", "--nodeps", "--nopost",
-                            str(package)], env={**os.environ, "HOME": "/home-td"},
-                           capture_output=True, text=True, check=False)
-    assert r.returncode == 0, r.stderr
-    assert (mnt / "home-td/.rpmdb/rpmdb.sqlite").exists(), "not Debian's rpm?"
-    trust.settle()
+    _rpm_with_debians_dbpath(trust, mnt, package, "/home-td")
     found = _origins(db, mnt / "opt/tdhand/tdrpm")
     assert f"rpm:{mnt}#/home-td/.rpmdb|tdhand-0:1.0-1.x86_64" in found, found
     assert not trust.reports, trust.reports
+
+
+def test_an_rpmdb_a_user_could_write_vouches_for_nothing(
+        rpm_root: tuple[InstallerTrust, Path, TrustDB], package: Path) -> None:
+    """A root rpm run with a user's HOME (`sudo -E rpm -i`) keeps Debian's rpmdb under that
+    home, which the user could have filled with forged headers: the import at rpm's exit
+    refuses it, and what rpm wrote loses its trust (fails without the ownership check)."""
+    trust, mnt, db = rpm_root
+    home = mnt / "home-user"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    _rpm_with_debians_dbpath(trust, mnt, package, "/home-user")
+    assert _origins(db, mnt / "opt/tdhand/tdrpm") == []
+    assert any("not root's alone" in line for line in trust.reports), trust.reports
 
 
 def test_rpm_query_costs_no_import(rpm_root: tuple[InstallerTrust, Path, TrustDB],

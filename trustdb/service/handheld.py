@@ -88,6 +88,24 @@ def command_line(pid: int) -> list[str]:
         return []
 
 
+def _check_root_owned(dbfile: str) -> None:
+    """The rpmdb vouches for what rpm wrote, so only root may have been able to write it: the
+    file, its directory, and that directory's parent (sticky allowed: nobody else can rename
+    root's entries there). A root rpm run with a user's HOME (`sudo -E rpm`) or --dbpath
+    would otherwise import headers that user forged. Raises OSError: the check then fails,
+    and everything rpm wrote is revoked."""
+    from trustdb.probecache import root_only
+
+    directory = os.path.dirname(dbfile)
+    for path in (dbfile, directory):
+        if not root_only(os.stat(path)):
+            raise OSError(f"{path}: not root's alone, so its rpmdb vouches for nothing")
+    st = os.stat(os.path.dirname(directory))
+    if not (root_only(st) or (st.st_uid == 0 and st.st_mode & 0o1000)):
+        raise OSError(f"{os.path.dirname(directory)}: not root's alone, so the rpmdb under it "
+                      "vouches for nothing")
+
+
 def debian_dbpath(pid: int, root: str) -> str | None:
     """Debian's rpm keeps its database in $HOME/.rpmdb (%_dbpath), not where rpm-based systems
     do: that one, when the root has no rpmdb where those keep it (None: look there)."""
@@ -188,6 +206,7 @@ class RpmdbCheck:
         try:
             if self._headers is None:
                 self._dbfile = self._importer.find_rpmdb()
+                _check_root_owned(self._dbfile)
                 self._headers = self._importer.read_headers(self._dbfile)
             while not self._done():
                 chunk = self._chunk(self._headers)
